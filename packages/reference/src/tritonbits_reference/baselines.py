@@ -1,0 +1,102 @@
+"""Dequantization baselines the benchmarks race against. They share nothing with tritonbits.
+
+- `torch_dequantize_4bit`: pure PyTorch, the same arithmetic as the oracle; given to torch.compile.
+- `unsloth_fast_dequantize`: the Unsloth-style call sequence: raw bnb library calls into preallocated
+  buffers (nested absmax, `+= offset`, 4-bit dequant), skipping bnb's Python dispatch. CUDA only.
+- `bnb_triton_dequantize_4bit`: bnb's own Triton backend (absmax, `+= offset`, 4-bit dequant). CUDA only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from .formats import code_4bit
+from .quant_state import is_nested
+
+
+def torch_dequantize_4bit(A, absmax, code4, shape, dtype, blocksize, code2=None, absmax2=None,
+                          blocksize2=256, offset=None):  # fmt: skip
+    """Pure-PyTorch 4-bit dequantization from raw fields (no Python objects, so it compiles cleanly)."""
+    n = math.prod(shape)
+    packed = A.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(-1)[:n].long()
+    if code2 is not None:
+        scale2 = absmax2.repeat_interleave(blocksize2)[: absmax.numel()]
+        absmax = code2[absmax.long()] * scale2 + offset
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    return (code4[nibbles] * scale).to(dtype).reshape(shape)
+
+
+def torch_fields(quant_state, device) -> dict:
+    """The raw fields `torch_dequantize_4bit` takes, read from any quant-state-like object."""
+    fields = {
+        "absmax": quant_state.absmax.to(device),
+        "code4": torch.from_numpy(code_4bit(quant_state.quant_type).copy()).to(device),
+        "shape": tuple(quant_state.shape),
+        "dtype": quant_state.dtype,
+        "blocksize": int(quant_state.blocksize),
+    }
+    if is_nested(quant_state):
+        s2 = quant_state.state2
+        fields.update(code2=s2.code.to(device), absmax2=s2.absmax.to(device), blocksize2=int(s2.blocksize),
+                      offset=torch.as_tensor(quant_state.offset, dtype=torch.float32, device=device))  # fmt: skip
+    return fields
+
+
+_buffers: dict[tuple, torch.Tensor] = {}
+
+
+def _buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Unsloth keeps one global weight buffer and one absmax buffer and grows them as needed."""
+    key = (dtype, device)
+    buf = _buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def unsloth_fast_dequantize(W: torch.Tensor, quant_state, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unsloth-style fast_dequantize: bnb's C entry points called directly into preallocated buffers."""
+    from bitsandbytes.functional import lib
+
+    device = W.device
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    dtype = quant_state.dtype
+    n = math.prod(quant_state.shape)
+    if out is None:
+        out = _buffer(n, dtype, device).view(quant_state.shape)
+    absmax = quant_state.absmax
+    if is_nested(quant_state):
+        s2 = quant_state.state2
+        out_absmax = _buffer(absmax.numel(), torch.float32, device)
+        lib.cdequantize_blockwise_fp32(
+            ctypes.c_void_p(s2.code.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
+            ctypes.c_void_p(s2.absmax.data_ptr()), ctypes.c_void_p(out_absmax.data_ptr()),
+            ctypes.c_int(s2.blocksize), ctypes.c_int(absmax.numel()), stream,
+        )  # fmt: skip
+        out_absmax += quant_state.offset
+        absmax = out_absmax
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    fn = getattr(lib, f"cdequantize_blockwise_{name}_{quant_state.quant_type}")
+    fn(
+        None, ctypes.c_void_p(W.data_ptr()), ctypes.c_void_p(absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_int(quant_state.blocksize), ctypes.c_int(n), stream,
+    )  # fmt: skip
+    return out
+
+
+def bnb_triton_dequantize_4bit(A: torch.Tensor, quant_state) -> torch.Tensor:
+    """bnb's Triton backend, called the way bnb.functional calls its backends."""
+    from bitsandbytes.backends.triton import ops as triton_ops
+
+    absmax = quant_state.absmax
+    if is_nested(quant_state):
+        s2 = quant_state.state2
+        absmax = triton_ops.dequantize_blockwise(absmax, s2.absmax, s2.code, s2.blocksize, torch.float32)
+        absmax += quant_state.offset
+    return triton_ops.dequantize_4bit(
+        A, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype
+    )
