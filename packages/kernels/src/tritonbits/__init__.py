@@ -1,0 +1,14 @@
+"""tritonbits: Triton kernels for quantized LLM weights.
+
+- ``dequantize_4bit(A, quant_state=None, *, out=None)``: bitsandbytes NF4/FP4 weights, one launch, bit-exact.
+- ``dequant_bias(acc, scale_a, scale_b, bias=None, *, out_dtype=torch.bfloat16, out=None)``: the fused
+  epilogue of INT8/FP8 GEMMs.
+
+Depends on torch and triton only. Set TRITON_INTERPRET=1 before import to run on CPU tensors.
+"""
+
+from .__about__ import __version__
+from .dequantize_4bit import dequantize_4bit
+from .quant_state import QuantState
+
+__all__ = ["QuantState", "__version__", "dequantize_4bit"]

@@ -1,0 +1,283 @@
+"""NF4/FP4 dequantization of bitsandbytes 4-bit weights in ONE Triton launch, bit-exact with bnb.
+
+    absmax[b] = fl(fl(code2[absmax_u8[b]] * absmax2[b // blocksize2]) + offset)     (nested only)
+    w[i]      = to_dtype(fl(code4[nibble(i)] * absmax[i // blocksize]))           round to nearest even
+
+Packed byte j holds element 2j in its HIGH nibble and 2j+1 in its LOW nibble (shared/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+from .quant_state import BLOCKSIZES, OUT_DTYPES, QUANT_TYPES, QuantState
+
+# NOTE: tile = BYTES_PER_PROGRAM packed bytes, laid out as rows of at most MAX_COLS bytes so that every
+# row sits inside one quantization block and its absmax is computed once per row, not once per byte.
+BYTES_PER_PROGRAM = 2048
+NUM_WARPS = 4
+MAX_COLS = 128
+# NOTE: the nested absmax is a product then a sum, each rounded (bnb's two fp32 roundings). By default the
+# kernel is compiled with fp fusion off, so the compiler cannot contract them into one FMA; USE_ASM
+# instead keeps fusion on and spells the two roundings in PTX (mul.rn / add.rn cannot be contracted).
+USE_ASM_DEFAULT = False
+
+_NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+_FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)  # bnb divides these by 12 in fp32
+
+
+def _code_values(quant_type: str) -> torch.Tensor:
+    if quant_type == "nf4":
+        return torch.tensor(_NF4, dtype=torch.float32)
+    magnitudes = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32)
+    return torch.cat([magnitudes, -magnitudes]) / 12.0
+
+
+_code_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 16 float32 code values on `device`, made once per (quant_type, device)."""
+    key = (quant_type, device)
+    table = _code_tables.get(key)
+    if table is None:
+        table = _code_tables[key] = _code_values(quant_type).to(device)
+    return table
+
+
+@triton.jit
+def _mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
+    """fl(fl(a * b) + c): two roundings, never one FMA."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 t; mul.rn.f32 t, $1, $2; add.rn.f32 $0, t, $3; }",
+            "=r,r,r,r", [a, b, c], dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return a * b + c  # exact only with enable_fp_fusion=False, which the launcher sets
+
+
+@triton.jit
+def _round_to_bf16_bits(x):
+    """fp32 -> bf16 bit pattern, round to nearest even, with integer ops (sm75 and the interpreter)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    quiet_nan = (bits >> 16) | 0x40
+    return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    packed_ptr, absmax_ptr, code_ptr, out_ptr,
+    code2_ptr, absmax2_ptr, offset_ptr,
+    n_elements, n_bytes,
+    BYTES_PER_QBLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """One program dequantizes ROWS x COLS packed bytes into 2 x ROWS x COLS outputs.
+
+    Row r of the tile is packed bytes [r*COLS, (r+1)*COLS); COLS divides BYTES_PER_QBLOCK (= blocksize/2),
+    so row r uses absmax[r*COLS // BYTES_PER_QBLOCK]. Offsets: an int64 base per program (tensors can
+    pass 2**31 elements), int32 within the tile.
+    """
+    BYTES: tl.constexpr = ROWS * COLS
+    byte_base = tl.program_id(0).to(tl.int64) * BYTES
+    rows = tl.arange(0, ROWS)
+    local = rows[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    bytes_left = tl.minimum(n_bytes - byte_base, BYTES).to(tl.int32)
+    packed = tl.load(packed_ptr + byte_base + local, mask=local < bytes_left, other=0,
+                     eviction_policy="evict_first")  # fmt: skip
+
+    qblock = (byte_base + rows * COLS) // BYTES_PER_QBLOCK
+    row_ok = rows * COLS < bytes_left
+    if NESTED:
+        q = tl.load(absmax_ptr + qblock, mask=row_ok, other=0, eviction_policy="evict_last").to(tl.int32)
+        c2 = tl.load(code2_ptr + q, eviction_policy="evict_last")
+        a2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=row_ok, other=0.0, eviction_policy="evict_last")
+        absmax = _mul_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM)
+    else:
+        absmax = tl.load(absmax_ptr + qblock, mask=row_ok, other=0.0, eviction_policy="evict_last")
+
+    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy="evict_last")
+    lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy="evict_last")
+    values = tl.interleave(hi * absmax[:, None], lo * absmax[:, None])  # element 2j, then 2j+1
+
+    out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+    elements_left = tl.minimum(n_elements - 2 * byte_base, 2 * BYTES).to(tl.int32)
+    if MANUAL_BF16:
+        values = _round_to_bf16_bits(values)
+    else:
+        values = values.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + 2 * byte_base + out_local, values, mask=out_local < elements_left,
+             eviction_policy="evict_first")  # fmt: skip
+
+
+def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], numel: int | None, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+    _runtime.check_device(name, t, device)
+
+
+PACKED_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.int16,
+                 torch.int32)  # fmt: skip
+
+
+def validate(A: torch.Tensor, state: QuantState, out: torch.Tensor | None) -> torch.device:
+    """Check every argument against the format; raise ValueError/TypeError naming the bad one."""
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_state.quant_type must be one of {QUANT_TYPES}, got {state.quant_type!r}")
+    if state.blocksize not in BLOCKSIZES:
+        raise ValueError(f"quant_state.blocksize must be one of {BLOCKSIZES}, got {state.blocksize}")
+    if state.dtype not in OUT_DTYPES:
+        raise TypeError(f"quant_state.dtype must be float16, bfloat16 or float32, got {state.dtype}")
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    device = _runtime.check_device("A", A)
+    if A.dtype not in PACKED_DTYPES:
+        raise TypeError(f"A (packed 4-bit storage) has dtype {A.dtype}; expected uint8 or a quant_storage "
+                        f"dtype bnb uses ({', '.join(map(str, PACKED_DTYPES[1:]))})")  # fmt: skip
+    if not A.is_contiguous():
+        raise ValueError("A must be contiguous (its bytes are read in order)")
+    n = state.numel
+    need = (n + 1) // 2
+    have = A.numel() * A.element_size()
+    if not need <= have < need + A.element_size():
+        raise ValueError(f"A holds {have} packed bytes but quant_state.shape {tuple(state.shape)} needs {need}")
+    blocks = -(-n // state.blocksize)
+    if state.nested:
+        _check_tensor("quant_state.absmax", state.absmax, (torch.uint8,), blocks, device)
+        s2 = state.state2
+        if s2.blocksize <= 0:
+            raise ValueError(f"quant_state.state2.blocksize must be positive, got {s2.blocksize}")
+        _check_tensor("quant_state.state2.absmax", s2.absmax, (torch.float32,), -(-blocks // s2.blocksize), device)
+        _check_tensor("quant_state.state2.code", s2.code, (torch.float32,), 256, device)
+        if state.offset is None:
+            raise ValueError("quant_state.offset is missing; a nested quant_state needs it")
+        _check_tensor("quant_state.offset", state.offset, (torch.float32,), 1, device)
+    else:
+        _check_tensor("quant_state.absmax", state.absmax, (torch.float32,), blocks, device)
+    if out is not None:
+        _check_tensor("out", out, (state.dtype,), None, device)
+        if out.shape != state.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    return device
+
+
+def launch(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int, quant_type: str,
+           *, use_asm: bool | None = None, manual_bf16: bool | None = None, kernel=None,
+           bytes_per_program: int = BYTES_PER_PROGRAM, num_warps: int = NUM_WARPS) -> None:  # fmt: skip
+    """Launch the kernel on validated arguments. `kernel` lets torch.library.wrap_triton wrap it."""
+    n = out.numel()
+    n_bytes = (n + 1) // 2
+    if n == 0:
+        return
+    device = out.device
+    use_asm = USE_ASM_DEFAULT if use_asm is None else use_asm
+    if use_asm and _runtime.INTERPRET:
+        raise ValueError("use_asm=True needs a GPU: the Triton interpreter cannot run inline PTX")
+    if manual_bf16 is None:
+        manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(device)
+    if manual_bf16 and out.dtype != torch.bfloat16:
+        raise ValueError(f"manual_bf16=True needs a bfloat16 output, got {out.dtype}")
+    cols = min(blocksize // 2, MAX_COLS)
+    rows = max(bytes_per_program // cols, 1)
+    nested = code2 is not None
+    dummy = absmax  # unused pointer arguments when not nested
+    grid = (triton.cdiv(n_bytes, rows * cols),)
+    (kernel or _dequantize_4bit_kernel)[grid](
+        A.view(torch.uint8) if A.dtype != torch.uint8 else A,
+        absmax, code_table(quant_type, device), out.view(torch.int16) if manual_bf16 else out,
+        code2 if nested else dummy, absmax2 if nested else dummy, offset if nested else dummy,
+        n, n_bytes,
+        BYTES_PER_QBLOCK=blocksize // 2, BLOCKSIZE2=blocksize2, NESTED=nested,
+        ROWS=rows, COLS=cols, MANUAL_BF16=manual_bf16, USE_ASM=use_asm,
+        num_warps=num_warps, enable_fp_fusion=use_asm,
+    )  # fmt: skip
+
+
+def _fields(state: QuantState):
+    s2 = state.state2
+    if s2 is None:
+        return state.absmax, None, None, None, 0
+    return state.absmax, s2.code, s2.absmax, state.offset.reshape(()), s2.blocksize
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration: an opaque custom op (robust under torch.compile, measured faster than
+# triton_op here; see docs/kernels/dequantize_4bit.md) plus a CPU kernel for the interpreter.
+
+
+@torch.library.custom_op("tritonbits::dequantize_4bit", mutates_args=())
+def _dequantize_4bit_op(
+    A: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor | None, absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None, blocksize: int, blocksize2: int, quant_type: str, shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    out = torch.empty(shape, dtype=dtype, device=A.device)
+    launch(A, absmax, code2, absmax2, offset, out, blocksize, blocksize2, quant_type)
+    return out
+
+
+@_dequantize_4bit_op.register_fake
+def _(A, absmax, code2, absmax2, offset, blocksize, blocksize2, quant_type, shape, dtype):
+    return A.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("tritonbits::dequantize_4bit_out", mutates_args=("out",))
+def _dequantize_4bit_out_op(
+    A: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor | None, absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None, blocksize: int, blocksize2: int, quant_type: str, out: torch.Tensor,
+) -> None:  # fmt: skip
+    launch(A, absmax, code2, absmax2, offset, out, blocksize, blocksize2, quant_type)
+
+
+@_dequantize_4bit_out_op.register_fake
+def _(A, absmax, code2, absmax2, offset, blocksize, blocksize2, quant_type, out):
+    return None
+
+
+def dequantize_4bit(A: torch.Tensor, quant_state=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes 4-bit weight; same contract as `bitsandbytes.functional.dequantize_4bit`.
+
+    A: the packed weight (uint8, or the quant_storage dtype bnb used), or a bnb ``Params4bit`` (then
+    ``quant_state`` defaults to ``A.quant_state``). quant_state: a bnb QuantState or any object with its
+    fields. Returns a tensor of ``quant_state.shape`` and ``quant_state.dtype``, equal bit for bit to bnb.
+
+    >>> w = tritonbits.dequantize_4bit(layer.weight)                # a bnb Linear4bit's weight
+    >>> w = tritonbits.dequantize_4bit(packed, quant_state, out=buf)
+    """
+    if quant_state is None:
+        quant_state = getattr(A, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("quant_state is required unless A is a bitsandbytes Params4bit that carries one")
+    state = QuantState.from_any(quant_state)
+    if isinstance(A, torch.nn.Parameter):
+        A = A.data
+    validate(A, state, out)
+    absmax, code2, absmax2, offset, blocksize2 = _fields(state)
+    if out is not None:
+        _dequantize_4bit_out_op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2,
+                                state.quant_type, out)  # fmt: skip
+        return out
+    return _dequantize_4bit_op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2,
+                               state.quant_type, list(state.shape), state.dtype)  # fmt: skip
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
