@@ -8,7 +8,8 @@ Depends on torch and triton only. Set TRITON_INTERPRET=1 before import to run on
 """
 
 from .__about__ import __version__
-from .dequantize_4bit import dequantize_4bit
+from .ops.dequant_bias import dequant_bias
+from .ops.dequantize_4bit import dequantize_4bit
 from .quant_state import QuantState
 
-__all__ = ["QuantState", "__version__", "dequantize_4bit"]
+__all__ = ["QuantState", "__version__", "dequant_bias", "dequantize_4bit"]

@@ -8,14 +8,13 @@ Packed byte j holds element 2j in its HIGH nibble and 2j+1 in its LOW nibble (sh
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from . import _runtime
-from .quant_state import BLOCKSIZES, OUT_DTYPES, QUANT_TYPES, QuantState
+from .. import _runtime
+from .._triton_helpers import round_to_bf16_bits
+from ..quant_state import BLOCKSIZES, OUT_DTYPES, QUANT_TYPES, QuantState
 
 # NOTE: tile = BYTES_PER_PROGRAM packed bytes, laid out as rows of at most MAX_COLS bytes so that every
 # row sits inside one quantization block and its absmax is computed once per row, not once per byte.
@@ -68,15 +67,6 @@ def _mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _round_to_bf16_bits(x):
-    """fp32 -> bf16 bit pattern, round to nearest even, with integer ops (sm75 and the interpreter)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    quiet_nan = (bits >> 16) | 0x40
-    return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
-
-
-@triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr, out_ptr,
     code2_ptr, absmax2_ptr, offset_ptr,
@@ -115,7 +105,7 @@ def _dequantize_4bit_kernel(
     out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
     elements_left = tl.minimum(n_elements - 2 * byte_base, 2 * BYTES).to(tl.int32)
     if MANUAL_BF16:
-        values = _round_to_bf16_bits(values)
+        values = round_to_bf16_bits(values)
     else:
         values = values.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + 2 * byte_base + out_local, values, mask=out_local < elements_left,
@@ -271,13 +261,15 @@ def dequantize_4bit(A: torch.Tensor, quant_state=None, *, out: torch.Tensor | No
         A = A.data
     validate(A, state, out)
     absmax, code2, absmax2, offset, blocksize2 = _fields(state)
-    if out is not None:
-        _dequantize_4bit_out_op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2,
-                                state.quant_type, out)  # fmt: skip
-        return out
-    return _dequantize_4bit_op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2,
-                               state.quant_type, list(state.shape), state.dtype)  # fmt: skip
-
-
-def _numel(shape) -> int:
-    return math.prod(shape)
+    if torch.compiler.is_compiling():  # the registered ops keep torch.compile(fullgraph=True) whole
+        if out is not None:
+            _dequantize_4bit_out_op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2,
+                                    state.quant_type, out)  # fmt: skip
+            return out
+        return _dequantize_4bit_op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2,
+                                   state.quant_type, list(state.shape), state.dtype)  # fmt: skip
+    # NOTE: eager calls launch directly: the custom-op dispatcher adds host time on every call.
+    if out is None:
+        out = torch.empty(state.shape, dtype=state.dtype, device=A.device)
+    launch(A, absmax, code2, absmax2, offset, out, state.blocksize, blocksize2, state.quant_type)
+    return out

@@ -1,0 +1,39 @@
+"""Timing primitives on triton.testing, and the bandwidth ceilings measured in the same run.
+
+- `bench`: triton.testing.do_bench, median, L2 flushed before every run (launch overhead included).
+- `bench_graph`: the same function captured in a CUDA graph and replayed (launch gaps removed).
+- `copy_gbps`: a device-to-device copy, counting bytes read plus bytes written: the roofline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton.testing
+
+WARMUP_MS = 25
+REP_MS = 100
+
+
+def bench(fn: Callable[[], object], *, warmup: int = WARMUP_MS, rep: int = REP_MS) -> float:
+    """Median milliseconds of fn() with do_bench (L2 flushed between runs)."""
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def bench_graph(fn: Callable[[], object], *, rep: int = REP_MS) -> float:
+    """Median milliseconds of fn() replayed from a CUDA graph (do_bench_cudagraph)."""
+    with torch.cuda.stream(torch.cuda.Stream()):
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def copy_gbps(nbytes: int = 1 << 30, device: str | torch.device = "cuda") -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second), random data, median of do_bench."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return gbps(2 * nbytes, ms)

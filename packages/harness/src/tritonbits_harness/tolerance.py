@@ -1,0 +1,85 @@
+"""Tolerance policy: one table per (kernel, dtype, backend), and the comparisons tests call.
+
+- dequantize_4bit: exact everywhere (bnb on CUDA, the numpy oracle under the interpreter): torch.equal.
+- dequant_bias: the kernel computes in fp32 (up to 4 roundings: int32->fp32, two products, the bias sum)
+  and rounds once to the output dtype. Against the float64 value v of acc*sa*sb+bias it must hold that
+      |out - v| <= ulps * ulp_out(v) + fp32_terms * 2**-24 * (|acc*sa*sb| + |bias|)
+  with ulps = 0.5 (one correct rounding) plus the fp32 error, which can push a value across a rounding
+  boundary: the only case where the result is 1 ulp away from the correctly rounded one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    exact: bool
+    ulps: float = 0.0  # of the output dtype, at the exact value
+    fp32_terms: int = 0  # fp32 roundings before the final one
+
+
+EXACT = Tolerance(exact=True)
+EPILOGUE = Tolerance(exact=False, ulps=0.5, fp32_terms=4)
+
+_POLICY: dict[tuple[str, torch.dtype, str], Tolerance] = {}
+for _backend in ("cuda", "interpreter"):
+    for _dtype in (torch.float16, torch.bfloat16, torch.float32):
+        _POLICY["dequantize_4bit", _dtype, _backend] = EXACT
+        _POLICY["dequant_bias", _dtype, _backend] = EPILOGUE
+
+
+def policy(kernel: str, dtype: torch.dtype, backend: str) -> Tolerance:
+    try:
+        return _POLICY[kernel, dtype, backend]
+    except KeyError:
+        raise KeyError(f"no tolerance policy for kernel={kernel!r} dtype={dtype} backend={backend!r}") from None
+
+
+def backend_of(t: torch.Tensor) -> str:
+    return "cuda" if t.device.type == "cuda" else "interpreter"
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` at |x| (float64), subnormals included."""
+    info = torch.finfo(dtype)
+    x = x.abs().to(torch.float64).clamp_min(info.tiny)
+    exponent = torch.floor(torch.log2(x))
+    return torch.pow(2.0, exponent) * info.eps
+
+
+def _describe(mask: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, limit: int = 5) -> str:
+    idx = mask.nonzero()[:limit]
+    rows = [f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()!r}, want {expected[tuple(i)].item()!r}"
+            for i in idx]  # fmt: skip
+    return f"{int(mask.sum())} of {mask.numel()} elements differ; first:\n" + "\n".join(rows)
+
+
+def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """torch.equal, with the first mismatching indices when it fails."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    if torch.equal(actual, expected):
+        return
+    a, e = actual.cpu(), expected.cpu()
+    differ = ~((a == e) | (a.isnan() & e.isnan()))
+    raise AssertionError(_describe(differ, a, e))
+
+
+def assert_within(kernel: str, actual: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor) -> None:
+    """Check `actual` against the float64 `exact` value under the kernel's policy.
+
+    magnitude: float64 |acc*sa*sb| + |bias|, the scale of the fp32 rounding errors."""
+    tol = policy(kernel, actual.dtype, backend_of(actual))
+    if tol.exact:
+        assert_exact(actual, exact.to(actual.dtype))
+        return
+    a = actual.detach().cpu().to(torch.float64)
+    e = exact.detach().cpu().to(torch.float64)
+    bound = tol.ulps * ulp(e, actual.dtype) + tol.fp32_terms * 2.0**-24 * magnitude.cpu().to(torch.float64)
+    bad = ~((a - e).abs() <= bound)
+    if bad.any():
+        raise AssertionError(f"{kernel} ({actual.dtype}) outside its policy {tol}: " + _describe(bad, a, e))

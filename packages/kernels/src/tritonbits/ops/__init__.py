@@ -1,0 +1,1 @@
+"""One op per file: kernel, launcher, op registration and public function, top to bottom."""

@@ -1,0 +1,174 @@
+"""tritonbits.dequant_bias against the float64 oracle under the harness policy (<= 0.5 ulp of the output
+dtype plus the fp32 rounding terms; see tritonbits_harness.tolerance)."""
+
+import pytest
+import torch
+
+import tritonbits
+import tritonbits_reference as R
+from tritonbits.ops import dequant_bias as db_module
+from tritonbits_harness.tolerance import assert_within
+
+SHAPES_CPU = [(1, 1), (1, 37), (7, 130), (33, 64), (130, 257)]
+SHAPES_GPU = [*SHAPES_CPU, (1, 4096), (16, 14336), (300, 2560), (4097, 3840), (8192, 13824)]
+
+
+def make_acc(m, n, dtype, gen):
+    if dtype == torch.int32:  # the output of an int8 GEMM with K = 4096
+        return torch.randint(-(2**26), 2**26, (m, n), generator=gen, dtype=torch.int32)
+    return (torch.randn(m, n, generator=gen) * 50).to(dtype)
+
+
+def operands(m, n, acc_dtype, gen, device, *, sa_kind="col", sb_kind="row", bias_kind="vec",
+             scale_dtype=torch.float32, bias_dtype=torch.bfloat16):  # fmt: skip
+    acc = make_acc(m, n, acc_dtype, gen)
+    small = 1e-4 if acc_dtype == torch.int32 else 1e-2
+    sa = (torch.rand(m, generator=gen) + 0.5) * small
+    sb = torch.rand(n, generator=gen) + 0.5
+    bias = torch.randn(n, generator=gen)
+    sa = {"col": sa.reshape(m, 1), "vec": sa, "scalar": sa[:1].reshape(())}[sa_kind].to(scale_dtype)
+    sb = {"row": sb.reshape(1, n), "vec": sb, "scalar": sb[:1]}[sb_kind].to(scale_dtype)
+    bias = {"vec": bias, "row": bias.reshape(1, n), None: None}[bias_kind]
+    bias = bias.to(bias_dtype) if bias is not None else None
+    move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    return move(acc), move(sa), move(sb), move(bias)
+
+
+def check(out, acc, sa, sb, bias):
+    exact = R.dequant_bias_exact(acc.cpu(), sa.cpu(), sb.cpu(), None)
+    magnitude = exact.abs()
+    if bias is not None:
+        exact = R.dequant_bias_exact(acc.cpu(), sa.cpu(), sb.cpu(), bias.cpu())
+        magnitude = magnitude + bias.cpu().double().abs().reshape(1, -1)
+    assert_within("dequant_bias", out, exact, magnitude)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_matches_oracle(acc_dtype, out_dtype, device, gen):
+    for m, n in SHAPES_GPU if device.type == "cuda" else SHAPES_CPU:
+        acc, sa, sb, bias = operands(m, n, acc_dtype, gen, device)
+        out = tritonbits.dequant_bias(acc, sa, sb, bias, out_dtype=out_dtype)
+        assert out.dtype == out_dtype and out.shape == (m, n)
+        check(out, acc, sa, sb, bias)
+
+
+@pytest.mark.parametrize("sa_kind", ["col", "vec", "scalar"])
+@pytest.mark.parametrize("sb_kind", ["row", "vec", "scalar"])
+@pytest.mark.parametrize("bias_kind", ["vec", "row", None])
+def test_every_scale_and_bias_shape(sa_kind, sb_kind, bias_kind, device, gen):
+    acc, sa, sb, bias = operands(37, 300, torch.int32, gen, device, sa_kind=sa_kind, sb_kind=sb_kind,
+                                 bias_kind=bias_kind)  # fmt: skip
+    out = torch.full((37, 300), float("nan"), dtype=torch.bfloat16, device=device)
+    assert tritonbits.dequant_bias(acc, sa, sb, bias, out=out) is out
+    check(out, acc, sa, sb, bias)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float32], ids=str)
+def test_low_precision_scales_are_upcast(scale_dtype, bias_dtype, device, gen):
+    """int32 acc with fp16 scales: acc*sa would overflow fp16; the kernel upcasts instead of refusing."""
+    acc, sa, sb, bias = operands(64, 96, torch.int32, gen, device, scale_dtype=scale_dtype, bias_dtype=bias_dtype)
+    out = tritonbits.dequant_bias(acc, sa, sb, bias, out_dtype=torch.float32)
+    check(out, acc, sa, sb, bias)
+
+
+def test_row_stride_slice_without_copy(device, gen):
+    big = make_acc(64, 512, torch.int32, gen).to(device)
+    acc = big[3:50, 100:400]  # rows of stride 512
+    _, sa, sb, bias = operands(47, 300, torch.int32, gen, device)
+    out = tritonbits.dequant_bias(acc, sa, sb, bias, out_dtype=torch.float16)
+    check(out, acc, sa, sb, bias)
+    wide = torch.full((47, 600), float("nan"), dtype=torch.float16, device=device)
+    tritonbits.dequant_bias(acc, sa, sb, bias, out=wide[:, 300:])
+    check(wide[:, 300:], acc, sa, sb, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 65536 + 3])
+def test_extreme_m(m, device, gen):
+    acc, sa, sb, bias = operands(m, 2560, torch.int32, gen, device)
+    check(tritonbits.dequant_bias(acc, sa, sb, bias), acc, sa, sb, bias)
+
+
+@pytest.mark.gpu
+def test_fake_sm75_rounds_bf16_with_integer_ops(device, gen, fake_capability):
+    fake_capability((7, 5))
+    acc, sa, sb, bias = operands(300, 2560, torch.float32, gen, device)
+    check(tritonbits.dequant_bias(acc, sa, sb, bias, out_dtype=torch.bfloat16), acc, sa, sb, bias)
+
+
+@pytest.mark.gpu
+def test_opcheck_and_compile(device, gen):
+    acc, sa, sb, bias = operands(64, 256, torch.int32, gen, device)
+    torch.library.opcheck(torch.ops.tritonbits.dequant_bias.default, (acc, sa, sb, bias, torch.bfloat16))
+    torch.library.opcheck(torch.ops.tritonbits.dequant_bias.default, (acc, sa, sb, None, torch.float16))
+    out = torch.empty(64, 256, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.tritonbits.dequant_bias_out.default, (acc, sa, sb, bias, out))
+
+    def epilogue(acc, sa, sb, bias):
+        return torch.relu(tritonbits.dequant_bias(acc, sa, sb, bias)) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(epilogue, fullgraph=True)
+    torch.testing.assert_close(compiled(acc, sa, sb, bias), epilogue(acc, sa, sb, bias), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture(device, gen):
+    acc, sa, sb, bias = operands(128, 4096, torch.int32, gen, device)
+    want = tritonbits.dequant_bias(acc, sa, sb, bias)
+    out = torch.empty_like(want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tritonbits.dequant_bias(acc, sa, sb, bias, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+def test_config_table_and_fallback():
+    assert db_module.bucket(1) == 1 and db_module.bucket(3840) == 4096 and db_module.bucket(4096) == 4096
+    for m, n in [(1, 2560), (100, 14336), (65536, 4096)]:
+        block_m, block_n, warps = db_module.heuristic_config(m, n)
+        assert block_m >= 1 and 16 <= block_n <= 256 and warps in (4, 8)
+        assert block_m <= db_module.bucket(m)
+    assert db_module.config_for("no-such-gpu", torch.int32, 8, 4096) == db_module.heuristic_config(8, 4096)
+    for family, by_dtype in db_module._table().items():
+        for entries in by_dtype.values():
+            for key, (block_m, block_n, warps) in entries.items():
+                assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0, (family, key)
+
+
+BAD = [
+    (lambda a, sa, sb, b: (a.to(torch.int64), sa, sb, b), TypeError, "acc must be int32"),
+    (lambda a, sa, sb, b: (a[0], sa, sb, b), ValueError, "acc must be 2-D"),
+    (lambda a, sa, sb, b: (a.t(), sa, sb, b), ValueError, "row-major"),
+    (lambda a, sa, sb, b: (a, sa[:-1], sb, b), ValueError, "scale_a has shape"),
+    (lambda a, sa, sb, b: (a, sa, sb.reshape(-1, 1), b), ValueError, "scale_b has shape"),
+    (lambda a, sa, sb, b: (a, sa.to(torch.int32), sb, b), TypeError, "scale_a must be"),
+    (lambda a, sa, sb, b: (a, sa, sb, b[:-1]), ValueError, "bias has shape"),
+    (lambda a, sa, sb, b: (a, sa, sb, b.to(torch.int8)), TypeError, "bias must be"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "error", "match"), BAD)
+def test_bad_input_is_refused(mutate, error, match, device, gen):
+    args = mutate(*operands(8, 16, torch.int32, gen, device))
+    with pytest.raises(error, match=match):
+        tritonbits.dequant_bias(*args)
+
+
+def test_bad_out_and_out_dtype_are_refused(device, gen):
+    acc, sa, sb, bias = operands(8, 16, torch.int32, gen, device)
+    with pytest.raises(TypeError, match="out_dtype"):
+        tritonbits.dequant_bias(acc, sa, sb, bias, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="out has shape"):
+        tritonbits.dequant_bias(acc, sa, sb, bias, out=torch.empty(8, 17, dtype=torch.bfloat16, device=device))
+
+
+@pytest.mark.gpu
+def test_device_mismatch_is_refused(device, gen):
+    acc, sa, sb, bias = operands(8, 16, torch.int32, gen, device)
+    with pytest.raises(ValueError, match="scale_b is on cpu"):
+        tritonbits.dequant_bias(acc, sa, sb.cpu(), bias)

@@ -1,0 +1,250 @@
+"""tritonbits.dequantize_4bit: bit-exact with bitsandbytes (CUDA) and with the numpy oracle (interpreter)."""
+
+import itertools
+
+import pytest
+import torch
+
+import tritonbits
+import tritonbits_reference as R
+from tritonbits import _runtime
+from tritonbits.ops import dequantize_4bit as dq_module
+from tritonbits_harness.tolerance import assert_exact
+
+SHAPES_CPU = [(64,), (5,), (33, 7), (130, 64), (3, 1025)]
+SHAPES_GPU = [*SHAPES_CPU, (4096, 1024), (1000, 4097), (11008, 4096 + 64)]
+QUANT_STORAGE = [torch.uint8, torch.float16, torch.bfloat16, torch.float32]
+
+
+def shapes(device):
+    return SHAPES_GPU if device.type == "cuda" else SHAPES_CPU
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("quant_type", R.QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", R.BLOCKSIZES_4BIT)
+def test_equals_bnb(blocksize, quant_type, nested, out_dtype, device, gen, quantize, bnb_dequantize):
+    for shape in shapes(device):
+        w = (torch.randn(shape, generator=gen) * 2).to(out_dtype)
+        q, state = quantize(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+        want = bnb_dequantize(q, state).reshape(shape)
+        got = tritonbits.dequantize_4bit(q, state)
+        assert_exact(got, want.to(got.device))
+        out = poisoned(shape, out_dtype, device)
+        assert tritonbits.dequantize_4bit(q, state, out=out) is out
+        assert_exact(out, want.to(out.device))
+
+
+@pytest.mark.parametrize("quant_storage", QUANT_STORAGE, ids=str)
+def test_quant_storage_dtypes(quant_storage, out_dtype, device, gen, quantize, bnb_dequantize):
+    w = torch.randn(96, 128, generator=gen).to(out_dtype)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True, quant_storage=quant_storage)
+    assert q.dtype == quant_storage
+    assert_exact(tritonbits.dequantize_4bit(q, state), bnb_dequantize(q, state).reshape(w.shape).to(device))
+
+
+def test_params4bit_carries_its_quant_state(out_dtype, device, gen, bnb_dequantize):
+    from tritonbits_reference import bnb as RB
+
+    param = RB.params4bit(torch.randn(256, 192, generator=gen).to(out_dtype), device=device)
+    got = tritonbits.dequantize_4bit(param)
+    assert_exact(got, bnb_dequantize(param.data, param.quant_state).to(device))
+
+
+def test_oracle_agrees_on_gpu_states(out_dtype, device, gen, quantize):
+    """Where bnb quantized on the GPU, the numpy oracle still equals the kernel (and bnb)."""
+    w = torch.randn(257, 320, generator=gen).to(out_dtype)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert_exact(tritonbits.dequantize_4bit(q, state).cpu(), R.dequantize_4bit(q, state))
+
+
+def test_manual_bf16_rounding_path(device, gen, quantize, bnb_dequantize):
+    """The integer round-to-nearest-even store (sm75, interpreter) is exact, forced on any device."""
+    w = torch.randn(513, 384, generator=gen).to(torch.bfloat16)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    st = tritonbits.QuantState.from_any(state)
+    out = poisoned(w.shape, torch.bfloat16, device)
+    absmax, code2, absmax2, offset, bs2 = dq_module._fields(st)
+    dq_module.launch(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4", manual_bf16=True)
+    assert_exact(out, bnb_dequantize(q, state).reshape(w.shape).to(device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_asm", [False, True], ids=["fusion-off", "ptx-rn"])
+def test_nested_absmax_paths_are_exact(use_asm, out_dtype, device, gen, quantize, bnb_dequantize):
+    """Both ways of forbidding the FMA (compile with fusion off / mul.rn+add.rn PTX) equal bnb."""
+    w = (torch.randn(4096, 1024, generator=gen) * 5).to(out_dtype)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    st = tritonbits.QuantState.from_any(state)
+    out = poisoned(w.shape, out_dtype, device)
+    absmax, code2, absmax2, offset, bs2 = dq_module._fields(st)
+    dq_module.launch(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4", use_asm=use_asm)
+    assert_exact(out, bnb_dequantize(q, state))
+
+
+@pytest.mark.gpu
+def test_fused_multiply_add_would_not_be_exact(device, gen, quantize):
+    """The test above can fail: an FMA in the nested absmax changes outputs (so exactness is earned)."""
+    w = (torch.randn(4096, 1024, generator=gen) * 5).to(torch.float32)
+    _, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    code2 = state.state2.code[state.absmax.long()]
+    scale = state.state2.absmax.repeat_interleave(256)[: state.absmax.numel()]
+    fused = torch.addcmul(state.offset.expand_as(code2), code2, scale)  # one rounding
+    two = code2 * scale + state.offset
+    assert not torch.equal(fused, two)
+
+
+@pytest.mark.gpu
+def test_fake_sm75_takes_the_manual_bf16_path(device, fake_capability, gen, quantize, bnb_dequantize):
+    fake_capability((7, 5))
+    assert not _runtime.native_bf16_conversion(device)
+    w = torch.randn(300, 256, generator=gen).to(torch.bfloat16)
+    q, state = quantize(w, blocksize=128, quant_type="fp4", compress_statistics=True)
+    assert_exact(tritonbits.dequantize_4bit(q, state), bnb_dequantize(q, state))
+
+
+@pytest.mark.gpu
+def test_offsets_past_2_pow_31(device):
+    """2**31 + 2**20 outputs: int64 offsets, compared with bnb on the far end of the tensor."""
+    import bitsandbytes.functional as F
+
+    n = 2**31 + 2**20
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device, generator=gen)
+    blocks = n // 64
+    state = F.QuantState(
+        absmax=torch.rand(blocks, device=device, generator=gen) + 0.5, shape=torch.Size([n]),
+        dtype=torch.float16, blocksize=64, quant_type="nf4", code=F.get_4bit_type("nf4", device=device),
+    )  # fmt: skip
+    got = tritonbits.dequantize_4bit(q, state)
+    want = F.dequantize_4bit(q, state)
+    tail = slice(n - 2**22, n)
+    assert_exact(got[tail], want[tail])
+    assert_exact(got[: 2**22], want[: 2**22])
+    del got, want
+
+
+@pytest.mark.gpu
+def test_opcheck(device, gen, quantize):
+    w = torch.randn(128, 256, generator=gen).to(torch.float16)
+    for nested in (False, True):
+        q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+        absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
+        args = (q, absmax, code2, absmax2, offset, 64, bs2, "nf4", [128, 256], torch.float16)
+        torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit.default, args)
+        out = torch.empty(128, 256, dtype=torch.float16, device=device)
+        torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit_out.default, (*args[:8], out))
+
+
+@pytest.mark.gpu
+def test_compiles_fullgraph_in_an_mlp(device, gen):
+    """Three bnb Linear4bit weights dequantized inside torch.compile(fullgraph=True): no graph break."""
+    from tritonbits_reference import bnb as RB
+
+    layers = [RB.linear4bit(i, o, dtype=torch.bfloat16, device=device, generator=gen)
+              for i, o in ((256, 512), (512, 512), (512, 256))]  # fmt: skip
+    weights = [(layer.weight.data, layer.weight.quant_state) for layer in layers]
+
+    def mlp(x):
+        for packed, state in weights:
+            x = torch.nn.functional.linear(x, tritonbits.dequantize_4bit(packed, state))
+        return x
+
+    x = torch.randn(8, 256, dtype=torch.bfloat16, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True)
+    assert_exact(compiled(x), mlp(x))
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def _state(device, n=256, nested=True, dtype=torch.float16):
+    w = torch.randn(n)
+    q, st = R.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=nested)
+    st = tritonbits.QuantState.from_any(st)
+    move = lambda t: t.to(device)  # noqa: E731
+    st.absmax = move(st.absmax)
+    if nested:
+        st.offset = move(st.offset)
+        st.state2.absmax, st.state2.code = move(st.state2.absmax), move(st.state2.code)
+    return q.to(device), st
+
+
+BAD = {
+    "quant_type": (lambda q, st: setattr(st, "quant_type", "int4"), ValueError, "quant_type"),
+    "blocksize": (lambda q, st: setattr(st, "blocksize", 48), ValueError, "blocksize"),
+    "out dtype": (lambda q, st: setattr(st, "dtype", torch.int8), TypeError, r"quant_state\.dtype"),
+    "shape": (lambda q, st: setattr(st, "shape", torch.Size([300])), ValueError, "packed bytes"),
+    "absmax dtype": (lambda q, st: setattr(st, "absmax", st.absmax.float()), TypeError, r"quant_state\.absmax"),
+    "absmax count": (lambda q, st: setattr(st, "absmax", st.absmax[:-1]), ValueError, r"quant_state\.absmax"),
+    "absmax2": (lambda q, st: setattr(st.state2, "absmax", st.state2.absmax.half()), TypeError, "state2.absmax"),
+    "code2": (lambda q, st: setattr(st.state2, "code", st.state2.code[:16]), ValueError, "state2.code"),
+    "offset": (lambda q, st: setattr(st, "offset", None), ValueError, "offset"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_quant_state_is_refused(case, device):
+    q, st = _state(device)
+    mutate, error, match = BAD[case]
+    mutate(q, st)
+    with pytest.raises(error, match=match):
+        tritonbits.dequantize_4bit(q, st)
+
+
+def test_bad_packed_tensor_is_refused(device):
+    q, st = _state(device)
+    with pytest.raises(TypeError, match="A"):
+        tritonbits.dequantize_4bit(q.to(torch.int64), st)
+    with pytest.raises(ValueError, match="contiguous"):
+        tritonbits.dequantize_4bit(torch.cat([q, q], 1)[:, :1], st)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        tritonbits.dequantize_4bit(q.tolist(), st)
+    with pytest.raises(ValueError, match="quant_state is required"):
+        tritonbits.dequantize_4bit(q)
+    with pytest.raises(TypeError, match="quant_state has no"):
+        tritonbits.dequantize_4bit(q, object())
+
+
+def test_bad_out_is_refused(device):
+    q, st = _state(device)
+    for out, match in [
+        (torch.empty(257, dtype=torch.float16, device=device), "shape"),
+        (torch.empty(256, dtype=torch.float32, device=device), "out must have dtype"),
+        (torch.empty(512, dtype=torch.float16, device=device)[::2], "contiguous"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            tritonbits.dequantize_4bit(q, st, out=out)
+
+
+def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
+    q, st = _state(torch.device("cpu"))
+    monkeypatch.setattr(_runtime, "INTERPRET", False)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        tritonbits.dequantize_4bit(q, st)
+
+
+@pytest.mark.gpu
+def test_device_mismatch_is_refused(device):
+    q, st = _state(device)
+    st.absmax = st.absmax.cpu()
+    with pytest.raises(ValueError, match=r"quant_state\.absmax is on cpu"):
+        tritonbits.dequantize_4bit(q, st)
+
+
+def test_empty_weight(device):
+    q, st = _state(device, n=0, nested=False)
+    assert tritonbits.dequantize_4bit(q, st).shape == (0,)
+
+
+def test_sweeps_hit_the_edge_cases():
+    for shapes_ in (SHAPES_CPU, SHAPES_GPU):
+        numels = [torch.Size(s).numel() for s in shapes_]
+        assert any(n % 2 for n in numels), "an odd element count"
+        assert any(n % 4096 for n in numels), "a tail block at every blocksize"
+    assert list(itertools.chain(QUANT_STORAGE))
