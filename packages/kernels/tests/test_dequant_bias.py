@@ -30,7 +30,7 @@ def operands(m, n, acc_dtype, gen, device, *, sa_kind="col", sb_kind="row", bias
     sb = {"row": sb.reshape(1, n), "vec": sb, "scalar": sb[:1]}[sb_kind].to(scale_dtype)
     bias = {"vec": bias, "row": bias.reshape(1, n), None: None}[bias_kind]
     bias = bias.to(bias_dtype) if bias is not None else None
-    move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    move = lambda t: t.to(device) if t is not None else None
     return move(acc), move(sa), move(sb), move(bias)
 
 

@@ -167,7 +167,7 @@ def _state(device, n=256, nested=True, dtype=torch.float16):
     w = torch.randn(n)
     q, st = R.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=nested)
     st = tritonbits.QuantState.from_any(st)
-    move = lambda t: t.to(device)  # noqa: E731
+    move = lambda t: t.to(device)
     st.absmax = move(st.absmax)
     if nested:
         st.offset = move(st.offset)

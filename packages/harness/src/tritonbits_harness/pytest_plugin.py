@@ -19,13 +19,14 @@ if not torch.cuda.is_available():
     # must happen before anything imports triton-jitted kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import gpus  # noqa: E402
+from . import gpus
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("tritonbits")
     group.addoption("--gpu-profile", default=None, choices=sorted(gpus.PROFILES), help="GPU session profile")
     group.addoption("--dtypes", default=None, help="comma-separated output dtypes (fp16,bf16,fp32)")
+    group.addoption("--record-dir", default=None, help="write a JSON run record (device, versions, counts) here")
 
 
 def _state(config):
@@ -122,3 +123,38 @@ def fake_capability(monkeypatch, request):
 
     request.addfinalizer(_runtime.capability.cache_clear)
     return set_capability
+
+
+# --- run records --------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report):
+    counts = _RECORD["counts"]
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        outcome = "error" if report.when == "setup" and report.outcome == "failed" else report.outcome
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if report.outcome == "failed":
+            _RECORD["failures"].append(report.nodeid)
+
+
+_RECORD: dict = {"counts": {}, "failures": []}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    record_dir = session.config.getoption("--record-dir", None)
+    st = getattr(session.config, "_tritonbits", None)
+    if not record_dir or st is None or hasattr(session.config, "workerinput"):
+        return
+    from . import records
+
+    name = f"{st['profile'].name if st['profile'] else 'cpu'}-{'-'.join(st['dtypes'])}"
+    path = records.write(record_dir, "tests", name, {
+        "profile": st["profile"].name if st["profile"] else None,
+        "dtypes": list(st["dtypes"]),
+        "exitstatus": int(exitstatus),
+        "counts": _RECORD["counts"],
+        "failures": _RECORD["failures"],
+        "args": list(session.config.invocation_params.args),
+    })  # fmt: skip
+    print(f"\ntritonbits: test record written to {path}")

@@ -19,7 +19,7 @@ def interpreting() -> bool:
 INTERPRET = interpreting()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 

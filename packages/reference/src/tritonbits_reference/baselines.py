@@ -30,9 +30,10 @@ def torch_dequantize_4bit(A, absmax, code4, shape, dtype, blocksize, code2=None,
     return (code4[nibbles] * scale).to(dtype).reshape(shape)
 
 
-def torch_fields(quant_state, device) -> dict:
-    """The raw fields `torch_dequantize_4bit` takes, read from any quant-state-like object."""
+def torch_fields(A, quant_state, device) -> dict:
+    """The raw arguments `torch_dequantize_4bit` takes, read from A and any quant-state-like object."""
     fields = {
+        "A": A.to(device),
         "absmax": quant_state.absmax.to(device),
         "code4": torch.from_numpy(code_4bit(quant_state.quant_type).copy()).to(device),
         "shape": tuple(quant_state.shape),

@@ -1,0 +1,143 @@
+"""Every check and GPU job of tritonbits. `uv run nox` runs the CPU sessions; GPU sessions are named
+test-<gpu>-<dtype>, bench-<gpu>, tune-<gpu> and run only when asked for.
+
+Every session also runs with `--no-venv` against an already installed torch/triton (an offline GPU
+machine): it then installs nothing and puts the three packages' src/ trees on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+from nox.virtualenv import PassthroughEnv
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["lint", "kernels-alone", "bench-cpu", "test-cpu"]
+
+ROOT = Path(__file__).parent
+SRC = [ROOT / "packages" / p / "src" for p in ("kernels", "reference", "harness")]
+TESTS = [f"packages/{p}/tests" for p in ("reference", "harness", "kernels")]
+GPUS = ("t4", "a100", "l4", "h100", "h200")
+DTYPES = ("fp16", "bf16")
+RECORDS = "docs/gpu-runs"
+
+
+def no_venv(session: nox.Session) -> bool:
+    return isinstance(session.virtualenv, PassthroughEnv)
+
+
+def workspace(session: nox.Session) -> dict[str, str]:
+    """Install the locked workspace into the session venv, or under --no-venv use the source trees."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if no_venv(session):
+        paths = [str(p) for p in SRC] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        session.log("--no-venv: using the installed torch/triton and the packages' src/ trees")
+    else:
+        session.run_install("uv", "sync", "--locked", "--all-packages", "--group", "dev",
+                            env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location})  # fmt: skip
+    return env
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint + import order) and mypy on all three packages and the noxfile."""
+    env = workspace(session)
+    session.run("ruff", "check", "packages", "noxfile.py", env=env)
+    session.run("mypy", env=env)
+
+
+@nox.session(name="test-cpu")
+def test_cpu(session: nox.Session) -> None:
+    """All packages' tests; kernels run through the Triton interpreter on small shapes."""
+    env = workspace(session)
+    env["TRITON_INTERPRET"] = "1"
+    session.run("python", "-m", "pytest", *TESTS, "-n", "2", *session.posargs, env=env)
+
+
+@nox.session(name="kernels-alone")
+def kernels_alone(session: nox.Session) -> None:
+    """Install only `tritonbits` (torch + triton) in a fresh venv and run the smoke test there, proving the
+    kernels import nothing from reference, harness or bitsandbytes."""
+    env = {"TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
+    if no_venv(session):
+        env["PYTHONPATH"] = str(SRC[0]) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    else:
+        session.install("./packages/kernels", "pytest")
+        session.run("python", "-c", CHECK_NOT_INSTALLED, env=env)
+    session.run("python", "-c", CHECK_NOT_IMPORTED, env=env)
+    session.run("python", "-m", "pytest", "packages/kernels/tests/test_smoke.py", "-o", "addopts=",
+                "-p", "no:cacheprovider", *session.posargs, env=env)  # fmt: skip
+
+
+CHECK_NOT_INSTALLED = """
+import importlib.util, sys
+present = [m for m in ("tritonbits_reference", "tritonbits_harness", "bitsandbytes")
+           if importlib.util.find_spec(m) is not None]
+sys.exit(f"kernels-alone venv must not contain {present}" if present else 0)
+"""
+CHECK_NOT_IMPORTED = """
+import sys
+import tritonbits
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in
+                ("tritonbits_reference", "tritonbits_harness", "bitsandbytes", "numpy_oracle"))
+sys.exit(f"import tritonbits pulled in {leaked}" if leaked else print("tritonbits imports only torch/triton"))
+"""
+
+
+def _gpu_test_session(gpu: str, dtype: str):
+    @nox.session(name=f"test-{gpu}-{dtype}", default=False, tags=["gpu", gpu, dtype])
+    def session_fn(session: nox.Session) -> None:
+        env = workspace(session)
+        session.run("python", "-m", "pytest", *TESTS, f"--gpu-profile={gpu}", f"--dtypes={dtype}",
+                    f"--record-dir={RECORDS}", *session.posargs, env=env)  # fmt: skip
+
+    session_fn.__doc__ = f"The GPU suite for the {gpu} profile, {dtype} outputs (needs a CUDA device)."
+    return session_fn
+
+
+def _gpu_bench_session(gpu: str):
+    @nox.session(name=f"bench-{gpu}", default=False, tags=["gpu", gpu, "bench"])
+    def session_fn(session: nox.Session) -> None:
+        env = workspace(session)
+        session.run("python", "-m", "tritonbits_harness.bench", f"--gpu={gpu}", f"--record-dir={RECORDS}",
+                    *session.posargs, env=env)  # fmt: skip
+
+    session_fn.__doc__ = f"Every registered benchmark on a {gpu} (refuses another GPU unless -- --any-gpu)."
+    return session_fn
+
+
+def _gpu_tune_session(gpu: str):
+    @nox.session(name=f"tune-{gpu}", default=False, tags=["gpu", gpu, "tune"])
+    def session_fn(session: nox.Session) -> None:
+        env = workspace(session)
+        session.run("python", "-m", "tritonbits_harness.tune", f"--gpu={gpu}", *session.posargs, env=env)
+
+    session_fn.__doc__ = f"Sweep dequant_bias tile configs on a {gpu} and write them into the config table."
+    return session_fn
+
+
+for _gpu in GPUS:
+    for _dtype in DTYPES:
+        _gpu_test_session(_gpu, _dtype)
+    _gpu_bench_session(_gpu)
+    _gpu_tune_session(_gpu)
+
+
+@nox.session(name="bench-cpu")
+def bench_cpu(session: nox.Session) -> None:
+    """The benchmark registry end to end on tiny shapes under the interpreter (plumbing only; its numbers
+    mean nothing and are labelled so)."""
+    env = workspace(session)
+    env["TRITON_INTERPRET"] = "1"
+    session.run("python", "-m", "tritonbits_harness.bench", "--cpu", "--record-dir",
+                session.create_tmp(), *session.posargs, env=env)  # fmt: skip
+
+
+@nox.session
+def report(session: nox.Session) -> None:
+    """Render docs/benchmarks.md and the PNG plots from the records in docs/gpu-runs/."""
+    env = workspace(session)
+    session.run("python", "-m", "tritonbits_harness.report", f"--records={RECORDS}", "--out=docs", env=env)

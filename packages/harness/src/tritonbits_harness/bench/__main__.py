@@ -1,0 +1,90 @@
+"""python -m tritonbits_harness.bench --gpu h100 [--any-gpu] [--only NAME ...] | --cpu"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "--cpu" in sys.argv[1:]:
+    # triton.language reads this when it is first imported; set it before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+from rich.console import Console
+
+from .. import gpus, records, timing
+from . import load_all
+from .runner import progress_bar, run_benchmark, summary_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tritonbits-bench", description=__doc__)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--gpu", choices=sorted(gpus.PROFILES), help="the GPU profile this run is for")
+    target.add_argument("--cpu", action="store_true", help="tiny shapes under the interpreter (plumbing only)")
+    parser.add_argument("--any-gpu", action="store_true", help="run on a GPU other than --gpu, labelled as such")
+    parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a thinned case list, for probing")
+    parser.add_argument("--rep-ms", type=int, default=50, help="do_bench repetition budget per timing")
+    parser.add_argument("--record-dir", default="docs/gpu-runs")
+    args = parser.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 110)
+
+    device_info = gpus.current_device()
+    if args.cpu:
+        device = torch.device("cpu")
+    else:
+        if device_info is None:
+            console.print(f"[red]bench-{args.gpu}: no CUDA device is visible; benchmarks need a GPU "
+                          "(use --cpu for the plumbing check).")  # fmt: skip
+            return 2
+        real = device_info.profile.name if device_info.profile else device_info.name
+        if real != args.gpu and not args.any_gpu:
+            console.print(f"[red]bench-{args.gpu}: this machine has a {device_info.name}, not a {args.gpu}. "
+                          "Run the matching session, or pass -- --any-gpu to run anyway (labelled).")  # fmt: skip
+            return 2
+        device = torch.device("cuda")
+
+    registry = load_all()
+    names = args.only or list(registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        console.print(f"[red]unknown benchmarks {unknown}; registered: {sorted(registry)}")
+        return 2
+
+    copy = None if args.cpu else timing.copy_gbps(1 << 30, device)
+    if copy:
+        console.print(f"device-to-device copy: {copy:.0f} GB/s (read + write), measured in this run")
+    case_filter = _quick_filter if args.quick else None
+    rows: list[dict] = []
+    with progress_bar(console) as progress:
+        for name in names:
+            rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,
+                                  progress=progress, case_filter=case_filter)  # fmt: skip
+    for name in names:
+        console.print(summary_table(name, [r for r in rows if r["benchmark"] == name], registry[name], args.cpu))
+
+    label = "cpu-interpreter" if args.cpu else args.gpu
+    path = records.write(args.record_dir, "bench", label, {
+        "profile": None if args.cpu else args.gpu,
+        "ran_on_other_gpu": bool(not args.cpu and device_info and device_info.profile
+                                 and device_info.profile.name != args.gpu),
+        "meaningless": args.cpu,
+        "copy_gbps": copy,
+        "benchmarks": {n: {"kernel": registry[n].kernel, "description": registry[n].description,
+                           "baselines": list(registry[n].baselines)} for n in names},
+        "rows": rows,
+    })  # fmt: skip
+    console.print(f"record written to {path}")
+    return 0
+
+
+def _quick_filter(bench, case) -> bool:
+    if bench.name == "dequant_bias":
+        return case["m"] in (1, 128, 4096, 65536) and case["n"] in (2560, 14336)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Benchmarks of tritonbits.dequantize_4bit: GB/s sweep, the Unsloth-puzzle wall time, and compiled vs
+eager MLP time. Baselines come from tritonbits_reference (the same code the tests judge with)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import torch
+
+import tritonbits
+from tritonbits_reference import baselines
+
+from .. import patterns
+from .registry import Benchmark, register
+
+SHAPES = [(8192, 2048), (4096, 1024), (14336, 4096), (4096, 14336), (28672, 8192)]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def bytes_model(case: dict) -> int:
+    """n/2 packed bytes + nested absmax (1 byte a block + fp32 per 256 blocks) + n output elements."""
+    n = case["rows"] * case["cols"]
+    blocks = -(-n // case["blocksize"])
+    return n // 2 + blocks + 4 * -(-blocks // 256) + n * DTYPES[case["dtype"]].itemsize
+
+
+def cases(cpu: bool) -> list[dict]:
+    shapes = [(64, 256), (96, 192)] if cpu else SHAPES
+    return [{"rows": r, "cols": c, "dtype": d, "quant_type": "nf4", "blocksize": 64}
+            for (r, c) in shapes for d in DTYPES]  # fmt: skip
+
+
+def quantized(case: dict, device: torch.device):
+    import bitsandbytes.functional as F
+
+    w = torch.randn(case["rows"], case["cols"], device=device, dtype=DTYPES[case["dtype"]])
+    return F.quantize_4bit(w, blocksize=case["blocksize"], quant_type=case["quant_type"], compress_statistics=True)
+
+
+@functools.cache
+def _compiled_reference():
+    return torch.compile(baselines.torch_dequantize_4bit, dynamic=False)
+
+
+def setup(case: dict, device: torch.device) -> dict:
+    import bitsandbytes.functional as F
+
+    q, state = quantized(case, device)
+    n = math.prod(state.shape)
+    expand_out = torch.empty(n, dtype=state.dtype, device=device)
+    fields = baselines.torch_fields(q, state, device)
+    thunks = {
+        "tritonbits": lambda: tritonbits.dequantize_4bit(q, state),
+        "pattern": lambda: patterns.expand(q.view(-1), expand_out),
+    }
+    if device.type == "cuda":
+        got = tritonbits.dequantize_4bit(q, state)
+        if not torch.equal(got, F.dequantize_4bit(q, state)):
+            raise AssertionError(f"tritonbits != bnb on {case}: benchmark refuses to time a wrong kernel")
+        compiled = _compiled_reference()
+        thunks.update({
+            "bnb": lambda: F.dequantize_4bit(q, state),
+            "unsloth": lambda: baselines.unsloth_fast_dequantize(q, state),
+            "bnb-triton": lambda: baselines.bnb_triton_dequantize_4bit(q, state),
+            "torch.compile": lambda: compiled(**fields),
+        })  # fmt: skip
+    else:
+        thunks["torch-eager"] = lambda: baselines.torch_dequantize_4bit(**fields)
+    return thunks
+
+
+register(Benchmark(
+    name="dequantize_4bit",
+    kernel="dequantize_4bit",
+    description="NF4, nested absmax, blocksize 64: GB/s = (n/2 + absmax + output bytes) / time",
+    cases=cases,
+    bytes_model=bytes_model,
+    setup=setup,
+    baselines=("bnb", "unsloth", "bnb-triton", "torch.compile"),
+))  # fmt: skip
+
+
+# --- Unsloth puzzle: three Linear4bit weights, dequantize each with a sync after it, 1000 iterations ---
+
+PUZZLE = [(2048, 8192, "fp16"), (1024, 4096, "bf16"), (4096, 14336, "bf16")]
+
+
+def puzzle_layers(hd: int, m: int, dtype: torch.dtype, device: torch.device):
+    from tritonbits_reference import bnb as RB
+
+    shapes = [(hd, m), (hd, m), (m, hd)]  # gate, up, down
+    return [RB.linear4bit(i, o, dtype=dtype, device=device).weight for i, o in shapes]
+
+
+def run_puzzle(bench: Benchmark, device: torch.device, cpu: bool, progress) -> list[dict]:
+    import bitsandbytes.functional as F
+
+    iterations = 5 if cpu else 1000
+    configs = [(64, 128, "bf16")] if cpu else PUZZLE
+    rows = []
+    for hd, m, dname in configs:
+        weights = puzzle_layers(hd, m, DTYPES[dname], device)
+        providers = {"tritonbits": lambda w: tritonbits.dequantize_4bit(w.data, w.quant_state)}
+        if device.type == "cuda":
+            providers["unsloth"] = lambda w: baselines.unsloth_fast_dequantize(w.data, w.quant_state)
+            providers["bnb"] = lambda w: F.dequantize_4bit(w.data, w.quant_state)
+        for name, fn in providers.items():
+            for w in weights:  # warm up (compile, allocate)
+                fn(w)
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            sync()
+            start = time.perf_counter()
+            for _ in range(iterations):
+                for w in weights:
+                    fn(w)
+                    sync()
+            seconds = time.perf_counter() - start
+            rows.append({"benchmark": bench.name, "case": f"hd={hd} m={m} {dname}", "provider": name,
+                         "mode": "wall", "ms": seconds * 1e3, "iterations": iterations,
+                         "params": {"hd": hd, "m": m, "dtype": dname}})  # fmt: skip
+            progress()
+    return rows
+
+
+register(Benchmark(
+    name="unsloth_puzzle",
+    kernel="dequantize_4bit",
+    description="wall time of 1000 x (dequantize 3 Linear4bit weights, synchronize after each)",
+    cases=lambda cpu: [{"config": c} for c in ([(64, 128, "bf16")] if cpu else PUZZLE)],
+    bytes_model=None,
+    setup=lambda case, device: {},
+    baselines=("unsloth", "bnb"),
+    modes=("wall",),
+    runner=run_puzzle,
+))  # fmt: skip
+
+
+# --- compiled vs eager: an MLP forward that dequantizes three bnb layers ------------------------------
+
+
+def mlp_setup(case: dict, device: torch.device) -> dict:
+    from tritonbits.ops import dequantize_4bit as dq
+
+    weights = puzzle_layers(case["hd"], case["m"], DTYPES[case["dtype"]], device)
+    x = torch.randn(case["tokens"], case["hd"], dtype=DTYPES[case["dtype"]], device=device)
+    packed = [(w.data, w.quant_state) for w in weights]
+
+    def mlp(x):
+        gate = x @ tritonbits.dequantize_4bit(*packed[0]).t()
+        up = x @ tritonbits.dequantize_4bit(*packed[1]).t()
+        return (torch.nn.functional.silu(gate) * up) @ tritonbits.dequantize_4bit(*packed[2]).t()
+
+    thunks = {"eager": lambda: mlp(x)}
+    if device.type == "cuda":
+        for op in ("custom_op", "triton_op"):
+            dq.COMPILE_OP = op
+            torch._dynamo.reset()
+            compiled = torch.compile(mlp, fullgraph=True)
+            want = mlp(x)
+            if not torch.equal(compiled(x), want):
+                raise AssertionError(f"compiled MLP ({op}) differs from eager")
+            thunks[f"compile-{op}"] = (lambda c: lambda: c(x))(compiled)
+        dq.COMPILE_OP = "custom_op"
+    return thunks
+
+
+register(Benchmark(
+    name="mlp_compile",
+    kernel="dequantize_4bit",
+    description="MLP forward (3 bnb NF4 layers dequantized + matmuls, 16 tokens): eager vs torch.compile",
+    cases=lambda cpu: [{"hd": hd, "m": m, "dtype": d, "tokens": 16} for hd, m, d in
+                       ([(64, 128, "bf16")] if cpu else PUZZLE)],  # fmt: skip
+    bytes_model=None,
+    setup=mlp_setup,
+    baselines=("compile-custom_op", "compile-triton_op"),
+    subject="eager",
+    modes=("launch",),
+))  # fmt: skip

@@ -1,0 +1,108 @@
+"""Run registered benchmarks: time every provider of every case in every mode, with the rooflines
+measured in the same run, and summarise the tritonbits row against each baseline."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import timing
+from .registry import Benchmark, case_label
+
+
+def _wall_ms(fn, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def time_thunk(fn, mode: str, rep_ms: int) -> float:
+    if mode == "launch":
+        return timing.bench(fn, warmup=max(rep_ms // 4, 5), rep=rep_ms)
+    if mode == "graph":
+        return timing.bench_graph(fn, rep=rep_ms)
+    if mode == "wall":
+        return _wall_ms(fn)
+    raise ValueError(f"unknown timing mode {mode!r}")
+
+
+def run_benchmark(bench: Benchmark, device: torch.device, *, cpu: bool, rep_ms: int, copy_gbps: float | None,
+                  progress: Progress, case_filter=None) -> list[dict]:  # fmt: skip
+    cases = [c for c in bench.cases(cpu) if case_filter is None or case_filter(bench, c)]
+    task = progress.add_task(bench.name, total=len(cases))
+    if bench.runner is not None:
+        rows = bench.runner(bench, device, cpu, lambda: None)
+        progress.update(task, completed=len(cases))
+        return rows
+    modes = ("wall",) if cpu else bench.modes
+    rows: list[dict] = []
+    for case in cases:
+        thunks = bench.setup(case, device)
+        nbytes = bench.bytes_model(case) if bench.bytes_model else None
+        pattern_gbps: dict[str, float] = {}
+        ordered = sorted(thunks.items(), key=lambda kv: kv[0] != "pattern")  # the roofline first
+        for provider, fn in ordered:
+            for mode in modes:
+                ms = time_thunk(fn, mode, rep_ms)
+                row = {"benchmark": bench.name, "case": case_label(case), "params": case, "provider": provider,
+                       "mode": mode, "ms": ms}  # fmt: skip
+                if nbytes is not None:
+                    gbps = timing.gbps(nbytes, ms)
+                    row.update(bytes=nbytes, gbps=gbps)
+                    if copy_gbps:
+                        row["pct_copy"] = 100 * gbps / copy_gbps
+                    if provider == "pattern":
+                        pattern_gbps[mode] = gbps
+                    if mode in pattern_gbps:
+                        row["pct_pattern"] = 100 * gbps / pattern_gbps[mode]
+                rows.append(row)
+        del thunks
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        progress.advance(task)
+    return rows
+
+
+def ratios(rows: list[dict], bench: Benchmark) -> list[dict]:
+    """Per case and mode: baseline time / subject time (> 1 means the subject is faster)."""
+    ours = {(r["case"], r["mode"]): r["ms"] for r in rows if r["provider"] == bench.subject}
+    out = []
+    for r in rows:
+        if r["provider"] in bench.baselines and (r["case"], r["mode"]) in ours:
+            out.append({"case": r["case"], "mode": r["mode"], "baseline": r["provider"],
+                        "speedup": r["ms"] / ours[r["case"], r["mode"]]})  # fmt: skip
+    return out
+
+
+def summary_table(name: str, rows: list[dict], bench: Benchmark, meaningless: bool) -> Table:
+    title = f"{name}: baseline time / {bench.subject} time (> 1: {bench.subject} is faster)"
+    if meaningless:
+        title += " — CPU interpreter: these numbers mean NOTHING"
+    table = Table(title=title)
+    for col in ("baseline", "mode", "min", "median", "max", "cases"):
+        table.add_column(col)
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in ratios(rows, bench):
+        groups.setdefault((r["baseline"], r["mode"]), []).append(r["speedup"])
+    for (baseline, mode), values in sorted(groups.items()):
+        table.add_row(baseline, mode, f"{min(values):.2f}x", f"{statistics.median(values):.2f}x",
+                      f"{max(values):.2f}x", str(len(values)))  # fmt: skip
+    ours = [r for r in rows if r["provider"] == bench.subject and "pct_pattern" in r]
+    if ours:
+        table.caption = (f"tritonbits % of pattern roofline: min {min(r['pct_pattern'] for r in ours):.1f}%, "
+                         f"median {statistics.median(r['pct_pattern'] for r in ours):.1f}%")  # fmt: skip
+    return table
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)  # fmt: skip

@@ -1,0 +1,132 @@
+"""Sweep kernel configs on the present GPU.
+
+  python -m tritonbits_harness.tune --gpu h100                  dequant_bias: rewrite its config table
+  python -m tritonbits_harness.tune --gpu h100 --op dequantize_4bit   print the dequantize tile sweep
+
+dequant_bias configs are timed with CUDA graphs (launch gaps removed) on every (acc dtype, M bucket,
+N bucket) of the benchmark matrix and the fastest is written into
+packages/kernels/src/tritonbits/configs/dequant_bias.json under the GPU family. Nothing is tuned at call time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import gpus, timing
+from .bench.runner import progress_bar
+
+BLOCK_MS = (1, 2, 4, 8, 16, 32, 64)
+BLOCK_NS = (128, 256, 512, 1024)
+WARPS = (4, 8)
+TABLE = Path(__file__).resolve().parents[3] / "kernels" / "src" / "tritonbits" / "configs" / "dequant_bias.json"
+
+
+def candidate_configs(m: int) -> list[tuple[int, int, int]]:
+    out = []
+    for bm in BLOCK_MS:
+        if bm > max(m, 1) * 2:
+            continue
+        for bn in BLOCK_NS:
+            if not 1024 <= bm * bn <= 16384:
+                continue
+            out += [(bm, bn, w) for w in WARPS]
+    return out
+
+
+def tune_dequant_bias(family: str, console: Console, rep_ms: int) -> dict:
+    import tritonbits  # noqa: F401  (registers the op)
+    from tritonbits.ops import dequant_bias as db
+
+    from .bench import dequant_bias as bench
+
+    device = torch.device("cuda")
+    keys: dict[tuple[str, int, int], tuple[int, int]] = {}
+    for acc in bench.ACC:
+        for n in bench.NS:
+            for m in bench.MS:
+                keys.setdefault((acc, db.bucket(m), db.bucket(n)), (m, n))
+    results: dict[str, dict[str, list[int]]] = {}
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"dequant_bias configs on {family}", total=len(keys))
+        for (acc, mb, nb), (m, n) in keys.items():
+            a, sa, sb, bias = bench.operands({"m": m, "n": n, "acc": acc}, device)
+            out = torch.empty(a.shape, dtype=bench.OUT, device=device)
+            strides = db.validate(a, sa, sb, bias, bench.OUT, out)
+            best = None
+            for cfg in candidate_configs(m):
+                def fn(cfg=cfg):
+                    return db.launch(a, sa, sb, bias, out, *strides, config=cfg)
+                ms = timing.bench_graph(fn, rep=rep_ms)
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            results.setdefault(acc, {})[f"{mb}x{nb}"] = list(best[1])
+            progress.advance(task)
+    return results
+
+
+def tune_dequantize_4bit(console: Console, rep_ms: int) -> None:
+    import bitsandbytes.functional as F
+
+    from tritonbits.ops import dequantize_4bit as dq
+
+    table = Table(title="dequantize_4bit tiles: GB/s (do_bench median), nf4 nested bs64")
+    configs = [(b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8) if b // w >= 128]
+    table.add_column("shape / dtype")
+    for b, w in configs:
+        table.add_column(f"{b}B/{w}w")
+    for rows, cols in ((8192, 2048), (14336, 4096), (28672, 8192)):
+        for dtype in (torch.float16, torch.bfloat16):
+            w_ = torch.randn(rows, cols, device="cuda", dtype=dtype)
+            q, state = F.quantize_4bit(w_, blocksize=64, quant_type="nf4", compress_statistics=True)
+            st = dq.QuantState.from_any(state)
+            fields = dq._fields(st)
+            out = torch.empty(rows, cols, device="cuda", dtype=dtype)
+            n = rows * cols
+            nbytes = n // 2 + n // 64 + n * dtype.itemsize
+            cells = []
+            for b, w in configs:
+                def fn(b=b, w=w):
+                    return dq.launch(q, *fields[:4], out, 64, fields[4], "nf4", bytes_per_program=b, num_warps=w)
+                cells.append(f"{timing.gbps(nbytes, timing.bench(fn, rep=rep_ms)):.0f}")
+            table.add_row(f"{rows}x{cols} {str(dtype)[6:]}", *cells)
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tritonbits-tune", description=__doc__)
+    parser.add_argument("--gpu", required=True, choices=sorted(gpus.PROFILES))
+    parser.add_argument("--op", default="dequant_bias", choices=("dequant_bias", "dequantize_4bit"))
+    parser.add_argument("--any-gpu", action="store_true")
+    parser.add_argument("--rep-ms", type=int, default=25)
+    parser.add_argument("--write", default=str(TABLE), help="config table to update (dequant_bias)")
+    args = parser.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    device = gpus.current_device()
+    if device is None:
+        console.print("[red]tune needs a CUDA device")
+        return 2
+    real = device.profile.name if device.profile else device.name
+    if real != args.gpu and not args.any_gpu:
+        console.print(f"[red]this machine has a {device.name}, not a {args.gpu} (pass --any-gpu to tune anyway)")
+        return 2
+    if args.op == "dequantize_4bit":
+        tune_dequantize_4bit(console, args.rep_ms)
+        return 0
+    results = tune_dequant_bias(args.gpu, console, args.rep_ms)
+    path = Path(args.write)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[args.gpu] = results
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    console.print(f"wrote {sum(len(v) for v in results.values())} configs for {args.gpu} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
