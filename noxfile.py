@@ -8,6 +8,7 @@ machine): it then installs nothing and puts the three packages' src/ trees on PY
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import nox
@@ -26,6 +27,12 @@ RECORDS = "docs/gpu-runs"
 
 def no_venv(session: nox.Session) -> bool:
     return isinstance(session.virtualenv, PassthroughEnv)
+
+
+def python(session: nox.Session) -> str:
+    """The interpreter to run: the session venv's, or under --no-venv the one running nox (an offline GPU
+    machine may have only `python3`)."""
+    return sys.executable if no_venv(session) else "python"
 
 
 def workspace(session: nox.Session) -> dict[str, str]:
@@ -54,7 +61,7 @@ def test_cpu(session: nox.Session) -> None:
     """All packages' tests; kernels run through the Triton interpreter on small shapes."""
     env = workspace(session)
     env["TRITON_INTERPRET"] = "1"
-    session.run("python", "-m", "pytest", *TESTS, "-n", "2", *session.posargs, env=env)
+    session.run(python(session), "-m", "pytest", *TESTS, "-n", "2", *session.posargs, env=env)
 
 
 @nox.session(name="kernels-alone")
@@ -66,9 +73,9 @@ def kernels_alone(session: nox.Session) -> None:
         env["PYTHONPATH"] = str(SRC[0]) + os.pathsep + os.environ.get("PYTHONPATH", "")
     else:
         session.install("./packages/kernels", "pytest")
-        session.run("python", "-c", CHECK_NOT_INSTALLED, env=env)
-    session.run("python", "-c", CHECK_NOT_IMPORTED, env=env)
-    session.run("python", "-m", "pytest", "packages/kernels/tests/test_smoke.py", "-o", "addopts=",
+        session.run(python(session), "-c", CHECK_NOT_INSTALLED, env=env)
+    session.run(python(session), "-c", CHECK_NOT_IMPORTED, env=env)
+    session.run(python(session), "-m", "pytest", "packages/kernels/tests/test_smoke.py", "-o", "addopts=",
                 "-p", "no:cacheprovider", *session.posargs, env=env)  # fmt: skip
 
 
@@ -91,7 +98,7 @@ def _gpu_test_session(gpu: str, dtype: str):
     @nox.session(name=f"test-{gpu}-{dtype}", default=False, tags=["gpu", gpu, dtype])
     def session_fn(session: nox.Session) -> None:
         env = workspace(session)
-        session.run("python", "-m", "pytest", *TESTS, f"--gpu-profile={gpu}", f"--dtypes={dtype}",
+        session.run(python(session), "-m", "pytest", *TESTS, f"--gpu-profile={gpu}", f"--dtypes={dtype}",
                     f"--record-dir={RECORDS}", *session.posargs, env=env)  # fmt: skip
 
     session_fn.__doc__ = f"The GPU suite for the {gpu} profile, {dtype} outputs (needs a CUDA device)."
@@ -102,7 +109,7 @@ def _gpu_bench_session(gpu: str):
     @nox.session(name=f"bench-{gpu}", default=False, tags=["gpu", gpu, "bench"])
     def session_fn(session: nox.Session) -> None:
         env = workspace(session)
-        session.run("python", "-m", "tritonbits_harness.bench", f"--gpu={gpu}", f"--record-dir={RECORDS}",
+        session.run(python(session), "-m", "tritonbits_harness.bench", f"--gpu={gpu}", f"--record-dir={RECORDS}",
                     *session.posargs, env=env)  # fmt: skip
 
     session_fn.__doc__ = f"Every registered benchmark on a {gpu} (refuses another GPU unless -- --any-gpu)."
@@ -113,7 +120,7 @@ def _gpu_tune_session(gpu: str):
     @nox.session(name=f"tune-{gpu}", default=False, tags=["gpu", gpu, "tune"])
     def session_fn(session: nox.Session) -> None:
         env = workspace(session)
-        session.run("python", "-m", "tritonbits_harness.tune", f"--gpu={gpu}", *session.posargs, env=env)
+        session.run(python(session), "-m", "tritonbits_harness.tune", f"--gpu={gpu}", *session.posargs, env=env)
 
     session_fn.__doc__ = f"Sweep dequant_bias tile configs on a {gpu} and write them into the config table."
     return session_fn
@@ -132,7 +139,7 @@ def bench_cpu(session: nox.Session) -> None:
     mean nothing and are labelled so)."""
     env = workspace(session)
     env["TRITON_INTERPRET"] = "1"
-    session.run("python", "-m", "tritonbits_harness.bench", "--cpu", "--record-dir",
+    session.run(python(session), "-m", "tritonbits_harness.bench", "--cpu", "--record-dir",
                 session.create_tmp(), *session.posargs, env=env)  # fmt: skip
 
 
@@ -140,4 +147,4 @@ def bench_cpu(session: nox.Session) -> None:
 def report(session: nox.Session) -> None:
     """Render docs/benchmarks.md and the PNG plots from the records in docs/gpu-runs/."""
     env = workspace(session)
-    session.run("python", "-m", "tritonbits_harness.report", f"--records={RECORDS}", "--out=docs", env=env)
+    session.run(python(session), "-m", "tritonbits_harness.report", f"--records={RECORDS}", "--out=docs", env=env)
