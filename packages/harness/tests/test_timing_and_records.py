@@ -1,0 +1,34 @@
+import json
+
+import pytest
+import torch
+
+from tritonbits_harness import records, timing
+
+
+def test_gbps():
+    assert timing.gbps(2e9, 1.0) == pytest.approx(2000.0)
+
+
+def test_record_round_trip(tmp_path):
+    path = records.write(tmp_path, "tests", "cpu-fp16", {"counts": {"passed": 3}})
+    rec = json.loads(path.read_text())
+    assert rec["kind"] == "tests" and rec["counts"] == {"passed": 3}
+    assert rec["environment"]["torch"] == torch.__version__
+    assert records.load(tmp_path)[0]["name"] == "cpu-fp16"
+
+
+@pytest.mark.gpu
+def test_copy_bandwidth_is_plausible(device):
+    gbps = timing.copy_gbps(1 << 28, device)
+    assert 100 < gbps < 20_000
+
+
+@pytest.mark.gpu
+def test_bench_and_graph_time_real_work(device):
+    x = torch.randn(1 << 24, device=device)
+    y = torch.empty_like(x)
+    ms = timing.bench(lambda: y.copy_(x))
+    graph_ms = timing.bench_graph(lambda: y.copy_(x))
+    assert 0 < graph_ms and 0 < ms
+    assert torch.equal(y, x)
