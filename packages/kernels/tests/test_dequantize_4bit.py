@@ -150,14 +150,18 @@ def test_compiles_fullgraph_in_an_mlp(device, gen):
     weights = [(layer.weight.data, layer.weight.quant_state) for layer in layers]
 
     def mlp(x):
-        for packed, state in weights:
-            x = torch.nn.functional.linear(x, tritonbits.dequantize_4bit(packed, state))
-        return x
+        dequantized = [tritonbits.dequantize_4bit(packed, state) for packed, state in weights]
+        for w in dequantized:
+            x = torch.nn.functional.linear(x, w)
+        return x, dequantized
 
     x = torch.randn(8, 256, dtype=torch.bfloat16, device=device)
     torch._dynamo.reset()
     compiled = torch.compile(mlp, fullgraph=True)
-    assert_exact(compiled(x), mlp(x))
+    (y, got), (y_eager, want) = compiled(x), mlp(x)
+    for g, w in zip(got, want):
+        assert_exact(g, w)
+    torch.testing.assert_close(y, y_eager)
 
 
 # --- bad input ----------------------------------------------------------------------------------------

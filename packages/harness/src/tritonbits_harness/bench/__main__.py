@@ -58,10 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"device-to-device copy: {copy:.0f} GB/s (read + write), measured in this run")
     case_filter = _quick_filter if args.quick else None
     rows: list[dict] = []
+    errors: dict[str, str] = {}
     with progress_bar(console) as progress:
         for name in names:
-            rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,
-                                  progress=progress, case_filter=case_filter)  # fmt: skip
+            try:
+                rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,
+                                      progress=progress, case_filter=case_filter)  # fmt: skip
+            except Exception as exc:  # record it, run the others, fail at the end
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                console.print_exception()
     for name in names:
         console.print(summary_table(name, [r for r in rows if r["benchmark"] == name], registry[name], args.cpu))
 
@@ -75,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks": {n: {"kernel": registry[n].kernel, "description": registry[n].description,
                            "baselines": list(registry[n].baselines)} for n in names},
         "rows": rows,
+        "errors": errors,
     })  # fmt: skip
     console.print(f"record written to {path}")
-    return 0
+    for name, err in errors.items():
+        console.print(f"[red]benchmark {name} failed: {err}")
+    return 1 if errors else 0
 
 
 def _quick_filter(bench, case) -> bool:
