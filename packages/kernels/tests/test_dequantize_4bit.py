@@ -109,23 +109,22 @@ def test_fake_sm75_takes_the_manual_bf16_path(device, fake_capability, gen, quan
 
 @pytest.mark.gpu
 def test_offsets_past_2_pow_31(device):
-    """2**31 + 2**20 outputs: int64 offsets, compared with bnb on the far end of the tensor."""
-    import bitsandbytes.functional as F
-
+    """2**31 + 2**20 outputs: int64 offsets. bnb's C entry points take an int count, so the oracle judges
+    windows at the start, across 2**31 and at the end, each as a sub-state aligned to its blocks."""
     n = 2**31 + 2**20
     gen = torch.Generator(device=device).manual_seed(1)
     q = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device, generator=gen)
-    blocks = n // 64
-    state = F.QuantState(
-        absmax=torch.rand(blocks, device=device, generator=gen) + 0.5, shape=torch.Size([n]),
-        dtype=torch.float16, blocksize=64, quant_type="nf4", code=F.get_4bit_type("nf4", device=device),
-    )  # fmt: skip
+    absmax = torch.rand(n // 64, device=device, generator=gen) + 0.5
+    state = tritonbits.QuantState(absmax=absmax, shape=torch.Size([n]), dtype=torch.float16, blocksize=64)
     got = tritonbits.dequantize_4bit(q, state)
-    want = F.dequantize_4bit(q, state)
-    tail = slice(n - 2**22, n)
-    assert_exact(got[tail], want[tail])
-    assert_exact(got[: 2**22], want[: 2**22])
-    del got, want
+    for start in (0, 2**31 - 2**19, n - 2**20):
+        window = R.ReferenceQuantState(
+            absmax=absmax[start // 64 : (start + 2**20) // 64].cpu(), shape=torch.Size([2**20]),
+            dtype=torch.float16, blocksize=64, quant_type="nf4", code=torch.empty(0),
+        )  # fmt: skip
+        want = R.dequantize_4bit(q[start // 2 : (start + 2**20) // 2].cpu(), window)
+        assert_exact(got[start : start + 2**20].cpu(), want)
+    del got
 
 
 @pytest.mark.gpu
@@ -252,3 +251,27 @@ def test_sweeps_hit_the_edge_cases():
         assert any(n % 2 for n in numels), "an odd element count"
         assert any(n % 4096 for n in numels), "a tail block at every blocksize"
     assert list(itertools.chain(QUANT_STORAGE))
+
+
+def test_cached_checks_notice_a_changed_quant_state(device):
+    """The eager fast path skips re-validating a quant_state it has seen, but not one whose fields changed."""
+    q, st = _state(device)
+    tritonbits.dequantize_4bit(q, st)
+    tritonbits.dequantize_4bit(q, st)
+    st.absmax = st.absmax[:-1]
+    with pytest.raises(ValueError, match=r"quant_state\.absmax"):
+        tritonbits.dequantize_4bit(q, st)
+    with pytest.raises(ValueError, match="packed bytes"):
+        tritonbits.dequantize_4bit(q[:-1], st)
+
+
+def test_cache_entries_die_with_their_quant_state(device):
+    import gc
+
+    q, st = _state(device)
+    tritonbits.dequantize_4bit(q, st)
+    key = id(st)
+    assert key in dq_module._PREPARED
+    del st
+    gc.collect()
+    assert key not in dq_module._PREPARED

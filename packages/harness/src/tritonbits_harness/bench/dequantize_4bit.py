@@ -166,7 +166,8 @@ def mlp_setup(case: dict, device: torch.device) -> dict:
             for got, want in zip(torch.compile(weights_only, fullgraph=True)(), weights_only()):
                 if not torch.equal(got, want):
                     raise AssertionError(f"compiled dequantize_4bit ({op}) differs from eager")
-            torch.testing.assert_close(compiled(x), mlp(x))
+            want = mlp(x)
+            torch.testing.assert_close(compiled(x), want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
             thunks[f"compile-{op}"] = (lambda c: lambda: c(x))(compiled)
         dq.COMPILE_OP = "custom_op"
     return thunks
