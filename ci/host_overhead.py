@@ -7,7 +7,6 @@ import time
 
 import torch
 import triton
-import triton.language as tl
 
 import tritonbits
 from tritonbits_reference import bnb as RB
@@ -37,9 +36,10 @@ print(f"synchronize: {per_call_us(torch.cuda.synchronize):.1f} us")
 print(f"empty triton launch: {per_call_us(lambda: _empty[(1,)](x, 16)):.1f} us")
 print(f"empty triton launch + sync: {per_call_us(lambda: (_empty[(1,)](x, 16), torch.cuda.synchronize())):.1f} us")
 print(f"torch.empty: {per_call_us(lambda: torch.empty(4096, 1024, dtype=torch.bfloat16, device='cuda')):.1f} us")
-dq = lambda: tritonbits.dequantize_4bit(w.data, w.quant_state)  # noqa: E731
-print(f"dequantize_4bit: {per_call_us(dq):.1f} us; + sync: {per_call_us(lambda: (dq(), torch.cuda.synchronize())):.1f} us")
-db = lambda: tritonbits.dequant_bias(acc, sa, sb)  # noqa: E731
+dq = lambda: tritonbits.dequantize_4bit(w.data, w.quant_state)
+print(f"dequantize_4bit: {per_call_us(dq):.1f} us")
+print(f"dequantize_4bit + sync: {per_call_us(lambda: (dq(), torch.cuda.synchronize())):.1f} us")
+db = lambda: tritonbits.dequant_bias(acc, sa, sb)
 print(f"dequant_bias: {per_call_us(db):.1f} us")
 prof = cProfile.Profile()
 prof.enable()

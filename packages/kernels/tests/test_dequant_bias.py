@@ -136,7 +136,7 @@ def test_config_table_and_fallback():
     assert db_module.config_for("no-such-gpu", torch.int32, 8, 4096) == db_module.heuristic_config(8, 4096)
     for family, by_dtype in db_module._table().items():
         for entries in by_dtype.values():
-            for key, (block_m, block_n, warps) in entries.items():
+            for key, (block_m, block_n, _warps) in entries.items():
                 assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0, (family, key)
 
 

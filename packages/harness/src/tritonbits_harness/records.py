@@ -52,7 +52,7 @@ def _driver() -> str | None:
 
 
 def environment() -> dict:
-    env = {
+    env: dict[str, object] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_sha": git_sha(),
         "torch": torch.__version__,
@@ -81,8 +81,8 @@ def write(record_dir: str | os.PathLike, kind: str, name: str, payload: dict) ->
     """Write {environment, kind, name, **payload} to <dir>/<date>-<device>-<kind>-<name>.json."""
     env = environment()
     record = {"kind": kind, "name": name, "environment": env, **payload}
-    stamp = env["date"].replace(":", "").replace("-", "")
-    path = Path(record_dir) / f"{stamp}-{slug(env['device'])}-{kind}-{slug(name)}.json"
+    stamp = str(env["date"]).replace(":", "").replace("-", "")
+    path = Path(record_dir) / f"{stamp}-{slug(str(env['device']))}-{kind}-{slug(name)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
     return path

@@ -11,6 +11,7 @@ packages/kernels/src/tritonbits/configs/dequant_bias.json under the GPU family. 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -59,13 +60,13 @@ def tune_dequant_bias(family: str, console: Console, rep_ms: int) -> dict:
             a, sa, sb, bias = bench.operands({"m": m, "n": n, "acc": acc}, device)
             out = torch.empty(a.shape, dtype=bench.OUT, device=device)
             strides = db.validate(a, sa, sb, bias, bench.OUT, out)
-            best = None
+            best: tuple[float, tuple[int, int, int]] | None = None
             for cfg in candidate_configs(m):
-                def fn(cfg=cfg):
-                    return db.launch(a, sa, sb, bias, out, *strides, config=cfg)
+                fn = functools.partial(db.launch, a, sa, sb, bias, out, *strides, config=cfg)
                 ms = timing.bench_graph(fn, rep=rep_ms)
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
+            assert best is not None, f"no candidate config for M={m}"
             results.setdefault(acc, {})[f"{mb}x{nb}"] = list(best[1])
             progress.advance(task)
     return results
@@ -91,8 +92,9 @@ def tune_dequantize_4bit(console: Console, rep_ms: int) -> None:
         nbytes = n // 2 + n // 64 + n * dtype.itemsize
         cells = []
         for b, w in configs:
-            def fn(b=b, w=w):
-                return dq.launch(q, *fields[:4], out, 64, fields[4], "nf4", bytes_per_program=b, num_warps=w)
+            absmax, code2, absmax2, offset, blocksize2 = fields
+            fn = functools.partial(dq.launch, q, absmax, code2, absmax2, offset, out, 64, blocksize2, "nf4",
+                                   bytes_per_program=b, num_warps=w)  # fmt: skip
             cells.append(f"{timing.gbps(nbytes, timing.bench_graph(fn, rep=rep_ms)):.0f}")
         table.add_row(f"{rows}x{cols}", *cells)
     console.print(table)

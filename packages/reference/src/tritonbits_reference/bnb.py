@@ -90,7 +90,7 @@ def params4bit(
         compress_statistics=compress_statistics,
         quant_storage=quant_storage,
     )
-    return param.to(device)
+    return param.to(device)  # type: ignore[misc]  # bnb's overloads of .to confuse mypy
 
 
 def linear4bit(

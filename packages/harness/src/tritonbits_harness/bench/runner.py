@@ -40,9 +40,9 @@ def run_benchmark(bench: Benchmark, device: torch.device, *, cpu: bool, rep_ms: 
     cases = [c for c in bench.cases(cpu) if case_filter is None or case_filter(bench, c)]
     task = progress.add_task(bench.name, total=len(cases))
     if bench.runner is not None:
-        rows = bench.runner(bench, device, cpu, lambda: None)
+        custom: list[dict] = bench.runner(bench, device, cpu, lambda: None)
         progress.update(task, completed=len(cases))
-        return rows
+        return custom
     modes = ("wall",) if cpu else bench.modes
     rows: list[dict] = []
     for case in cases:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime
+from .._launcher import CachedLauncher
 from .._triton_helpers import round_to_bf16_bits
 
 ACC_DTYPES = (torch.int32, torch.bfloat16, torch.float16, torch.float32)
@@ -51,10 +52,7 @@ def _dequant_bias_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0, eviction_policy="evict_last")
         out = out + bias.to(tl.float32)[None, :]
-    if MANUAL_BF16:
-        out = round_to_bf16_bits(out)
-    else:
-        out = out.to(out_ptr.dtype.element_ty)
+    out = round_to_bf16_bits(out) if MANUAL_BF16 else out.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], out, mask=mask)
 
 
@@ -166,13 +164,18 @@ def launch(acc, scale_a, scale_b, bias, out, sa_stride, sb_stride, bias_stride, 
         return
     block_m, block_n, warps = config or _config(acc.device, acc.dtype, m, n)
     manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(acc.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    (kernel or _dequant_bias_kernel)[grid](
-        acc, scale_a, scale_b, bias if bias is not None else scale_b,
-        out.view(torch.int16) if manual_bf16 else out,
-        m, n, acc.stride(0), out.stride(0), sa_stride, sb_stride, bias_stride,
-        HAS_BIAS=bias is not None, MANUAL_BF16=manual_bf16, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-    )  # fmt: skip
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
+    args = (acc, scale_a, scale_b, bias if bias is not None else scale_b,
+            out.view(torch.int16) if manual_bf16 else out,
+            m, n, acc.stride(0), out.stride(0), sa_stride, sb_stride, bias_stride)  # fmt: skip
+    constexprs = {"HAS_BIAS": bias is not None, "MANUAL_BF16": manual_bf16, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    if kernel is not None:
+        kernel[grid](*args, **constexprs, num_warps=warps)
+    else:
+        _launcher(grid, args, constexprs, {"num_warps": warps}, acc.device)
+
+
+_launcher = CachedLauncher(_dequant_bias_kernel)
 
 
 @torch.library.custom_op("tritonbits::dequant_bias", mutates_args=())
@@ -201,8 +204,15 @@ def _(acc, scale_a, scale_b, bias, out):
     return None
 
 
-def dequant_bias(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def dequant_bias(
+    acc: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out = acc * scale_a * scale_b + bias, fused, fp32 math, one rounding to ``out_dtype``.
 
     acc: [M, N] int32 (``torch._int_mm``), bf16, fp16 or fp32, row-major with any row stride.
