@@ -32,3 +32,20 @@ def test_bench_and_graph_time_real_work(device):
     graph_ms = timing.bench_graph(lambda: y.copy_(x))
     assert graph_ms > 0 and ms > 0
     assert torch.equal(y, x)
+
+
+def test_report_renders_the_committed_records(tmp_path):
+    """The report is rendered from the records alone: tables, run list and plots for every GPU device."""
+    from pathlib import Path
+
+    from tritonbits_harness import report
+
+    record_dir = Path(__file__).resolve().parents[3] / "docs" / "gpu-runs"
+    if not any(record_dir.glob("*-bench-*.json")):
+        pytest.fail(f"no benchmark records in {record_dir}")
+    path = report.render(str(record_dir), str(tmp_path))
+    text = path.read_text()
+    for heading in ("### dequantize_4bit", "### dequant_bias", "### All benchmark runs", "### GPU test sessions"):
+        assert heading in text
+    assert list((tmp_path / "plots").glob("dequantize_4bit-*.png"))
+    assert list((tmp_path / "plots").glob("dequant_bias-*.png"))

@@ -21,20 +21,48 @@ MODES = {"graph": "CUDA-graph replay (launch gaps removed)", "launch": "do_bench
 
 
 def latest_by_device(recs: list[dict]) -> dict[str, dict]:
-    """device -> {"bench": {benchmark: (record, rows)}, "tests": {session: record}}."""
-    out: dict[str, dict] = defaultdict(lambda: {"bench": {}, "tests": {}})
+    """device -> {"bench": {benchmark: (record, rows)}, "tests": {session: record}, "runs": [record]}.
+
+    A benchmark shows the newest of its most complete runs (a --quick run never hides a full sweep);
+    every other run is listed with its summary."""
+    out: dict[str, dict] = defaultdict(lambda: {"bench": {}, "tests": {}, "runs": []})
     for rec in sorted(recs, key=lambda r: r["environment"]["date"]):
         dev = rec["environment"]["device"]
         if rec.get("meaningless"):
             continue
         if rec["kind"] == "bench":
+            out[dev]["runs"].append(rec)
             for name in rec.get("benchmarks", {}):
                 rows = [r for r in rec["rows"] if r["benchmark"] == name]
-                if rows:
+                best = out[dev]["bench"].get(name)
+                if rows and (best is None or len(rows) >= len(best[1])):
                     out[dev]["bench"][name] = (rec, rows)
         elif rec["kind"] == "tests":
             out[dev]["tests"][rec["name"]] = rec
     return out
+
+
+def runs_section(runs: list[dict], shown: dict) -> list[str]:
+    """Every bench run of the device, with the tritonbits speed-up over each baseline (CUDA graph)."""
+    body = []
+    for rec in runs:
+        for name in rec.get("benchmarks", {}):
+            rows = [r for r in rec["rows"] if r["benchmark"] == name]
+            if not rows:
+                continue
+            subject = "eager" if name == "mlp_compile" else "tritonbits"
+            mode = "graph" if any(r["mode"] == "graph" for r in rows) else rows[0]["mode"]
+            cases = _by_case(rows, mode)
+            parts = []
+            for base in rec["benchmarks"][name]["baselines"]:
+                vals = [c[base]["ms"] / c[subject]["ms"] for c in cases.values() if base in c and subject in c]
+                if vals:
+                    parts.append(f"{base} {min(vals):.2f}–{max(vals):.2f}×")
+            used = "shown above" if shown.get(name, (None,))[0] is rec else "—"
+            body.append([rec["environment"]["date"], rec["environment"]["git_sha"], name, str(len(cases)), mode,
+                         "; ".join(parts), used])  # fmt: skip
+    header = ["date", "git", "benchmark", "cases", "mode", "baseline time / subject time (min–max)", "tables"]
+    return ["### All benchmark runs", "", _table(header, body), ""]
 
 
 def _env_line(rec: dict) -> str:
@@ -241,6 +269,7 @@ def render(record_dir: str, out_dir: str) -> Path:
                 plot_dequant_bias(rows, rec["copy_gbps"], png, device, acc)
                 names.append(f"plots/{png.name}")
             lines += dequant_bias_section(rec, rows, names)
+        lines += runs_section(data["runs"], bench)
     path = out / "benchmarks.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

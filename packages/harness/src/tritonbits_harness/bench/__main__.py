@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "ran_on_other_gpu": bool(not args.cpu and device_info and device_info.profile
                                  and device_info.profile.name != args.gpu),
         "meaningless": args.cpu,
+        "quick": args.quick,
         "copy_gbps": copy,
         "benchmarks": {n: {"kernel": registry[n].kernel, "description": registry[n].description,
                            "baselines": list(registry[n].baselines)} for n in names},
