@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before tritonbits is imported
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from . import gpus  # noqa: E402
+from . import gpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.out_features or (14336 if on_gpu else 192)
     dtype = gpus.DTYPES[args.dtype]
     layer = RB.linear4bit(k, n, dtype=dtype, quant_type=args.quant_type, device=device)
-    weight = layer.weight
+    weight: Any = layer.weight  # a bnb Params4bit (carries .quant_state)
     console.print(f"bnb Linear4bit({k}, {n}), {args.quant_type}, nested absmax, {args.dtype} on "
                   f"{torch.cuda.get_device_name() if on_gpu else 'CPU (Triton interpreter)'}")  # fmt: skip
 

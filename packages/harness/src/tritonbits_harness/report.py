@@ -95,13 +95,14 @@ def dequantize_section(rec: dict, rows: list[dict], plot: str | None) -> list[st
                 "last columns: speed-up of tritonbits over each baseline.", ""]  # fmt: skip
         header = ["shape", "dtype", *providers, "% pattern", "% copy", "× bnb", "× unsloth", "× torch.compile"]
         body = []
-        for case, prov in _by_case(rows, mode).items():
+        for prov in _by_case(rows, mode).values():
             p = prov["tritonbits"]["params"]
             ours = prov["tritonbits"]
             cells = [f"{prov[x]['gbps']:.0f}" if x in prov else "—" for x in providers]
-            ratio = lambda b: f"{prov[b]['ms'] / ours['ms']:.2f}" if b in prov else "—"  # noqa: E731
+            ratios = [f"{prov[b]['ms'] / ours['ms']:.2f}" if b in prov else "—"
+                      for b in ("bnb", "unsloth", "torch.compile")]  # fmt: skip
             body.append([f"{p['rows']}×{p['cols']}", p["dtype"], *cells, f"{ours.get('pct_pattern', 0):.1f}",
-                         f"{ours.get('pct_copy', 0):.1f}", ratio("bnb"), ratio("unsloth"), ratio("torch.compile")])  # fmt: skip
+                         f"{ours.get('pct_copy', 0):.1f}", *ratios])  # fmt: skip
         out += [_table(header, body), ""]
     if plot:
         out += [f"![dequantize_4bit GB/s]({plot})", ""]
