@@ -291,3 +291,31 @@ def test_repeated_and_misaligned_launches(offset, device, gen):
         want = R.dequantize_4bit(packed.cpu(), ref_state)
         for _ in range(3):
             assert_exact(tritonbits.dequantize_4bit(packed, state).cpu(), want)
+
+
+def test_cached_launcher_bookkeeping(device):
+    """The fast path passes constexprs positionally (their order must match the kernel signature) and
+    steps aside whenever a launch hook is registered."""
+    from tritonbits import _launcher
+    from tritonbits.ops import dequant_bias as db_module
+
+    q, st = _state(device)
+    tritonbits.dequantize_4bit(q, st)
+    dq_module._launcher.check_order(9, dict.fromkeys(
+        ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM"]))  # fmt: skip
+    db_module._launcher.check_order(12, dict.fromkeys(["HAS_BIAS", "MANUAL_BF16", "BLOCK_M", "BLOCK_N"]))
+    with pytest.raises(AssertionError, match="constexprs"):
+        db_module._launcher.check_order(12, dict.fromkeys(["MANUAL_BF16", "HAS_BIAS", "BLOCK_M", "BLOCK_N"]))
+    assert bool(dq_module._launcher.compiled) == (device.type == "cuda")
+    assert not _launcher._hooks_set()
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime.launch_enter_hook, "add"):
+        hook = lambda metadata: None
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            assert _launcher._hooks_set()
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+        assert not _launcher._hooks_set()

@@ -24,9 +24,13 @@ except ImportError:  # triton < 3.4: no knobs, launch hooks live on CompiledKern
 
 
 def _hooks_set() -> bool:
-    if _knobs is None:
-        return getattr(triton.compiler.CompiledKernel, "launch_enter_hook", None) is not None
-    return _knobs.runtime.launch_enter_hook is not None
+    """Whether anyone registered a launch hook (Triton >= 3.5 keeps an always-present, empty HookChain)."""
+    if _knobs is not None:
+        hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
+    else:
+        ck = triton.compiler.CompiledKernel
+        hooks = (getattr(ck, "launch_enter_hook", None), getattr(ck, "launch_exit_hook", None))
+    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)
 
 
 def _arg_key(x):
@@ -50,10 +54,17 @@ class CachedLauncher:
         kernel = self.compiled.get(key) if self.enabled else None
         if kernel is not None and not _hooks_set():
             stream = torch._C._cuda_getCurrentRawStream(device.index)
-            kernel[grid](*args, *constexprs.values(), stream=stream)
-            return
+            try:  # the launcher JITFunction.run calls, with every parameter in signature order, no hooks
+                kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None,
+                           None, *args, *constexprs.values())  # fmt: skip
+                return
+            except (AttributeError, TypeError):  # another Triton's CompiledKernel: use Triton's path from now on
+                self.enabled = False
+                self.compiled.clear()
         kernel = self.fn[grid](*args, **constexprs, **options)
-        if self.enabled and kernel is not None and hasattr(kernel, "__getitem__"):
+        if self.enabled and kernel is not None and hasattr(kernel, "packed_metadata"):
+            if not self.compiled:
+                self.check_order(len(args), constexprs)
             self.compiled[key] = kernel
 
     def check_order(self, n_args: int, constexprs: dict) -> None:
