@@ -40,7 +40,7 @@ def test_double_quantization_equals_bnb(blocksize, gen):
     close to a midpoint, or among the dense entries near zero, it can pick a neighbour (seen: 18 of 8192,
     one of them two entries off). So: ours is the true nearest entry, bnb agrees on all but a few, and
     where it does not, its pick is no nearer than ours."""
-    w = torch.randn(256, 1024, generator=gen)
+    w = torch.randn(512, 2048, generator=gen)  # >= 4096 absmax values, so the rate below is stable
     q, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     qr, sr = R.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     assert torch.equal(qr, q)
@@ -56,5 +56,6 @@ def test_double_quantization_equals_bnb(blocksize, gen):
     ours, theirs = sr.absmax.numpy().astype(int), state.absmax.numpy().astype(int)
     assert (distances[np.arange(ours.size), ours] == distances.min(axis=1)).all()
     differ = np.nonzero(ours != theirs)[0]
-    assert differ.size <= max(2, ours.size // 200), f"{differ.size} of {ours.size} nested codes differ"
+    # measured: 0.17% on average, at most 0.32% over 20 seeds per blocksize; 0.5% leaves a wide margin
+    assert differ.size <= ours.size // 200, f"{differ.size} of {ours.size} nested codes differ"
     assert (distances[differ, ours[differ]] <= distances[differ, theirs[differ]]).all()
