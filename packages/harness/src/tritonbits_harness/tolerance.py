@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tritonbits_reference import dequant_bias_exact
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -83,3 +85,14 @@ def assert_within(kernel: str, actual: torch.Tensor, exact: torch.Tensor, magnit
     bad = ~((a - e).abs() <= bound)
     if bad.any():
         raise AssertionError(f"{kernel} ({actual.dtype}) outside its policy {tol}: " + _describe(bad, a, e))
+
+
+def assert_dequant_bias(out: torch.Tensor, acc, scale_a, scale_b, bias=None) -> None:
+    """Judge a dequant_bias result against the float64 oracle under the epilogue policy."""
+    acc, scale_a, scale_b = acc.cpu(), scale_a.cpu(), scale_b.cpu()
+    exact = dequant_bias_exact(acc, scale_a, scale_b, None)
+    magnitude = exact.abs()
+    if bias is not None:
+        exact = dequant_bias_exact(acc, scale_a, scale_b, bias.cpu())
+        magnitude = magnitude + bias.cpu().double().abs().reshape(1, -1)
+    assert_within("dequant_bias", out, exact, magnitude)

@@ -8,7 +8,7 @@ and % of the benchmark's pattern roofline (provider "pattern"), case by case.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +27,6 @@ class Benchmark:
     modes: tuple[str, ...] = ("launch", "graph")
     runner: Callable | None = None  # custom runner (wall-clock benchmarks)
     subject: str = "tritonbits"  # the provider whose speed-up over each baseline is reported
-    extra: dict = field(default_factory=dict)
 
 
 REGISTRY: dict[str, Benchmark] = {}
