@@ -71,6 +71,27 @@ def test_manual_bf16_rounding_path(device, gen, quantize, bnb_dequantize):
     assert_exact(out, bnb_dequantize(q, state).reshape(w.shape).to(device))
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("variant", ["persistent", "no-eviction-hints", "persistent-no-hints"])
+def test_launch_variants_are_exact(variant, blocksize, out_dtype, device, gen, quantize, bnb_dequantize):
+    """The persistent grid (next tile loaded while the current one is dequantized; its last prefetch runs
+    past the end) and the launch without eviction hints equal bnb, whatever the defaults are."""
+    overrides = {"programs_per_sm": 1 if "persistent" in variant else 0, "evict": "no-hints" not in variant}
+    looped = False
+    for shape in [(130, 64), (3, 1025), *([(4096, 1024), (1000, 4097)] if device.type == "cuda" else [])]:
+        w = torch.randn(shape, generator=gen).to(out_dtype)
+        q, state = quantize(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
+        out = poisoned(shape, out_dtype, device)
+        grid, *_ = dq_module.plan(q, absmax, code2, absmax2, offset, out, blocksize, bs2, "nf4", **overrides)
+        dq_module.launch(q, absmax, code2, absmax2, offset, out, blocksize, bs2, "nf4", **overrides)
+        assert_exact(out, bnb_dequantize(q, state).reshape(shape).to(device))
+        tiles = -(-q.numel() * q.element_size() // 1024)  # 1024 packed bytes a tile at these sizes
+        assert grid[0] == (min(tiles, _runtime.sm_count(device)) if overrides["programs_per_sm"] else tiles)
+        looped |= grid[0] < tiles
+    assert looped == ("persistent" in variant), "a persistent case must loop over more tiles than programs"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_asm", [False, True], ids=["fusion-off", "ptx-rn"])
 def test_nested_absmax_paths_are_exact(use_asm, out_dtype, device, gen, quantize, bnb_dequantize):
@@ -299,7 +320,8 @@ def test_cached_launcher_bookkeeping(device):
     q, st = _state(device)
     tritonbits.dequantize_4bit(q, st)
     dq_module._launcher.check_order(9, dict.fromkeys(
-        ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM"]))  # fmt: skip
+        ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM", "PERSISTENT",
+         "STREAM", "TABLE"]))  # fmt: skip
     db_module._launcher.check_order(12, dict.fromkeys(["HAS_BIAS", "MANUAL_BF16", "BLOCK_M", "BLOCK_N"]))
     with pytest.raises(AssertionError, match="constexprs"):
         db_module._launcher.check_order(12, dict.fromkeys(["MANUAL_BF16", "HAS_BIAS", "BLOCK_M", "BLOCK_N"]))

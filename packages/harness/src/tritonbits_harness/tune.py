@@ -1,7 +1,7 @@
 """Sweep kernel configs on the present GPU.
 
   python -m tritonbits_harness.tune --gpu h100                  dequant_bias: rewrite its config table
-  python -m tritonbits_harness.tune --gpu h100 --op dequantize_4bit   print the dequantize tile sweep
+  python -m tritonbits_harness.tune --gpu h100 --op dequantize_4bit   print the dequantize variant sweep
 
 dequant_bias configs are timed with CUDA graphs (launch gaps removed) on every (acc dtype, M bucket,
 N bucket) of the benchmark matrix and the fastest is written into
@@ -72,31 +72,59 @@ def tune_dequant_bias(family: str, console: Console, rep_ms: int) -> dict:
     return results
 
 
-def tune_dequantize_4bit(console: Console, rep_ms: int) -> None:
+DEQUANTIZE_SHAPES = ((4096, 1024), (8192, 2048), (14336, 4096), (4096, 14336), (28672, 8192))
+
+
+def dequantize_variants() -> list[tuple[str, dict[str, int | bool]]]:
+    """(label, launch overrides): tile/warps, persistent programs per SM (0 = a program per tile), hints."""
+    out: list[tuple[str, dict[str, int | bool]]] = [("default", {}), ("default, no hints", {"evict": False})]
+    for b, w in ((1024, 2), (2048, 4), (4096, 4)):
+        out += [(f"{b}B/{w}w", {"bytes_per_program": b, "num_warps": w, "programs_per_sm": 0})]
+        for p in (2, 4, 8, 16):
+            out += [(f"{b}B/{w}w p{p}", {"bytes_per_program": b, "num_warps": w, "programs_per_sm": p})]
+    return out
+
+
+def tune_dequantize_4bit(console: Console, rep_ms: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Print GB/s and % of the expand-only pattern (same run) of every variant on the benchmark shapes."""
     import bitsandbytes.functional as F
 
     from tritonbits.ops import dequantize_4bit as dq
 
-    table = Table(title="dequantize_4bit tiles: GB/s (CUDA-graph median), nf4 nested bs64, bf16")
-    configs = [(512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
-    table.add_column("shape")
-    for b, w in configs:
-        table.add_column(f"{b}B/{w}w")
-    for rows, cols in ((4096, 1024), (8192, 2048), (14336, 4096), (28672, 8192)):
-        dtype = torch.bfloat16
-        w_ = torch.randn(rows, cols, device="cuda", dtype=dtype)
-        q, state = F.quantize_4bit(w_, blocksize=64, quant_type="nf4", compress_statistics=True)
-        fields = dq._fields(dq.QuantState.from_any(state))
-        out = torch.empty(rows, cols, device="cuda", dtype=dtype)
-        n = rows * cols
-        nbytes = n // 2 + n // 64 + n * dtype.itemsize
-        cells = []
-        for b, w in configs:
-            absmax, code2, absmax2, offset, blocksize2 = fields
-            fn = functools.partial(dq.launch, q, absmax, code2, absmax2, offset, out, 64, blocksize2, "nf4",
-                                   bytes_per_program=b, num_warps=w)  # fmt: skip
-            cells.append(f"{timing.gbps(nbytes, timing.bench_graph(fn, rep=rep_ms)):.0f}")
-        table.add_row(f"{rows}x{cols}", *cells)
+    from . import patterns
+
+    variants = dequantize_variants()
+    table = Table(title=f"dequantize_4bit variants: GB/s (CUDA-graph median) and % of the expand-only pattern, "
+                        f"nf4 nested bs64 {dtype}")  # fmt: skip
+    table.add_column("variant")
+    results: dict[str, list[str]] = {label: [] for label in ["expand-only pattern", *(v[0] for v in variants)]}
+    with progress_bar(console) as progress:
+        task = progress.add_task("dequantize_4bit variants", total=len(DEQUANTIZE_SHAPES) * (len(variants) + 1))
+        for rows, cols in DEQUANTIZE_SHAPES:
+            table.add_column(f"{rows}x{cols}", justify="right")
+            w_ = torch.randn(rows, cols, device="cuda", dtype=dtype)
+            q, state = F.quantize_4bit(w_, blocksize=64, quant_type="nf4", compress_statistics=True)
+            absmax, code2, absmax2, offset, blocksize2 = dq._fields(dq.QuantState.from_any(state))
+            want = F.dequantize_4bit(q, state)
+            out = torch.empty(rows, cols, device="cuda", dtype=dtype)
+            n = rows * cols
+            nbytes = n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + n * dtype.itemsize
+            expand = functools.partial(patterns.expand, q.view(-1), out.view(-1))
+            pattern = timing.gbps(nbytes, timing.bench_graph(expand, rep=rep_ms))
+            results["expand-only pattern"].append(f"{pattern:.0f}")
+            progress.advance(task)
+            for label, overrides in variants:
+                fn = functools.partial(dq.launch, q, absmax, code2, absmax2, offset, out, 64, blocksize2, "nf4",
+                                       **overrides)  # fmt: skip
+                out.fill_(float("nan"))
+                fn()
+                if not torch.equal(out, want):
+                    raise AssertionError(f"variant {label} differs from bnb at {rows}x{cols}")
+                gb = timing.gbps(nbytes, timing.bench_graph(fn, rep=rep_ms))
+                results[label].append(f"{gb:.0f} ({100 * gb / pattern:.1f}%)")
+                progress.advance(task)
+    for label, cells in results.items():
+        table.add_row(label, *cells)
     console.print(table)
 
 
@@ -104,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tritonbits-tune", description=__doc__)
     parser.add_argument("--gpu", required=True, choices=sorted(gpus.PROFILES))
     parser.add_argument("--op", default="dequant_bias", choices=("dequant_bias", "dequantize_4bit"))
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="dequantize_4bit output")
     parser.add_argument("--any-gpu", action="store_true")
     parser.add_argument("--rep-ms", type=int, default=10)
     parser.add_argument("--write", default=str(TABLE), help="config table to update (dequant_bias)")
@@ -118,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]this machine has a {device.name}, not a {args.gpu} (pass --any-gpu to tune anyway)")
         return 2
     if args.op == "dequantize_4bit":
-        tune_dequantize_4bit(console, args.rep_ms)
+        tune_dequantize_4bit(console, args.rep_ms, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
         return 0
     results = tune_dequant_bias(args.gpu, console, args.rep_ms)
     path = Path(args.write)

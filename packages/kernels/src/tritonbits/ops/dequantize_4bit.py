@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime
-from .._launcher import CachedLauncher
+from .._launcher import BoundLaunch, CachedLauncher
 from .._triton_helpers import round_to_bf16_bits
 from ..quant_state import BLOCKSIZES, OUT_DTYPES, QUANT_TYPES, QuantState
 
@@ -39,6 +39,12 @@ def tile_for(n_bytes: int) -> tuple[int, int]:
 # kernel is compiled with fp fusion off, so the compiler cannot contract them into one FMA; USE_ASM
 # instead keeps fusion on and spells the two roundings in PTX (mul.rn / add.rn cannot be contracted).
 USE_ASM_DEFAULT = False
+
+# NOTE: eviction hints (streamed bytes and outputs evict_first, absmax/code tables evict_last) and the
+# persistent grid (PROGRAMS_PER_SM programs per SM loop over the tiles, loading the next tile while they
+# dequantize the current one; 0 = one program per tile): measured in docs/kernels/dequantize_4bit.md.
+EVICT = True
+PROGRAMS_PER_SM = 0
 
 _NF4 = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -81,46 +87,79 @@ def _mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(tile, packed_ptr, absmax_ptr, absmax2_ptr, n_bytes,
+               BYTES_PER_QBLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+               ROWS: tl.constexpr, COLS: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr):  # fmt: skip
+    """The global-memory loads of one tile: its packed bytes and, per row, the stored absmax (the uint8
+    code and the fp32 absmax2 when nested). A tile past the end loads nothing (all masked)."""
+    byte_base = tl.cast(tile, tl.int64) * (ROWS * COLS)  # tile: a Python int in interpreted loops
+    rows = tl.arange(0, ROWS)
+    local = rows[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    bytes_left = tl.maximum(tl.minimum(n_bytes - byte_base, ROWS * COLS), 0).to(tl.int32)
+    packed = tl.load(packed_ptr + byte_base + local, mask=local < bytes_left, other=0, eviction_policy=STREAM)
+    qblock = (byte_base + rows * COLS) // BYTES_PER_QBLOCK
+    row_ok = rows * COLS < bytes_left
+    if NESTED:
+        stored = tl.load(absmax_ptr + qblock, mask=row_ok, other=0, eviction_policy=TABLE).to(tl.int32)
+        absmax2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=row_ok, other=0.0, eviction_policy=TABLE)
+    else:
+        stored = tl.load(absmax_ptr + qblock, mask=row_ok, other=0.0, eviction_policy=TABLE)
+        absmax2 = stored  # unused
+    return packed, stored, absmax2
+
+
+@triton.jit
+def _store_tile(tile, packed, stored, absmax2, code_ptr, out_ptr, code2_ptr, offset_ptr, n_elements,
+                NESTED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MANUAL_BF16: tl.constexpr,
+                USE_ASM: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr):  # fmt: skip
+    """Dequantize one loaded tile and store its 2 x ROWS x COLS outputs."""
+    if NESTED:
+        absmax = _mul_add_rn(tl.load(code2_ptr + stored, eviction_policy=TABLE), absmax2, tl.load(offset_ptr),
+                             USE_ASM)  # fmt: skip
+    else:
+        absmax = stored
+    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy=TABLE)
+    lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy=TABLE)
+    values = tl.interleave(hi * absmax[:, None], lo * absmax[:, None])  # element 2j, then 2j+1
+
+    out_base = tl.cast(tile, tl.int64) * (2 * ROWS * COLS)
+    out_local = tl.arange(0, ROWS)[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+    elements_left = tl.maximum(tl.minimum(n_elements - out_base, 2 * ROWS * COLS), 0).to(tl.int32)
+    values = round_to_bf16_bits(values) if MANUAL_BF16 else values.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_base + out_local, values, mask=out_local < elements_left, eviction_policy=STREAM)
+
+
+@triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr, out_ptr,
     code2_ptr, absmax2_ptr, offset_ptr,
     n_elements, n_bytes,
     BYTES_PER_QBLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+    PERSISTENT: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr,
 ):  # fmt: skip
-    """One program dequantizes ROWS x COLS packed bytes into 2 x ROWS x COLS outputs.
+    """Dequantize tiles of ROWS x COLS packed bytes into 2 x ROWS x COLS outputs.
 
-    Row r of the tile is packed bytes [r*COLS, (r+1)*COLS); COLS divides BYTES_PER_QBLOCK (= blocksize/2),
-    so row r uses absmax[r*COLS // BYTES_PER_QBLOCK]. Offsets: an int64 base per program (tensors can
-    pass 2**31 elements), int32 within the tile.
+    Row r of a tile is packed bytes [r*COLS, (r+1)*COLS); COLS divides BYTES_PER_QBLOCK (= blocksize/2),
+    so each row has one absmax, computed once. Offsets: an int64 base per tile (tensors can pass 2**31
+    elements), int32 within it. One tile per program, or with PERSISTENT a grid-stride loop over tiles
+    that issues the loads of its next tile before dequantizing the current one. STREAM and TABLE are the
+    eviction policies of the streamed bytes/outputs and of the small tables (absmax, codes).
     """
-    BYTES: tl.constexpr = ROWS * COLS
-    byte_base = tl.program_id(0).to(tl.int64) * BYTES
-    rows = tl.arange(0, ROWS)
-    local = rows[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    bytes_left = tl.minimum(n_bytes - byte_base, BYTES).to(tl.int32)
-    packed = tl.load(packed_ptr + byte_base + local, mask=local < bytes_left, other=0,
-                     eviction_policy="evict_first")  # fmt: skip
-
-    qblock = (byte_base + rows * COLS) // BYTES_PER_QBLOCK
-    row_ok = rows * COLS < bytes_left
-    if NESTED:
-        q = tl.load(absmax_ptr + qblock, mask=row_ok, other=0, eviction_policy="evict_last").to(tl.int32)
-        c2 = tl.load(code2_ptr + q, eviction_policy="evict_last")
-        a2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=row_ok, other=0.0, eviction_policy="evict_last")
-        absmax = _mul_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM)
+    pid = tl.program_id(0)
+    packed, stored, absmax2 = _load_tile(pid, packed_ptr, absmax_ptr, absmax2_ptr, n_bytes, BYTES_PER_QBLOCK,
+                                         BLOCKSIZE2, NESTED, ROWS, COLS, STREAM, TABLE)  # fmt: skip
+    if PERSISTENT:
+        step = tl.num_programs(0)
+        for tile in range(pid, tl.cdiv(n_bytes, ROWS * COLS), step):
+            upcoming = _load_tile(tile + step, packed_ptr, absmax_ptr, absmax2_ptr, n_bytes, BYTES_PER_QBLOCK,
+                                  BLOCKSIZE2, NESTED, ROWS, COLS, STREAM, TABLE)  # fmt: skip
+            _store_tile(tile, packed, stored, absmax2, code_ptr, out_ptr, code2_ptr, offset_ptr, n_elements, NESTED,
+                        ROWS, COLS, MANUAL_BF16, USE_ASM, STREAM, TABLE)  # fmt: skip
+            packed, stored, absmax2 = upcoming
     else:
-        absmax = tl.load(absmax_ptr + qblock, mask=row_ok, other=0.0, eviction_policy="evict_last")
-
-    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy="evict_last")
-    lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy="evict_last")
-    values = tl.interleave(hi * absmax[:, None], lo * absmax[:, None])  # element 2j, then 2j+1
-
-    out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
-    elements_left = tl.minimum(n_elements - 2 * byte_base, 2 * BYTES).to(tl.int32)
-    values = round_to_bf16_bits(values) if MANUAL_BF16 else values.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + 2 * byte_base + out_local, values, mask=out_local < elements_left,
-             eviction_policy="evict_first")  # fmt: skip
+        _store_tile(pid, packed, stored, absmax2, code_ptr, out_ptr, code2_ptr, offset_ptr, n_elements, NESTED,
+                    ROWS, COLS, MANUAL_BF16, USE_ASM, STREAM, TABLE)  # fmt: skip
 
 
 def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], numel: int | None, device) -> None:
@@ -181,13 +220,30 @@ def validate(A: torch.Tensor, state: QuantState, out: torch.Tensor | None) -> to
 
 
 def launch(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int, quant_type: str,
-           *, use_asm: bool | None = None, manual_bf16: bool | None = None, kernel=None,
-           bytes_per_program: int | None = None, num_warps: int | None = None) -> None:  # fmt: skip
-    """Launch the kernel on validated arguments. `kernel` lets torch.library.wrap_triton wrap it."""
+           *, kernel=None, **overrides) -> None:  # fmt: skip
+    """Launch the kernel on validated arguments. `kernel` lets torch.library.wrap_triton wrap it; the
+    overrides (see `plan`) replace the defaults for sweeps and tests."""
+    if out.numel() == 0:
+        return
+    grid, args, constexprs, options = plan(A, absmax, code2, absmax2, offset, out, blocksize, blocksize2,
+                                           quant_type, **overrides)  # fmt: skip
+    if kernel is not None:  # wrap_triton (triton_op) traces the plain launch
+        kernel[grid](*args, **constexprs, **options)
+    else:
+        _launcher(grid, args, constexprs, options, out.device)
+
+
+OUT_SLOT = 3  # where `out` sits in the kernel's arguments
+
+
+def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int, quant_type: str,
+         *, use_asm: bool | None = None, manual_bf16: bool | None = None, bytes_per_program: int | None = None,
+         num_warps: int | None = None, programs_per_sm: int | None = None,
+         evict: bool | None = None) -> tuple[tuple[int, int, int], tuple, dict, dict]:  # fmt: skip
+    """(grid, args, constexprs, options) of one launch: tile and warps by size (`tile_for`), a persistent grid
+    when PROGRAMS_PER_SM > 0 and the tensor has more tiles than that, eviction hints when EVICT."""  # fmt: skip
     n = out.numel()
     n_bytes = (n + 1) // 2
-    if n == 0:
-        return
     device = out.device
     use_asm = USE_ASM_DEFAULT if use_asm is None else use_asm
     if use_asm and _runtime.INTERPRET:
@@ -202,18 +258,20 @@ def launch(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: i
     rows = max(bytes_per_program // cols, 1)
     nested = code2 is not None
     dummy = absmax  # unused pointer arguments when not nested
-    grid = (triton.cdiv(n_bytes, rows * cols), 1, 1)
+    tiles = triton.cdiv(n_bytes, rows * cols)
+    programs = (PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm) * _runtime.sm_count(device)
+    persistent = 0 < programs < tiles
+    evict = EVICT if evict is None else evict
+    grid = (programs if persistent else tiles, 1, 1)
     args = (A.view(torch.uint8) if A.dtype != torch.uint8 else A,
             absmax, code_table(quant_type, device), out.view(torch.int16) if manual_bf16 else out,
             code2 if nested else dummy, absmax2 if nested else dummy, offset if nested else dummy,
             n, n_bytes)  # fmt: skip
     constexprs = {"BYTES_PER_QBLOCK": blocksize // 2, "BLOCKSIZE2": blocksize2, "NESTED": nested, "ROWS": rows,
-                  "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm}  # fmt: skip
+                  "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm, "PERSISTENT": persistent,
+                  "STREAM": "evict_first" if evict else "", "TABLE": "evict_last" if evict else ""}  # fmt: skip
     options = {"num_warps": num_warps, **({} if use_asm else {"enable_fp_fusion": False})}
-    if kernel is not None:  # wrap_triton (triton_op) traces the plain launch
-        kernel[grid](*args, **constexprs, **options)
-    else:
-        _launcher(grid, args, constexprs, options, device)
+    return grid, args, constexprs, options
 
 
 _launcher = CachedLauncher(_dequantize_4bit_kernel)
@@ -294,7 +352,7 @@ def dequantize_4bit(A: torch.Tensor, quant_state=None, *, out: torch.Tensor | No
         quant_state = getattr(A, "quant_state", None)
         if quant_state is None:
             raise ValueError("quant_state is required unless A is a bitsandbytes Params4bit that carries one")
-    if isinstance(A, torch.nn.Parameter):
+    if type(A) is not torch.Tensor and isinstance(A, torch.nn.Parameter):
         A = A.data
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
@@ -309,48 +367,66 @@ def dequantize_4bit(A: torch.Tensor, quant_state=None, *, out: torch.Tensor | No
         op = _dequantize_4bit_op if COMPILE_OP == "custom_op" else _dequantize_4bit_triton_op
         return op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2, state.quant_type,
                   list(state.shape), state.dtype)  # fmt: skip
-    # NOTE: eager calls launch directly (the custom-op dispatcher adds host time on every call), and the
-    # checks of a quant_state seen before with the same tensors are skipped: users dequantize the same
+    # NOTE: eager calls launch directly (the custom-op dispatcher adds host time on every call), and a
+    # quant_state seen before with the same tensors is neither re-validated nor re-planned: its launch is
+    # bound once (the kernel's launcher with every argument but `out` fixed). Users dequantize the same
     # layers every step, and host time is the whole cost of a small layer's dequant + sync.
-    state, fields = _prepared(A, quant_state)
-    if out is None:
-        out = torch.empty(state.shape, dtype=state.dtype, device=A.device)
-    else:
+    entry = _prepared(A, quant_state)
+    state = entry.state
+    absmax, code2, absmax2, offset, blocksize2 = entry.fields
+    if out is not None:
         validate(A, state, out)
-    absmax, code2, absmax2, offset, blocksize2 = fields
-    launch(A, absmax, code2, absmax2, offset, out, state.blocksize, blocksize2, state.quant_type)
+        launch(A, absmax, code2, absmax2, offset, out, state.blocksize, blocksize2, state.quant_type)
+        return out
+    out = torch.empty(state.shape, dtype=state.dtype, device=A.device)
+    if entry.bound is not None and entry.bound(out):
+        return out
+    if out.numel():
+        launch_ = plan(A, absmax, code2, absmax2, offset, out, state.blocksize, blocksize2, state.quant_type)
+        _launcher(*launch_, out.device)
+        entry.bound = _launcher.bind(*launch_, out.device, slot=OUT_SLOT)  # fresh torch.empty: 16-byte aligned
     return out
 
 
-# id(quant_state) -> (identity key, QuantState, fields); an entry dies with its quant_state
-_PREPARED: dict[int, tuple] = {}
+class _Prepared:
+    """A validated quant_state (a QuantState copy), its kernel fields, and its bound launch once compiled."""
+
+    __slots__ = ("bound", "fields", "key", "state")
+
+    def __init__(self, key: tuple | None, state: QuantState, fields: tuple):
+        self.key, self.state, self.fields = key, state, fields
+        self.bound: BoundLaunch | None = None
+
+
+# id(quant_state) -> _Prepared; an entry dies with its quant_state
+_PREPARED: dict[int, _Prepared] = {}
 
 
 def _identity(A: torch.Tensor, qs) -> tuple:
     """What must not have changed for a cached validation to hold: A's storage and the state's fields."""
     s2 = getattr(qs, "state2", None)
-    nested = () if s2 is None else (id(s2), id(s2.absmax), id(s2.code), s2.blocksize, id(qs.offset))
-    return (A.data_ptr(), A.numel(), A.dtype, A.device, id(qs.absmax), qs.blocksize, qs.quant_type,
-            qs.dtype, tuple(qs.shape), nested)  # fmt: skip
+    nested = None if s2 is None else (id(s2), id(s2.absmax), id(s2.code), s2.blocksize, id(qs.offset))
+    return (A.data_ptr(), A.numel(), A.dtype, A.get_device(), id(qs.absmax), qs.blocksize, qs.quant_type,
+            qs.dtype, qs.shape, nested)  # fmt: skip
 
 
-def _prepared(A: torch.Tensor, quant_state) -> tuple[QuantState, tuple]:
+def _prepared(A: torch.Tensor, quant_state) -> _Prepared:
     try:
         key = _identity(A, quant_state)
     except AttributeError:  # not a quant state: from_any below says what is missing
         key = None
     entry = _PREPARED.get(id(quant_state))
-    if entry is not None and key is not None and entry[0] == key:
-        return entry[1], entry[2]
+    if entry is not None and key is not None and entry.key == key:
+        return entry
     state = QuantState.from_any(quant_state)
     validate(A, state, None)
-    fields = _fields(state)
     if state is quant_state:  # the entry must not keep the quant_state itself alive
         state = copy.copy(state)
+    prepared = _Prepared(key, state, _fields(state))
     try:
         if entry is None:
             weakref.finalize(quant_state, _PREPARED.pop, id(quant_state), None)
-        _PREPARED[id(quant_state)] = (key, state, fields)
+        _PREPARED[id(quant_state)] = prepared
     except TypeError:  # an object that takes no weak references is validated on every call
         pass
-    return state, fields
+    return prepared
