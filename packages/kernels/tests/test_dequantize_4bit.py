@@ -72,24 +72,26 @@ def test_manual_bf16_rounding_path(device, gen, quantize, bnb_dequantize):
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
-@pytest.mark.parametrize("variant", ["persistent", "no-eviction-hints", "persistent-no-hints"])
+@pytest.mark.parametrize("variant", ["byte-pair-table", "no-eviction-hints"])
 def test_launch_variants_are_exact(variant, blocksize, out_dtype, device, gen, quantize, bnb_dequantize):
-    """The persistent grid (next tile loaded while the current one is dequantized; its last prefetch runs
-    past the end) and the launch without eviction hints equal bnb, whatever the defaults are."""
-    overrides = {"programs_per_sm": 1 if "persistent" in variant else 0, "evict": "no-hints" not in variant}
-    looped = False
-    for shape in [(130, 64), (3, 1025), *([(4096, 1024), (1000, 4097)] if device.type == "cuda" else [])]:
-        w = torch.randn(shape, generator=gen).to(out_dtype)
-        q, state = quantize(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-        absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
-        out = poisoned(shape, out_dtype, device)
-        grid, *_ = dq_module.plan(q, absmax, code2, absmax2, offset, out, blocksize, bs2, "nf4", **overrides)
-        dq_module.launch(q, absmax, code2, absmax2, offset, out, blocksize, bs2, "nf4", **overrides)
-        assert_exact(out, bnb_dequantize(q, state).reshape(shape).to(device))
-        tiles = -(-q.numel() * q.element_size() // 1024)  # 1024 packed bytes a tile at these sizes
-        assert grid[0] == (min(tiles, _runtime.sm_count(device)) if overrides["programs_per_sm"] else tiles)
-        looped |= grid[0] < tiles
-    assert looped == ("persistent" in variant), "a persistent case must loop over more tiles than programs"
+    """The byte-pair code table and the launch without eviction hints equal bnb, whatever the defaults."""
+    overrides = {"pairs": variant == "byte-pair-table", "evict": variant != "no-eviction-hints"}
+    for quant_type in R.QUANT_TYPES:
+        for shape in [(130, 64), (3, 1025), *([(4096, 1024), (1000, 4097)] if device.type == "cuda" else [])]:
+            w = torch.randn(shape, generator=gen).to(out_dtype)
+            q, state = quantize(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
+            absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
+            out = poisoned(shape, out_dtype, device)
+            dq_module.launch(q, absmax, code2, absmax2, offset, out, blocksize, bs2, quant_type, **overrides)
+            assert_exact(out, bnb_dequantize(q, state).reshape(shape).to(device))
+
+
+def test_pair_table_holds_both_codes(device):
+    for quant_type in R.QUANT_TYPES:
+        code = dq_module.code_table(quant_type, device).cpu()
+        pairs = dq_module.pair_table(quant_type, device).cpu().view(torch.float32).reshape(256, 2)
+        for b in (0x00, 0x0F, 0xF0, 0x7A, 0xFF):
+            assert pairs[b, 0] == code[b >> 4] and pairs[b, 1] == code[b & 0xF]
 
 
 @pytest.mark.gpu
@@ -320,7 +322,7 @@ def test_cached_launcher_bookkeeping(device):
     q, st = _state(device)
     tritonbits.dequantize_4bit(q, st)
     dq_module._launcher.check_order(9, dict.fromkeys(
-        ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM", "PERSISTENT",
+        ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM", "PAIRS",
          "STREAM", "TABLE"]))  # fmt: skip
     db_module._launcher.check_order(12, dict.fromkeys(["HAS_BIAS", "MANUAL_BF16", "BLOCK_M", "BLOCK_N"]))
     with pytest.raises(AssertionError, match="constexprs"):

@@ -76,12 +76,14 @@ DEQUANTIZE_SHAPES = ((4096, 1024), (8192, 2048), (14336, 4096), (4096, 14336), (
 
 
 def dequantize_variants() -> list[tuple[str, dict[str, int | bool]]]:
-    """(label, launch overrides): tile/warps, persistent programs per SM (0 = a program per tile), hints."""
-    out: list[tuple[str, dict[str, int | bool]]] = [("default", {}), ("default, no hints", {"evict": False})]
-    for b, w in ((1024, 2), (2048, 4), (4096, 4)):
-        out += [(f"{b}B/{w}w", {"bytes_per_program": b, "num_warps": w, "programs_per_sm": 0})]
-        for p in (2, 4, 8, 16):
-            out += [(f"{b}B/{w}w p{p}", {"bytes_per_program": b, "num_warps": w, "programs_per_sm": p})]
+    """(label, launch overrides): packed bytes per program / warps, byte-pair code table, eviction hints."""
+    out: list[tuple[str, dict[str, int | bool]]] = []
+    for hints in (True, False):
+        for pairs in (False, True):
+            out.append((f"default{', pairs' * pairs}{', no hints' * (not hints)}", {"pairs": pairs, "evict": hints}))
+    for b, w in ((512, 1), (1024, 1), (2048, 2), (2048, 4), (4096, 4)):
+        for pairs in (False, True):
+            out.append((f"{b}B/{w}w{', pairs' * pairs}", {"bytes_per_program": b, "num_warps": w, "pairs": pairs}))
     return out
 
 

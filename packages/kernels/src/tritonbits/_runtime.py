@@ -46,15 +46,3 @@ def check_device(name: str, t: torch.Tensor, device: torch.device | None = None)
             "before importing tritonbits to run them through the Triton interpreter"
         )
     raise ValueError(f"{name} is on {t.device}; tritonbits kernels run on CUDA devices")
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 4 under the interpreter (a small persistent grid)."""
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

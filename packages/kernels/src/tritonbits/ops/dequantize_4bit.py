@@ -41,10 +41,9 @@ def tile_for(n_bytes: int) -> tuple[int, int]:
 USE_ASM_DEFAULT = False
 
 # NOTE: eviction hints (streamed bytes and outputs evict_first, absmax/code tables evict_last) and the
-# persistent grid (PROGRAMS_PER_SM programs per SM loop over the tiles, loading the next tile while they
-# dequantize the current one; 0 = one program per tile): measured in docs/kernels/dequantize_4bit.md.
+# byte-pair code table: measured in docs/kernels/dequantize_4bit.md.
 EVICT = True
-PROGRAMS_PER_SM = 0
+PAIRS = False
 
 _NF4 = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -74,6 +73,21 @@ def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return table
 
 
+_pair_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """256 int64: entry b holds the fp32 codes of b's high nibble (low word) and low nibble (high word)."""
+    key = (quant_type, device)
+    table = _pair_tables.get(key)
+    if table is None:
+        code = _code_values(quant_type)
+        b = torch.arange(256)
+        pairs = torch.stack([code[b >> 4], code[b & 0xF]], dim=1).contiguous()  # little-endian words
+        table = _pair_tables[key] = pairs.view(torch.int64).reshape(256).to(device)
+    return table
+
+
 @triton.jit
 def _mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
     """fl(fl(a * b) + c): two roundings, never one FMA."""
@@ -87,79 +101,52 @@ def _mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(tile, packed_ptr, absmax_ptr, absmax2_ptr, n_bytes,
-               BYTES_PER_QBLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-               ROWS: tl.constexpr, COLS: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr):  # fmt: skip
-    """The global-memory loads of one tile: its packed bytes and, per row, the stored absmax (the uint8
-    code and the fp32 absmax2 when nested). A tile past the end loads nothing (all masked)."""
-    byte_base = tl.cast(tile, tl.int64) * (ROWS * COLS)  # tile: a Python int in interpreted loops
-    rows = tl.arange(0, ROWS)
-    local = rows[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    bytes_left = tl.maximum(tl.minimum(n_bytes - byte_base, ROWS * COLS), 0).to(tl.int32)
-    packed = tl.load(packed_ptr + byte_base + local, mask=local < bytes_left, other=0, eviction_policy=STREAM)
-    qblock = (byte_base + rows * COLS) // BYTES_PER_QBLOCK
-    row_ok = rows * COLS < bytes_left
-    if NESTED:
-        stored = tl.load(absmax_ptr + qblock, mask=row_ok, other=0, eviction_policy=TABLE).to(tl.int32)
-        absmax2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=row_ok, other=0.0, eviction_policy=TABLE)
-    else:
-        stored = tl.load(absmax_ptr + qblock, mask=row_ok, other=0.0, eviction_policy=TABLE)
-        absmax2 = stored  # unused
-    return packed, stored, absmax2
-
-
-@triton.jit
-def _store_tile(tile, packed, stored, absmax2, code_ptr, out_ptr, code2_ptr, offset_ptr, n_elements,
-                NESTED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, MANUAL_BF16: tl.constexpr,
-                USE_ASM: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr):  # fmt: skip
-    """Dequantize one loaded tile and store its 2 x ROWS x COLS outputs."""
-    if NESTED:
-        absmax = _mul_add_rn(tl.load(code2_ptr + stored, eviction_policy=TABLE), absmax2, tl.load(offset_ptr),
-                             USE_ASM)  # fmt: skip
-    else:
-        absmax = stored
-    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy=TABLE)
-    lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy=TABLE)
-    values = tl.interleave(hi * absmax[:, None], lo * absmax[:, None])  # element 2j, then 2j+1
-
-    out_base = tl.cast(tile, tl.int64) * (2 * ROWS * COLS)
-    out_local = tl.arange(0, ROWS)[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
-    elements_left = tl.maximum(tl.minimum(n_elements - out_base, 2 * ROWS * COLS), 0).to(tl.int32)
-    values = round_to_bf16_bits(values) if MANUAL_BF16 else values.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + out_base + out_local, values, mask=out_local < elements_left, eviction_policy=STREAM)
-
-
-@triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr, out_ptr,
     code2_ptr, absmax2_ptr, offset_ptr,
     n_elements, n_bytes,
     BYTES_PER_QBLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    PERSISTENT: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr,
+    PAIRS: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr,
 ):  # fmt: skip
-    """Dequantize tiles of ROWS x COLS packed bytes into 2 x ROWS x COLS outputs.
+    """One program dequantizes ROWS x COLS packed bytes into 2 x ROWS x COLS outputs.
 
-    Row r of a tile is packed bytes [r*COLS, (r+1)*COLS); COLS divides BYTES_PER_QBLOCK (= blocksize/2),
-    so each row has one absmax, computed once. Offsets: an int64 base per tile (tensors can pass 2**31
-    elements), int32 within it. One tile per program, or with PERSISTENT a grid-stride loop over tiles
-    that issues the loads of its next tile before dequantizing the current one. STREAM and TABLE are the
-    eviction policies of the streamed bytes/outputs and of the small tables (absmax, codes).
+    Row r of the tile is packed bytes [r*COLS, (r+1)*COLS); COLS divides BYTES_PER_QBLOCK (= blocksize/2),
+    so row r uses absmax[r*COLS // BYTES_PER_QBLOCK], computed once. Offsets: an int64 base per program
+    (tensors can pass 2**31 elements), int32 within the tile. code_ptr: the 16 fp32 codes, or with PAIRS
+    256 int64 holding the codes of both nibbles of a byte (one 8-byte lookup per byte). STREAM and TABLE:
+    the eviction policies of the streamed bytes/outputs and of the small tables (absmax, codes).
     """
-    pid = tl.program_id(0)
-    packed, stored, absmax2 = _load_tile(pid, packed_ptr, absmax_ptr, absmax2_ptr, n_bytes, BYTES_PER_QBLOCK,
-                                         BLOCKSIZE2, NESTED, ROWS, COLS, STREAM, TABLE)  # fmt: skip
-    if PERSISTENT:
-        step = tl.num_programs(0)
-        for tile in range(pid, tl.cdiv(n_bytes, ROWS * COLS), step):
-            upcoming = _load_tile(tile + step, packed_ptr, absmax_ptr, absmax2_ptr, n_bytes, BYTES_PER_QBLOCK,
-                                  BLOCKSIZE2, NESTED, ROWS, COLS, STREAM, TABLE)  # fmt: skip
-            _store_tile(tile, packed, stored, absmax2, code_ptr, out_ptr, code2_ptr, offset_ptr, n_elements, NESTED,
-                        ROWS, COLS, MANUAL_BF16, USE_ASM, STREAM, TABLE)  # fmt: skip
-            packed, stored, absmax2 = upcoming
+    BYTES: tl.constexpr = ROWS * COLS
+    byte_base = tl.program_id(0).to(tl.int64) * BYTES
+    rows = tl.arange(0, ROWS)
+    local = rows[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    bytes_left = tl.minimum(n_bytes - byte_base, BYTES).to(tl.int32)
+    packed = tl.load(packed_ptr + byte_base + local, mask=local < bytes_left, other=0, eviction_policy=STREAM)
+
+    qblock = (byte_base + rows * COLS) // BYTES_PER_QBLOCK
+    row_ok = rows * COLS < bytes_left
+    if NESTED:
+        q = tl.load(absmax_ptr + qblock, mask=row_ok, other=0, eviction_policy=TABLE).to(tl.int32)
+        c2 = tl.load(code2_ptr + q, eviction_policy=TABLE)
+        a2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=row_ok, other=0.0, eviction_policy=TABLE)
+        absmax = _mul_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM)
     else:
-        _store_tile(pid, packed, stored, absmax2, code_ptr, out_ptr, code2_ptr, offset_ptr, n_elements, NESTED,
-                    ROWS, COLS, MANUAL_BF16, USE_ASM, STREAM, TABLE)  # fmt: skip
+        absmax = tl.load(absmax_ptr + qblock, mask=row_ok, other=0.0, eviction_policy=TABLE)
+
+    if PAIRS:  # low word: the high nibble's code (element 2j); high word: the low nibble's
+        pair = tl.load(code_ptr + packed.to(tl.int32), eviction_policy=TABLE)
+        hi = pair.to(tl.uint32).to(tl.float32, bitcast=True)
+        lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    else:
+        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy=TABLE)
+        lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy=TABLE)
+    values = tl.interleave(hi * absmax[:, None], lo * absmax[:, None])  # element 2j, then 2j+1
+
+    out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
+    elements_left = tl.minimum(n_elements - 2 * byte_base, 2 * BYTES).to(tl.int32)
+    values = round_to_bf16_bits(values) if MANUAL_BF16 else values.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + 2 * byte_base + out_local, values, mask=out_local < elements_left, eviction_policy=STREAM)
 
 
 def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], numel: int | None, device) -> None:
@@ -238,10 +225,10 @@ OUT_SLOT = 3  # where `out` sits in the kernel's arguments
 
 def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int, quant_type: str,
          *, use_asm: bool | None = None, manual_bf16: bool | None = None, bytes_per_program: int | None = None,
-         num_warps: int | None = None, programs_per_sm: int | None = None,
+         num_warps: int | None = None, pairs: bool | None = None,
          evict: bool | None = None) -> tuple[tuple[int, int, int], tuple, dict, dict]:  # fmt: skip
-    """(grid, args, constexprs, options) of one launch: tile and warps by size (`tile_for`), a persistent grid
-    when PROGRAMS_PER_SM > 0 and the tensor has more tiles than that, eviction hints when EVICT."""  # fmt: skip
+    """(grid, args, constexprs, options) of one launch: tile and warps by size (`tile_for`), the byte-pair
+    table when PAIRS, eviction hints when EVICT."""  # fmt: skip
     n = out.numel()
     n_bytes = (n + 1) // 2
     device = out.device
@@ -258,17 +245,16 @@ def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int
     rows = max(bytes_per_program // cols, 1)
     nested = code2 is not None
     dummy = absmax  # unused pointer arguments when not nested
-    tiles = triton.cdiv(n_bytes, rows * cols)
-    programs = (PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm) * _runtime.sm_count(device)
-    persistent = 0 < programs < tiles
     evict = EVICT if evict is None else evict
-    grid = (programs if persistent else tiles, 1, 1)
+    pairs = PAIRS if pairs is None else pairs
+    grid = (triton.cdiv(n_bytes, rows * cols), 1, 1)
+    codes = (pair_table if pairs else code_table)(quant_type, device)
     args = (A.view(torch.uint8) if A.dtype != torch.uint8 else A,
-            absmax, code_table(quant_type, device), out.view(torch.int16) if manual_bf16 else out,
+            absmax, codes, out.view(torch.int16) if manual_bf16 else out,
             code2 if nested else dummy, absmax2 if nested else dummy, offset if nested else dummy,
             n, n_bytes)  # fmt: skip
     constexprs = {"BYTES_PER_QBLOCK": blocksize // 2, "BLOCKSIZE2": blocksize2, "NESTED": nested, "ROWS": rows,
-                  "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm, "PERSISTENT": persistent,
+                  "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm, "PAIRS": pairs,
                   "STREAM": "evict_first" if evict else "", "TABLE": "evict_last" if evict else ""}  # fmt: skip
     options = {"num_warps": num_warps, **({} if use_asm else {"enable_fp_fusion": False})}
     return grid, args, constexprs, options
