@@ -72,26 +72,17 @@ def test_manual_bf16_rounding_path(device, gen, quantize, bnb_dequantize):
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
-@pytest.mark.parametrize("variant", ["byte-pair-table", "no-eviction-hints"])
-def test_launch_variants_are_exact(variant, blocksize, out_dtype, device, gen, quantize, bnb_dequantize):
-    """The byte-pair code table and the launch without eviction hints equal bnb, whatever the defaults."""
-    overrides = {"pairs": variant == "byte-pair-table", "evict": variant != "no-eviction-hints"}
+@pytest.mark.parametrize("evict", [False, True], ids=["no-hints", "hints"])
+def test_eviction_hints_on_and_off_are_exact(evict, blocksize, out_dtype, device, gen, quantize, bnb_dequantize):
+    """Both settings of the eviction-hint switch (EVICT picks the default) equal bnb."""
     for quant_type in R.QUANT_TYPES:
         for shape in [(130, 64), (3, 1025), *([(4096, 1024), (1000, 4097)] if device.type == "cuda" else [])]:
             w = torch.randn(shape, generator=gen).to(out_dtype)
             q, state = quantize(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
             absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
             out = poisoned(shape, out_dtype, device)
-            dq_module.launch(q, absmax, code2, absmax2, offset, out, blocksize, bs2, quant_type, **overrides)
+            dq_module.launch(q, absmax, code2, absmax2, offset, out, blocksize, bs2, quant_type, evict=evict)
             assert_exact(out, bnb_dequantize(q, state).reshape(shape).to(device))
-
-
-def test_pair_table_holds_both_codes(device):
-    for quant_type in R.QUANT_TYPES:
-        code = dq_module.code_table(quant_type, device).cpu()
-        pairs = dq_module.pair_table(quant_type, device).cpu().view(torch.float32).reshape(256, 2)
-        for b in (0x00, 0x0F, 0xF0, 0x7A, 0xFF):
-            assert pairs[b, 0] == code[b >> 4] and pairs[b, 1] == code[b & 0xF]
 
 
 @pytest.mark.gpu
@@ -322,7 +313,7 @@ def test_cached_launcher_bookkeeping(device):
     q, st = _state(device)
     tritonbits.dequantize_4bit(q, st)
     dq_module._launcher.check_order(9, dict.fromkeys(
-        ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM", "PAIRS",
+        ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM",
          "STREAM", "TABLE"]))  # fmt: skip
     db_module._launcher.check_order(12, dict.fromkeys(["HAS_BIAS", "MANUAL_BF16", "BLOCK_M", "BLOCK_N"]))
     with pytest.raises(AssertionError, match="constexprs"):
@@ -340,3 +331,38 @@ def test_cached_launcher_bookkeeping(device):
         finally:
             knobs.runtime.launch_enter_hook.remove(hook)
         assert not _launcher._hooks_set()
+
+
+def test_eager_calls_bind_their_launch(device, gen, quantize, bnb_dequantize):
+    """After the first eager call on a quant_state, later calls launch through a bound launch (every argument
+    but `out` fixed, tensor addresses as ints). Still exact, on another stream too, and stepping aside for
+    a launch hook. The interpreter never binds."""
+    import triton
+
+    w = torch.randn((1000, 4097) if device.type == "cuda" else (33, 130), generator=gen).to(torch.bfloat16)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    want = bnb_dequantize(q, state).reshape(w.shape).to(device)
+    assert_exact(tritonbits.dequantize_4bit(q, state), want)
+    entry = dq_module._prepared(q, state)
+    assert (entry.bound is not None) == (device.type == "cuda")
+    for _ in range(3):
+        assert_exact(tritonbits.dequantize_4bit(q, state), want)
+    if device.type != "cuda":
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        got = tritonbits.dequantize_4bit(q, state)
+    side.synchronize()
+    assert_exact(got, want)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime.launch_enter_hook, "add"):
+        seen = []
+        hook = lambda metadata: seen.append(metadata)
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            assert not entry.bound(torch.empty_like(want))
+            assert_exact(tritonbits.dequantize_4bit(q, state), want)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+        assert seen, "with a hook registered the launch must go through Triton (which calls the hook)"

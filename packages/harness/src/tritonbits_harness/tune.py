@@ -76,14 +76,10 @@ DEQUANTIZE_SHAPES = ((4096, 1024), (8192, 2048), (14336, 4096), (4096, 14336), (
 
 
 def dequantize_variants() -> list[tuple[str, dict[str, int | bool]]]:
-    """(label, launch overrides): packed bytes per program / warps, byte-pair code table, eviction hints."""
-    out: list[tuple[str, dict[str, int | bool]]] = []
-    for hints in (True, False):
-        for pairs in (False, True):
-            out.append((f"default{', pairs' * pairs}{', no hints' * (not hints)}", {"pairs": pairs, "evict": hints}))
-    for b, w in ((512, 1), (1024, 1), (2048, 2), (2048, 4), (4096, 4)):
-        for pairs in (False, True):
-            out.append((f"{b}B/{w}w{', pairs' * pairs}", {"bytes_per_program": b, "num_warps": w, "pairs": pairs}))
+    """(label, launch overrides): the defaults with and without eviction hints, then tile/warp choices."""
+    out: list[tuple[str, dict[str, int | bool]]] = [("default", {}), ("default, no eviction hints", {"evict": False})]
+    for b, w in ((512, 1), (512, 2), (1024, 1), (1024, 2), (2048, 2), (2048, 4), (4096, 4), (4096, 8)):
+        out.append((f"{b}B/{w}w", {"bytes_per_program": b, "num_warps": w}))
     return out
 
 

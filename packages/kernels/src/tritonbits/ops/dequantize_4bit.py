@@ -40,10 +40,12 @@ def tile_for(n_bytes: int) -> tuple[int, int]:
 # instead keeps fusion on and spells the two roundings in PTX (mul.rn / add.rn cannot be contracted).
 USE_ASM_DEFAULT = False
 
-# NOTE: eviction hints (streamed bytes and outputs evict_first, absmax/code tables evict_last) and the
-# byte-pair code table: measured in docs/kernels/dequantize_4bit.md.
+# NOTE: eviction hints: the streamed packed bytes and outputs evict_first, the absmax and code tables
+# evict_last. Measured against no hints (H200, CUDA-graph medians, % of the expand-only pattern in the same
+# run, bf16 and fp16, two runs each; docs/gpu-runs/logs/*-tune-dequantize_4bit-variants.txt): +0.3 to +1.6
+# points on the three large shapes (28672x8192: 100.1-100.7% vs 98.9-99.3%), within run-to-run noise on
+# 8192x2048 (+0.2 to +0.4) and 4096x1024 (-1.6 to +1.6), whose traffic fits in L2. Kept on.
 EVICT = True
-PAIRS = False
 
 _NF4 = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -73,21 +75,6 @@ def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
     return table
 
 
-_pair_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """256 int64: entry b holds the fp32 codes of b's high nibble (low word) and low nibble (high word)."""
-    key = (quant_type, device)
-    table = _pair_tables.get(key)
-    if table is None:
-        code = _code_values(quant_type)
-        b = torch.arange(256)
-        pairs = torch.stack([code[b >> 4], code[b & 0xF]], dim=1).contiguous()  # little-endian words
-        table = _pair_tables[key] = pairs.view(torch.int64).reshape(256).to(device)
-    return table
-
-
 @triton.jit
 def _mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
     """fl(fl(a * b) + c): two roundings, never one FMA."""
@@ -107,15 +94,14 @@ def _dequantize_4bit_kernel(
     n_elements, n_bytes,
     BYTES_PER_QBLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    PAIRS: tl.constexpr, STREAM: tl.constexpr, TABLE: tl.constexpr,
+    STREAM: tl.constexpr, TABLE: tl.constexpr,
 ):  # fmt: skip
     """One program dequantizes ROWS x COLS packed bytes into 2 x ROWS x COLS outputs.
 
     Row r of the tile is packed bytes [r*COLS, (r+1)*COLS); COLS divides BYTES_PER_QBLOCK (= blocksize/2),
     so row r uses absmax[r*COLS // BYTES_PER_QBLOCK], computed once. Offsets: an int64 base per program
-    (tensors can pass 2**31 elements), int32 within the tile. code_ptr: the 16 fp32 codes, or with PAIRS
-    256 int64 holding the codes of both nibbles of a byte (one 8-byte lookup per byte). STREAM and TABLE:
-    the eviction policies of the streamed bytes/outputs and of the small tables (absmax, codes).
+    (tensors can pass 2**31 elements), int32 within the tile. STREAM and TABLE: the eviction policies of
+    the streamed bytes/outputs and of the small tables (absmax, codes); see EVICT.
     """
     BYTES: tl.constexpr = ROWS * COLS
     byte_base = tl.program_id(0).to(tl.int64) * BYTES
@@ -134,13 +120,8 @@ def _dequantize_4bit_kernel(
     else:
         absmax = tl.load(absmax_ptr + qblock, mask=row_ok, other=0.0, eviction_policy=TABLE)
 
-    if PAIRS:  # low word: the high nibble's code (element 2j); high word: the low nibble's
-        pair = tl.load(code_ptr + packed.to(tl.int32), eviction_policy=TABLE)
-        hi = pair.to(tl.uint32).to(tl.float32, bitcast=True)
-        lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-    else:
-        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy=TABLE)
-        lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy=TABLE)
+    hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy=TABLE)
+    lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy=TABLE)
     values = tl.interleave(hi * absmax[:, None], lo * absmax[:, None])  # element 2j, then 2j+1
 
     out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
@@ -225,10 +206,10 @@ OUT_SLOT = 3  # where `out` sits in the kernel's arguments
 
 def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int, quant_type: str,
          *, use_asm: bool | None = None, manual_bf16: bool | None = None, bytes_per_program: int | None = None,
-         num_warps: int | None = None, pairs: bool | None = None,
-         evict: bool | None = None) -> tuple[tuple[int, int, int], tuple, dict, dict]:  # fmt: skip
-    """(grid, args, constexprs, options) of one launch: tile and warps by size (`tile_for`), the byte-pair
-    table when PAIRS, eviction hints when EVICT."""  # fmt: skip
+         num_warps: int | None = None, evict: bool | None = None,
+         ) -> tuple[tuple[int, int, int], tuple, dict, dict]:  # fmt: skip
+    """(grid, args, constexprs, options) of one launch: tile and warps by size (`tile_for`), eviction hints
+    when EVICT."""
     n = out.numel()
     n_bytes = (n + 1) // 2
     device = out.device
@@ -246,15 +227,13 @@ def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int
     nested = code2 is not None
     dummy = absmax  # unused pointer arguments when not nested
     evict = EVICT if evict is None else evict
-    pairs = PAIRS if pairs is None else pairs
     grid = (triton.cdiv(n_bytes, rows * cols), 1, 1)
-    codes = (pair_table if pairs else code_table)(quant_type, device)
     args = (A.view(torch.uint8) if A.dtype != torch.uint8 else A,
-            absmax, codes, out.view(torch.int16) if manual_bf16 else out,
+            absmax, code_table(quant_type, device), out.view(torch.int16) if manual_bf16 else out,
             code2 if nested else dummy, absmax2 if nested else dummy, offset if nested else dummy,
             n, n_bytes)  # fmt: skip
     constexprs = {"BYTES_PER_QBLOCK": blocksize // 2, "BLOCKSIZE2": blocksize2, "NESTED": nested, "ROWS": rows,
-                  "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm, "PAIRS": pairs,
+                  "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm,
                   "STREAM": "evict_first" if evict else "", "TABLE": "evict_last" if evict else ""}  # fmt: skip
     options = {"num_warps": num_warps, **({} if use_asm else {"enable_fp_fusion": False})}
     return grid, args, constexprs, options
