@@ -41,10 +41,11 @@ def tile_for(n_bytes: int) -> tuple[int, int]:
 USE_ASM_DEFAULT = False
 
 # NOTE: eviction hints: the streamed packed bytes and outputs evict_first, the absmax and code tables
-# evict_last. Measured against no hints (H200, CUDA-graph medians, % of the expand-only pattern in the same
-# run, bf16 and fp16, two runs each; docs/gpu-runs/logs/*-tune-dequantize_4bit-variants.txt): +0.3 to +1.6
-# points on the three large shapes (28672x8192: 100.1-100.7% vs 98.9-99.3%), within run-to-run noise on
-# 8192x2048 (+0.2 to +0.4) and 4096x1024 (-1.6 to +1.6), whose traffic fits in L2. Kept on.
+# evict_last. Measured against no hints (H200, CUDA-graph medians, % of the expand-only pattern timed in the
+# same run; bf16 and fp16, three runs each; docs/gpu-runs/logs/*-tune-dequantize_4bit-*.txt): +0.3 to +1.6
+# points on the three large shapes (28672x8192: 100.1-100.7% with hints, 98.9-99.3% without), +0.2 to +0.6
+# on 8192x2048, and -1.6 to +1.6 (median -1.0) on 4096x1024, whose 10 MB of traffic stays in L2 across
+# graph replays. Kept on: it helps where the stream is larger than L2, which is where weights live.
 EVICT = True
 
 _NF4 = (
