@@ -1,0 +1,40 @@
+"""Where the host time of a compiled MLP forward goes (run on a GPU machine): the mlp_compile benchmark's
+MLP (three bnb NF4 layers dequantized + matmuls), eager vs torch.compile(fullgraph=True), per-call host
+time, and a cProfile of the compiled calls. Run it with the three `src/` trees on PYTHONPATH."""
+
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+
+from tritonbits_harness.bench import dequantize_4bit as bench
+
+
+def per_call_us(fn, n=500):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+op = sys.argv[1] if len(sys.argv) > 1 else "custom_op"
+case = {"hd": 1024, "m": 4096, "dtype": "bf16", "tokens": 16}
+thunks = bench.mlp_setup(case, torch.device("cuda"))
+compiled = thunks[f"compile-{op}"]  # runs with COMPILE_OP = op
+print(f"eager: {per_call_us(thunks['eager']):.1f} us per call")
+print(f"compiled ({op}): {per_call_us(compiled):.1f} us per call")
+prof = cProfile.Profile()
+prof.enable()
+for _ in range(300):
+    compiled()
+prof.disable()
+torch.cuda.synchronize()
+stats = pstats.Stats(prof)
+stats.sort_stats("tottime").print_stats(25)
+stats.sort_stats("cumulative").print_stats(25)
