@@ -147,14 +147,19 @@ def test_opcheck(device, gen, quantize):
         absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
         args = (q, absmax, code2, absmax2, offset, 64, bs2, "nf4", [128, 256], torch.float16)
         torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit.default, args)
+        torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit_triton_op.default, args)
         out = torch.empty(128, 256, dtype=torch.float16, device=device)
         torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit_out.default, (*args[:8], out))
 
 
 @pytest.mark.gpu
-def test_compiles_fullgraph_in_an_mlp(device, gen):
-    """Three bnb Linear4bit weights dequantized inside torch.compile(fullgraph=True): no graph break."""
+@pytest.mark.parametrize("compile_op", ["triton_op", "custom_op"])
+def test_compiles_fullgraph_in_an_mlp(compile_op, device, gen, monkeypatch):
+    """Three bnb Linear4bit weights dequantized inside torch.compile(fullgraph=True): no graph break, the
+    op COMPILE_OP names in the graph, weights bit-exact."""
     from tritonbits_reference import bnb as RB
+
+    monkeypatch.setattr(dq_module, "COMPILE_OP", compile_op)
 
     layers = [RB.linear4bit(i, o, dtype=torch.bfloat16, device=device, generator=gen)
               for i, o in ((256, 512), (512, 512), (512, 256))]  # fmt: skip
@@ -167,6 +172,16 @@ def test_compiles_fullgraph_in_an_mlp(device, gen):
         return x, dequantized
 
     x = torch.randn(8, 256, dtype=torch.bfloat16, device=device)
+    targets: list[str] = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(mlp, fullgraph=True, backend=record)(x)
+    ours = [t for t in targets if "dequantize_4bit" in t]
+    assert len(ours) == 3 and all(("triton_op" in t) == (compile_op == "triton_op") for t in ours), targets
     torch._dynamo.reset()
     compiled = torch.compile(mlp, fullgraph=True)
     (y, got), (y_eager, want) = compiled(x), mlp(x)

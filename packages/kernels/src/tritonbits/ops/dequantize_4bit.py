@@ -252,9 +252,8 @@ def _fields(state: QuantState) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch.library registration: an opaque custom op (its implementation also serves CPU tensors under the
-# interpreter). Under torch.compile it ran as fast as the triton_op below (compiled/eager 0.94-0.99 vs
-# 0.95-0.98 in CUDA graphs, H200, docs/kernels/dequantize_4bit.md) and works with the fusion-off path.
+# torch.library registration: an opaque custom op (eager dispatch, out=, and CPU tensors under the
+# interpreter) and a triton_op that torch.compile uses on CUDA (COMPILE_OP).
 
 
 @torch.library.custom_op("tritonbits::dequantize_4bit", mutates_args=())
@@ -292,16 +291,21 @@ def _dequantize_4bit_triton_op(
     offset: torch.Tensor | None, blocksize: int, blocksize2: int, quant_type: str, shape: list[int],
     dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
-    """The same kernel as a triton_op, visible to Inductor (wrap_triton). Kept to measure against the
-    opaque custom op under torch.compile; it uses the PTX path since wrap_triton takes no compile options."""
+    """The same kernel as a triton_op, visible to Inductor (wrap_triton), which launches it from its own
+    wrapper code. The PTX path keeps the nested absmax exact, since wrap_triton takes no compile options."""
     out = torch.empty(shape, dtype=dtype, device=A.device)
     launch(A, absmax, code2, absmax2, offset, out, blocksize, blocksize2, quant_type, use_asm=True,
            kernel=torch.library.wrap_triton(_dequantize_4bit_kernel))  # fmt: skip
     return out
 
 
-# NOTE: which registered op torch.compile sees; chosen by the mlp-compile benchmark (docs/gpu-runs/).
-COMPILE_OP = "custom_op"
+# NOTE: which registered op torch.compile sees for CUDA tensors (CPU tensors under the interpreter always get
+# the custom op: no PTX there). Chosen by the mlp_compile benchmark (H200, 2026-11-22, record
+# 20261122T013557Z): in CUDA graphs both run at 0.94-0.99x the eager time, but with launches included the
+# compiled MLP took 0.99-2.38x the eager time with the triton_op and 1.73-3.93x with the custom op (175 vs
+# 385 us of host time per forward): Inductor launches a triton_op's kernel from its generated code, while a
+# custom op goes through the dispatcher and the custom-op wrappers on every call.
+COMPILE_OP = "triton_op"
 
 
 def dequantize_4bit(A: torch.Tensor, quant_state=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,7 +334,8 @@ def dequantize_4bit(A: torch.Tensor, quant_state=None, *, out: torch.Tensor | No
             _dequantize_4bit_out_op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2,
                                     state.quant_type, out)  # fmt: skip
             return out
-        op = _dequantize_4bit_op if COMPILE_OP == "custom_op" else _dequantize_4bit_triton_op
+        triton_op = COMPILE_OP == "triton_op" and A.device.type == "cuda"
+        op = _dequantize_4bit_triton_op if triton_op else _dequantize_4bit_op
         return op(A, absmax, code2, absmax2, offset, state.blocksize, blocksize2, state.quant_type,
                   list(state.shape), state.dtype)  # fmt: skip
     # NOTE: eager calls launch directly (the custom-op dispatcher adds host time on every call), and a
