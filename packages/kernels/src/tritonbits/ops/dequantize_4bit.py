@@ -42,10 +42,10 @@ USE_ASM_DEFAULT = False
 
 # NOTE: eviction hints: the streamed packed bytes and outputs evict_first, the absmax and code tables
 # evict_last. Measured against no hints (H200, CUDA-graph medians, % of the expand-only pattern timed in the
-# same run; bf16 and fp16, three runs each; docs/gpu-runs/logs/*-tune-dequantize_4bit-*.txt): +0.3 to +1.6
-# points on the three large shapes (28672x8192: 100.1-100.7% with hints, 98.9-99.3% without), +0.2 to +0.6
-# on 8192x2048, and -1.6 to +1.6 (median -1.0) on 4096x1024, whose 10 MB of traffic stays in L2 across
-# graph replays. Kept on: it helps where the stream is larger than L2, which is where weights live.
+# same run; bf16 and fp16, three runs each; docs/gpu-runs/logs/*-tune-dequantize_4bit-*.txt): -0.3 to +1.7
+# points on the three large shapes (28672x8192: +0.8 to +1.7, 100.1-100.7% with hints, 98.9-99.3% without),
+# +0.2 to +0.6 on 8192x2048, and -1.6 to +1.6 (median -1.0) on 4096x1024, whose 10 MB of traffic stays in
+# L2 across graph replays. Kept on: it helps where the stream is larger than L2, which is where weights live.
 EVICT = True
 
 _NF4 = (
@@ -300,11 +300,12 @@ def _dequantize_4bit_triton_op(
 
 
 # NOTE: which registered op torch.compile sees for CUDA tensors (CPU tensors under the interpreter always get
-# the custom op: no PTX there). Chosen by the mlp_compile benchmark (H200, 2026-11-22, record
-# 20261122T013557Z): in CUDA graphs both run at 0.94-0.99x the eager time, but with launches included the
-# compiled MLP took 0.99-2.38x the eager time with the triton_op and 1.73-3.93x with the custom op (175 vs
-# 385 us of host time per forward): Inductor launches a triton_op's kernel from its generated code, while a
-# custom op goes through the dispatcher and the custom-op wrappers on every call.
+# the custom op: no PTX there). Chosen by the mlp_compile benchmark (H200, records 20261122T013557Z and
+# 20261122T014457Z): in CUDA graphs both run at 0.94-0.99x the eager time; with launches included the
+# compiled MLP took 0.99-2.38x / 1.42-1.65x the eager time with the triton_op and 1.73-3.93x / 3.37-3.59x
+# with the custom op (175-280 vs 385-472 us of host time per forward, ci/compile_overhead.py): Inductor
+# launches a triton_op's kernel from its generated code, a custom op goes through the dispatcher and the
+# custom-op wrappers on every call.
 COMPILE_OP = "triton_op"
 
 
