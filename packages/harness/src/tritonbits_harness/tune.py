@@ -78,8 +78,10 @@ DEQUANTIZE_SHAPES = ((4096, 1024), (8192, 2048), (14336, 4096), (4096, 14336), (
 def dequantize_variants() -> list[tuple[str, dict[str, int | bool]]]:
     """(label, launch overrides): the defaults with and without eviction hints, then tile/warp choices."""
     out: list[tuple[str, dict[str, int | bool]]] = [("default", {}), ("default, no eviction hints", {"evict": False})]
-    for b, w in ((512, 1), (512, 2), (1024, 1), (1024, 2), (2048, 2), (2048, 4), (4096, 4), (4096, 8)):
+    for b, w in ((512, 1), (1024, 1), (1024, 2), (2048, 2), (2048, 4), (4096, 4)):
         out.append((f"{b}B/{w}w", {"bytes_per_program": b, "num_warps": w}))
+        for regs in (32, 40):
+            out.append((f"{b}B/{w}w, maxnreg {regs}", {"bytes_per_program": b, "num_warps": w, "maxnreg": regs}))
     return out
 
 
@@ -124,6 +126,8 @@ def tune_dequantize_4bit(console: Console, rep_ms: int, dtype: torch.dtype = tor
     for label, cells in results.items():
         table.add_row(label, *cells)
     console.print(table)
+    for key, kernel in dq._launcher.compiled.items():  # registers of every specialization the sweep compiled
+        console.print(f"compiled {key[2]} {dict(key[3])}: {kernel.n_regs} registers, {kernel.n_spills} spills")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,7 +207,7 @@ OUT_SLOT = 3  # where `out` sits in the kernel's arguments
 
 def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int, quant_type: str,
          *, use_asm: bool | None = None, manual_bf16: bool | None = None, bytes_per_program: int | None = None,
-         num_warps: int | None = None, evict: bool | None = None,
+         num_warps: int | None = None, evict: bool | None = None, maxnreg: int | None = None,
          ) -> tuple[tuple[int, int, int], tuple, dict, dict]:  # fmt: skip
     """(grid, args, constexprs, options) of one launch: tile and warps by size (`tile_for`), eviction hints
     when EVICT."""
@@ -237,6 +237,8 @@ def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int
                   "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm,
                   "STREAM": "evict_first" if evict else "", "TABLE": "evict_last" if evict else ""}  # fmt: skip
     options = {"num_warps": num_warps, **({} if use_asm else {"enable_fp_fusion": False})}
+    if maxnreg is not None:  # a register cap (more resident programs per SM), for sweeps
+        options["maxnreg"] = maxnreg
     return grid, args, constexprs, options
 
 
