@@ -85,6 +85,20 @@ def test_eviction_hints_on_and_off_are_exact(evict, blocksize, out_dtype, device
             assert_exact(out, bnb_dequantize(q, state).reshape(shape).to(device))
 
 
+def test_plan_applies_overrides(device):
+    """The sweep overrides reach the launch: tile, warps, register cap, eviction hints."""
+    q, st = _state(device, n=4096)
+    absmax, code2, absmax2, offset, bs2 = dq_module._fields(st)
+    out = torch.empty(4096, dtype=torch.float16, device=device)
+    overrides = {"bytes_per_program": 512, "num_warps": 1, "maxnreg": 40, "evict": False}
+    grid, _, constexprs, options = dq_module.plan(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4", **overrides)
+    assert grid == (4, 1, 1) and constexprs["ROWS"] * constexprs["COLS"] == 512
+    assert options["num_warps"] == 1 and options["maxnreg"] == 40
+    assert constexprs["STREAM"] == constexprs["TABLE"] == ""
+    _, _, constexprs, options = dq_module.plan(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4")
+    assert "maxnreg" not in options and constexprs["STREAM"] == ("evict_first" if dq_module.EVICT else "")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_asm", [False, True], ids=["fusion-off", "ptx-rn"])
 def test_nested_absmax_paths_are_exact(use_asm, out_dtype, device, gen, quantize, bnb_dequantize):
