@@ -5,30 +5,18 @@ time, and a cProfile of the compiled calls. Run it with the three `src/` trees o
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 
+from tritonbits_harness import timing
 from tritonbits_harness.bench import dequantize_4bit as bench
-
-
-def per_call_us(fn, n=500):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
-
 
 op = sys.argv[1] if len(sys.argv) > 1 else "custom_op"
 case = {"hd": 1024, "m": 4096, "dtype": "bf16", "tokens": 16}
 thunks = bench.mlp_setup(case, torch.device("cuda"))
 compiled = thunks[f"compile-{op}"]  # runs with COMPILE_OP = op
-print(f"eager: {per_call_us(thunks['eager']):.1f} us per call")
-print(f"compiled ({op}): {per_call_us(compiled):.1f} us per call")
+print(f"eager: {timing.host_us(thunks['eager'], n=500):.1f} us per call")
+print(f"compiled ({op}): {timing.host_us(compiled, n=500):.1f} us per call")
 prof = cProfile.Profile()
 prof.enable()
 for _ in range(300):

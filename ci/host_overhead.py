@@ -4,7 +4,6 @@ and a cProfile of the dequantize calls. Run it with the three `src/` trees on PY
 
 import cProfile
 import pstats
-import time
 
 import bitsandbytes.functional as F
 import torch
@@ -12,6 +11,7 @@ import triton
 
 import tritonbits
 from tritonbits.ops import dequantize_4bit as dq
+from tritonbits_harness import timing
 from tritonbits_reference import baselines
 from tritonbits_reference import bnb as RB
 
@@ -19,17 +19,6 @@ from tritonbits_reference import bnb as RB
 @triton.jit
 def _empty(x_ptr, n):
     pass
-
-
-def per_call_us(fn, n=2000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
 
 
 def synced(fn):
@@ -62,7 +51,7 @@ calls = {
 for name in ("tritonbits.dequantize_4bit", "unsloth-style fast_dequantize", "bnb dequantize_4bit"):
     calls[f"{name} + sync"] = synced(calls[name])
 for name, fn in calls.items():
-    print(f"{name}: {per_call_us(fn):.1f} us")
+    print(f"{name}: {timing.host_us(fn):.1f} us")
 prof = cProfile.Profile()
 prof.enable()
 for _ in range(3000):

@@ -3,10 +3,12 @@
 - `bench`: triton.testing.do_bench, median, L2 flushed before every run (launch overhead included).
 - `bench_graph`: the same function captured in a CUDA graph and replayed (launch gaps removed).
 - `copy_gbps`: a device-to-device copy, counting bytes read plus bytes written: the roofline.
+- `host_us`: wall time per call of calls issued back to back (host cost when the GPU keeps up).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -37,3 +39,16 @@ def copy_gbps(nbytes: int = 1 << 30, device: str | torch.device = "cuda") -> flo
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     return gbps(2 * nbytes, ms)
+
+
+def host_us(fn: Callable[[], object], n: int = 2000, warmup: int = 50) -> float:
+    """Wall microseconds per call of fn() issued n times back to back, one synchronize at the end: the host
+    time of a call (launch overhead), as long as each call's GPU work is shorter than that."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e6
