@@ -305,6 +305,20 @@ def test_cached_checks_notice_a_changed_quant_state(device):
         tritonbits.dequantize_4bit(q[:-1], st)
 
 
+def test_cached_launch_follows_a_swapped_tensor_memory(device):
+    """`absmax.data = other` keeps the tensor object but moves its memory: the next call must read the new
+    values (a bound launch holds addresses), on every nested field."""
+    q, st = _state(device)
+    for _ in range(2):
+        tritonbits.dequantize_4bit(q, st)
+    for field in ("absmax", "state2.absmax", "state2.code", "offset"):
+        owner = st.state2 if field.startswith("state2.") else st
+        t = getattr(owner, field.split(".")[-1])
+        t.data = t.data * 2 if t.is_floating_point() else t.data + 1  # new values in new memory
+        want = R.dequantize_4bit(q, st)
+        assert_exact(tritonbits.dequantize_4bit(q, st).cpu(), want)
+
+
 def test_cache_entries_die_with_their_quant_state(device):
     import gc
 

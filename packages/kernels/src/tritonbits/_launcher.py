@@ -3,9 +3,9 @@
 JITFunction.run binds and specializes every argument on every call (~15-20 us of host time on the H200
 machine for our kernels, measured with ci/host_overhead.py). Here the first launch of each
 specialization goes through Triton as usual; later launches with the same specialization call the
-compiled kernel's launcher directly, with tensor addresses as ints. The key holds everything Triton specializes on:
-constexprs and options, tensor dtypes and 16-byte alignment, and for integers ``== 1``, ``% 16 == 0``
-and 32/64-bit width. Launch hooks, the interpreter and wrap_triton always take Triton's own path.
+compiled kernel's launcher directly, with tensor addresses as ints. The key holds everything Triton
+specializes on: constexprs and options, tensor dtypes and 16-byte alignment, and for integers ``== 1``,
+``% 16 == 0`` and 32/64-bit width. Launch hooks, the interpreter and wrap_triton always take Triton's own path.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class CachedLauncher:
         return (device.index, tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()))
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device) -> None:
-        kernel = self.compiled.get(self.key(args, constexprs, options, device)) if self.enabled else None
+        key = self.key(args, constexprs, options, device)
+        kernel = self.compiled.get(key) if self.enabled else None
         if kernel is not None and not _hooks_set():
             stream = torch._C._cuda_getCurrentRawStream(device.index)
             try:  # the launcher JITFunction.run calls, with every parameter in signature order, no hooks
@@ -75,7 +76,7 @@ class CachedLauncher:
         if self.enabled and kernel is not None and hasattr(kernel, "packed_metadata"):
             if not self.compiled:
                 self.check_order(len(args), constexprs)
-            self.compiled[self.key(args, constexprs, options, device)] = kernel
+            self.compiled[key] = kernel
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device,
              slot: int) -> BoundLaunch | None:  # fmt: skip
@@ -100,7 +101,7 @@ class BoundLaunch:
     refused the call; the caller then goes through CachedLauncher.__call__."""
 
     def __init__(self, owner: CachedLauncher, kernel, grid: tuple, args: list, slot: int, device_index: int):
-        self.owner, self.slot, self.device_index = owner, slot, device_index
+        self.owner, self.device_index = owner, device_index
         self.prefix = (grid[0], grid[1], grid[2])
         self.kernel_args = (kernel.function, kernel.packed_metadata, None, None, None)
         self.head, self.tail = tuple(args[:slot]), tuple(args[slot + 1 :])

@@ -376,11 +376,16 @@ class _Prepared:
 _PREPARED: dict[int, _Prepared] = {}
 
 
+def _where(t: torch.Tensor) -> tuple[int, int]:
+    return id(t), t.data_ptr()  # the address too: `t.data = other` keeps the object, not the memory
+
+
 def _identity(A: torch.Tensor, qs) -> tuple:
-    """What must not have changed for a cached validation to hold: A's storage and the state's fields."""
+    """What must not have changed for a cached validation (and a bound launch, which holds addresses) to hold:
+    A's memory and the state's fields."""
     s2 = getattr(qs, "state2", None)
-    nested = None if s2 is None else (id(s2), id(s2.absmax), id(s2.code), s2.blocksize, id(qs.offset))
-    return (A.data_ptr(), A.numel(), A.dtype, A.get_device(), id(qs.absmax), qs.blocksize, qs.quant_type,
+    nested = None if s2 is None else (id(s2), _where(s2.absmax), _where(s2.code), s2.blocksize, _where(qs.offset))
+    return (A.data_ptr(), A.numel(), A.dtype, A.get_device(), _where(qs.absmax), qs.blocksize, qs.quant_type,
             qs.dtype, qs.shape, nested)  # fmt: skip
 
 
