@@ -126,11 +126,41 @@ def test_config_table_and_fallback():
         block_m, block_n, warps = db_module.heuristic_config(m, n)
         assert block_m >= 1 and 16 <= block_n <= 256 and warps in (4, 8)
         assert block_m <= db_module.bucket(m)
-    assert db_module.config_for("no-such-gpu", torch.int32, 8, 4096) == db_module.heuristic_config(8, 4096)
-    for family, by_dtype in db_module._table().items():
-        for entries in by_dtype.values():
-            for key, (block_m, block_n, _warps) in entries.items():
-                assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0, (family, key)
+    cpu = torch.device("cpu")
+    assert db_module.config_for(cpu, torch.int32, 8, 4096) == db_module.heuristic_config(8, 4096)
+
+
+DTYPES_BY_KEY = {"int32": torch.int32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def test_every_tuned_entry_is_reachable_by_the_lookup(monkeypatch):
+    """Round trip: for each (family, key) in the checked-in table, a problem in that bucket looks up exactly
+    that entry (the tuner and the lookup share config_key; a mismatch once left bf16/fp32 untuned)."""
+    from tritonbits import _runtime, configs
+
+    table = configs.table("dequant_bias")
+    assert table, "the dequant_bias table is empty"
+    db_module._config.cache_clear()
+    for family, entries in table.items():
+        monkeypatch.setattr(_runtime, "gpu_family", lambda device, family=family: family)
+        db_module._config.cache_clear()
+        for key, cfg in entries.items():
+            acc, buckets = key.split("/")
+            m, n = map(int, buckets.split("x"))
+            assert db_module.config_key(DTYPES_BY_KEY[acc], m, n) == key
+            assert db_module.config_for(torch.device("cuda"), DTYPES_BY_KEY[acc], m, n) == tuple(cfg), key
+            block_m, block_n, _warps = cfg
+            assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0, (family, key)
+    db_module._config.cache_clear()
+
+
+def test_config_cache_is_bounded_by_buckets():
+    """The per-call config cache keys on buckets: a new batch size in a known bucket adds no entry."""
+    db_module._config.cache_clear()
+    cpu = torch.device("cpu")
+    for m in range(1000, 1024):
+        db_module.config_for(cpu, torch.int32, m, 4096)
+    assert db_module._config.cache_info().currsize == 1
 
 
 BAD = [

@@ -6,7 +6,9 @@ import torch
 import tritonbits
 import tritonbits_reference as R
 from tritonbits import _runtime
+from tritonbits import quant_state as qs_module
 from tritonbits.ops import dequantize_4bit as dq_module
+from tritonbits.quant_state import PreparedWeight
 from tritonbits_harness.tolerance import assert_exact
 
 SHAPES_CPU = [(64,), (5,), (33, 7), (130, 64), (3, 1025)]
@@ -64,10 +66,8 @@ def test_manual_bf16_rounding_path(device, gen, quantize, bnb_dequantize):
     """The integer round-to-nearest-even store (sm75, interpreter) is exact, forced on any device."""
     w = torch.randn(513, 384, generator=gen).to(torch.bfloat16)
     q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    st = tritonbits.QuantState.from_any(state)
     out = poisoned(w.shape, torch.bfloat16, device)
-    absmax, code2, absmax2, offset, bs2 = dq_module._fields(st)
-    dq_module.launch(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4", manual_bf16=True)
+    dq_module.launch_weight(PreparedWeight.build(q, tritonbits.QuantState.from_any(state)), out, manual_bf16=True)
     assert_exact(out, bnb_dequantize(q, state).reshape(w.shape).to(device))
 
 
@@ -79,23 +79,23 @@ def test_eviction_hints_on_and_off_are_exact(evict, blocksize, out_dtype, device
         for shape in [(130, 64), (3, 1025), *([(4096, 1024), (1000, 4097)] if device.type == "cuda" else [])]:
             w = torch.randn(shape, generator=gen).to(out_dtype)
             q, state = quantize(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
-            absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
             out = poisoned(shape, out_dtype, device)
-            dq_module.launch(q, absmax, code2, absmax2, offset, out, blocksize, bs2, quant_type, evict=evict)
+            dq_module.launch_weight(PreparedWeight.build(q, tritonbits.QuantState.from_any(state)), out, evict=evict)
             assert_exact(out, bnb_dequantize(q, state).reshape(shape).to(device))
 
 
 def test_plan_applies_overrides(device):
     """The sweep overrides reach the launch: tile, warps, register cap, eviction hints."""
     q, st = _state(device, n=4096)
-    absmax, code2, absmax2, offset, bs2 = dq_module._fields(st)
+    w = PreparedWeight.build(q, st)
+    fields = (w.A, w.absmax, w.code2, w.absmax2, w.offset)
     out = torch.empty(4096, dtype=torch.float16, device=device)
     overrides = {"bytes_per_program": 512, "num_warps": 1, "maxnreg": 40, "evict": False}
-    grid, _, constexprs, options = dq_module.plan(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4", **overrides)
+    grid, _, constexprs, options = dq_module.plan(*fields, out, 64, w.blocksize2, "nf4", **overrides)
     assert grid == (4, 1, 1) and constexprs["ROWS"] * constexprs["COLS"] == 512
     assert options["num_warps"] == 1 and options["maxnreg"] == 40
     assert constexprs["STREAM"] == constexprs["TABLE"] == ""
-    _, _, constexprs, options = dq_module.plan(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4")
+    _, _, constexprs, options = dq_module.plan(*fields, out, 64, w.blocksize2, "nf4")
     assert "maxnreg" not in options and constexprs["STREAM"] == ("evict_first" if dq_module.EVICT else "")
 
 
@@ -105,10 +105,8 @@ def test_nested_absmax_paths_are_exact(use_asm, out_dtype, device, gen, quantize
     """Both ways of forbidding the FMA (compile with fusion off / mul.rn+add.rn PTX) equal bnb."""
     w = (torch.randn(4096, 1024, generator=gen) * 5).to(out_dtype)
     q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    st = tritonbits.QuantState.from_any(state)
     out = poisoned(w.shape, out_dtype, device)
-    absmax, code2, absmax2, offset, bs2 = dq_module._fields(st)
-    dq_module.launch(q, absmax, code2, absmax2, offset, out, 64, bs2, "nf4", use_asm=use_asm)
+    dq_module.launch_weight(PreparedWeight.build(q, tritonbits.QuantState.from_any(state)), out, use_asm=use_asm)
     assert_exact(out, bnb_dequantize(q, state))
 
 
@@ -153,27 +151,26 @@ def test_offsets_past_2_pow_31(device):
     del got
 
 
-@pytest.mark.gpu
 def test_opcheck(device, gen, quantize):
-    w = torch.randn(128, 256, generator=gen).to(torch.float16)
+    """Every registered op passes opcheck: the custom ops on CPU (interpreter) and CUDA, the triton_op on CUDA."""
+    w = torch.randn(32, 64, generator=gen).to(torch.float16)
     for nested in (False, True):
         q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
-        absmax, code2, absmax2, offset, bs2 = dq_module._fields(tritonbits.QuantState.from_any(state))
-        args = (q, absmax, code2, absmax2, offset, 64, bs2, "nf4", [128, 256], torch.float16)
+        p = PreparedWeight.build(q, tritonbits.QuantState.from_any(state))
+        fields = (p.A, p.absmax, p.code2, p.absmax2, p.offset, 64, p.blocksize2, "nf4")
+        args = (*fields, [32, 64], torch.float16)
         torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit.default, args)
-        torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit_triton_op.default, args)
-        out = torch.empty(128, 256, dtype=torch.float16, device=device)
-        torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit_out.default, (*args[:8], out))
+        out = torch.empty(32, 64, dtype=torch.float16, device=device)
+        torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit.out, (*fields, out))
+        if device.type == "cuda":
+            torch.library.opcheck(torch.ops.tritonbits.dequantize_4bit_triton_op.default, args)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_op", ["triton_op", "custom_op"])
-def test_compiles_fullgraph_in_an_mlp(compile_op, device, gen, monkeypatch):
+def test_compiles_fullgraph_in_an_mlp(device, gen):
     """Three bnb Linear4bit weights dequantized inside torch.compile(fullgraph=True): no graph break, the
-    op COMPILE_OP names in the graph, weights bit-exact."""
+    triton_op in the graph (Inductor launches the kernel), weights bit-exact."""
     from tritonbits_reference import bnb as RB
-
-    monkeypatch.setattr(dq_module, "COMPILE_OP", compile_op)
 
     layers = [RB.linear4bit(i, o, dtype=torch.bfloat16, device=device, generator=gen)
               for i, o in ((256, 512), (512, 512), (512, 256))]  # fmt: skip
@@ -195,13 +192,31 @@ def test_compiles_fullgraph_in_an_mlp(compile_op, device, gen, monkeypatch):
     torch._dynamo.reset()
     torch.compile(mlp, fullgraph=True, backend=record)(x)
     ours = [t for t in targets if "dequantize_4bit" in t]
-    assert len(ours) == 3 and all(("triton_op" in t) == (compile_op == "triton_op") for t in ours), targets
+    assert len(ours) == 3 and all("triton_op" in t for t in ours), targets
     torch._dynamo.reset()
     compiled = torch.compile(mlp, fullgraph=True)
     (y, got), (y_eager, want) = compiled(x), mlp(x)
-    for g, w in zip(got, want, strict=False):
+    for g, w in zip(got, want, strict=True):
         assert_exact(g, w)
     torch.testing.assert_close(y, y_eager)
+
+
+@pytest.mark.gpu
+def test_compiled_out_variant(device, gen, quantize):
+    """out= under torch.compile(fullgraph=True) goes through the .out overload and writes the buffer."""
+    w = torch.randn(64, 96, generator=gen).to(torch.bfloat16)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    want = tritonbits.dequantize_4bit(q, state)
+
+    def fn(buf):
+        tritonbits.dequantize_4bit(q, state, out=buf)
+        return buf * 2
+
+    torch._dynamo.reset()
+    buf = poisoned(want.shape, want.dtype, device)
+    doubled = torch.compile(fn, fullgraph=True)(buf)
+    assert_exact(buf, want)
+    assert_exact(doubled, want * 2)
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -325,10 +340,10 @@ def test_cache_entries_die_with_their_quant_state(device):
     q, st = _state(device)
     tritonbits.dequantize_4bit(q, st)
     key = id(st)
-    assert key in dq_module._PREPARED
+    assert key in qs_module._PREPARED
     del st
     gc.collect()
-    assert key not in dq_module._PREPARED
+    assert key not in qs_module._PREPARED
 
 
 @pytest.mark.parametrize("offset", [0, 1, 16])
@@ -341,7 +356,7 @@ def test_repeated_and_misaligned_launches(offset, device, gen):
     state = tritonbits.QuantState(absmax=absmax, shape=torch.Size([n]), dtype=torch.float16, blocksize=64)
     ref_state = R.ReferenceQuantState(absmax=absmax.cpu(), shape=state.shape, dtype=torch.float16, blocksize=64,
                                       quant_type="nf4", code=torch.empty(0))  # fmt: skip
-    for packed in (storage[:n // 2], storage[offset : offset + n // 2], storage[:n // 2]):
+    for packed in (storage[: n // 2], storage[offset : offset + n // 2], storage[: n // 2]):
         want = R.dequantize_4bit(packed.cpu(), ref_state)
         for _ in range(3):
             assert_exact(tritonbits.dequantize_4bit(packed, state).cpu(), want)
@@ -386,8 +401,9 @@ def test_eager_calls_bind_their_launch(device, gen, quantize, bnb_dequantize):
     q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     want = bnb_dequantize(q, state).reshape(w.shape).to(device)
     assert_exact(tritonbits.dequantize_4bit(q, state), want)
-    entry = dq_module._prepared(q, state)
-    assert (entry.bound is not None) == (device.type == "cuda")
+    entry = qs_module.prepare(q, state)
+    bound = entry.launches.get("dequantize_4bit")
+    assert (bound is not None) == (device.type == "cuda")
     for _ in range(3):
         assert_exact(tritonbits.dequantize_4bit(q, state), want)
     if device.type != "cuda":
@@ -404,7 +420,7 @@ def test_eager_calls_bind_their_launch(device, gen, quantize, bnb_dequantize):
         hook = lambda metadata: seen.append(metadata)
         knobs.runtime.launch_enter_hook.add(hook)
         try:
-            assert not entry.bound(torch.empty_like(want))
+            assert not bound(torch.empty_like(want))
             assert_exact(tritonbits.dequantize_4bit(q, state), want)
         finally:
             knobs.runtime.launch_enter_hook.remove(hook)

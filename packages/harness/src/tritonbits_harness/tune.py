@@ -90,6 +90,7 @@ def tune_dequantize_4bit(console: Console, rep_ms: int, dtype: torch.dtype = tor
     import bitsandbytes.functional as F
 
     from tritonbits.ops import dequantize_4bit as dq
+    from tritonbits.quant_state import prepare
 
     from . import patterns
 
@@ -104,7 +105,7 @@ def tune_dequantize_4bit(console: Console, rep_ms: int, dtype: torch.dtype = tor
             table.add_column(f"{rows}x{cols}", justify="right")
             w_ = torch.randn(rows, cols, device="cuda", dtype=dtype)
             q, state = F.quantize_4bit(w_, blocksize=64, quant_type="nf4", compress_statistics=True)
-            absmax, code2, absmax2, offset, blocksize2 = dq._fields(dq.QuantState.from_any(state))
+            weight = prepare(q, state)
             want = F.dequantize_4bit(q, state)
             out = torch.empty(rows, cols, device="cuda", dtype=dtype)
             n = rows * cols
@@ -114,8 +115,7 @@ def tune_dequantize_4bit(console: Console, rep_ms: int, dtype: torch.dtype = tor
             results["expand-only pattern"].append(f"{pattern:.0f}")
             progress.advance(task)
             for label, overrides in variants:
-                fn = functools.partial(dq.launch, q, absmax, code2, absmax2, offset, out, 64, blocksize2, "nf4",
-                                       **overrides)  # fmt: skip
+                fn = functools.partial(dq.launch_weight, weight, out, **overrides)
                 out.fill_(float("nan"))
                 fn()
                 if not torch.equal(out, want):

@@ -10,6 +10,7 @@ specializes on: constexprs and options, tensor dtypes and 16-byte alignment, and
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -50,6 +51,15 @@ def _pointer(x):
     return x.data_ptr() if isinstance(x, torch.Tensor) else x
 
 
+_log = logging.getLogger("tritonbits")
+
+
+def _raw_launch(kernel, grid: tuple, stream: int, args) -> None:
+    """The one call into Triton's internals: the compiled kernel's launcher, as JITFunction.run calls it
+    (grid, stream, function, metadata, three hooks, then every parameter in signature order)."""
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+
+
 class CachedLauncher:
     def __init__(self, fn):
         self.fn = fn
@@ -60,18 +70,24 @@ class CachedLauncher:
     def key(args: tuple, constexprs: dict, options: dict, device: torch.device) -> tuple:
         return (device.index, tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()))
 
+    def fall_back(self, exc: Exception) -> None:
+        """Another Triton's CompiledKernel refused the direct call: use Triton's own path from now on."""
+        if self.enabled:
+            message = "tritonbits: direct launch of %s failed (%s: %s); Triton's own launcher from now on"
+            _log.warning(message, self.fn.__name__, type(exc).__name__, exc)
+        self.enabled = False
+        self.compiled.clear()
+
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device) -> None:
         key = self.key(args, constexprs, options, device)
         kernel = self.compiled.get(key) if self.enabled else None
         if kernel is not None and not _hooks_set():
             stream = torch._C._cuda_getCurrentRawStream(device.index)
-            try:  # the launcher JITFunction.run calls, with every parameter in signature order, no hooks
-                kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None,
-                           None, *map(_pointer, args), *constexprs.values())  # fmt: skip
+            try:
+                _raw_launch(kernel, grid, stream, (*map(_pointer, args), *constexprs.values()))
                 return
-            except (AttributeError, TypeError):  # another Triton's CompiledKernel: use Triton's path from now on
-                self.enabled = False
-                self.compiled.clear()
+            except (AttributeError, TypeError) as exc:
+                self.fall_back(exc)
         kernel = self.fn[grid](*args, **constexprs, **options)
         if self.enabled and kernel is not None and hasattr(kernel, "packed_metadata"):
             if not self.compiled:
@@ -79,14 +95,15 @@ class CachedLauncher:
             self.compiled[key] = kernel
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device,
-             slot: int) -> BoundLaunch | None:  # fmt: skip
-        """A launch of an already compiled specialization with every argument fixed but args[slot], which
-        each call passes (a tensor with the same dtype and 16-byte alignment as args[slot]); None until
-        this specialization has been launched once through __call__."""
+             slots: tuple[int, ...]) -> BoundLaunch | None:  # fmt: skip
+        """A launch of an already compiled specialization with every argument fixed but args[slots], which
+        each call passes in that order (tensors with the same dtype and 16-byte alignment, ints with the same
+        ==1 / %16 / 32-bit class as the ones bound here); None until this specialization has been launched
+        once through __call__."""
         kernel = self.compiled.get(self.key(args, constexprs, options, device)) if self.enabled else None
         if kernel is None:
             return None
-        return BoundLaunch(self, kernel, grid, [*map(_pointer, args), *constexprs.values()], slot, device.index)
+        return BoundLaunch(self, kernel, grid, [*map(_pointer, args), *constexprs.values()], slots, device.index)
 
     def check_order(self, n_args: int, constexprs: dict) -> None:
         """The fast path passes constexprs positionally: they must follow the runtime args in order."""
@@ -96,25 +113,25 @@ class CachedLauncher:
 
 
 class BoundLaunch:
-    """One fixed launch (see CachedLauncher.bind): per call only the stream and one tensor address are looked
+    """One fixed launch (see CachedLauncher.bind): per call only the stream and the slot values are looked
     up. Calling it returns False, launching nothing, when a launch hook is registered or Triton's launcher
     refused the call; the caller then goes through CachedLauncher.__call__."""
 
-    def __init__(self, owner: CachedLauncher, kernel, grid: tuple, args: list, slot: int, device_index: int):
-        self.owner, self.device_index = owner, device_index
-        self.prefix = (grid[0], grid[1], grid[2])
-        self.kernel_args = (kernel.function, kernel.packed_metadata, None, None, None)
-        self.head, self.tail = tuple(args[:slot]), tuple(args[slot + 1 :])
-        self.run = kernel.run
+    def __init__(self, owner: CachedLauncher, kernel, grid: tuple, args: list, slots: tuple[int, ...],
+                 device_index: int):  # fmt: skip
+        self.owner, self.kernel, self.grid, self.device_index = owner, kernel, grid, device_index
+        self.args, self.slots = list(args), tuple(slots)
 
-    def __call__(self, tensor: torch.Tensor) -> bool:
+    def __call__(self, *values, grid: tuple | None = None) -> bool:
         if not self.owner.enabled or _hooks_set():
             return False
+        args = self.args.copy()
+        for slot, value in zip(self.slots, values, strict=True):
+            args[slot] = _pointer(value)
         stream = torch._C._cuda_getCurrentRawStream(self.device_index)
         try:
-            self.run(*self.prefix, stream, *self.kernel_args, *self.head, tensor.data_ptr(), *self.tail)
-        except (AttributeError, TypeError):  # as in CachedLauncher.__call__: Triton's own path from now on
-            self.owner.enabled = False
-            self.owner.compiled.clear()
+            _raw_launch(self.kernel, grid or self.grid, stream, args)
+        except (AttributeError, TypeError) as exc:
+            self.owner.fall_back(exc)
             return False
         return True

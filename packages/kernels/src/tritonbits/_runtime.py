@@ -46,3 +46,59 @@ def check_device(name: str, t: torch.Tensor, device: torch.device | None = None)
             "before importing tritonbits to run them through the Triton interpreter"
         )
     raise ValueError(f"{name} is on {t.device}; tritonbits kernels run on CUDA devices")
+
+
+FAMILIES = ("H200", "H100", "A100", "L4", "T4")  # H200 before H100: names are matched as substrings
+
+
+def family_of(device_name: str, capability_: tuple[int, int]) -> str:
+    """'h100', 'h200', 'a100', 'l4', 't4' from a CUDA device name, else 'sm<major><minor>'."""
+    for family in FAMILIES:
+        if family in device_name:
+            return family.lower()
+    return f"sm{capability_[0]}{capability_[1]}"
+
+
+@functools.cache
+def _family(device_index: int) -> str:
+    return family_of(torch.cuda.get_device_name(device_index), capability(device_index))
+
+
+def gpu_family(device: torch.device) -> str:
+    """The GPU family that names a device's tuned configs ('interpreter' for CPU tensors)."""
+    if device.type != "cuda":
+        return "interpreter"
+    return _family(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _span(t: torch.Tensor) -> tuple[int, int] | None:
+    """The byte interval [first, last + 1) that a tensor's elements occupy (None when empty)."""
+    if t.numel() == 0:
+        return None
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+def check_out(out: torch.Tensor, inputs: dict[str, torch.Tensor | None], *, may_alias: str | None = None) -> None:
+    """Refuse an `out=` that no kernel can write correctly: one that requires grad, or whose memory overlaps an
+    input's (the kernel would read what it already overwrote). `may_alias` names the one input `out` may be
+    exactly (same address, dtype, shape and strides): an elementwise op reads each element before writing it."""
+    if out.requires_grad:
+        raise ValueError("out requires grad; out= is not differentiable: pass a tensor that does not require grad")
+    span = _span(out)
+    if span is None:
+        return
+    for name, t in inputs.items():
+        if t is None or t.device != out.device:
+            continue
+        other = _span(t)
+        if other is None or other[1] <= span[0] or span[1] <= other[0]:
+            continue
+        if name == may_alias and _layout(t) == _layout(out):
+            continue
+        alias = f" (only exactly out={may_alias} is allowed)" if name == may_alias else ""
+        raise ValueError(f"out overlaps {name} in memory{alias}; pass a separate output tensor")

@@ -141,8 +141,6 @@ register(Benchmark(
 
 
 def mlp_setup(case: dict, device: torch.device) -> dict:
-    from tritonbits.ops import dequantize_4bit as dq
-
     weights = puzzle_layers(case["hd"], case["m"], DTYPES[case["dtype"]], device)
     x = torch.randn(case["tokens"], case["hd"], dtype=DTYPES[case["dtype"]], device=device)
     packed = [(w.data, w.quant_state) for w in weights]
@@ -157,44 +155,31 @@ def mlp_setup(case: dict, device: torch.device) -> dict:
 
     thunks = {"eager": lambda: mlp(x)}
     if device.type == "cuda":
-        default = dq.COMPILE_OP
-        for op in ("custom_op", "triton_op"):
-            dq.COMPILE_OP = op
-            torch._dynamo.reset()
-            compiled = torch.compile(mlp, fullgraph=True)
-            # the dequantized weights must be bit-exact under compile; the MLP output only close, since
-            # Inductor fuses silu * up into one kernel with its own rounding
-            for got, want in zip(torch.compile(weights_only, fullgraph=True)(), weights_only(), strict=False):
-                if not torch.equal(got, want):
-                    raise AssertionError(f"compiled dequantize_4bit ({op}) differs from eager")
-            want = mlp(x)
-            torch.testing.assert_close(compiled(x), want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
-            thunks[f"compile-{op}"] = functools.partial(_with_compile_op, op, compiled, x)
-        dq.COMPILE_OP = default
+        torch._dynamo.reset()
+        compiled = torch.compile(mlp, fullgraph=True)
+        # the dequantized weights must be bit-exact under compile; the MLP output only close, since
+        # Inductor fuses silu * up into one kernel with its own rounding
+        for got, want in zip(torch.compile(weights_only, fullgraph=True)(), weights_only(), strict=True):
+            if not torch.equal(got, want):
+                raise AssertionError("compiled dequantize_4bit differs from eager")
+        want = mlp(x)
+        torch.testing.assert_close(compiled(x), want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
+        thunks["compile"] = lambda: compiled(x)
     return thunks
 
 
-def _with_compile_op(op: str, compiled, x: torch.Tensor):
-    """Run a compiled MLP with COMPILE_OP set as when it was traced: dynamo guards on that global, and a
-    compiled function run under the other value would silently re-trace with (and time) the other op."""
-    from tritonbits.ops import dequantize_4bit as dq
-
-    default, dq.COMPILE_OP = dq.COMPILE_OP, op
-    try:
-        return compiled(x)
-    finally:
-        dq.COMPILE_OP = default
-
-
-register(Benchmark(
-    name="mlp_compile",
-    kernel="dequantize_4bit",
-    description="MLP forward (3 bnb NF4 layers dequantized + matmuls, 16 tokens): eager vs torch.compile",
-    cases=lambda cpu: [{"hd": hd, "m": m, "dtype": d, "tokens": 16} for hd, m, d in
-                       ([(64, 128, "bf16")] if cpu else PUZZLE)],
-    bytes_model=None,
-    setup=mlp_setup,
-    baselines=("compile-custom_op", "compile-triton_op"),
-    subject="eager",
-    modes=("launch", "graph"),
-))
+register(
+    Benchmark(
+        name="mlp_compile",
+        kernel="dequantize_4bit",
+        description="MLP forward (3 bnb NF4 layers dequantized + matmuls, 16 tokens): eager vs torch.compile",
+        cases=lambda cpu: [
+            {"hd": hd, "m": m, "dtype": d, "tokens": 16} for hd, m, d in ([(64, 128, "bf16")] if cpu else PUZZLE)
+        ],
+        bytes_model=None,
+        setup=mlp_setup,
+        baselines=("compile",),
+        subject="eager",
+        modes=("launch", "graph"),
+    )
+)

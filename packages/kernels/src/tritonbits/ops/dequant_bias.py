@@ -10,14 +10,12 @@ fp32 math, one rounding at the store. scale_a per token ([M,1] | [M] | scalar), 
 from __future__ import annotations
 
 import functools
-import json
-from importlib import resources
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _runtime
+from .. import _runtime, configs
 from .._launcher import CachedLauncher
 from .._triton_helpers import round_to_bf16_bits
 
@@ -60,24 +58,16 @@ def _dequant_bias_kernel(
 # Configs: (BLOCK_M, BLOCK_N, num_warps) per GPU family, acc dtype, M bucket and N bucket (powers of 2).
 
 
-@functools.lru_cache(maxsize=1)
-def _table() -> dict:
-    text = resources.files("tritonbits.configs").joinpath("dequant_bias.json").read_text()
-    return json.loads(text)
-
-
-def gpu_family(device: torch.device) -> str:
-    """'h100', 'h200', 'a100', 'l4', 't4', or 'sm<major><minor>' for a GPU the table does not name."""
-    name = torch.cuda.get_device_name(device)
-    for family in ("H200", "H100", "A100", "L4", "T4"):
-        if family in name:
-            return family.lower()
-    major, minor = _runtime.capability(device.index if device.index is not None else torch.cuda.current_device())
-    return f"sm{major}{minor}"
-
-
 def bucket(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
+
+
+M_BUCKET_MAX, N_BUCKET_MAX = 65536, 16384
+
+
+def config_key(acc_dtype: torch.dtype, m: int, n: int) -> str:
+    """The table key of a problem: acc dtype and power-of-two buckets of M and N (the tuner writes with it)."""
+    return f"{configs.dtype_key(acc_dtype)}/{min(bucket(m), M_BUCKET_MAX)}x{min(bucket(n), N_BUCKET_MAX)}"
 
 
 def heuristic_config(m: int, n: int) -> tuple[int, int, int]:
@@ -88,22 +78,15 @@ def heuristic_config(m: int, n: int) -> tuple[int, int, int]:
     return block_m, block_n, warps
 
 
-def config_for(family: str, acc_dtype: torch.dtype, m: int, n: int) -> tuple[int, int, int]:
-    entry = _table().get(family, {}).get(str(acc_dtype).removeprefix("torch."), {})
-    cfg = entry.get(f"{min(bucket(m), 65536)}x{min(bucket(n), 16384)}")
-    return tuple(cfg) if cfg else heuristic_config(m, n)
+@functools.lru_cache(maxsize=4096)  # keyed by bucket, not exact M: bounded by families x dtypes x buckets
+def _config(device: torch.device, key: str) -> tuple[int, int, int] | None:
+    cfg = configs.lookup("dequant_bias", device, key)
+    return tuple(cfg) if cfg else None
 
 
-_config_cache: dict[tuple, tuple[int, int, int]] = {}
-
-
-def _config(device: torch.device, acc_dtype: torch.dtype, m: int, n: int) -> tuple[int, int, int]:
-    key = (device, acc_dtype, m, n)
-    cfg = _config_cache.get(key)
-    if cfg is None:
-        family = gpu_family(device) if device.type == "cuda" else "interpreter"
-        cfg = _config_cache[key] = config_for(family, acc_dtype, m, n)
-    return cfg
+def config_for(device: torch.device, acc_dtype: torch.dtype, m: int, n: int) -> tuple[int, int, int]:
+    """The tuned (BLOCK_M, BLOCK_N, num_warps) of this problem's bucket, else `heuristic_config`."""
+    return _config(device, config_key(acc_dtype, m, n)) or heuristic_config(m, n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,7 +145,7 @@ def launch(acc, scale_a, scale_b, bias, out, sa_stride, sb_stride, bias_stride, 
     m, n = acc.shape
     if m == 0 or n == 0:
         return
-    block_m, block_n, warps = config or _config(acc.device, acc.dtype, m, n)
+    block_m, block_n, warps = config or config_for(acc.device, acc.dtype, m, n)
     manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(acc.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
     args = (acc, scale_a, scale_b, bias if bias is not None else scale_b,
