@@ -50,9 +50,10 @@ def workspace(session: nox.Session) -> dict[str, str]:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint + import order) and mypy on all three packages and the noxfile."""
+    """ruff (format check, lint, import order) and mypy on all three packages, the noxfile and ci/."""
     env = workspace(session)
-    session.run("ruff", "check", "packages", "noxfile.py", env=env)
+    session.run("ruff", "format", "--check", "packages", "noxfile.py", "ci", env=env)
+    session.run("ruff", "check", "packages", "noxfile.py", "ci", env=env)
     session.run("mypy", env=env)
 
 
@@ -72,8 +73,8 @@ def kernels_alone(session: nox.Session) -> None:
     if no_venv(session):
         env["PYTHONPATH"] = str(SRC[0]) + os.pathsep + os.environ.get("PYTHONPATH", "")
     else:
-        # numpy is the Triton interpreter's own import (triton does not declare it), pytest the runner
-        session.install("./packages/kernels", "pytest", "numpy")
+        # the [cpu] extra brings numpy, the Triton interpreter's own import (triton does not declare it)
+        session.install("./packages/kernels[cpu]", "pytest")
         session.run(python(session), "-c", CHECK_NOT_INSTALLED, env=env)
     session.run(python(session), "-c", CHECK_NOT_IMPORTED, env=env)
     session.run(python(session), "-m", "pytest", "packages/kernels/tests/test_smoke.py", "-o", "addopts=",

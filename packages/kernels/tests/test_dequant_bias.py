@@ -96,7 +96,7 @@ def test_opcheck_and_compile(device, gen):
     torch.library.opcheck(torch.ops.tritonbits.dequant_bias.default, (acc, sa, sb, bias, torch.bfloat16))
     torch.library.opcheck(torch.ops.tritonbits.dequant_bias.default, (acc, sa, sb, None, torch.float16))
     out = torch.empty(64, 256, dtype=torch.bfloat16, device=device)
-    torch.library.opcheck(torch.ops.tritonbits.dequant_bias_out.default, (acc, sa, sb, bias, out))
+    torch.library.opcheck(torch.ops.tritonbits.dequant_bias.out, (acc, sa, sb, bias, out))
 
     def epilogue(acc, sa, sb, bias):
         return torch.relu(tritonbits.dequant_bias(acc, sa, sb, bias)) * 2
@@ -195,3 +195,61 @@ def test_device_mismatch_is_refused(device, gen):
     acc, sa, sb, bias = operands(8, 16, torch.int32, gen, device)
     with pytest.raises(ValueError, match="scale_b is on cpu"):
         tritonbits.dequant_bias(acc, sa, sb.cpu(), bias)
+
+
+def test_opcheck_on_the_test_device(device, gen):
+    """opcheck on CPU (interpreter) as well as CUDA."""
+    acc, sa, sb, bias = operands(8, 32, torch.int32, gen, device)
+    torch.library.opcheck(torch.ops.tritonbits.dequant_bias.default, (acc, sa, sb, bias, torch.bfloat16))
+    out = torch.empty(8, 32, dtype=torch.float16, device=device)
+    torch.library.opcheck(torch.ops.tritonbits.dequant_bias.out, (acc, sa, sb, None, out))
+
+
+# --- regressions: inputs that once gave a wrong answer with no error ---------------------------------
+
+
+def test_out_overlapping_an_input_is_refused(device, gen):
+    """dequant_bias(acc[:300], sa, sb, out=acc[1:]) wrote 5400 wrong elements; now refused. Exactly
+    out=acc (in place, same dtype) stays allowed and correct."""
+    acc = make_acc(301, 18, torch.float32, gen).to(device)
+    _, sa, sb, bias = operands(300, 18, torch.float32, gen, device)
+    with pytest.raises(ValueError, match="out overlaps acc"):
+        tritonbits.dequant_bias(acc[:300], sa, sb, bias, out=acc[1:])
+    with pytest.raises(ValueError, match="out overlaps scale_a"):
+        big = torch.rand(300, 18, device=device) + 0.5
+        tritonbits.dequant_bias(acc[:300], big[:, :1], sb, bias, out=big)
+    inplace = acc[:300].clone()
+    want = tritonbits.dequant_bias(inplace, sa, sb, bias, out_dtype=torch.float32)
+    assert tritonbits.dequant_bias(inplace, sa, sb, bias, out=inplace) is inplace
+    assert torch.equal(inplace, want)
+
+
+def test_bad_out_forms_are_refused(device, gen):
+    acc, sa, sb, bias = operands(8, 16, torch.int32, gen, device)
+    expanded = torch.empty(1, 16, dtype=torch.bfloat16, device=device).expand(8, 16)
+    with pytest.raises(ValueError, match="out rows overlap"):
+        tritonbits.dequant_bias(acc, sa, sb, bias, out=expanded)
+    needs_grad = torch.empty(8, 16, dtype=torch.float32, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="out requires grad"):
+        tritonbits.dequant_bias(acc, sa, sb, bias, out=needs_grad)
+    with pytest.raises(TypeError, match=r"out_dtype is torch\.float16"):
+        out = torch.empty(8, 16, dtype=torch.bfloat16, device=device)
+        tritonbits.dequant_bias(acc, sa, sb, bias, out_dtype=torch.float16, out=out)
+
+
+def test_bias_messages(device, gen):
+    acc, sa, sb, bias = operands(8, 16, torch.int32, gen, device)
+    with pytest.raises(TypeError, match=r"bias must be a torch\.Tensor"):
+        tritonbits.dequant_bias(acc, sa, sb, bias.tolist())
+    with pytest.raises(ValueError, match="bias has shape") as info:
+        tritonbits.dequant_bias(acc, sa, sb, bias[:1])
+    assert "scalar" not in str(info.value)
+
+
+def test_inputs_that_require_grad_are_refused(device, gen):
+    """The eager path once dropped the gradient silently; now it says the op is not differentiable."""
+    acc, sa, sb, bias = operands(8, 16, torch.float32, gen, device)
+    with pytest.raises(ValueError, match="scale_b requires grad"):
+        tritonbits.dequant_bias(acc, sa, sb.requires_grad_(), bias)
+    with torch.no_grad():
+        tritonbits.dequant_bias(acc, sa, sb, bias)

@@ -425,3 +425,157 @@ def test_eager_calls_bind_their_launch(device, gen, quantize, bnb_dequantize):
         finally:
             knobs.runtime.launch_enter_hook.remove(hook)
         assert seen, "with a hook registered the launch must go through Triton (which calls the hook)"
+
+
+# --- regressions: inputs that once gave a wrong answer with no error ---------------------------------
+
+
+def _nested_fields():
+    return {
+        "absmax": lambda st: st,
+        "state2.absmax": lambda st: st.state2,
+        "state2.code": lambda st: st.state2,
+    }
+
+
+@pytest.mark.parametrize("field", ["absmax", "state2.absmax", "state2.code"])
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh", "after-a-good-call"])
+def test_non_contiguous_fields_are_refused(field, cached, device):
+    """Same values at stride 2 were read as if contiguous (~90% of outputs wrong); now refused, cached or not."""
+    q, st = _state(device, n=64 * 300)
+    if cached:
+        tritonbits.dequantize_4bit(q, st)
+    owner, name = _nested_fields()[field](st), field.split(".")[-1]
+    t = getattr(owner, name)
+    setattr(owner, name, torch.stack([t, t], 1)[:, 0])
+    with pytest.raises(ValueError, match=rf"quant_state\.{field} must be contiguous"):
+        tritonbits.dequantize_4bit(q, st)
+
+
+def test_cached_check_refuses_what_a_fresh_check_refuses(device):
+    """The cache key holds everything validate reads: A's strides, the absmax's dtype and size."""
+    q, st = _state(device, n=64 * 64, nested=False)
+    tritonbits.dequantize_4bit(q, st)
+    with pytest.raises(ValueError, match="A must be contiguous"):
+        tritonbits.dequantize_4bit(q.view(32, 64).t(), st)
+    tritonbits.dequantize_4bit(q, st)
+    st.absmax.data = st.absmax.data.view(torch.int32)
+    with pytest.raises(TypeError, match=r"quant_state\.absmax must have dtype"):
+        tritonbits.dequantize_4bit(q, st)
+    st.absmax = st.absmax.data.view(torch.float32).clone()  # a resizable storage of its own
+    tritonbits.dequantize_4bit(q, st)
+    st.absmax.resize_(100)  # same address, fewer elements
+    with pytest.raises(ValueError, match=r"quant_state\.absmax has 100 elements"):
+        tritonbits.dequantize_4bit(q, st)
+
+
+def test_a_list_shape_changed_in_place_is_followed(device):
+    """A duck-typed state whose `shape` list is edited in place: the cache must not keep the old shape."""
+    from types import SimpleNamespace
+
+    q, st = _state(device, n=64 * 8, nested=False)
+    duck = SimpleNamespace(absmax=st.absmax, shape=[16, 32], dtype=st.dtype, blocksize=64, quant_type="nf4")
+    first = tritonbits.dequantize_4bit(q, duck)
+    assert first.shape == (16, 32)
+    duck.shape[0], duck.shape[1] = 32, 16
+    second = tritonbits.dequantize_4bit(q, duck)
+    assert second.shape == (32, 16)
+    assert_exact(second.reshape(-1), first.reshape(-1))
+
+
+def test_out_overlapping_an_input_is_refused(device):
+    q, st = _state(device, n=512, nested=False)
+    buf = torch.empty(2048, dtype=torch.uint8, device=device)
+    packed = buf[:256].view(256, 1)
+    packed.copy_(q.view(-1)[:256].view(256, 1))
+    with pytest.raises(ValueError, match="out overlaps A"):  # out's bytes start inside A's
+        tritonbits.dequantize_4bit(packed, st, out=buf[128 : 128 + 1024].view(torch.float16))
+    absmax_buf = torch.empty(600, dtype=torch.float16, device=device)
+    st.absmax = absmax_buf[:16].view(torch.float32)
+    st.absmax.copy_(torch.rand(8, device=device) + 0.5)
+    with pytest.raises(ValueError, match=r"out overlaps quant_state\.absmax"):
+        tritonbits.dequantize_4bit(packed, st, out=absmax_buf[:512])
+    with pytest.raises(ValueError, match="requires grad"):
+        tritonbits.dequantize_4bit(packed, st, out=torch.empty(512, dtype=torch.float16, device=device,
+                                                               requires_grad=True))  # fmt: skip
+
+
+def test_messages_name_the_bad_field(device):
+    from types import SimpleNamespace
+
+    q, st = _state(device, nested=False)
+    duck = SimpleNamespace(absmax=st.absmax, shape=None, dtype=st.dtype, blocksize=64, quant_type="nf4")
+    with pytest.raises(TypeError, match=r"quant_state\.shape must be a sequence of ints"):
+        tritonbits.dequantize_4bit(q, duck)
+    with pytest.raises(TypeError, match=r"QuantState\.from_dict"):
+        tritonbits.dequantize_4bit(q, st.as_dict())
+
+
+def test_bnb_signature_without_a_quant_state(device, gen):
+    """bnb's second form: absmax and out give the state (blocksize default 64, quant_type default fp4)."""
+    n = 64 * 12
+    packed = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8, generator=gen).to(device)
+    absmax = (torch.rand(n // 64, generator=gen) + 0.5).to(device)
+    out = poisoned((n,), torch.float32, device)
+    got = tritonbits.dequantize_4bit(packed, absmax=absmax, out=out)
+    assert got is out
+    ref = R.ReferenceQuantState(absmax=absmax.cpu(), shape=torch.Size([n]), dtype=torch.float32, blocksize=64,
+                                quant_type="fp4", code=torch.empty(0))  # fmt: skip
+    assert_exact(out.cpu(), R.dequantize_4bit(packed.cpu(), ref))
+    with pytest.raises(ValueError, match="absmax and out"):
+        tritonbits.dequantize_4bit(packed, absmax=absmax)
+
+
+def test_a_one_row_packed_tensor_returns_the_transpose(device, quantize, gen):
+    """bnb returns out.t() when A.shape[0] == 1 (the [1, n/2] packed layout); so does tritonbits."""
+    w = torch.randn(1, 96, generator=gen)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert q.shape == (48, 1)
+    got = tritonbits.dequantize_4bit(q.reshape(1, 48), state)
+    assert got.shape == (96, 1)
+    assert_exact(got, tritonbits.dequantize_4bit(q, state).t())
+
+
+@pytest.mark.parametrize("packed_form", [False, True], ids=["as_dict", "as_dict-packed"])
+def test_bnb_serialized_form_round_trips(packed_form, device, gen, quantize):
+    """A state saved by bnb (as_dict) loads in tritonbits and dequantizes the same; tritonbits' as_dict
+    loads back in bnb's QuantState.from_dict."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(64, 96, generator=gen).to(torch.bfloat16)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    want = tritonbits.dequantize_4bit(q, state)
+    saved = {f"weight.{k}": v for k, v in state.as_dict(packed=packed_form).items()}
+    ours = tritonbits.QuantState.from_dict(saved, device)
+    assert_exact(tritonbits.dequantize_4bit(q, ours), want)
+    theirs = F.QuantState.from_dict(ours.as_dict(packed=packed_form), device)
+    assert_exact(tritonbits.dequantize_4bit(q, theirs), want)
+    assert theirs.shape == state.shape and theirs.dtype == state.dtype and theirs.blocksize == state.blocksize
+
+
+@pytest.mark.gpu
+def test_direct_launch_failure_falls_back_once_with_a_log(device, gen, quantize, caplog, monkeypatch):
+    """If Triton's internals change under the fast path, launches take Triton's own path (still exact) and
+    the switch is logged once."""
+    import logging
+
+    from tritonbits import _launcher
+
+    w = torch.randn(256, 512, generator=gen).to(torch.float16)
+    q, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    want = tritonbits.dequantize_4bit(q, state)
+    tritonbits.dequantize_4bit(q, state)
+
+    def broken(*args, **kwargs):
+        raise TypeError("launcher signature changed")
+
+    monkeypatch.setattr(_launcher, "_raw_launch", broken)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tritonbits"):
+            for _ in range(3):
+                assert_exact(tritonbits.dequantize_4bit(q, state), want)
+        warnings = [r for r in caplog.records if "direct launch" in r.getMessage()]
+        assert len(warnings) == 1, caplog.text
+        assert not dq_module._launcher.enabled
+    finally:
+        dq_module._launcher.enabled = True

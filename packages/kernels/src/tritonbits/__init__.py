@@ -1,12 +1,16 @@
 """tritonbits: Triton kernels for quantized LLM weights.
 
-- ``dequantize_4bit(A, quant_state=None, *, out=None)``: bitsandbytes NF4/FP4 weights, one launch, bit-exact.
-- ``dequant_bias(acc, scale_a, scale_b, bias=None, *, out_dtype=torch.bfloat16, out=None)``: the fused
-  epilogue of INT8/FP8 GEMMs.
+- ``dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4")``:
+  bitsandbytes NF4/FP4 weights, one launch, bit-exact (bnb's signature).
+- ``dequant_bias(acc, scale_a, scale_b, bias=None, *, out_dtype=None, out=None)``: the fused epilogue of
+  INT8/FP8 GEMMs.
+- ``QuantState``: bnb's quant-state fields, ``from_any`` / ``from_dict`` / ``as_dict``.
 
-Depends on torch and triton only. Set TRITON_INTERPRET=1 before import to run on CPU tensors.
+Depends on torch and triton only. Set TRITON_INTERPRET=1 before import to run on CPU tensors (that needs
+numpy: ``pip install 'tritonbits[cpu]'``). Layout and where a new op goes: docs/architecture.md.
 """
 
+from . import _runtime  # noqa: F401  (first: refuses TRITON_INTERPRET=1 without numpy, saying how to fix it)
 from .__about__ import __version__
 from .ops.dequant_bias import dequant_bias
 from .ops.dequantize_4bit import dequantize_4bit

@@ -19,6 +19,21 @@ def interpreting() -> bool:
 INTERPRET = interpreting()
 
 
+def require_interpreter() -> None:
+    """Triton's interpreter needs numpy, which triton does not declare: say how to get it."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "TRITON_INTERPRET=1 runs tritonbits through Triton's interpreter, which needs numpy: "
+            "install tritonbits[cpu] (pip install 'tritonbits[cpu]')"
+        ) from None
+
+
+if INTERPRET:
+    require_interpreter()
+
+
 @functools.cache
 def capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)

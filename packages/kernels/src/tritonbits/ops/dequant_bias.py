@@ -92,19 +92,20 @@ def config_for(device: torch.device, acc_dtype: torch.dtype, m: int, n: int) -> 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _vector(name: str, t, length: int, axis: str, device) -> int:
-    """Validate a per-row/per-column/scalar operand; return its element stride (0 for a scalar)."""
+def _vector(name: str, t, length: int, axis: str, device, *, scalar: bool = True) -> int:
+    """Validate a per-row/per-column (or, where `scalar`, a one-element) operand; return its element stride
+    (0 for a scalar)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SCALE_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     _runtime.check_device(name, t, device)
-    if t.numel() == 1 and t.dim() <= 2:
+    if scalar and t.numel() == 1 and t.dim() <= 2:
         return 0
     shapes = {"M": ((length,), (length, 1)), "N": ((length,), (1, length))}[axis]
     if tuple(t.shape) not in shapes:
-        allowed = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(f"{name} has shape {list(t.shape)}; expected {allowed} ({axis}={length}) or a scalar")
+        allowed = " or ".join(str(list(s)) for s in shapes) + (" or a scalar" if scalar else "")
+        raise ValueError(f"{name} has shape {list(t.shape)}; expected {allowed} ({axis}={length})")
     return t.stride(0) if t.dim() == 1 or axis == "M" else t.stride(1)
 
 
@@ -125,9 +126,7 @@ def validate(acc, scale_a, scale_b, bias, out_dtype, out):
     sb_stride = _vector("scale_b", scale_b, n, "N", device)
     bias_stride = 0
     if bias is not None:
-        if bias.numel() == 1 and n != 1:
-            raise ValueError(f"bias has 1 element; expected [{n}] or [1, {n}]")
-        bias_stride = _vector("bias", bias, n, "N", device)
+        bias_stride = _vector("bias", bias, n, "N", device, scalar=False)
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
@@ -138,6 +137,9 @@ def validate(acc, scale_a, scale_b, bias, out_dtype, out):
             raise ValueError(f"out has shape {list(out.shape)}, expected {[m, n]}")
         if n > 1 and out.stride(1) != 1:
             raise ValueError(f"out must be row-major (unit stride along N); got strides {out.stride()}")
+        if m > 1 and out.stride(0) < n:
+            raise ValueError(f"out rows overlap (strides {out.stride()}, N={n}): an expanded out cannot be written")
+        _runtime.check_out(out, {"acc": acc, "scale_a": scale_a, "scale_b": scale_b, "bias": bias}, may_alias="acc")
     return sa_stride, sb_stride, bias_stride
 
 
@@ -175,7 +177,7 @@ def _(acc, scale_a, scale_b, bias, out_dtype):
     return acc.new_empty(acc.shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("tritonbits::dequant_bias_out", mutates_args=("out",))
+@torch.library.custom_op("tritonbits::dequant_bias.out", mutates_args=("out",))
 def _dequant_bias_out_op(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                          bias: torch.Tensor | None, out: torch.Tensor) -> None:  # fmt: skip
     strides = validate(acc, scale_a, scale_b, bias, out.dtype, out)
@@ -193,20 +195,33 @@ def dequant_bias(
     scale_b: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    out_dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = acc * scale_a * scale_b + bias, fused, fp32 math, one rounding to ``out_dtype``.
 
     acc: [M, N] int32 (``torch._int_mm``), bf16, fp16 or fp32, row-major with any row stride.
     scale_a: per token [M, 1] | [M] | scalar; scale_b: per channel [1, N] | [N] | scalar (fp32; fp16/bf16
-    are upcast). bias: [N] | [1, N] or None.
+    are upcast). bias: [N] | [1, N] or None. out_dtype: bfloat16 by default, or out.dtype when out is given
+    (both given and different is an error). out may be acc itself (in place, same dtype), never a partial
+    overlap with an input. Not differentiable: an input that requires grad (with grad enabled) is refused.
 
     >>> acc = torch._int_mm(x_int8, w_int8.t())
     >>> y = tritonbits.dequant_bias(acc, x_scale, w_scale, bias, out_dtype=torch.bfloat16)
     """
     if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out_dtype is not None and out_dtype != out.dtype:
+            raise TypeError(f"out has dtype {out.dtype}, but out_dtype is {out_dtype}")
         out_dtype = out.dtype
+    elif out_dtype is None:
+        out_dtype = torch.bfloat16
+    if torch.is_grad_enabled():
+        for name, t in (("acc", acc), ("scale_a", scale_a), ("scale_b", scale_b), ("bias", bias)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(f"dequant_bias is not differentiable, but {name} requires grad: detach it or "
+                                 "call under torch.no_grad()")  # fmt: skip
     if torch.compiler.is_compiling():
         if out is not None:
             _dequant_bias_out_op(acc, scale_a, scale_b, bias, out)

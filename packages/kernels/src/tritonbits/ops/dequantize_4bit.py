@@ -88,11 +88,16 @@ def _dequantize_4bit_kernel(
     store_float(out_ptr + 2 * byte_base + out_local, values, out_local < elements_left, MANUAL_BF16, STREAM)
 
 
-def check_out(out, state: QuantState, device: torch.device, inputs: dict) -> None:
+def check_out(out, state: QuantState, device: torch.device, inputs: dict | None) -> None:
+    """out's type, dtype, shape, layout and device; with `inputs`, no memory overlap with them (a traced
+    call passes None: its values have no addresses, the .out op checks overlap when it runs)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     check_tensor("out", out, (state.dtype,), None, device)
     if out.shape != state.shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
-    _runtime.check_out(out, inputs)
+    if inputs is not None:
+        _runtime.check_out(out, inputs)
 
 
 def launch(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int, quant_type: str,
@@ -189,6 +194,7 @@ def _dequantize_4bit_out_op(
     A: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor | None, absmax2: torch.Tensor | None,
     offset: torch.Tensor | None, blocksize: int, blocksize2: int, quant_type: str, out: torch.Tensor,
 ) -> None:  # fmt: skip
+    _runtime.check_out(out, {"A": A, "absmax": absmax, "code2": code2, "absmax2": absmax2, "offset": offset})
     launch(A, absmax, code2, absmax2, offset, out, blocksize, blocksize2, quant_type)
 
 
@@ -218,7 +224,7 @@ def _compiled_call(A: torch.Tensor, quant_state, out: torch.Tensor | None) -> to
     w = PreparedWeight.build(A, state)
     fields = (w.A, w.absmax, w.code2, w.absmax2, w.offset, state.blocksize, w.blocksize2, state.quant_type)
     if out is not None:
-        check_out(out, state, device, {"A": A})
+        check_out(out, state, device, None)
         _dequantize_4bit_out_op(*fields, out)
         return out
     op = _dequantize_4bit_triton_op if A.device.type == "cuda" else _dequantize_4bit_op
@@ -273,9 +279,9 @@ def _eager(A: torch.Tensor, quant_state, out: torch.Tensor | None) -> torch.Tens
     w = prepare(A, quant_state)
     state = w.state
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-        check_out(out, state, A.device, {"A": A, "quant_state.absmax": w.absmax})
+        inputs = {"A": A, "quant_state.absmax": w.absmax, "quant_state.state2.absmax": w.absmax2,
+                  "quant_state.state2.code": w.code2, "quant_state.offset": w.offset}  # fmt: skip
+        check_out(out, state, A.device, inputs)
         launch_weight(w, out)
         return out
     out = torch.empty(state.shape, dtype=state.dtype, device=A.device)
