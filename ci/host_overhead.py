@@ -11,6 +11,7 @@ import triton
 
 import tritonbits
 from tritonbits.ops import dequantize_4bit as dq
+from tritonbits.quant_state import prepare
 from tritonbits_harness import timing
 from tritonbits_reference import baselines
 from tritonbits_reference import bnb as RB
@@ -32,17 +33,17 @@ sa, sb = torch.rand(16, 1, device="cuda"), torch.rand(1, 4096, device="cuda")
 A, qs = w.data, w.quant_state
 tritonbits.dequantize_4bit(A, qs)  # compiles the kernel
 tritonbits.dequantize_4bit(A, qs)  # binds the launch
-entry = dq._prepared(A, qs)
-assert entry.bound is not None, "the eager path did not bind its launch"
+entry = prepare(A, qs)
+bound = entry.launches.get("dequantize_4bit")
+assert bound is not None, "the eager path did not bind its launch"
 out = torch.empty(entry.state.shape, dtype=entry.state.dtype, device="cuda")
-absmax, code2, absmax2, offset, bs2 = entry.fields
 calls = {
     "synchronize": torch.cuda.synchronize,
     "empty triton launch (JITFunction)": lambda: _empty[(1,)](x, 16),
     "torch.empty": lambda: torch.empty(4096, 1024, dtype=torch.bfloat16, device="cuda"),
-    "_prepared (cache hit)": lambda: dq._prepared(A, qs),
-    "bound launch": lambda: entry.bound(out),
-    "launch() (cached launcher)": lambda: dq.launch(A, absmax, code2, absmax2, offset, out, 64, bs2, "nf4"),
+    "prepare (cache hit)": lambda: prepare(A, qs),
+    "bound launch": lambda: bound(out),
+    "launch_weight() (cached launcher)": lambda: dq.launch_weight(entry, out),
     "tritonbits.dequantize_4bit": lambda: tritonbits.dequantize_4bit(A, qs),
     "unsloth-style fast_dequantize": lambda: baselines.unsloth_fast_dequantize(A, qs),
     "bnb dequantize_4bit": lambda: F.dequantize_4bit(A, qs),
