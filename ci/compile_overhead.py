@@ -4,6 +4,7 @@ time, and a cProfile of the compiled calls. Run it with the three `src/` trees o
 
 import cProfile
 import pstats
+
 import torch
 
 from tritonbits_harness import timing
