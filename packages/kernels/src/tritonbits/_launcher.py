@@ -54,9 +54,10 @@ def _pointer(x):
 _log = logging.getLogger("tritonbits")
 
 
-def _raw_launch(kernel, grid: tuple, stream: int, args) -> None:
-    """The one call into Triton's internals: the compiled kernel's launcher, as JITFunction.run calls it
-    (grid, stream, function, metadata, three hooks, then every parameter in signature order)."""
+def _raw_launch(kernel, grid: tuple, device_index: int, args) -> None:
+    """The one touch of private internals: torch's raw current stream, and the compiled kernel's launcher as
+    JITFunction.run calls it (grid, stream, function, metadata, three hooks, every parameter in order)."""
+    stream = torch._C._cuda_getCurrentRawStream(device_index)
     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
 
 
@@ -82,9 +83,8 @@ class CachedLauncher:
         key = self.key(args, constexprs, options, device)
         kernel = self.compiled.get(key) if self.enabled else None
         if kernel is not None and not _hooks_set():
-            stream = torch._C._cuda_getCurrentRawStream(device.index)
             try:
-                _raw_launch(kernel, grid, stream, (*map(_pointer, args), *constexprs.values()))
+                _raw_launch(kernel, grid, device.index, (*map(_pointer, args), *constexprs.values()))
                 return
             except (AttributeError, TypeError) as exc:
                 self.fall_back(exc)
@@ -128,9 +128,8 @@ class BoundLaunch:
         args = self.args.copy()
         for slot, value in zip(self.slots, values, strict=True):
             args[slot] = _pointer(value)
-        stream = torch._C._cuda_getCurrentRawStream(self.device_index)
         try:
-            _raw_launch(self.kernel, grid or self.grid, stream, args)
+            _raw_launch(self.kernel, grid or self.grid, self.device_index, args)
         except (AttributeError, TypeError) as exc:
             self.owner.fall_back(exc)
             return False
