@@ -124,7 +124,9 @@ def _gpu_tune_session(gpu: str):
         env = workspace(session)
         session.run(python(session), "-m", "tritonbits_harness.tune", f"--gpu={gpu}", *session.posargs, env=env)
 
-    session_fn.__doc__ = f"Sweep dequant_bias tile configs on a {gpu} and write them into the config table."
+    session_fn.__doc__ = (f"Tune one registered op on a {gpu} (`-- --op NAME`, default dequant_bias): write its "
+                          "config table under the GPU family, or print its sweep (dequantize_4bit); "
+                          "`-- --write PATH` writes the table elsewhere.")  # fmt: skip
     return session_fn
 
 

@@ -48,3 +48,10 @@ def test_fake_capability_drives_the_kernels_choice(cap, native, fake_capability,
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert _runtime.native_bf16_conversion(torch.device("cuda", 0)) is native
     assert gpus.native_bf16(cap) is native
+
+
+def test_profiles_are_named_by_the_kernels_family():
+    """One owner of family naming: tritonbits._runtime.family_of; every profile is one of its families."""
+    families = {f.lower() for f in _runtime.FAMILIES}
+    assert set(gpus.PROFILES) <= families
+    assert gpus.profile_for("NVIDIA H200 NVL", (9, 0)).name == _runtime.family_of("NVIDIA H200 NVL", (9, 0))

@@ -1,7 +1,9 @@
 """GPU profiles and capability gating, as pure functions of the compute capability (major, minor).
 
 The kernels choose their own code paths; this module decides what the test and benchmark sessions
-expect of a device: which dtypes a profile tests, and through which path bf16 reaches memory.
+expect of a device: which dtypes a profile tests, and through which path bf16 reaches memory. Which GPU
+family a device belongs to is the kernels' decision (tritonbits._runtime.family_of, which also names the
+tuned config tables); a profile is keyed by that family name.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from tritonbits import _runtime
 
 Capability = tuple[int, int]
 
@@ -37,7 +41,6 @@ class GpuProfile:
     name: str
     capability: Capability
     dtypes: tuple[str, ...]  # output dtypes the GPU sessions test and benchmark
-    device_names: tuple[str, ...]  # substrings of torch.cuda.get_device_name() that identify it
 
     @property
     def features(self) -> frozenset[str]:
@@ -51,23 +54,20 @@ PROFILES: dict[str, GpuProfile] = {
     p.name: p
     for p in (
         # T4 stores bf16 only through the kernels' own round-to-nearest-even (no native conversion)
-        GpuProfile("t4", (7, 5), ("fp16", "bf16"), ("T4",)),
-        GpuProfile("a100", (8, 0), ("fp16", "bf16"), ("A100",)),
-        GpuProfile("l4", (8, 9), ("fp16", "bf16"), ("L4",)),
-        GpuProfile("h100", (9, 0), ("fp16", "bf16"), ("H100",)),
-        GpuProfile("h200", (9, 0), ("fp16", "bf16"), ("H200",)),
+        GpuProfile("t4", (7, 5), ("fp16", "bf16")),
+        GpuProfile("a100", (8, 0), ("fp16", "bf16")),
+        GpuProfile("l4", (8, 9), ("fp16", "bf16")),
+        GpuProfile("h100", (9, 0), ("fp16", "bf16")),
+        GpuProfile("h200", (9, 0), ("fp16", "bf16")),
     )
 }
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def profile_for(device_name: str) -> GpuProfile | None:
-    """The profile whose name appears in a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3' -> h100)."""
-    for p in PROFILES.values():
-        if any(s in device_name for s in p.device_names):
-            return p
-    return None
+def profile_for(device_name: str, capability: Capability = (0, 0)) -> GpuProfile | None:
+    """The profile of a CUDA device's family (e.g. 'NVIDIA H100 80GB HBM3' -> h100), None for other GPUs."""
+    return PROFILES.get(_runtime.family_of(device_name, capability))
 
 
 @dataclass(frozen=True)
@@ -83,4 +83,5 @@ def current_device() -> Device | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    return Device(name, torch.cuda.get_device_capability(), profile_for(name))
+    cap = torch.cuda.get_device_capability()
+    return Device(name, cap, profile_for(name, cap))

@@ -4,17 +4,21 @@
 
 For each device, the latest benchmark rows of each benchmark (a run may hold a subset of them) and the
 latest test record of each session are shown. Nothing is typed in by hand: every number comes from a record.
+
+Each benchmark found in the records is rendered by its registration's `section` (bench/registry.py), or by
+`generic_section` when it has none or is no longer registered; sections come in the order the benchmarks
+first appear in the device's records. This module names no benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from . import records
+from .bench import SectionInput, load_all
 
 MODES = {"graph": "CUDA-graph replay (launch gaps removed)", "launch": "do_bench (launch included)",
          "wall": "wall clock"}  # fmt: skip
@@ -42,6 +46,14 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def subject_of(name: str, meta: dict) -> str:
+    """The provider a benchmark's speed-ups are relative to: the record's, else the registration's."""
+    if meta.get("subject"):
+        return meta["subject"]
+    bench = load_all().get(name)
+    return bench.subject if bench is not None else "tritonbits"
+
+
 def runs_section(runs: list[dict], shown: dict) -> list[str]:
     """Every bench run of the device, with the tritonbits speed-up over each baseline (CUDA graph)."""
     body = []
@@ -50,9 +62,9 @@ def runs_section(runs: list[dict], shown: dict) -> list[str]:
             rows = [r for r in rec["rows"] if r["benchmark"] == name]
             if not rows:
                 continue
-            subject = "eager" if name == "mlp_compile" else "tritonbits"
+            subject = subject_of(name, rec["benchmarks"][name])
             mode = "graph" if any(r["mode"] == "graph" for r in rows) else rows[0]["mode"]
-            cases = _by_case(rows, mode)
+            cases = by_case(rows, mode)
             parts = []
             for base in rec["benchmarks"][name]["baselines"]:
                 vals = [c[base]["ms"] / c[subject]["ms"] for c in cases.values() if base in c and subject in c]
@@ -62,22 +74,22 @@ def runs_section(runs: list[dict], shown: dict) -> list[str]:
             body.append([rec["environment"]["date"], rec["environment"]["git_sha"], name, str(len(cases)), mode,
                          "; ".join(parts), used])  # fmt: skip
     header = ["date", "git", "benchmark", "cases", "mode", "baseline time / subject time (min–max)", "tables"]
-    return ["### All benchmark runs", "", _table(header, body), ""]
+    return ["### All benchmark runs", "", table(header, body), ""]
 
 
-def _env_line(rec: dict) -> str:
+def env_line(rec: dict) -> str:
     e = rec["environment"]
     return (f"{e['device']} (sm{''.join(map(str, e['capability'] or []))}, driver {e['driver']}), torch {e['torch']}, "
             f"triton {e['triton']}, bitsandbytes {e['bitsandbytes']}, git {e['git_sha']}, {e['date']}")  # fmt: skip
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def _by_case(rows: list[dict], mode: str) -> dict[str, dict[str, dict]]:
+def by_case(rows: list[dict], mode: str) -> dict[str, dict[str, dict]]:
     cases: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         if r["mode"] == mode:
@@ -85,149 +97,28 @@ def _by_case(rows: list[dict], mode: str) -> dict[str, dict[str, dict]]:
     return cases
 
 
-def dequantize_section(rec: dict, rows: list[dict], plot: str | None) -> list[str]:
-    meta = rec["benchmarks"]["dequantize_4bit"]
-    out = [f"### dequantize_4bit — {meta['description']}", "", f"Run: {_env_line(rec)}. "
-           f"Device-to-device copy in the same run: {rec['copy_gbps']:.0f} GB/s.", ""]  # fmt: skip
-    providers = ["tritonbits", "pattern", "bnb", "unsloth", "bnb-triton", "torch.compile"]
-    for mode in ("graph", "launch"):
-        out += [f"**{MODES[mode]}** — GB/s; tritonbits also as % of the expand-only pattern and of copy; "
-                "last columns: speed-up of tritonbits over each baseline.", ""]  # fmt: skip
-        header = ["shape", "dtype", *providers, "% pattern", "% copy", "× bnb", "× unsloth", "× torch.compile"]
-        body = []
-        for prov in _by_case(rows, mode).values():
-            p = prov["tritonbits"]["params"]
-            ours = prov["tritonbits"]
-            cells = [f"{prov[x]['gbps']:.0f}" if x in prov else "—" for x in providers]
-            ratios = [f"{prov[b]['ms'] / ours['ms']:.2f}" if b in prov else "—"
-                      for b in ("bnb", "unsloth", "torch.compile")]  # fmt: skip
-            body.append([f"{p['rows']}×{p['cols']}", p["dtype"], *cells, f"{ours.get('pct_pattern', 0):.1f}",
-                         f"{ours.get('pct_copy', 0):.1f}", *ratios])  # fmt: skip
-        out += [_table(header, body), ""]
-    if plot:
-        out += [f"![dequantize_4bit GB/s]({plot})", ""]
-    return out
-
-
-def dequant_bias_section(rec: dict, rows: list[dict], plots: list[str]) -> list[str]:
-    meta = rec["benchmarks"]["dequant_bias"]
-    out = [f"### dequant_bias — {meta['description']}", "", f"Run: {_env_line(rec)}. "
-           f"Device-to-device copy in the same run: {rec['copy_gbps']:.0f} GB/s.", ""]  # fmt: skip
-    for mode in ("graph", "launch"):
-        cases = _by_case(rows, mode)
-        accs = sorted({c["tritonbits"]["params"]["acc"] for c in cases.values()})
-        ns = sorted({c["tritonbits"]["params"]["n"] for c in cases.values()})
-        ms = sorted({c["tritonbits"]["params"]["m"] for c in cases.values()})
-        out += [f"**{MODES[mode]}** — each cell: tritonbits GB/s (% of copy) · speed-up over torch.compile · "
-                "over the 5-op eager version", ""]  # fmt: skip
-        index = {(c["tritonbits"]["params"]["acc"], c["tritonbits"]["params"]["n"], c["tritonbits"]["params"]["m"]): c
-                 for c in cases.values()}  # fmt: skip
-        for acc in accs:
-            body = []
-            for m in ms:
-                cells = []
-                for n in ns:
-                    c = index.get((acc, n, m))
-                    if c is None:
-                        cells.append("—")
-                        continue
-                    t = c["tritonbits"]
-                    comp = c["torch.compile"]["ms"] / t["ms"] if "torch.compile" in c else float("nan")
-                    eager = c["eager-5op"]["ms"] / t["ms"]
-                    cells.append(f"{t['gbps']:.0f} ({t['pct_copy']:.0f}%) · {comp:.2f}× · {eager:.1f}×")
-                body.append([str(m), *cells])
-            out += [f"acc = {acc}", "", _table(["M \\ N", *map(str, ns)], body), ""]
-        out += _dequant_bias_summary(cases, mode)
-    out += [f"![dequant_bias GB/s]({p})" for p in plots] + [""]
-    return out
-
-
-def _dequant_bias_summary(cases: dict, mode: str) -> list[str]:
-    vs_compile = [c["torch.compile"]["ms"] / c["tritonbits"]["ms"] for c in cases.values() if "torch.compile" in c]
-    big = [c["tritonbits"]["pct_copy"] for c in cases.values()
-           if c["tritonbits"]["params"]["m"] * c["tritonbits"]["params"]["n"] >= 16 << 20]  # fmt: skip
-    slower = sum(1 for v in vs_compile if v < 1.0)
-    lines = [f"Summary ({mode}): speed-up over torch.compile min {min(vs_compile):.2f}×, median "
-             f"{statistics.median(vs_compile):.2f}×, slower at {slower} of {len(vs_compile)} points"]  # fmt: skip
-    if big:
-        lines[0] += f"; % of copy at M·N ≥ 16M: min {min(big):.1f}, median {statistics.median(big):.1f}"
-    return [lines[0] + ".", ""]
-
-
-def simple_section(name: str, rec: dict, rows: list[dict]) -> list[str]:
-    meta = rec["benchmarks"][name]
-    subject = "tritonbits" if name != "mlp_compile" else "eager"
-    out = [f"### {name} — {meta['description']}", "", f"Run: {_env_line(rec)}.", ""]
-    for mode in sorted({r["mode"] for r in rows}):
-        cases = _by_case(rows, mode)
+def generic_section(inp: SectionInput) -> list[str]:
+    """Any benchmark: per mode, every provider's median ms, the subject's GB/s when the rows have a bytes
+    model, and each provider's time over the subject's."""
+    meta = inp.record["benchmarks"][inp.name]
+    subject = inp.subject
+    out = [f"### {inp.name} — {meta['description']}", "", f"Run: {env_line(inp.record)}.", ""]
+    for mode in sorted({r["mode"] for r in inp.rows}):
+        cases = by_case(inp.rows, mode)
         providers = sorted({p for c in cases.values() for p in c}, key=lambda p: (p != subject, p))
+        with_gbps = any("gbps" in c.get(subject, {}) for c in cases.values())
         header = ["case", *[f"{p} (ms)" for p in providers], *[f"{p} / {subject}" for p in providers[1:]]]
+        header += [f"{subject} GB/s"] if with_gbps else []
         body = []
         for case, prov in cases.items():
-            ref = prov[subject]["ms"]
-            body.append([case, *[f"{prov[p]['ms']:.3f}" if p in prov else "—" for p in providers],
-                         *[f"{prov[p]['ms'] / ref:.2f}" if p in prov else "—" for p in providers[1:]]])  # fmt: skip
-        out += [f"**{MODES[mode]}**", "", _table(header, body), ""]
+            ref = prov[subject]["ms"] if subject in prov else float("nan")
+            row = [case, *[f"{prov[p]['ms']:.3f}" if p in prov else "—" for p in providers],
+                   *[f"{prov[p]['ms'] / ref:.2f}" if p in prov else "—" for p in providers[1:]]]  # fmt: skip
+            if with_gbps:
+                row.append(f"{prov[subject]['gbps']:.0f}" if "gbps" in prov.get(subject, {}) else "—")
+            body.append(row)
+        out += [f"**{MODES.get(mode, mode)}**", "", table(header, body), ""]
     return out
-
-
-def plot_dequantize(rows: list[dict], copy_gbps: float, path: Path, device: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, dtype in zip(axes, ("fp16", "bf16"), strict=True):
-        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        for r in rows:
-            if r["mode"] == "graph" and r["params"]["dtype"] == dtype:
-                series[r["provider"]].append((r["params"]["rows"] * r["params"]["cols"], r["gbps"]))
-        for provider, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider,
-                    linewidth=2.5 if provider == "tritonbits" else 1.2)  # fmt: skip
-        ax.axhline(copy_gbps, color="black", linestyle="--", label="device copy")
-        ax.set_xscale("log")
-        ax.set_xlabel("weight elements")
-        ax.set_title(f"dequantize_4bit {dtype}, CUDA graph")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("GB/s")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(device)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_dequant_bias(rows: list[dict], copy_gbps: float, path: Path, device: str, acc: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ns = sorted({r["params"]["n"] for r in rows})
-    fig, axes = plt.subplots(1, len(ns), figsize=(4 * len(ns), 4), sharey=True)
-    for ax, n in zip(axes, ns, strict=True):
-        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        for r in rows:
-            if r["mode"] == "graph" and r["params"]["n"] == n and r["params"]["acc"] == acc:
-                series[r["provider"]].append((r["params"]["m"], r["gbps"]))
-        for provider, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=provider,
-                    linewidth=2.5 if provider == "tritonbits" else 1.2)  # fmt: skip
-        ax.axhline(copy_gbps, color="black", linestyle="--", label="device copy")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M")
-        ax.set_title(f"N={n}")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("GB/s")
-    axes[-1].legend(fontsize=7)
-    fig.suptitle(f"dequant_bias, acc {acc} -> bf16, CUDA graph — {device}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def tests_section(tests: dict[str, dict]) -> list[str]:
@@ -238,7 +129,7 @@ def tests_section(tests: dict[str, dict]) -> list[str]:
         c = rec["counts"]
         body.append([f"test-{name}", str(c.get("passed", 0)), str(c.get("failed", 0)), str(c.get("skipped", 0)),
                      str(c.get("error", 0)), rec["environment"]["git_sha"], rec["environment"]["date"]])  # fmt: skip
-    return ["### GPU test sessions", "", _table(["session", "passed", "failed", "skipped", "errors", "git", "date"],
+    return ["### GPU test sessions", "", table(["session", "passed", "failed", "skipped", "errors", "git", "date"],
                                                  body), ""]  # fmt: skip
 
 
@@ -249,27 +140,18 @@ def render(record_dir: str, out_dir: str) -> Path:
     lines = ["# Benchmarks", "", "Rendered by `nox -s report` from the JSON records in docs/gpu-runs/ — do not edit.",
              "Ratios are measured side by side in one run on one GPU; GB/s come from each benchmark's bytes model.",
              ""]  # fmt: skip
+    registry = load_all()
     for device, data in sorted(latest_by_device(records.load(record_dir)).items()):
-        slug = records.slug(device)
         lines += [f"## {device}", ""]
         lines += tests_section(data["tests"])
         bench = data["bench"]
-        if "dequantize_4bit" in bench:
-            rec, rows = bench["dequantize_4bit"]
-            png = plots / f"dequantize_4bit-{slug}.png"
-            plot_dequantize(rows, rec["copy_gbps"], png, device)
-            lines += dequantize_section(rec, rows, f"plots/{png.name}")
-        for name in ("unsloth_puzzle", "mlp_compile"):
-            if name in bench:
-                lines += simple_section(name, *bench[name])
-        if "dequant_bias" in bench:
-            rec, rows = bench["dequant_bias"]
-            names = []
-            for acc in sorted({r["params"]["acc"] for r in rows}):
-                png = plots / f"dequant_bias-{slug}-{acc}.png"
-                plot_dequant_bias(rows, rec["copy_gbps"], png, device, acc)
-                names.append(f"plots/{png.name}")
-            lines += dequant_bias_section(rec, rows, names)
+        for name in bench:
+            rec, rows = bench[name]
+            registered = registry.get(name)
+            inp = SectionInput(name=name, record=rec, rows=rows, plot_dir=plots, device=device,
+                               subject=subject_of(name, rec["benchmarks"][name]))  # fmt: skip
+            render_section = registered.section if registered and registered.section else generic_section
+            lines += render_section(inp)
         lines += runs_section(data["runs"], bench)
     path = out / "benchmarks.md"
     path.write_text("\n".join(lines).rstrip() + "\n")

@@ -2,6 +2,8 @@
 
 - `bench`: triton.testing.do_bench, median, L2 flushed before every run (launch overhead included).
 - `bench_graph`: the same function captured in a CUDA graph and replayed (launch gaps removed).
+- `bench_quantiles` / `bench_graph_quantiles` / `wall_quantiles`: p20, p50, p80 of the same timings, which
+  the benchmark records keep (p50 is the median the other two return).
 - `copy_gbps`: a device-to-device copy, counting bytes read plus bytes written: the roofline.
 - `host_us`: wall time per call of calls issued back to back (host cost when the GPU keeps up).
 """
@@ -16,6 +18,47 @@ import triton.testing
 
 WARMUP_MS = 25
 REP_MS = 100
+QUANTILES = (0.2, 0.5, 0.8)
+Quantiles = dict[str, float]  # {"p20": ms, "p50": ms, "p80": ms}
+
+
+def _named(values) -> Quantiles:
+    values = [float(v) for v in values]
+    if len(values) != len(QUANTILES):
+        raise ValueError(f"expected {len(QUANTILES)} quantiles, got {values!r}")
+    return {f"p{round(q * 100)}": v for q, v in zip(QUANTILES, values, strict=True)}
+
+
+def quantiles_of(times_ms: list[float]) -> Quantiles:
+    """p20/p50/p80 of raw timings, interpolated linearly like triton.testing.do_bench's `quantiles`."""
+    if not times_ms:
+        raise ValueError("quantiles_of: times_ms is empty")
+    t = torch.tensor(times_ms, dtype=torch.float64)
+    return _named(torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64)).tolist())
+
+
+def bench_quantiles(fn: Callable[[], object], *, warmup: int = WARMUP_MS, rep: int = REP_MS) -> Quantiles:
+    """p20/p50/p80 milliseconds of fn() with do_bench (L2 flushed between runs)."""
+    return _named(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=list(QUANTILES)))
+
+
+def bench_graph_quantiles(fn: Callable[[], object], *, rep: int = REP_MS) -> Quantiles:
+    """p20/p50/p80 milliseconds of fn() replayed from a CUDA graph (do_bench_cudagraph)."""
+    with torch.cuda.stream(torch.cuda.Stream()):
+        return _named(triton.testing.do_bench_cudagraph(fn, rep=rep, quantiles=list(QUANTILES)))
+
+
+def wall_quantiles(fn: Callable[[], object], reps: int = 5) -> Quantiles:
+    """p20/p50/p80 wall milliseconds of `reps` calls of fn() after one warm-up call (CPU plumbing runs)."""
+    if reps < 1:
+        raise ValueError(f"wall_quantiles: reps must be >= 1, got {reps}")
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return quantiles_of(times)
 
 
 def bench(fn: Callable[[], object], *, warmup: int = WARMUP_MS, rep: int = REP_MS) -> float:

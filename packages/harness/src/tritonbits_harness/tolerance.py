@@ -6,6 +6,11 @@
       |out - v| <= ulps * ulp_out(v) + fp32_terms * 2**-24 * (|acc*sa*sb| + |bias|)
   with ulps = 0.5 (one correct rounding) plus the fp32 error, which can push a value across a rounding
   boundary: the only case where the result is 1 ulp away from the correctly rounded one.
+- linear_4bit (and any matmul accumulating in fp32): K-aware, see `matmul_bound` / `assert_matmul`.
+- quantize_4bit: a code may be the oracle's or, at a tie, its neighbour in value order (`assert_codes`);
+  the round trip obeys `quantize_error_bound` (see `assert_quantize_roundtrip`).
+
+Every tolerance literal lives in this module; tests ask for the policy, never write their own.
 """
 
 from __future__ import annotations
@@ -16,22 +21,35 @@ import torch
 
 from tritonbits_reference import dequant_bias_exact
 
+U32 = 2.0**-24  # fp32 unit roundoff (round to nearest)
+
 
 @dataclass(frozen=True)
 class Tolerance:
     exact: bool
-    ulps: float = 0.0  # of the output dtype, at the exact value
-    fp32_terms: int = 0  # fp32 roundings before the final one
+    ulps: float = 0.0  # of the output dtype, at the exact value (matmuls: at the result)
+    fp32_terms: int = 0  # fp32 roundings before the final one (beyond the K of a matmul)
+    k_factor: float = 0.0  # matmuls: c in c * (K + fp32_terms) * 2**-24 * (|x| @ |W|.T + |bias|)
+    code_steps: int = 0  # quantize: how many steps (in code-value order) a code may be from the oracle's
+    tie_slack: float = 0.0  # quantize: how close x/absmax must be to a decision boundary for a neighbour
 
 
 EXACT = Tolerance(exact=True)
 EPILOGUE = Tolerance(exact=False, ulps=0.5, fp32_terms=4)
+# c = 2: a tensor-core adder may truncate instead of rounding to nearest (unit roundoff 2**-23, not 2**-24)
+MATMUL_FP32_ACC = Tolerance(exact=False, ulps=0.5, fp32_terms=2, k_factor=2.0)
+# the kernel and the oracle may compute x/absmax differently (a reciprocal, a division, fused multiply-add):
+# a few fp32 roundings, so a value within 4 fp32 ulps of 1.0 (the largest |x/absmax|) of a decision
+# boundary may land on either side
+QUANTIZE_NEIGHBOUR = Tolerance(exact=False, code_steps=1, tie_slack=4 * 2.0**-23)
 
 _POLICY: dict[tuple[str, torch.dtype, str], Tolerance] = {}
 for _backend in ("cuda", "interpreter"):
     for _dtype in (torch.float16, torch.bfloat16, torch.float32):
         _POLICY["dequantize_4bit", _dtype, _backend] = EXACT
         _POLICY["dequant_bias", _dtype, _backend] = EPILOGUE
+        _POLICY["linear_4bit", _dtype, _backend] = MATMUL_FP32_ACC
+        _POLICY["quantize_4bit", _dtype, _backend] = QUANTIZE_NEIGHBOUR
 
 
 def policy(kernel: str, dtype: torch.dtype, backend: str) -> Tolerance:
@@ -96,3 +114,140 @@ def assert_dequant_bias(out: torch.Tensor, acc, scale_a, scale_b, bias=None) -> 
         exact = dequant_bias_exact(acc, scale_a, scale_b, bias.cpu())
         magnitude = magnitude + bias.cpu().double().abs().reshape(1, -1)
     assert_within("dequant_bias", out, exact, magnitude)
+
+
+# --- matmuls with fp32 accumulation (linear_4bit) ----------------------------------------------------------
+
+
+def matmul_bound(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                 tol: Tolerance = MATMUL_FP32_ACC) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(reference, bound) for out = x @ w.T (+ bias) computed in fp32 and rounded once to out.dtype.
+
+    x: [..., K], w: [N, K] (the dequantized weight, exactly what the kernel multiplies), bias: [N].
+    - reference: x @ w.T + bias in float64 (exact for K up to 2**29 with fp16/bf16 operands, and within
+      a relative 2**-53 * K otherwise, negligible here);
+    - operand-magnitude product: |x| @ |w|.T + |bias| in float64;
+    - bound: |out - reference| <= c * (K + fp32_terms) * 2**-24 * magnitude + ulps * ulp_out(out).
+    The first term is the classical dot-product error gamma_K * sum |x_k w_k| for any summation order
+    (fp16/bf16 products are exact in fp32; fp32_terms covers the bias add and one scaling); c = k_factor
+    allows a truncating accumulator. The second is the final rounding to out.dtype: 0.5 ulp at the
+    rounded result (never smaller than the ulp at the fp32 value it came from). TF32 does not pass it.
+    """
+    if x.shape[-1] != w.shape[-1] or w.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)}: w must be [N, K] with x's last dim K")
+    k = x.shape[-1]
+    xd, wd = x.detach().cpu().double(), w.detach().cpu().double()
+    ref = xd @ wd.T
+    magnitude = xd.abs() @ wd.abs().T
+    if bias is not None:
+        if bias.shape != (w.shape[0],):
+            raise ValueError(f"bias must be [N] = [{w.shape[0]}], got {tuple(bias.shape)}")
+        bd = bias.detach().cpu().double()
+        ref, magnitude = ref + bd, magnitude + bd.abs()
+    if out.shape != ref.shape:
+        raise ValueError(f"out {tuple(out.shape)} is not x @ w.T {tuple(ref.shape)}")
+    bound = tol.k_factor * (k + tol.fp32_terms) * U32 * magnitude + tol.ulps * ulp(out.detach().cpu(), out.dtype)
+    return ref, bound
+
+
+def assert_matmul(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  kernel: str = "linear_4bit") -> None:  # fmt: skip
+    """Judge out = x @ w.T (+ bias) against the float64 reference under `kernel`'s K-aware policy."""
+    tol = policy(kernel, out.dtype, backend_of(out))
+    if tol.k_factor <= 0:
+        raise ValueError(f"policy of {kernel!r} ({tol}) is not a matmul policy")
+    ref, bound = matmul_bound(out, x, w, bias, tol)
+    a = out.detach().cpu().double()
+    bad = ~((a - ref).abs() <= bound)
+    if bad.any():
+        raise AssertionError(f"{kernel} ({out.dtype}) outside its K-aware policy {tol}: " + _describe(bad, a, ref))
+
+
+# --- quantize: codes and the round-trip error ------------------------------------------------------------
+
+
+def _value_rank(code_values: torch.Tensor) -> torch.Tensor:
+    """Per code index, the position of its value among the distinct sorted values (0.0 == -0.0)."""
+    values = torch.as_tensor(code_values, dtype=torch.float64).flatten()
+    distinct = torch.unique(values)  # sorted
+    return torch.searchsorted(distinct, values)
+
+
+def max_code_gap(code_values) -> float:
+    """The largest gap between neighbouring code values over [-1, 1]; an end of the range not reached by a
+    code counts twice (nothing rounds to it from the far side)."""
+    values = torch.unique(torch.as_tensor(code_values, dtype=torch.float64).flatten())
+    if values.numel() < 2 or values.min() < -1 or values.max() > 1:
+        raise ValueError(f"code_values must hold at least 2 values in [-1, 1], got {values.tolist()}")
+    gaps = [*(values[1:] - values[:-1]).tolist(), 2 * float(values[0] + 1), 2 * float(1 - values[-1])]
+    return max(gaps)
+
+
+def assert_codes(got: torch.Tensor, want: torch.Tensor, code_values, scaled: torch.Tensor | None = None,
+                 kernel: str = "quantize_4bit") -> None:  # fmt: skip
+    """Every quantized code (unpacked indices into code_values) is the oracle's, or, where `kernel`'s
+    policy allows it, a neighbour in code-value order (`code_steps`). With `scaled` (x / absmax in float64,
+    the value the codes round) a neighbour is accepted only within `tie_slack` of the decision boundary
+    between the two code values: a near tie, never a plain wrong choice."""
+    if got.shape != want.shape:
+        raise ValueError(f"got {tuple(got.shape)} and want {tuple(want.shape)} differ in shape")
+    tol = policy(kernel, torch.float32, backend_of(got))
+    g, w = got.detach().cpu().long(), want.detach().cpu().long()
+    if g.min() < 0 or g.max() >= len(code_values):
+        raise ValueError(f"got holds codes outside 0..{len(code_values) - 1}")
+    rank = _value_rank(code_values)
+    steps = (rank[g] - rank[w]).abs()
+    bad = steps > (0 if tol.exact else tol.code_steps)
+    if scaled is not None and not tol.exact:
+        values = torch.as_tensor(code_values, dtype=torch.float64).flatten()
+        boundary = (values[g] + values[w]) / 2
+        off_tie = (scaled.detach().cpu().double().reshape(g.shape) - boundary).abs() > tol.tie_slack
+        bad |= (steps > 0) & off_tie
+    if bad.any():
+        raise AssertionError(f"{kernel} codes outside its policy {tol}: " + _describe(bad, g, w))
+
+
+def quantize_error_bound(x: torch.Tensor, code_values, blocksize: int, nested_error: float | torch.Tensor = 0.0,
+                         kernel: str = "quantize_4bit") -> torch.Tensor:  # fmt: skip
+    """Per element of x, the largest |dequant(quant(x)) - x| that blockwise absmax quantization may leave:
+
+        0.5 * max_gap(code) * absmax_block + tie_slack * absmax_block + nested_error
+
+    absmax_block: max |x| of the element's block of `blocksize` (flattened x, last block partial);
+    max_gap: `max_code_gap` (rounding to the nearest code value moves x/absmax by at most half of it;
+    tie_slack: a neighbour chosen at a near tie moves it by at most tie_slack more); nested_error: a bound
+    on |stored absmax - absmax| (scalar or per block) when the absmax itself is quantized (|code| <= 1).
+    The dequantized value's own rounding to its dtype is not included: add it when comparing."""
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    tol = policy(kernel, torch.float32, backend_of(x))
+    flat = x.detach().cpu().double().flatten()
+    blocks = -(-flat.numel() // blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float64)
+    padded[: flat.numel()] = flat.abs()
+    absmax = padded.reshape(blocks, blocksize).amax(dim=1)
+    nested = torch.as_tensor(nested_error, dtype=torch.float64)
+    if nested.dim() == 1 and nested.numel() != blocks:
+        raise ValueError(f"nested_error has {nested.numel()} entries for {blocks} blocks")
+    per_block = (0.5 * max_code_gap(code_values) + tol.tie_slack) * absmax + nested
+    return per_block.repeat_interleave(blocksize)[: flat.numel()].reshape(x.shape)
+
+
+def assert_quantize_roundtrip(
+    dequantized: torch.Tensor,
+    x: torch.Tensor,
+    code_values,
+    blocksize: int,
+    nested_error: float | torch.Tensor = 0.0,
+    kernel: str = "quantize_4bit",
+) -> None:
+    """|dequantized - x| <= quantize_error_bound + 0.5 ulp of dequantized's dtype (its final rounding)."""
+    if dequantized.shape != x.shape:
+        raise ValueError(f"dequantized {tuple(dequantized.shape)} and x {tuple(x.shape)} differ in shape")
+    bound = quantize_error_bound(x, code_values, blocksize, nested_error, kernel)
+    d = dequantized.detach().cpu()
+    bound = bound + 0.5 * ulp(d, d.dtype)
+    e = x.detach().cpu().double()
+    bad = ~((d.double() - e).abs() <= bound)
+    if bad.any():
+        raise AssertionError(f"{kernel} round trip outside its bound: " + _describe(bad, d.double(), e))

@@ -1,32 +1,116 @@
-"""Sweep kernel configs on the present GPU.
+"""Sweep kernel configs on the present GPU, op by op (`nox -s tune-<gpu> -- --op NAME`).
 
-  python -m tritonbits_harness.tune --gpu h100                  dequant_bias: rewrite its config table
+  python -m tritonbits_harness.tune --gpu h100                        dequant_bias: rewrite its table
   python -m tritonbits_harness.tune --gpu h100 --op dequantize_4bit   print the dequantize variant sweep
+  python -m tritonbits_harness.tune --gpu h100 --write /tmp/t.json    write the table elsewhere
 
-dequant_bias configs are timed with CUDA graphs (launch gaps removed) on every (acc dtype, M bucket,
-N bucket) of the benchmark matrix and the fastest is written into
-packages/kernels/src/tritonbits/configs/dequant_bias.json under the GPU family. Nothing is tuned at call time.
+Each tunable op is registered in `TUNABLE`. One with a table names its cases, its candidate configs, a
+timing function and the op's own key function (the one its lookup calls, so every tuned entry is found):
+the fastest candidate of each key (CUDA-graph median, launch gaps removed) is written with
+`tritonbits.configs.write` under the GPU family `tritonbits._runtime.gpu_family` gives this device,
+into the op's table beside the installed tritonbits package (packages/kernels/src/tritonbits/configs/
+in the workspace). An op without a table prints its sweep. Nothing is tuned at call time.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
+
+from tritonbits import _runtime, configs
 
 from . import gpus, timing
 from .bench.runner import progress_bar
 
+
+@dataclass(frozen=True)
+class TunableOp:
+    """A tunable op. With `key`/`candidates`/`time` it has a config table; else `sweep_only` prints."""
+
+    name: str
+    description: str
+    cases: Callable[[], list[dict]] = lambda: []
+    key: Callable[[dict], str] | None = None  # the op's own table key of a case
+    candidates: Callable[[dict], list[Any]] | None = None  # configs worth timing on a case
+    time: Callable[[dict, Any, int], float] | None = None  # (case, config, rep_ms) -> ms
+    sweep_only: Callable[[Console, int, argparse.Namespace], None] | None = None
+
+    @property
+    def has_table(self) -> bool:
+        return self.key is not None
+
+
+TUNABLE: dict[str, TunableOp] = {}
+
+
+def register(op: TunableOp) -> TunableOp:
+    if op.name in TUNABLE:
+        raise ValueError(f"tunable op {op.name!r} registered twice")
+    if op.has_table and (op.candidates is None or op.time is None):
+        raise ValueError(f"tunable op {op.name!r} has a key but no candidates or time function")
+    if not op.has_table and op.sweep_only is None:
+        raise ValueError(f"tunable op {op.name!r} has neither a table (key) nor a sweep_only function")
+    TUNABLE[op.name] = op
+    return op
+
+
+def representatives(op: TunableOp) -> dict[str, dict]:
+    """key -> the first case with that key (all cases of a key share one config)."""
+    assert op.key is not None
+    out: dict[str, dict] = {}
+    for case in op.cases():
+        out.setdefault(op.key(case), case)
+    return out
+
+
+def sweep(op: TunableOp, rep_ms: int, progress: Progress) -> dict[str, Any]:
+    """{key: the fastest candidate config on the key's representative case}."""
+    if not op.has_table:
+        raise ValueError(f"op {op.name!r} has no config table to sweep")
+    assert op.candidates is not None and op.time is not None
+    reps = representatives(op)
+    total = sum(len(op.candidates(c)) for c in reps.values())
+    task = progress.add_task(f"{op.name}: {len(reps)} keys, {total} timings", total=total)
+    entries: dict[str, Any] = {}
+    for key, case in reps.items():
+        best: tuple[float, Any] | None = None
+        candidates = op.candidates(case)
+        if not candidates:
+            raise ValueError(f"{op.name}: no candidate config for {case}")
+        for cfg in candidates:
+            ms = op.time(case, cfg, rep_ms)
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+            progress.advance(task)
+        assert best is not None
+        entries[key] = best[1]
+    return entries
+
+
+def tune_table(op: TunableOp, family: str, console: Console, rep_ms: int, path: Path | None = None) -> Path:
+    """Sweep `op` and replace `family`'s entries of its table (configs.write; `path` overrides where)."""
+    with progress_bar(console) as progress:
+        entries = sweep(op, rep_ms, progress)
+    written = configs.write(op.name, family, entries, path)
+    console.print(f"wrote {len(entries)} {op.name} configs for {family} to {written}")
+    return written
+
+
+# --- dequant_bias: (BLOCK_M, BLOCK_N, num_warps) per (acc dtype, M bucket, N bucket) ------------------
+
 BLOCK_MS = (1, 2, 4, 8, 16, 32, 64)
 BLOCK_NS = (128, 256, 512)
 WARPS = (4, 8)
-TABLE = Path(__file__).resolve().parents[3] / "kernels" / "src" / "tritonbits" / "configs" / "dequant_bias.json"
 
 
 def candidate_configs(m: int) -> list[tuple[int, int, int]]:
@@ -41,36 +125,50 @@ def candidate_configs(m: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def tune_dequant_bias(family: str, console: Console, rep_ms: int) -> dict:
-    import tritonbits  # noqa: F401  (registers the op)
+def _dequant_bias_cases() -> list[dict]:
+    from .bench import dequant_bias as bench
+
+    return bench.cases(cpu=False)
+
+
+def _dequant_bias_key(case: dict) -> str:
     from tritonbits.ops import dequant_bias as db
 
     from .bench import dequant_bias as bench
 
-    device = torch.device("cuda")
-    keys: dict[tuple[str, int, int], tuple[int, int]] = {}
-    for acc in bench.ACC:
-        for n in bench.NS:
-            for m in bench.MS:
-                keys.setdefault((acc, db.bucket(m), db.bucket(n)), (m, n))
-    results: dict[str, dict[str, list[int]]] = {}
-    with progress_bar(console) as progress:
-        task = progress.add_task(f"dequant_bias configs on {family}", total=len(keys))
-        for (acc, mb, nb), (m, n) in keys.items():
-            a, sa, sb, bias = bench.operands({"m": m, "n": n, "acc": acc}, device)
-            out = torch.empty(a.shape, dtype=bench.OUT, device=device)
-            strides = db.validate(a, sa, sb, bias, bench.OUT, out)
-            best: tuple[float, tuple[int, int, int]] | None = None
-            for cfg in candidate_configs(m):
-                fn = functools.partial(db.launch, a, sa, sb, bias, out, *strides, config=cfg)
-                ms = timing.bench_graph(fn, rep=rep_ms)
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            assert best is not None, f"no candidate config for M={m}"
-            results.setdefault(acc, {})[f"{mb}x{nb}"] = list(best[1])
-            progress.advance(task)
-    return results
+    return db.config_key(bench.ACC[case["acc"]], case["m"], case["n"])
 
+
+def _dequant_bias_time(case: dict, config: tuple[int, int, int], rep_ms: int) -> float:
+    from tritonbits.ops import dequant_bias as db
+
+    from .bench import dequant_bias as bench
+
+    a, sa, sb, bias = _dequant_bias_operands(case["acc"], case["m"], case["n"])
+    out = torch.empty(a.shape, dtype=bench.OUT, device=a.device)
+    strides = db.validate(a, sa, sb, bias, bench.OUT, out)
+    return timing.bench_graph(functools.partial(db.launch, a, sa, sb, bias, out, *strides, config=config), rep=rep_ms)
+
+
+@functools.lru_cache(maxsize=1)
+def _dequant_bias_operands(acc: str, m: int, n: int):
+    """One case's operands, kept while its candidates are timed one after another."""
+    from .bench import dequant_bias as bench
+
+    return bench.operands({"m": m, "n": n, "acc": acc}, torch.device("cuda"))
+
+
+register(TunableOp(
+    name="dequant_bias",
+    description="(BLOCK_M, BLOCK_N, num_warps) per acc dtype and power-of-two M and N buckets",
+    cases=_dequant_bias_cases,
+    key=_dequant_bias_key,
+    candidates=lambda case: candidate_configs(case["m"]),
+    time=_dequant_bias_time,
+))  # fmt: skip
+
+
+# --- dequantize_4bit: the launch variants, printed (its tile choice is fixed in the kernel) -----------
 
 DEQUANTIZE_SHAPES = ((4096, 1024), (8192, 2048), (14336, 4096), (4096, 14336), (28672, 8192))
 
@@ -130,33 +228,44 @@ def tune_dequantize_4bit(console: Console, rep_ms: int, dtype: torch.dtype = tor
         console.print(f"compiled {key[2]} {dict(key[3])}: {kernel.n_regs} registers, {kernel.n_spills} spills")
 
 
+register(TunableOp(
+    name="dequantize_4bit",
+    description="variant sweep (tiles, warps, registers, eviction hints), printed; no table",
+    sweep_only=lambda console, rep_ms, args: tune_dequantize_4bit(console, rep_ms, gpus.DTYPES[args.dtype]),
+))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tritonbits-tune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tritonbits-tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--gpu", required=True, choices=sorted(gpus.PROFILES))
-    parser.add_argument("--op", default="dequant_bias", choices=("dequant_bias", "dequantize_4bit"))
+    parser.add_argument("--op", default="dequant_bias", choices=sorted(TUNABLE), help="the op to tune")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="dequantize_4bit output")
-    parser.add_argument("--any-gpu", action="store_true")
+    parser.add_argument("--any-gpu", action="store_true", help="tune on another GPU (written under its family)")
     parser.add_argument("--rep-ms", type=int, default=10)
-    parser.add_argument("--write", default=str(TABLE), help="config table to update (dequant_bias)")
+    parser.add_argument("--write", default=None, metavar="PATH",
+                        help="write the table here instead of beside the tritonbits package")  # fmt: skip
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 140)
-    device = gpus.current_device()
-    if device is None:
+    if not torch.cuda.is_available():
         console.print("[red]tune needs a CUDA device")
         return 2
-    real = device.profile.name if device.profile else device.name
-    if real != args.gpu and not args.any_gpu:
-        console.print(f"[red]this machine has a {device.name}, not a {args.gpu} (pass --any-gpu to tune anyway)")
+    device = torch.device("cuda", torch.cuda.current_device())
+    family = _runtime.gpu_family(device)
+    if family != args.gpu and not args.any_gpu:
+        console.print(f"[red]this machine's GPU family is {family} ({torch.cuda.get_device_name(device)}), "
+                      f"not {args.gpu} (pass --any-gpu to tune it anyway, under {family})")  # fmt: skip
         return 2
-    if args.op == "dequantize_4bit":
-        tune_dequantize_4bit(console, args.rep_ms, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+    op = TUNABLE[args.op]
+    console.print(f"tuning {op.name} on {torch.cuda.get_device_name(device)} (family {family}): {op.description}")
+    if not op.has_table:
+        if args.write:
+            console.print(f"[red]--write: {op.name} has no config table to write")
+            return 2
+        assert op.sweep_only is not None
+        op.sweep_only(console, args.rep_ms, args)
         return 0
-    results = tune_dequant_bias(args.gpu, console, args.rep_ms)
-    path = Path(args.write)
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table[args.gpu] = results
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    console.print(f"wrote {sum(len(v) for v in results.values())} configs for {args.gpu} to {path}")
+    tune_table(op, family, console, args.rep_ms, Path(args.write) if args.write else None)
     return 0
 
 

@@ -56,14 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     copy = None if args.cpu else timing.copy_gbps(1 << 30, device)
     if copy:
         console.print(f"device-to-device copy: {copy:.0f} GB/s (read + write), measured in this run")
-    case_filter = _quick_filter if args.quick else None
     rows: list[dict] = []
     errors: dict[str, str] = {}
     with progress_bar(console) as progress:
         for name in names:
             try:
                 rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,
-                                      progress=progress, case_filter=case_filter)  # fmt: skip
+                                      progress=progress, quick=args.quick)  # fmt: skip
             except Exception as exc:  # record it, run the others, fail at the end
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 console.print_exception()
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "copy_gbps": copy,
         "benchmarks": {n: {"kernel": registry[n].kernel, "description": registry[n].description,
-                           "baselines": list(registry[n].baselines)} for n in names},
+                           "baselines": list(registry[n].baselines), "subject": registry[n].subject}
+                       for n in names},
         "rows": rows,
         "errors": errors,
     })  # fmt: skip
@@ -87,12 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, err in errors.items():
         console.print(f"[red]benchmark {name} failed: {err}")
     return 1 if errors else 0
-
-
-def _quick_filter(bench, case) -> bool:
-    if bench.name == "dequant_bias":
-        return case["m"] in (1, 128, 4096, 65536) and case["n"] in (2560, 14336)
-    return True
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """Benchmarks of tritonbits.dequantize_4bit: GB/s sweep, the Unsloth-puzzle wall time, and compiled vs
-eager MLP time. Baselines come from tritonbits_reference (the same code the tests judge with)."""
+eager MLP time. Baselines come from tritonbits_reference (the same code the tests judge with). The GB/s
+sweep renders its own section of docs/benchmarks.md; the other two use the report's generic one."""
 
 from __future__ import annotations
 
 import functools
 import math
 import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 import tritonbits
 from tritonbits_reference import baselines
 
-from .. import patterns
-from .registry import Benchmark, register
+from .. import patterns, report
+from .registry import Benchmark, SectionInput, register
 
 SHAPES = [(8192, 2048), (4096, 1024), (14336, 4096), (4096, 14336), (28672, 8192)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -71,6 +74,62 @@ def setup(case: dict, device: torch.device) -> dict:
     return thunks
 
 
+def section(inp: SectionInput) -> list[str]:
+    """GB/s tables per timing mode (every provider, % of the pattern and of copy, speed-ups) and a plot."""
+    rec, rows = inp.record, inp.rows
+    png = inp.plot_dir / f"dequantize_4bit-{inp.slug}.png"
+    plot(rows, rec["copy_gbps"], png, inp.device)
+    meta = rec["benchmarks"]["dequantize_4bit"]
+    out = [f"### dequantize_4bit — {meta['description']}", "", f"Run: {report.env_line(rec)}. "
+           f"Device-to-device copy in the same run: {rec['copy_gbps']:.0f} GB/s.", ""]  # fmt: skip
+    providers = ["tritonbits", "pattern", "bnb", "unsloth", "bnb-triton", "torch.compile"]
+    for mode in ("graph", "launch"):
+        out += [f"**{report.MODES[mode]}** — GB/s; tritonbits also as % of the expand-only pattern and of copy; "
+                "last columns: speed-up of tritonbits over each baseline.", ""]  # fmt: skip
+        header = ["shape", "dtype", *providers, "% pattern", "% copy", "× bnb", "× unsloth", "× torch.compile"]
+        body = []
+        for prov in report.by_case(rows, mode).values():
+            p = prov["tritonbits"]["params"]
+            ours = prov["tritonbits"]
+            cells = [f"{prov[x]['gbps']:.0f}" if x in prov else "—" for x in providers]
+            ratios = [f"{prov[b]['ms'] / ours['ms']:.2f}" if b in prov else "—"
+                      for b in ("bnb", "unsloth", "torch.compile")]  # fmt: skip
+            body.append([f"{p['rows']}×{p['cols']}", p["dtype"], *cells, f"{ours.get('pct_pattern', 0):.1f}",
+                         f"{ours.get('pct_copy', 0):.1f}", *ratios])  # fmt: skip
+        out += [report.table(header, body), ""]
+    out += [f"![dequantize_4bit GB/s](plots/{png.name})", ""]
+    return out
+
+
+def plot(rows: list[dict], copy_gbps: float, path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, dtype in zip(axes, ("fp16", "bf16"), strict=True):
+        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in rows:
+            if r["mode"] == "graph" and r["params"]["dtype"] == dtype:
+                series[r["provider"]].append((r["params"]["rows"] * r["params"]["cols"], r["gbps"]))
+        for provider, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider,
+                    linewidth=2.5 if provider == "tritonbits" else 1.2)  # fmt: skip
+        ax.axhline(copy_gbps, color="black", linestyle="--", label="device copy")
+        ax.set_xscale("log")
+        ax.set_xlabel("weight elements")
+        ax.set_title(f"dequantize_4bit {dtype}, CUDA graph")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("GB/s")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(device)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 register(Benchmark(
     name="dequantize_4bit",
     kernel="dequantize_4bit",
@@ -79,6 +138,7 @@ register(Benchmark(
     bytes_model=bytes_model,
     setup=setup,
     baselines=("bnb", "unsloth", "bnb-triton", "torch.compile"),
+    section=section,
 ))  # fmt: skip
 
 

@@ -3,12 +3,17 @@
 A benchmark's `setup(case, device)` returns {provider: thunk}; the runner times every thunk in every
 mode, and turns times into GB/s with the bytes model, % of the copy roofline measured in the same run
 and % of the benchmark's pattern roofline (provider "pattern"), case by case.
+
+Everything about one benchmark lives in its registration: `quick` thins its GPU case list for `--quick`,
+`section` renders its part of docs/benchmarks.md (without one, the report's generic section does). A
+module added to this package registers itself and is found by `load_all`; nothing else names it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +32,27 @@ class Benchmark:
     modes: tuple[str, ...] = ("launch", "graph")
     runner: Callable | None = None  # custom runner (wall-clock benchmarks)
     subject: str = "tritonbits"  # the provider whose speed-up over each baseline is reported
+    quick: Callable[[dict], bool] | None = None  # keep this GPU case under --quick (None: keep all)
+    section: Callable[[SectionInput], list[str]] | None = None  # markdown for the report (None: generic)
+
+
+@dataclass(frozen=True)
+class SectionInput:
+    """What a report section gets: the record its rows come from, the rows of this benchmark, and where
+    its plots go (a section writes PNGs into `plot_dir` and links them as `plots/<file name>`)."""
+
+    name: str
+    record: dict
+    rows: list[dict]
+    plot_dir: Path
+    device: str
+    subject: str = "tritonbits"
+
+    @property
+    def slug(self) -> str:
+        from ..records import slug
+
+        return slug(self.device)
 
 
 REGISTRY: dict[str, Benchmark] = {}

@@ -4,7 +4,6 @@ measured in the same run, and summarise the tritonbits row against each baseline
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 from rich.console import Console
@@ -15,29 +14,30 @@ from .. import timing
 from .registry import Benchmark, case_label
 
 
-def _wall_ms(fn, reps: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def time_thunk(fn, mode: str, rep_ms: int) -> float:
+def time_thunk(fn, mode: str, rep_ms: int) -> timing.Quantiles:
+    """p20/p50/p80 milliseconds of fn in one timing mode ("launch", "graph" or "wall")."""
     if mode == "launch":
-        return timing.bench(fn, warmup=max(rep_ms // 4, 5), rep=rep_ms)
+        return timing.bench_quantiles(fn, warmup=max(rep_ms // 4, 5), rep=rep_ms)
     if mode == "graph":
-        return timing.bench_graph(fn, rep=rep_ms)
+        return timing.bench_graph_quantiles(fn, rep=rep_ms)
     if mode == "wall":
-        return _wall_ms(fn)
-    raise ValueError(f"unknown timing mode {mode!r}")
+        return timing.wall_quantiles(fn)
+    raise ValueError(f"unknown timing mode {mode!r}; choose launch, graph or wall")
+
+
+def select_cases(bench: Benchmark, *, cpu: bool, quick: bool) -> list[dict]:
+    """The benchmark's cases; with `quick`, the GPU cases its `quick` keeps (CPU cases are tiny already)."""
+    cases = bench.cases(cpu)
+    if quick and not cpu and bench.quick is not None:
+        cases = [c for c in cases if bench.quick(c)]
+        if not cases:
+            raise ValueError(f"benchmark {bench.name!r}: its quick filter keeps none of its cases")
+    return cases
 
 
 def run_benchmark(bench: Benchmark, device: torch.device, *, cpu: bool, rep_ms: int, copy_gbps: float | None,
-                  progress: Progress, case_filter=None) -> list[dict]:  # fmt: skip
-    cases = [c for c in bench.cases(cpu) if case_filter is None or case_filter(bench, c)]
+                  progress: Progress, quick: bool = False) -> list[dict]:  # fmt: skip
+    cases = select_cases(bench, cpu=cpu, quick=quick)
     task = progress.add_task(bench.name, total=len(cases))
     if bench.runner is not None:
         custom: list[dict] = bench.runner(bench, device, cpu, lambda: None)
@@ -52,9 +52,10 @@ def run_benchmark(bench: Benchmark, device: torch.device, *, cpu: bool, rep_ms: 
         ordered = sorted(thunks.items(), key=lambda kv: kv[0] != "pattern")  # the roofline first
         for provider, fn in ordered:
             for mode in modes:
-                ms = time_thunk(fn, mode, rep_ms)
+                q = time_thunk(fn, mode, rep_ms)
+                ms = q["p50"]  # "ms" is the median, which the report reads
                 row = {"benchmark": bench.name, "case": case_label(case), "params": case, "provider": provider,
-                       "mode": mode, "ms": ms}  # fmt: skip
+                       "mode": mode, "ms": ms, **q}  # fmt: skip
                 if nbytes is not None:
                     gbps = timing.gbps(nbytes, ms)
                     row.update(bytes=nbytes, gbps=gbps)

@@ -1,0 +1,73 @@
+"""The tuner: a registry of tunable ops, each table written through tritonbits.configs.write with the op's
+own key function, so that the op's lookup finds every tuned entry."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from tritonbits import configs
+from tritonbits.ops import dequant_bias as db
+from tritonbits_harness import tune
+from tritonbits_harness.bench import dequant_bias as bench
+
+
+def _fake_ms(case, config, rep_ms):
+    """Deterministic 'timings' preferring BLOCK_M 8, then narrow tiles, then 4 warps."""
+    bm, bn, warps = config
+    return abs(bm - 8) + bn / 1000 + warps / 100
+
+
+def test_registered_ops():
+    assert tune.TUNABLE["dequant_bias"].has_table
+    assert not tune.TUNABLE["dequantize_4bit"].has_table
+    assert tune.TUNABLE["dequant_bias"].key is tune._dequant_bias_key
+
+
+def test_register_refuses_incomplete_ops():
+    with pytest.raises(ValueError, match="'x' has a key but no candidates"):
+        tune.register(tune.TunableOp(name="x", description="", key=lambda c: ""))
+    with pytest.raises(ValueError, match="'y' has neither a table"):
+        tune.register(tune.TunableOp(name="y", description=""))
+    with pytest.raises(ValueError, match="'dequant_bias' registered twice"):
+        tune.register(tune.TUNABLE["dequant_bias"])
+
+
+def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
+    path = tmp_path / "dequant_bias.json"
+    path.write_text(json.dumps({"h200": {"bf16/1x4096": [2, 512, 8]}}))  # another family stays
+    op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
+    written = tune.tune_table(op, "interpreter", Console(quiet=True), rep_ms=1, path=path)
+    assert written == path
+    table = json.loads(path.read_text())
+    assert table["h200"] == {"bf16/1x4096": [2, 512, 8]}
+    entries = table["interpreter"]
+    cases = bench.cases(cpu=False)
+    want_keys = {db.config_key(bench.ACC[c["acc"]], c["m"], c["n"]) for c in cases}
+    assert set(entries) == want_keys
+    reps = tune.representatives(op)
+    for key, case in reps.items():
+        best = min(tune.candidate_configs(case["m"]), key=lambda cfg: _fake_ms(case, cfg, 1))
+        assert entries[key] == list(best)
+    # the op's own lookup (family "interpreter" for CPU tensors) finds the tuned config of every case
+    monkeypatch.setattr(configs, "table_path", lambda op_name: path)
+    configs.table.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        for c in cases:
+            got = db.config_for(cpu, bench.ACC[c["acc"]], c["m"], c["n"])
+            assert list(got) == entries[db.config_key(bench.ACC[c["acc"]], c["m"], c["n"])]
+    finally:
+        configs.table.cache_clear()
+
+
+def test_sweep_refuses_an_op_without_a_table():
+    with pytest.raises(ValueError, match="'dequantize_4bit' has no config table"):
+        tune.sweep(tune.TUNABLE["dequantize_4bit"], 1, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_main_needs_a_gpu():
+    assert tune.main(["--gpu", "h100"]) == 2
