@@ -96,3 +96,38 @@ def assert_dequant_bias(out: torch.Tensor, acc, scale_a, scale_b, bias=None) -> 
         exact = dequant_bias_exact(acc, scale_a, scale_b, bias.cpu())
         magnitude = magnitude + bias.cpu().double().abs().reshape(1, -1)
     assert_within("dequant_bias", out, exact, magnitude)
+
+
+# --- quantize round trip ----------------------------------------------------------------------------
+
+# The largest gap between neighbouring values of each 4-bit code, in units of the block's absmax.
+_CODE_GAP = {"nf4": -0.6961928009986877 - -1.0, "fp4": (12.0 - 8.0) / 12.0}  # NF4: between -1 and its neighbour
+# bnb's thresholds are decimal literals, a few fp32 ulps off the exact midpoints (FP4: 0.583333 for 7/12),
+# and the scaled value x * fl(1/absmax) carries two fp32 roundings: this much past the half gap is allowed.
+_THRESHOLD_SLACK = 2.0**-20
+
+
+def quantize_round_trip_bound(quant_type: str, block_absmax, used_absmax, values: torch.Tensor) -> torch.Tensor:
+    """Policy for dequantize(quantize(x)) against x, per element (float64):
+      half the code's largest gap (+ threshold slack) * the block's true absmax
+    + |absmax the dequantizer used - true absmax|   (nested: the 8-bit absmax error; codes are in [-1, 1])
+    + half an ulp of the output dtype at the dequantized value (its final rounding)."""
+    import numpy as np
+
+    per_block = (0.5 * _CODE_GAP[quant_type] + _THRESHOLD_SLACK) * np.asarray(block_absmax) + np.abs(
+        np.asarray(used_absmax) - np.asarray(block_absmax)
+    )
+    return torch.from_numpy(per_block), 0.5 * ulp(values, values.dtype)
+
+
+def assert_quantize_round_trip(got: torch.Tensor, x: torch.Tensor, quant_type: str, blocksize: int,
+                               block_absmax, used_absmax) -> None:  # fmt: skip
+    """|got - x| within `quantize_round_trip_bound` for every element."""
+    per_block, rounding = quantize_round_trip_bound(quant_type, block_absmax, used_absmax, got.cpu())
+    n = x.numel()
+    bound = per_block.repeat_interleave(blocksize)[:n] + rounding.reshape(-1)
+    err = (got.cpu().double().reshape(-1) - x.cpu().double().reshape(-1)).abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        raise AssertionError(f"quantize round trip ({quant_type}, blocksize {blocksize}) outside its bound: "
+                             + _describe(bad, got.cpu().double().reshape(-1), x.cpu().double().reshape(-1)))  # fmt: skip

@@ -211,8 +211,7 @@ def _run(A, blocksize, quant_type, nested, packed, absmax, kernel=None, kernel8=
     x = b8._flat(A)
     if not nested:
         launch(x, packed, absmax, blocksize, quant_type, kernel=kernel)
-        empty = absmax.new_empty(0, dtype=torch.float32)
-        return empty, empty
+        return absmax.new_empty(0, dtype=torch.float32), absmax.new_empty(0, dtype=torch.float32)
     absmax32 = torch.empty(absmax.numel(), dtype=torch.float32, device=A.device)
     launch(x, packed, absmax32, blocksize, quant_type, kernel=kernel)
     offset, absmax2 = _nested(absmax32, absmax, kernel=kernel8)
