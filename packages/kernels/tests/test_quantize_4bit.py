@@ -210,7 +210,7 @@ BAD = [
         lambda d: {"absmax": torch.empty(1, device=d), "compress_statistics": True},
         TypeError,
         "absmax",
-    ),  # fmt: skip
+    ),
     ("out on cpu", lambda d: {"out": torch.empty(32, 1, dtype=torch.uint8, device="meta")}, ValueError, "out"),
 ]
 

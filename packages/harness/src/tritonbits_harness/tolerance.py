@@ -129,5 +129,6 @@ def assert_quantize_round_trip(got: torch.Tensor, x: torch.Tensor, quant_type: s
     err = (got.cpu().double().reshape(-1) - x.cpu().double().reshape(-1)).abs()
     bad = ~(err <= bound)
     if bad.any():
+        g, e = got.cpu().double().reshape(-1), x.cpu().double().reshape(-1)
         raise AssertionError(f"quantize round trip ({quant_type}, blocksize {blocksize}) outside its bound: "
-                             + _describe(bad, got.cpu().double().reshape(-1), x.cpu().double().reshape(-1)))  # fmt: skip
+                             + _describe(bad, g, e))  # fmt: skip
