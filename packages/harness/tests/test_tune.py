@@ -54,6 +54,7 @@ def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
     # the op's own lookup (family "interpreter" for CPU tensors) finds the tuned config of every case
     monkeypatch.setattr(configs, "table_path", lambda op_name: path)
     configs.table.cache_clear()
+    db._config.cache_clear()  # lookups other tests made in this process
     try:
         cpu = torch.device("cpu")
         for c in cases:
@@ -61,6 +62,7 @@ def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
             assert list(got) == entries[db.config_key(bench.ACC[c["acc"]], c["m"], c["n"])]
     finally:
         configs.table.cache_clear()
+        db._config.cache_clear()
 
 
 def test_sweep_refuses_an_op_without_a_table():

@@ -43,3 +43,38 @@ def cast_copy(src: torch.Tensor, dst: torch.Tensor, block_m: int = 32, block_n: 
     grid = (triton.cdiv(m, bm), triton.cdiv(n, block_n))
     _cast_copy_kernel[grid](src, dst, m, n, src.stride(0), dst.stride(0), BLOCK_M=bm, BLOCK_N=block_n, num_warps=8)
     return dst
+
+
+@triton.jit
+def _compress_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """Read 2*BLOCK elements, write BLOCK bytes (one byte from each pair, no math): quantize_4bit's pattern."""
+    base = tl.program_id(0).to(tl.int64) * (2 * BLOCK)
+    offs = tl.arange(0, 2 * BLOCK)
+    x = tl.load(src_ptr + base + offs, mask=offs < n - base, other=0, eviction_policy="evict_first")
+    even, odd = tl.split(tl.reshape(x, (BLOCK, 2)))
+    byte = (even.to(tl.int32, bitcast=False) ^ odd.to(tl.int32)).to(tl.uint8)
+    boffs = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + base // 2 + boffs, byte, mask=boffs < (n - base + 1) // 2, eviction_policy="evict_first")
+
+
+def compress(src: torch.Tensor, dst: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """Read `src` (n elements), write n/2 bytes into `dst`: the roofline of a 4-bit quantizer."""
+    n = src.numel()
+    _compress_kernel[(triton.cdiv(n, 2 * block),)](src, dst, n, BLOCK=block, num_warps=4)
+    return dst
+
+
+@triton.jit
+def _narrow_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """Read BLOCK elements, write BLOCK bytes: the 8-bit quantizer's pattern."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n - base
+    x = tl.load(src_ptr + base + offs, mask=mask, other=0, eviction_policy="evict_first")
+    tl.store(dst_ptr + base + offs, x.to(tl.int32).to(tl.uint8), mask=mask, eviction_policy="evict_first")
+
+
+def narrow(src: torch.Tensor, dst: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    n = src.numel()
+    _narrow_kernel[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block, num_warps=4)
+    return dst

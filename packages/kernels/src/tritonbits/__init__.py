@@ -5,6 +5,9 @@
 - ``dequant_bias(acc, scale_a, scale_b, bias=None, *, out_dtype=None, out=None)``: the fused epilogue of
   INT8/FP8 GEMMs.
 - ``QuantState``: bnb's quant-state fields, ``from_any`` / ``from_dict`` / ``as_dict``.
+- ``quantize_4bit(A, absmax=None, out=None, blocksize=None, compress_statistics=False, quant_type="fp4",
+  quant_storage=torch.uint8)``, ``quantize_blockwise`` / ``dequantize_blockwise``: bnb's quantizers, byte-equal
+  with bnb CUDA.
 
 Depends on torch and triton only. Set TRITON_INTERPRET=1 before import to run on CPU tensors (that needs
 numpy: ``pip install 'tritonbits[cpu]'``). Layout and where a new op goes: docs/architecture.md.
@@ -12,8 +15,18 @@ numpy: ``pip install 'tritonbits[cpu]'``). Layout and where a new op goes: docs/
 
 from . import _runtime  # noqa: F401  (first: refuses TRITON_INTERPRET=1 without numpy, saying how to fix it)
 from .__about__ import __version__
+from .ops.blockwise_8bit import dequantize_blockwise, quantize_blockwise
 from .ops.dequant_bias import dequant_bias
 from .ops.dequantize_4bit import dequantize_4bit
+from .ops.quantize_4bit import quantize_4bit
 from .quant_state import QuantState
 
-__all__ = ["QuantState", "__version__", "dequant_bias", "dequantize_4bit"]
+__all__ = [
+    "QuantState",
+    "__version__",
+    "dequant_bias",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "quantize_4bit",
+    "quantize_blockwise",
+]

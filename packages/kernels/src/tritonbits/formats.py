@@ -25,6 +25,21 @@ NF4 = (
 # FP4 magnitudes for codes 0..7; codes 8..15 are their negatives. bnb divides by 12 in fp32.
 FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 
+# The quantizer's decision thresholds, as bnb's CUDA decision trees spell them (dQuantizeNF4 / dQuantizeFP4,
+# csrc/kernels.cu; docs/format.md, "Quantize"): float literals, rounded to fp32 by the C compiler. A scaled
+# value x gets the NF4 code = the number of thresholds t with x > t (NaN: 0). FP4: sign bit 8 when x < 0
+# (not for -0.0, not for NaN), magnitude rank = the number of FP4_THRESHOLDS below |x|, code bits from
+# FP4_RANK_CODES. These are the midpoints between neighbouring code values, written in decimal by bnb.
+NF4_THRESHOLDS = (
+    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+)  # fmt: skip
+FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+FP4_RANK_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)  # magnitude rank -> code bits
+BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's CUDA quantize_blockwise accepts
+
 
 def code_values(quant_type: str) -> torch.Tensor:
     """The 16 float32 values of a 4-bit code, indexed by the nibble."""

@@ -39,7 +39,7 @@ class QuantState:
     shape: torch.Size
     dtype: torch.dtype
     blocksize: int = 64
-    quant_type: str = "nf4"
+    quant_type: str = "nf4"  # bnb's 8-bit blockwise states carry None here
     offset: torch.Tensor | None = None
     state2: NestedState | None = None
     code: torch.Tensor | None = None  # bnb's copy of the 16 code values; kernels use the format's table

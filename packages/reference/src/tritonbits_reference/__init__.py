@@ -10,6 +10,7 @@ from .dequantize_4bit import dequantize_4bit
 from .formats import BLOCKSIZES_4BIT, FP4_CODE, NF4_CODE, QUANT_TYPES, dynamic_code
 from .quant_state import NestedState, ReferenceQuantState
 from .quantize_4bit import quantize_4bit
+from .quantize_cuda import dequantize_blockwise_cuda, quantize_4bit_cuda, quantize_blockwise_cuda
 
 __all__ = [
     "BLOCKSIZES_4BIT",
@@ -22,6 +23,9 @@ __all__ = [
     "dequant_bias",
     "dequant_bias_exact",
     "dequantize_4bit",
+    "dequantize_blockwise_cuda",
     "dynamic_code",
     "quantize_4bit",
+    "quantize_4bit_cuda",
+    "quantize_blockwise_cuda",
 ]

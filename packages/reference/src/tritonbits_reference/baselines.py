@@ -103,3 +103,57 @@ def bnb_triton_dequantize_4bit(A: torch.Tensor, quant_state) -> torch.Tensor:
     return triton_ops.dequantize_4bit(
         A, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape, quant_state.dtype
     )
+
+
+# --- quantize baselines ---------------------------------------------------------------------------------
+
+_NF4_THRESHOLDS = (
+    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+)  # fmt: skip
+_FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+_FP4_RANK_CODES = (0, 1, 6, 7, 4, 5, 2, 3)
+
+
+def torch_quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch 4-bit quantizer (bnb CUDA's arithmetic, for torch.compile to race): (packed uint8 [n/2],
+    fp32 absmax). Needs numel % blocksize == 0 and an even numel (benchmark shapes)."""
+    x = A.reshape(-1, blocksize).float()
+    absmax = torch.where(x.isnan(), -3.4028234663852886e38, x.abs()).amax(dim=1)
+    scaled = x * (1.0 / absmax)[:, None]
+    if quant_type == "nf4":
+        thresholds = torch.tensor(_NF4_THRESHOLDS, dtype=torch.float32, device=A.device)
+        codes = (scaled[..., None] > thresholds).sum(-1)
+    else:
+        thresholds = torch.tensor(_FP4_THRESHOLDS, dtype=torch.float32, device=A.device)
+        rank = (scaled.abs()[..., None] > thresholds).sum(-1)
+        codes = torch.tensor(_FP4_RANK_CODES, device=A.device)[rank] | torch.where(scaled < 0, 8, 0)
+    codes = codes.reshape(-1, 2).to(torch.uint8)
+    return (codes[:, 0] << 4) | codes[:, 1], absmax
+
+
+def bnb_triton_quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str, nested: bool):
+    """bnb's Triton backend quantize, with bnb.functional's nested sequence around it."""
+    from bitsandbytes.backends.triton import ops as triton_ops
+
+    packed, absmax = triton_ops.quantize_4bit(A, blocksize, quant_type, torch.uint8)
+    if nested:
+        offset = absmax.mean()
+        code = _dynamic_code(A.device)
+        qabsmax, absmax2 = triton_ops.quantize_blockwise(absmax - offset, code, 256)
+        return packed, qabsmax, absmax2, offset
+    return packed, absmax
+
+
+def bnb_triton_quantize_blockwise(A: torch.Tensor, blocksize: int):
+    from bitsandbytes.backends.triton import ops as triton_ops
+
+    return triton_ops.quantize_blockwise(A, _dynamic_code(A.device), blocksize)
+
+
+def _dynamic_code(device) -> torch.Tensor:
+    from .formats import dynamic_code
+
+    return torch.from_numpy(dynamic_code()).to(device)

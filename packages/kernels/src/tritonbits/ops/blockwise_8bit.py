@@ -1,0 +1,383 @@
+"""8-bit blockwise quantization with a 256-entry code (bnb's dynamic code by default), byte-equal with bnb CUDA.
+
+    absmax[b] = max |x| over block b (NaN ignored)                          one fp32 per `blocksize` values
+    q[i]      = dQuantize(code, fl(x[i] * fl(1 / absmax[i // blocksize])))  bnb's binary search, below
+    x'[i]     = to_dtype(fl(code[q[i]] * absmax[i // blocksize]))           dequantize, round to nearest even
+
+dQuantize (bnb csrc kernels.cu): a 7-step binary search over the sorted code from pivot 127 (steps 64..1,
+going up when x > code[pivot]), remembering the last pivots above and below; then the nearest of the final
+pivot and its neighbour by fp32 midpoints `(a + b) * 0.5`: above the final pivot, strictly greater than the
+midpoint goes up; below it, strictly less than the midpoint goes down. Before the search `lower = -1` and
+`upper = 1` stand for the ends, replaced by code[0] / code[255] when the search never left them. NaN
+compares false everywhere: code 0.
+
+One launch each way (nested=True: quantize + torch mean + a second quantize launch that subtracts the mean
+itself; dequantize + torch add + dequantize, as bnb). The 4-bit quantizer's nested step reuses
+`launch_quantize` with `offset` (tritonbits/ops/quantize_4bit.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _runtime, formats
+from .._launcher import CachedLauncher
+from .._triton_helpers import store_float
+from ..quant_state import NestedState, QuantState, check_tensor
+
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
+
+# NOTE: a program quantizes max(1, TILE // blocksize) whole blocks (rows), so that every block's absmax is
+# one row reduction. Speed of this choice: to be measured.
+TILE = 4096
+DEQUANT_TILE = 2048
+
+
+@triton.jit
+def block_absmax(x):
+    """max |x| of each row of a [ROWS, B] fp32 tile: NaN ignored like bnb's fmaxf; a row of NaN only gives
+    -FLT_MAX (bnb's starting value). Masked-out elements must be loaded as 0 (bnb pads with 0 too)."""
+    a = tl.where(x != x, -FLT_MAX, tl.abs(x))
+    return tl.max(a, axis=1)
+
+
+@triton.jit
+def dquantize_8bit(x, code_ptr):
+    """bnb's dQuantize<0> on fp32 values x: the index (int32) of the code entry chosen."""
+    pivot = tl.full(x.shape, 127, tl.int32)
+    upper_pivot = tl.full(x.shape, 255, tl.int32)
+    lower_pivot = tl.zeros(x.shape, tl.int32)
+    lower = tl.full(x.shape, -1.0, tl.float32)
+    upper = tl.full(x.shape, 1.0, tl.float32)
+    val = tl.load(code_ptr + pivot)
+    for k in tl.static_range(7):
+        step: tl.constexpr = 64 >> k
+        up = x > val
+        lower_pivot = tl.where(up, pivot, lower_pivot)
+        lower = tl.where(up, val, lower)
+        upper_pivot = tl.where(up, upper_pivot, pivot)
+        upper = tl.where(up, upper, val)
+        pivot = tl.where(up, pivot + step, pivot - step)
+        val = tl.load(code_ptr + pivot)
+    upper = tl.where(upper_pivot == 255, tl.load(code_ptr + 255), upper)
+    lower = tl.where(lower_pivot == 0, tl.load(code_ptr), lower)
+    above = x > val
+    go_up = x > (upper + val) * 0.5
+    go_down = x < (lower + val) * 0.5
+    return tl.where(above, tl.where(go_up, upper_pivot, pivot), tl.where(go_down, lower_pivot, pivot))
+
+
+@triton.jit
+def _quantize_blockwise_kernel(
+    x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr,
+):  # fmt: skip
+    """One program quantizes ROWS whole blocks of BLOCKSIZE values (int64 base, int32 within the tile).
+    SUB_OFFSET: quantize fl(x - offset[0]) instead of x (the nested step's `absmax - mean`, one fp32 rounding
+    as torch's subtraction)."""
+    base = tl.program_id(0).to(tl.int64) * (ROWS * BLOCKSIZE)
+    rows = tl.arange(0, ROWS)
+    local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    left = tl.minimum(n_elements - base, ROWS * BLOCKSIZE).to(tl.int32)
+    mask = local < left
+    x = tl.load(x_ptr + base + local, mask=mask, other=0.0).to(tl.float32)
+    if SUB_OFFSET:
+        x = tl.where(mask, x - tl.load(offset_ptr), 0.0)
+    absmax = block_absmax(x)
+    block = tl.program_id(0).to(tl.int64) * ROWS + rows
+    tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
+    scaled = x * (1.0 / absmax)[:, None]
+    q = dquantize_8bit(scaled, code_ptr)
+    tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize_blockwise_kernel(
+    q_ptr, absmax_ptr, code_ptr, out_ptr, n_elements,
+    BLOCKSIZE: tl.constexpr, TILE_: tl.constexpr, MANUAL_BF16: tl.constexpr,
+):  # fmt: skip
+    """out[i] = code[q[i]] * absmax[i // BLOCKSIZE], one fp32 product, then one rounding to out's dtype."""
+    base = tl.program_id(0).to(tl.int64) * TILE_
+    local = tl.arange(0, TILE_)
+    mask = local < tl.minimum(n_elements - base, TILE_).to(tl.int32)
+    q = tl.load(q_ptr + base + local, mask=mask, other=0).to(tl.int32)
+    absmax = tl.load(absmax_ptr + (base + local) // BLOCKSIZE, mask=mask, other=0.0)
+    store_float(out_ptr + base + local, tl.load(code_ptr + q) * absmax, mask, MANUAL_BF16)
+
+
+_quantize_launcher = CachedLauncher(_quantize_blockwise_kernel)
+_dequantize_launcher = CachedLauncher(_dequantize_blockwise_kernel)
+
+
+def plan_quantize(x, code, out, absmax, blocksize: int, offset=None):
+    n = x.numel()
+    rows = max(TILE // blocksize, 1)
+    grid = (triton.cdiv(n, rows * blocksize), 1, 1)
+    args = (x, offset if offset is not None else absmax, code, out, absmax, n, triton.cdiv(n, blocksize))
+    constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None}
+    return grid, args, constexprs, {"num_warps": 4 if rows * blocksize <= 4096 else 8}
+
+
+def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel=None) -> None:
+    """Quantize the flat contiguous `x` into `out` (uint8, x.numel()) and `absmax` (fp32, one per block):
+    validated arguments. `offset` (0-d fp32): quantize x - offset. `kernel`: the wrap_triton'd kernel."""
+    if x.numel() == 0:
+        return
+    grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset)
+    if kernel is not None:
+        kernel[grid](*args, **constexprs, **options)
+    else:
+        _quantize_launcher(grid, args, constexprs, options, x.device)
+
+
+def launch_dequantize(q, absmax, code, out, blocksize: int, *, kernel=None) -> None:
+    n = q.numel()
+    if n == 0:
+        return
+    manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(out.device)
+    grid = (triton.cdiv(n, DEQUANT_TILE), 1, 1)
+    args = (q, absmax, code, out.view(torch.int16) if manual_bf16 else out, n)
+    constexprs = {"BLOCKSIZE": blocksize, "TILE_": DEQUANT_TILE, "MANUAL_BF16": manual_bf16}
+    if kernel is not None:
+        kernel[grid](*args, **constexprs, num_warps=4)
+    else:
+        _dequantize_launcher(grid, args, constexprs, {"num_warps": 4}, out.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_input(A, name: str = "A") -> torch.device:
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in formats.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 (bnb quantizes 16/32-bit floats), "
+                        f"got {A.dtype}")  # fmt: skip
+    return _runtime.check_device(name, A)
+
+
+def check_blocksize(blocksize, allowed: tuple[int, ...]) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in allowed:
+        raise ValueError(f"blocksize must be one of {allowed}, got {blocksize!r}")
+    return blocksize
+
+
+def check_code(code, device) -> torch.Tensor:
+    if code is None:
+        return formats.code_table("dynamic", device)
+    check_tensor("code", code, (torch.float32,), 256, device)
+    return code
+
+
+def _flat(A: torch.Tensor) -> torch.Tensor:
+    """A's values in logical (row-major) order as a contiguous 1-d tensor: bnb calls A.contiguous()."""
+    return A.reshape(-1) if A.is_contiguous() else A.contiguous().reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration (see ops/dequantize_4bit.py for why eager calls launch directly)
+
+
+@torch.library.custom_op("tritonbits::quantize_blockwise", mutates_args=())
+def _quantize_blockwise_op(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _flat(A)
+    out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(triton.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
+    launch_quantize(x, code, out, absmax, blocksize)
+    return out, absmax
+
+
+@_quantize_blockwise_op.register_fake
+def _(A, code, blocksize):
+    n = A.numel()
+    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-n // blocksize),), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritonbits::quantize_blockwise.out", mutates_args=("out", "absmax"))
+def _quantize_blockwise_out_op(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int, out: torch.Tensor, absmax: torch.Tensor
+) -> None:
+    launch_quantize(_flat(A), code, out, absmax, blocksize)
+
+
+@_quantize_blockwise_out_op.register_fake
+def _(A, code, blocksize, out, absmax):
+    return None
+
+
+@torch.library.triton_op("tritonbits::quantize_blockwise_triton_op", mutates_args=())
+def _quantize_blockwise_triton_op(
+    A: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _flat(A)
+    out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(triton.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
+    launch_quantize(x, code, out, absmax, blocksize, kernel=torch.library.wrap_triton(_quantize_blockwise_kernel))
+    return out, absmax
+
+
+@torch.library.custom_op("tritonbits::dequantize_blockwise", mutates_args=())
+def _dequantize_blockwise_op(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    out = torch.empty(A.shape, dtype=dtype, device=A.device)
+    launch_dequantize(A, absmax, code, out, blocksize)
+    return out
+
+
+@_dequantize_blockwise_op.register_fake
+def _(A, absmax, code, blocksize, dtype):
+    return A.new_empty(A.shape, dtype=dtype)
+
+
+@torch.library.custom_op("tritonbits::dequantize_blockwise.out", mutates_args=("out",))
+def _dequantize_blockwise_out_op(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, out: torch.Tensor
+) -> None:
+    launch_dequantize(A, absmax, code, out, blocksize)
+
+
+@_dequantize_blockwise_out_op.register_fake
+def _(A, absmax, code, blocksize, out):
+    return None
+
+
+@torch.library.triton_op("tritonbits::dequantize_blockwise_triton_op", mutates_args=())
+def _dequantize_blockwise_triton_op(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    out = torch.empty(A.shape, dtype=dtype, device=A.device)
+    launch_dequantize(A, absmax, code, out, blocksize, kernel=torch.library.wrap_triton(_dequantize_blockwise_kernel))
+    return out
+
+
+def _quantize(A, code, blocksize, out=None, absmax=None):
+    """(q, absmax) through the launcher (eager) or a registered op (under torch.compile)."""
+    if torch.compiler.is_compiling():
+        op = _quantize_blockwise_triton_op if A.device.type == "cuda" else _quantize_blockwise_op
+        q, am = op(A, code, blocksize)
+        if out is not None:
+            q = out.view(A.shape).copy_(q) if out.numel() else out
+        if absmax is not None:
+            am = absmax.copy_(am)
+        return q, am
+    x = _flat(A)
+    if out is None:
+        out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+    if absmax is None:
+        absmax = torch.empty(triton.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
+    launch_quantize(x, code, out, absmax, blocksize)
+    return out, absmax
+
+
+def _dequantize(A, absmax, code, blocksize, dtype, out=None):
+    if torch.compiler.is_compiling():
+        if out is not None:
+            _dequantize_blockwise_out_op(A, absmax, code, blocksize, out)
+            return out
+        op = _dequantize_blockwise_triton_op if A.device.type == "cuda" else _dequantize_blockwise_op
+        return op(A, absmax, code, blocksize, dtype)
+    if out is None:
+        out = torch.empty(A.shape, dtype=dtype, device=A.device)
+    launch_dequantize(A, absmax, code, out, blocksize)
+    return out
+
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: torch.Tensor | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> tuple[torch.Tensor, QuantState]:
+    """`bitsandbytes.functional.quantize_blockwise`: (uint8 codes shaped like A, QuantState), byte-equal with
+    bnb CUDA. code: float32[256] (bnb's dynamic code by default). absmax / out: tensors to write into
+    (absmax float32 with one value a block, or uint8 when nested; out uint8 with A's numel, contiguous).
+    nested: also quantize the absmax (minus its mean) with the same blocksize, as bnb does.
+    Non-contiguous A is quantized in its logical order (bnb calls A.contiguous()). NaN: ignored by the
+    block's absmax, quantized to code index 0. One launch (nested: two, with a torch mean between)."""
+    device = check_input(A)
+    check_blocksize(blocksize, formats.BLOCKSIZES_8BIT)
+    code = check_code(code, device)
+    n = A.numel()
+    blocks = -(-n // blocksize)
+    if out is not None:
+        check_tensor("out", out, (torch.uint8,), n, device)
+        _runtime.check_out(out, {"A": A})
+    if absmax is not None:
+        check_tensor("absmax", absmax, (torch.uint8,) if nested else (torch.float32,), blocks, device)
+        _runtime.check_out(absmax, {"A": A, **({"out": out} if out is not None else {})})
+    q, am = _quantize(A, code, blocksize, out, None if nested else absmax)
+    state_code = code.clone()
+    if not nested:
+        return q, QuantState(absmax=am, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
+                             quant_type=None, code=state_code)  # type: ignore[arg-type]  # fmt: skip
+    offset = am.mean()
+    am -= offset
+    qabsmax, absmax2 = _quantize(am, formats.code_table("dynamic", device), blocksize, absmax)
+    state2 = NestedState(absmax=absmax2, code=formats.code_table("dynamic", device).clone(), blocksize=blocksize)
+    return q, QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
+                         quant_type=None, code=state_code, offset=offset, state2=state2)  # type: ignore[arg-type]  # fmt: skip
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state=None,
+    absmax: torch.Tensor | None = None,
+    code: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> torch.Tensor:
+    """`bitsandbytes.functional.dequantize_blockwise`: values shaped like A in quant_state.dtype (float32
+    without a quant_state), equal bit for bit with bnb CUDA. quant_state: bnb's or tritonbits' QuantState
+    (its absmax, code, blocksize, dtype, and offset/state2 when nested); without it, absmax (float32) with
+    code (default: the dynamic code) and blocksize, as in bnb (`nested` is ignored there, as bnb does)."""
+    if quant_state is None and absmax is None:
+        raise ValueError("quant_state or absmax is required (dequantize_blockwise needs the block scales)")
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype != torch.uint8:
+        raise TypeError(f"A must be uint8 (8-bit codes), got {A.dtype}")
+    device = _runtime.check_device("A", A)
+    if not A.is_contiguous():
+        A = A.contiguous()
+    if quant_state is None:
+        dtype, offset, state2 = torch.float32, None, None
+        code = check_code(code, device)
+    else:
+        missing = [f for f in ("absmax", "code", "blocksize", "dtype") if not hasattr(quant_state, f)]
+        if missing:
+            raise TypeError(f"quant_state has no {', '.join(missing)}: pass a QuantState from quantize_blockwise")
+        absmax, blocksize, dtype = quant_state.absmax, quant_state.blocksize, quant_state.dtype
+        code = quant_state.code
+        check_tensor("quant_state.code", code, (torch.float32,), 256, device)
+        offset, state2 = getattr(quant_state, "offset", None), getattr(quant_state, "state2", None)
+    check_blocksize(blocksize, formats.BLOCKSIZES)
+    if dtype not in formats.FLOAT_DTYPES:
+        raise TypeError(f"quant_state.dtype must be float16, bfloat16 or float32, got {dtype}")
+    blocks = -(-A.numel() // blocksize)
+    if state2 is not None:
+        check_tensor("quant_state.absmax", absmax, (torch.uint8,), blocks, device)
+        check_blocksize(int(state2.blocksize), formats.BLOCKSIZES)
+        check_tensor("quant_state.state2.absmax", state2.absmax, (torch.float32,),
+                     -(-blocks // int(state2.blocksize)), device)  # fmt: skip
+        check_tensor("quant_state.state2.code", state2.code, (torch.float32,), 256, device)
+        if not isinstance(offset, torch.Tensor) or offset.dtype != torch.float32 or offset.numel() != 1:
+            raise TypeError(f"quant_state.offset must be a float32 tensor of one element, got {offset!r}")
+        _runtime.check_device("quant_state.offset", offset, device)
+        absmax = _dequantize(absmax, state2.absmax, state2.code, int(state2.blocksize), torch.float32)
+        absmax += offset
+    else:
+        check_tensor("absmax" if quant_state is None else "quant_state.absmax", absmax, (torch.float32,), blocks,
+                     device)  # fmt: skip
+    if out is not None:
+        check_tensor("out", out, (dtype,), None, device)
+        if out.shape != A.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(A.shape)} (A's shape)")
+        _runtime.check_out(out, {"A": A, "absmax": absmax, "code": code})
+    return _dequantize(A, absmax, code, int(blocksize), dtype, out)

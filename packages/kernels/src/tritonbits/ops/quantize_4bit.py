@@ -1,0 +1,361 @@
+"""NF4/FP4 quantization of float weights into bitsandbytes' 4-bit format, byte-equal with bnb CUDA.
+
+    absmax[b] = max |x| over block b (NaN ignored; a block of NaN only: -FLT_MAX, bnb's starting value)
+    s[i]      = fl(x[i] * fl(1 / absmax[i // blocksize]))          the reciprocal, then one product (bnb)
+    NF4:  code = #{t in NF4_THRESHOLDS : s > t}                     bnb's decision tree, as a count
+    FP4:  code = (8 if s < 0) | FP4_RANK_CODES[#{t in FP4_THRESHOLDS : |s| > t}]
+    byte j = code(2j) << 4 | code(2j + 1); an odd count pads the last low nibble with the code of 0 * r
+
+The thresholds are bnb's literals (tritonbits.formats, docs/format.md "Quantize"). Consequences, all as bnb
+CUDA: NaN gets code 0 (every comparison is false); a zero block has absmax 0, r = inf and 0 * inf = NaN, so
+all its codes are 0 (NF4 code 0 is -1.0: it dequantizes to -0.0); an Inf makes r = 0, its own code 0 (inf * 0
+= NaN) and the rest of its block the code of 0 (-0.0 gets no FP4 sign bit: -0.0 < 0 is false).
+
+Encoders (constexpr ENCODER, both exact, both tested equal): "compare" counts thresholds with 15 (NF4) or 7
+(FP4) compares per value; "bucket" looks the count up: b = clamp(floor(fl(s + 1) * 16)) (NF4; FP4 uses
+floor(|s| * 16)), then count = base[b] + (s > thr[b]), where the host table (built once per device from the
+same thresholds with the same fp32 ops) holds, per bucket, the number of thresholds in lower buckets and
+the bucket's one threshold (+inf if none). bucket() is monotone and computed identically for s and for
+the thresholds, so the lookup equals the count; every bucket holds at most one threshold (checked when
+the table is built). The table stores the two candidate codes (base and base + 1, mapped to FP4 bits) in
+one int32, so a value costs two table loads.
+
+Launches: one (packed bytes and fp32 absmax). compress_statistics=True: three, as bnb's sequence needs
+them: the 4-bit kernel; offset = absmax.mean(), a torch reduction (reproducing torch's summation order in
+a kernel would be fragile, and bnb's offset IS that reduction); then the 8-bit kernel of
+ops/blockwise_8bit.py on fl(absmax - offset) (the subtraction is done in that kernel, one fp32 rounding as
+torch's) with the dynamic code, blocksize 256. No host sync anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _runtime, formats
+from .._launcher import CachedLauncher
+from ..quant_state import NestedState, QuantState, check_tensor
+from . import blockwise_8bit as b8
+from .blockwise_8bit import block_absmax
+
+# NOTE: a program quantizes max(1, TILE // blocksize) whole blocks (one row each, one row reduction for
+# the absmax). Speed of TILE, warps and both encoders: to be measured (bench quantize_4bit).
+TILE = 4096
+ENCODER_DEFAULT = "bucket"
+ENCODERS = ("bucket", "compare")
+BUCKETS_PER_UNIT = 16  # K: a power of two, so fl(s + 1) * K is exact; bucket width 1/16 < every threshold gap
+
+
+@triton.jit
+def encode_4bit(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr, N_THR: tl.constexpr,
+                K: tl.constexpr, NB: tl.constexpr):  # fmt: skip
+    """4-bit codes (int32) of fp32 scaled values s: bnb's dQuantizeNF4 / dQuantizeFP4 (see the module doc).
+    "bucket": thr_ptr/codes_ptr are the NB-entry bucket tables; "compare": the N_THR sorted thresholds and
+    the rank -> code table."""
+    a = tl.abs(s) if FP4 else s
+    if ENCODER == "bucket":
+        u = a * K if FP4 else (a + 1.0) * K
+        u = tl.where(u != u, 0.0, u)
+        u = tl.minimum(tl.maximum(u, 0.0), NB - 1.0)
+        b = u.to(tl.int32)
+        pair = tl.load(codes_ptr + b)
+        code = tl.where(a > tl.load(thr_ptr + b), pair >> 8, pair & 0xFF)
+    else:
+        rank = tl.zeros(s.shape, tl.int32)
+        for k in tl.static_range(N_THR):
+            rank += (a > tl.load(thr_ptr + k)).to(tl.int32)
+        code = tl.load(codes_ptr + rank) if FP4 else rank
+    if FP4:
+        code = code | tl.where(s < 0, 8, 0)
+    return code
+
+
+@triton.jit
+def _quantize_4bit_kernel(
+    x_ptr, packed_ptr, absmax_ptr, thr_ptr, codes_ptr,
+    n_elements, n_bytes, n_bytes_alloc, n_blocks,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, ENCODER: tl.constexpr,
+    N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr,
+):  # fmt: skip
+    """One program quantizes ROWS whole blocks: ROWS x BLOCKSIZE values in, ROWS x BLOCKSIZE/2 bytes and ROWS
+    absmax out. int64 base per program, int32 within the tile. Bytes in [n_bytes, n_bytes_alloc) (the
+    padding of a quant_storage wider than a byte) are written as 0."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    pid = tl.program_id(0).to(tl.int64)
+    base = pid * (ROWS * BLOCKSIZE)
+    rows = tl.arange(0, ROWS)
+    local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    left = tl.minimum(n_elements - base, ROWS * BLOCKSIZE).to(tl.int32)
+    x = tl.load(x_ptr + base + local, mask=local < left, other=0.0).to(tl.float32)
+
+    absmax = block_absmax(x)
+    block = pid * ROWS + rows
+    tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
+
+    scaled = x * (1.0 / absmax)[:, None]
+    even, odd = tl.split(tl.reshape(scaled, (ROWS, HALF, 2)))
+    hi = encode_4bit(even, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
+    lo = encode_4bit(odd, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
+    packed = ((hi << 4) | lo).to(tl.uint8)
+
+    byte_local = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte_base = pid * (ROWS * HALF)
+    packed = tl.where(byte_local < tl.minimum(n_bytes - byte_base, ROWS * HALF).to(tl.int32), packed, 0)
+    alloc_left = tl.minimum(n_bytes_alloc - byte_base, ROWS * HALF).to(tl.int32)
+    tl.store(packed_ptr + byte_base + byte_local, packed, mask=byte_local < alloc_left)
+
+
+_launcher = CachedLauncher(_quantize_4bit_kernel)
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder tables, built once per (quant_type, encoder, device) from tritonbits.formats.
+
+_TABLES: dict[tuple[str, str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def bucket_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(thr float32[NB], pair int32[NB]) on the CPU: per bucket its threshold (+inf if none) and the codes for
+    "not above" | "above" << 8. Bucket of v: clamp(floor(fl(v + 1) * K), 0, NB - 1) (FP4: of |v|, no + 1),
+    the kernel's fp32 ops."""
+    fp4 = quant_type == "fp4"
+    thresholds = torch.tensor(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS, dtype=torch.float32)
+    rank_codes = list(formats.FP4_RANK_CODES) if fp4 else list(range(16))
+    k = BUCKETS_PER_UNIT
+    nb = k if fp4 else 2 * k
+    u = thresholds * k if fp4 else (thresholds + 1.0) * k
+    buckets = u.clamp(0.0, nb - 1.0).to(torch.int32).tolist()
+    if len(set(buckets)) != len(buckets):
+        raise AssertionError(f"{quant_type}: two thresholds share a bucket at K={k}: {buckets}")
+    thr = torch.full((nb,), float("inf"), dtype=torch.float32)
+    pair = torch.empty(nb, dtype=torch.int32)
+    for b in range(nb):
+        base = sum(1 for t in buckets if t < b)
+        if b in buckets:
+            thr[b] = thresholds[buckets.index(b)]
+        above = rank_codes[base + 1] if base + 1 < len(rank_codes) else 0
+        pair[b] = rank_codes[base] | above << 8
+    return thr, pair
+
+
+def encoder_tables(quant_type: str, encoder: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (quant_type, encoder, device)
+    tables = _TABLES.get(key)
+    if tables is None:
+        if encoder == "bucket":
+            thr, codes = bucket_tables(quant_type)
+        else:
+            fp4 = quant_type == "fp4"
+            thr = torch.tensor(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS, dtype=torch.float32)
+            codes = torch.tensor(formats.FP4_RANK_CODES if fp4 else range(16), dtype=torch.int32)
+        tables = _TABLES[key] = (thr.to(device), codes.to(device))
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch
+
+
+def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
+    """Bytes allocated for n values: (n + 1) // 2, rounded up to whole quant_storage elements."""
+    size = torch.empty((), dtype=quant_storage).element_size()
+    return -(-((n + 1) // 2) // size) * size
+
+
+def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | None = None,
+         num_warps: int | None = None):  # fmt: skip
+    """(grid, args, constexprs, options) of one launch; `x` flat contiguous, `packed` uint8 bytes."""
+    encoder = ENCODER_DEFAULT if encoder is None else encoder
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    n = x.numel()
+    rows = max(TILE // blocksize, 1)
+    thr, codes = encoder_tables(quant_type, encoder, x.device)
+    grid = (triton.cdiv(n, rows * blocksize), 1, 1)
+    n_bytes_alloc = packed.numel()
+    assert n_bytes_alloc <= grid[0] * rows * blocksize // 2 + (blocksize // 2 if n == 0 else 0)
+    args = (x, packed, absmax, thr, codes, n, (n + 1) // 2, n_bytes_alloc, triton.cdiv(n, blocksize))
+    fp4 = quant_type == "fp4"
+    constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "FP4": fp4, "ENCODER": encoder,
+                  "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
+                  "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder == "bucket" else 1}  # fmt: skip
+    options = {"num_warps": num_warps if num_warps is not None else (4 if rows * blocksize <= 4096 else 8)}
+    return grid, args, constexprs, options
+
+
+def launch(x, packed, absmax, blocksize: int, quant_type: str, *, kernel=None, **overrides) -> None:
+    """Quantize validated arguments: x flat contiguous float, packed uint8 (packed_bytes(n) of them), absmax
+    float32 (one per block). `kernel`: the wrap_triton'd kernel (triton_op)."""
+    if x.numel() == 0:
+        return
+    grid, args, constexprs, options = plan(x, packed, absmax, blocksize, quant_type, **overrides)
+    if kernel is not None:
+        kernel[grid](*args, **constexprs, **options)
+    else:
+        _launcher(grid, args, constexprs, options, x.device)
+
+
+def _nested(absmax: torch.Tensor, qabsmax: torch.Tensor, kernel=None):
+    """bnb's double quantization of the fp32 absmax: (offset, absmax2), qabsmax written."""
+    blocks = absmax.numel()
+    offset = absmax.mean()
+    absmax2 = torch.empty(-(-blocks // formats.NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
+    code2 = formats.code_table("dynamic", absmax.device)
+    b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel=kernel)
+    return offset, absmax2
+
+
+def _run(A, blocksize, quant_type, nested, packed, absmax, kernel=None, kernel8=None):
+    """Everything the op does on validated arguments; packed (uint8 bytes) and absmax (fp32, or uint8 when
+    nested) are written. Returns (absmax2, offset), or empty tensors when not nested."""
+    x = b8._flat(A)
+    if not nested:
+        launch(x, packed, absmax, blocksize, quant_type, kernel=kernel)
+        return absmax.new_empty(0, dtype=torch.float32), absmax.new_empty(0, dtype=torch.float32)
+    absmax32 = torch.empty(absmax.numel(), dtype=torch.float32, device=A.device)
+    launch(x, packed, absmax32, blocksize, quant_type, kernel=kernel)
+    offset, absmax2 = _nested(absmax32, absmax, kernel=kernel8)
+    return absmax2, offset
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration. Eager calls launch directly; under torch.compile the public function calls
+# the triton_op on CUDA (Inductor sees both kernels and the mean) and the custom ops for CPU tensors.
+
+
+def _outputs(A: torch.Tensor, blocksize: int, nested: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n = A.numel()
+    packed = torch.empty(packed_bytes(n, torch.uint8), dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.uint8 if nested else torch.float32, device=A.device)
+    return packed, absmax
+
+
+@torch.library.custom_op("tritonbits::quantize_4bit", mutates_args=())
+def _quantize_4bit_op(
+    A: torch.Tensor, blocksize: int, quant_type: str, nested: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 bytes, absmax, absmax2, offset); absmax2 and offset are empty when not nested."""
+    packed, absmax = _outputs(A, blocksize, nested)
+    absmax2, offset = _run(A, blocksize, quant_type, nested, packed, absmax)
+    return packed, absmax, absmax2, offset
+
+
+@_quantize_4bit_op.register_fake
+def _(A, blocksize, quant_type, nested):
+    n = A.numel()
+    blocks = -(-n // blocksize)
+    packed = A.new_empty(((n + 1) // 2,), dtype=torch.uint8)
+    absmax = A.new_empty((blocks,), dtype=torch.uint8 if nested else torch.float32)
+    if nested:
+        return (
+            packed,
+            absmax,
+            A.new_empty((-(-blocks // 256),), dtype=torch.float32),
+            A.new_empty((), dtype=torch.float32),
+        )
+    return packed, absmax, A.new_empty((0,), dtype=torch.float32), A.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritonbits::quantize_4bit.out", mutates_args=("out", "absmax", "absmax2", "offset"))
+def _quantize_4bit_out_op(
+    A: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor, absmax: torch.Tensor,
+    absmax2: torch.Tensor | None, offset: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """out: the packed bytes (uint8); nested when absmax2 and offset are given (written too)."""
+    nested = absmax2 is not None
+    got2, got_offset = _run(A, blocksize, quant_type, nested, out, absmax)
+    if nested:
+        assert absmax2 is not None and offset is not None
+        absmax2.copy_(got2)
+        offset.copy_(got_offset)
+
+
+@_quantize_4bit_out_op.register_fake
+def _(A, blocksize, quant_type, out, absmax, absmax2, offset):
+    return None
+
+
+@torch.library.triton_op("tritonbits::quantize_4bit_triton_op", mutates_args=())
+def _quantize_4bit_triton_op(
+    A: torch.Tensor, blocksize: int, quant_type: str, nested: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    packed, absmax = _outputs(A, blocksize, nested)
+    absmax2, offset = _run(A, blocksize, quant_type, nested, packed, absmax,
+                           kernel=torch.library.wrap_triton(_quantize_4bit_kernel),
+                           kernel8=torch.library.wrap_triton(b8._quantize_blockwise_kernel))  # fmt: skip
+    return packed, absmax, absmax2, offset
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public function
+
+
+def _check_args(A, absmax, out, blocksize, compress_statistics, quant_type, quant_storage) -> torch.device:
+    device = b8.check_input(A)
+    b8.check_blocksize(blocksize, formats.BLOCKSIZES)
+    if quant_type not in formats.QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
+    if not isinstance(compress_statistics, bool):
+        raise TypeError(f"compress_statistics must be a bool, got {type(compress_statistics).__name__}")
+    if quant_storage not in formats.PACKED_DTYPES:
+        raise TypeError(f"quant_storage must be one of {', '.join(map(str, formats.PACKED_DTYPES))}, "
+                        f"got {quant_storage!r}")  # fmt: skip
+    n = A.numel()
+    if out is not None:
+        size = torch.empty((), dtype=quant_storage).element_size()
+        check_tensor("out", out, (quant_storage,), packed_bytes(n, quant_storage) // size, device)
+        _runtime.check_out(out, {"A": A})
+    if absmax is not None:
+        dtypes = (torch.uint8,) if compress_statistics else (torch.float32,)
+        check_tensor("absmax", absmax, dtypes, -(-n // blocksize), device)
+        _runtime.check_out(absmax, {"A": A, **({"out": out} if out is not None else {})})
+    return device
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int | None = None,
+    compress_statistics: bool = False,
+    quant_type: str = "fp4",
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """`bitsandbytes.functional.quantize_4bit`: (packed, QuantState), byte-equal with bnb CUDA (packed bytes,
+    absmax, and when compress_statistics the uint8 absmax, state2.absmax and offset).
+
+    packed: [(n + 1) // 2 bytes, 1] viewed as quant_storage (bnb's shape; where (n + 1) // 2 is not a
+    multiple of quant_storage's size, tritonbits rounds the allocation up and zero-fills the extra bytes,
+    where bnb's floor-sized buffer is smaller than what its kernel writes). absmax / out: tensors to write
+    into (absmax float32, or uint8 when compress_statistics; out with packed's element count, contiguous).
+    Non-contiguous A is quantized in its logical order (bnb calls A.contiguous()). NaN/Inf: see the module
+    docstring. One launch (compress_statistics: two and a torch mean)."""
+    blocksize = 64 if blocksize is None else blocksize
+    device = _check_args(A, absmax, out, blocksize, compress_statistics, quant_type, quant_storage)
+    n = A.numel()
+    nested = compress_statistics
+    size = torch.empty((), dtype=quant_storage).element_size()
+    if torch.compiler.is_compiling():
+        op = _quantize_4bit_triton_op if A.device.type == "cuda" else _quantize_4bit_op
+        packed_u8, am, absmax2, offset = op(A, blocksize, quant_type, nested)
+        if packed_u8.numel() != packed_bytes(n, quant_storage):  # pad to whole quant_storage elements
+            packed_u8 = torch.nn.functional.pad(packed_u8, (0, packed_bytes(n, quant_storage) - packed_u8.numel()))
+        packed = packed_u8.view(quant_storage).reshape(-1, 1)
+        if out is not None:
+            packed = out.copy_(packed.view(out.shape))
+        if absmax is not None:
+            am = absmax.copy_(am)
+    else:
+        packed = out if out is not None else torch.empty((packed_bytes(n, quant_storage) // size, 1),
+                                                         dtype=quant_storage, device=device)  # fmt: skip
+        if absmax is None:
+            absmax = torch.empty(-(-n // blocksize), dtype=torch.uint8 if nested else torch.float32, device=device)
+        am = absmax
+        absmax2, offset = _run(A, blocksize, quant_type, nested, packed.view(-1).view(torch.uint8), am)
+    state = QuantState(absmax=am, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
+                       code=formats.code_values(quant_type).to(device))  # fmt: skip
+    if nested:
+        state.offset = offset
+        state.state2 = NestedState(absmax=absmax2, code=formats.code_table("dynamic", device).clone(),
+                                   blocksize=formats.NESTED_BLOCKSIZE)  # fmt: skip
+    return packed, state

@@ -1,0 +1,186 @@
+"""tritonbits.quantize_blockwise / dequantize_blockwise: byte-equal with bitsandbytes CUDA (GPU) and with the
+numpy oracle of bnb CUDA's kernels (interpreter)."""
+
+import pytest
+import torch
+
+import tritonbits
+import tritonbits_reference as R
+from tritonbits import formats
+from tritonbits_harness.tolerance import assert_exact
+
+
+def expected_quantize(x, device, blocksize, nested=False):
+    """(q, absmax, code, offset, absmax2): bnb CUDA on the GPU, the oracle under the interpreter."""
+    if device.type == "cuda":
+        import bitsandbytes.functional as F
+
+        q, s = F.quantize_blockwise(x, blocksize=blocksize, nested=nested)
+        return q, s.absmax, s.code, s.offset, s.state2.absmax if nested else None
+    q, s = R.quantize_blockwise_cuda(x, blocksize=blocksize, nested=nested)
+    return q, s["absmax"], s["code"], s.get("offset"), s.get("absmax2")
+
+
+def expected_dequantize(q, absmax, code, blocksize, dtype, device):
+    if device.type == "cuda":
+        import bitsandbytes.functional as F
+
+        return F.dequantize_blockwise(q, F.QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=dtype))
+    return R.dequantize_blockwise_cuda(q, absmax, code, blocksize, dtype)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", formats.BLOCKSIZES_8BIT)
+def test_quantize_equals_bnb_cuda(blocksize, nested, out_dtype, device, gen):
+    shapes = [(3, 1025), (4096,)] + ([(4096, 4097)] if device.type == "cuda" else [])
+    for shape in shapes:
+        x = (torch.randn(shape, generator=gen) * 5).to(out_dtype).to(device)
+        q, state = tritonbits.quantize_blockwise(x, blocksize=blocksize, nested=nested)
+        want_q, want_absmax, want_code, want_offset, want_absmax2 = expected_quantize(x, device, blocksize, nested)
+        assert_exact(q, want_q.to(device))
+        assert_exact(state.absmax, want_absmax.to(device))
+        assert_exact(state.code, want_code.to(device))
+        assert state.blocksize == blocksize and state.dtype == out_dtype
+        if nested:
+            assert_exact(state.offset.reshape(()), want_offset.reshape(()).to(device))
+            assert_exact(state.state2.absmax, want_absmax2.to(device))
+        got = tritonbits.dequantize_blockwise(q, state)
+        assert got.dtype == out_dtype and got.shape == x.shape
+        if not nested:
+            assert_exact(got, expected_dequantize(q, state.absmax, state.code, blocksize, out_dtype, device).to(device))
+
+
+def test_search_edges(device):
+    """Every code value, every midpoint, their fp32 neighbours, +-1, beyond 1, zeros, NaN: the binary search's
+    tie and edge rules (absmax of every block is exactly 1, so the scaled value is x)."""
+    code = formats.dynamic_code()
+    mids = (code[1:] + code[:-1]) * 0.5
+    pts = torch.cat([code, mids])
+    values = torch.cat([pts, torch.nextafter(pts, torch.tensor(2.0)), torch.nextafter(pts, torch.tensor(-2.0)),
+                        torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("nan"), 1.0, -1.0])])  # fmt: skip
+    values = values.clamp(-1.0, 1.0).nan_to_num(float("nan"))
+    per_block = 63
+    blocks = -(-values.numel() // per_block)
+    padded = torch.cat([values, torch.zeros(blocks * per_block - values.numel())]).reshape(blocks, per_block)
+    x = torch.cat([torch.ones(blocks, 1), padded], dim=1).reshape(-1).to(device)
+    q, state = tritonbits.quantize_blockwise(x, blocksize=64)
+    want_q, want_absmax, *_ = expected_quantize(x, device, 64)
+    assert_exact(q, want_q.to(device))
+    assert_exact(state.absmax, want_absmax.to(device))
+
+
+def test_oracle_search_is_nearest_code():
+    """The oracle's binary search picks a nearest code entry for ordinary values (so it is not vacuous)."""
+    code = formats.dynamic_code().numpy()
+    x = torch.linspace(-1, 1, 5001).numpy()
+    q = R.quantize_cuda.dquantize(code, x)
+    dist = abs(code[q] - x)
+    best = abs(code[None, :] - x[:, None]).min(axis=1)
+    assert (dist <= best + 1e-7).all()
+
+
+def test_custom_code_and_out(device, gen):
+    code = torch.linspace(-1, 1, 256).to(device)
+    x = torch.randn(2, 700, generator=gen).to(device)
+    out = torch.full((2, 700), 0xAB, dtype=torch.uint8, device=device)
+    absmax = torch.full((6,), float("nan"), device=device)
+    q, state = tritonbits.quantize_blockwise(x, code=code, absmax=absmax, out=out, blocksize=256)
+    assert q is out and state.absmax is absmax
+    want_q, want_state = R.quantize_blockwise_cuda(x.cpu(), code=code.cpu(), blocksize=256)
+    want_absmax = want_state["absmax"]
+    assert_exact(q.cpu(), want_q)
+    assert_exact(absmax.cpu(), want_absmax)
+    deq = torch.full((2, 700), float("nan"), dtype=torch.bfloat16, device=device)
+    state.dtype = torch.bfloat16
+    assert tritonbits.dequantize_blockwise(q, state, out=deq) is deq
+    assert_exact(deq.cpu(), R.dequantize_blockwise_cuda(q.cpu(), absmax.cpu(), code.cpu(), 256, torch.bfloat16))
+
+
+def test_non_contiguous_and_empty(device, gen):
+    x = torch.randn(96, 130, generator=gen).to(device)
+    q, state = tritonbits.quantize_blockwise(x.t(), blocksize=64)
+    q2, state2 = tritonbits.quantize_blockwise(x.t().contiguous(), blocksize=64)
+    assert_exact(q, q2)
+    assert_exact(state.absmax, state2.absmax)
+    q, state = tritonbits.quantize_blockwise(torch.empty(0, 3, device=device), blocksize=64)
+    assert q.shape == (0, 3) and q.dtype == torch.uint8 and state.absmax.shape == (0,)
+    assert tritonbits.dequantize_blockwise(q, state).shape == (0, 3)
+
+
+BAD_Q = [
+    ("int input", lambda d: {"A": torch.ones(64, dtype=torch.int64, device=d)}, TypeError, "A"),
+    ("bool input", lambda d: {"A": torch.ones(64, dtype=torch.bool, device=d)}, TypeError, "A"),
+    ("blocksize 32", lambda d: {"blocksize": 32}, ValueError, "blocksize"),
+    ("code size", lambda d: {"code": torch.zeros(255, device=d)}, ValueError, "code"),
+    ("code dtype", lambda d: {"code": torch.zeros(256, dtype=torch.float16, device=d)}, TypeError, "code"),
+    ("out size", lambda d: {"out": torch.empty(63, dtype=torch.uint8, device=d)}, ValueError, "out"),
+    ("out dtype", lambda d: {"out": torch.empty(64, dtype=torch.int8, device=d)}, TypeError, "out"),
+    ("out strided", lambda d: {"out": torch.empty(128, dtype=torch.uint8, device=d)[::2]}, ValueError, "out"),
+    ("absmax size", lambda d: {"absmax": torch.empty(2, device=d)}, ValueError, "absmax"),
+    ("absmax device", lambda d: {"absmax": torch.empty(1, device="meta")}, ValueError, "absmax"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_Q, ids=[b[0] for b in BAD_Q])
+def test_bad_quantize_arguments(case, device):
+    _, make, exc, name = case
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        tritonbits.quantize_blockwise(**{"A": torch.randn(64, device=device), "blocksize": 64, **make(device)})
+
+
+BAD_DQ = [
+    ("no scales", lambda d: {}, ValueError, "absmax"),
+    ("A float", lambda d: {"A": torch.zeros(64, device=d), "absmax": torch.ones(1, device=d)}, TypeError, "A"),
+    ("absmax size", lambda d: {"absmax": torch.ones(2, device=d)}, ValueError, "absmax"),
+    ("absmax dtype", lambda d: {"absmax": torch.ones(1, dtype=torch.float16, device=d)}, TypeError, "absmax"),
+    ("blocksize", lambda d: {"absmax": torch.ones(1, device=d), "blocksize": 100}, ValueError, "blocksize"),
+    ("out shape", lambda d: {"absmax": torch.ones(1, device=d), "out": torch.empty(32, device=d)}, ValueError, "out"),
+    ("out overlaps", lambda d: {"absmax": torch.ones(1, device=d), "out": "alias"}, ValueError, "out"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_DQ, ids=[b[0] for b in BAD_DQ])
+def test_bad_dequantize_arguments(case, device):
+    _, make, exc, name = case
+    kwargs = {"A": torch.zeros(64, dtype=torch.uint8, device=device), "blocksize": 64, **make(device)}
+    if kwargs.get("out") == "alias":
+        buf = torch.zeros(64, device=device)
+        kwargs["A"], kwargs["out"] = buf.view(torch.uint8)[:64], buf
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        tritonbits.dequantize_blockwise(**kwargs)
+
+
+def test_opcheck(device, gen):
+    x = torch.randn(4, 300, generator=gen).to(device)
+    code = formats.code_table("dynamic", device)
+    torch.library.opcheck(torch.ops.tritonbits.quantize_blockwise.default, (x, code, 256))
+    q = torch.empty(4, 300, dtype=torch.uint8, device=device)
+    absmax = torch.empty(5, device=device)
+    torch.library.opcheck(torch.ops.tritonbits.quantize_blockwise.out, (x, code, 256, q, absmax))
+    torch.library.opcheck(
+        torch.ops.tritonbits.dequantize_blockwise.default, (q, absmax.abs(), code, 256, torch.bfloat16)
+    )
+    out = torch.empty(4, 300, device=device)
+    torch.library.opcheck(torch.ops.tritonbits.dequantize_blockwise.out, (q, absmax.abs(), code, 256, out))
+    if device.type == "cuda":
+        torch.library.opcheck(torch.ops.tritonbits.quantize_blockwise_triton_op.default, (x, code, 256))
+        torch.library.opcheck(torch.ops.tritonbits.dequantize_blockwise_triton_op.default,
+                              (q, absmax.abs(), code, 256, torch.float16))  # fmt: skip
+
+
+def _round_trip(x):
+    q, state = tritonbits.quantize_blockwise(x, blocksize=256)
+    return tritonbits.dequantize_blockwise(q, state)
+
+
+def test_compiles_fullgraph_cpu_ops(device, gen):
+    x = torch.randn(8, 300, generator=gen).to(device)
+    torch._dynamo.reset()
+    assert_exact(torch.compile(_round_trip, fullgraph=True, backend="aot_eager")(x), _round_trip(x))
+
+
+@pytest.mark.gpu
+def test_compiles_fullgraph(device, gen):
+    x = torch.randn(1024, 1000, generator=gen).to(torch.bfloat16).to(device)
+    torch._dynamo.reset()
+    assert_exact(torch.compile(_round_trip, fullgraph=True)(x), _round_trip(x))
