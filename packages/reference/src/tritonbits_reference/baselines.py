@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import torch
@@ -117,19 +118,28 @@ _FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.5
 _FP4_RANK_CODES = (0, 1, 6, 7, 4, 5, 2, 3)
 
 
-def torch_quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(thresholds, FP4 rank -> code table or None) for `torch_quantize_4bit`, made once outside the timed
+    call (a host-to-device copy inside it could not be captured in a CUDA graph)."""
+    if quant_type == "nf4":
+        return torch.tensor(_NF4_THRESHOLDS, dtype=torch.float32, device=device), None
+    return (torch.tensor(_FP4_THRESHOLDS, dtype=torch.float32, device=device),
+            torch.tensor(_FP4_RANK_CODES, dtype=torch.int64, device=device))  # fmt: skip
+
+
+def torch_quantize_4bit(A: torch.Tensor, blocksize: int, thresholds: torch.Tensor,
+                        rank_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Pure-PyTorch 4-bit quantizer (bnb CUDA's arithmetic, for torch.compile to race): (packed uint8 [n/2],
-    fp32 absmax). Needs numel % blocksize == 0 and an even numel (benchmark shapes)."""
+    fp32 absmax); NF4 when rank_codes is None, else FP4 (see `quantize_tables`). Needs numel % blocksize == 0
+    and an even numel (benchmark shapes)."""
     x = A.reshape(-1, blocksize).float()
     absmax = torch.where(x.isnan(), -3.4028234663852886e38, x.abs()).amax(dim=1)
     scaled = x * (1.0 / absmax)[:, None]
-    if quant_type == "nf4":
-        thresholds = torch.tensor(_NF4_THRESHOLDS, dtype=torch.float32, device=A.device)
+    if rank_codes is None:
         codes = (scaled[..., None] > thresholds).sum(-1)
     else:
-        thresholds = torch.tensor(_FP4_THRESHOLDS, dtype=torch.float32, device=A.device)
         rank = (scaled.abs()[..., None] > thresholds).sum(-1)
-        codes = torch.tensor(_FP4_RANK_CODES, device=A.device)[rank] | torch.where(scaled < 0, 8, 0)
+        codes = rank_codes[rank] | torch.where(scaled < 0, 8, 0)
     codes = codes.reshape(-1, 2).to(torch.uint8)
     return (codes[:, 0] << 4) | codes[:, 1], absmax
 
@@ -153,6 +163,7 @@ def bnb_triton_quantize_blockwise(A: torch.Tensor, blocksize: int):
     return triton_ops.quantize_blockwise(A, _dynamic_code(A.device), blocksize)
 
 
+@functools.cache
 def _dynamic_code(device) -> torch.Tensor:
     from .formats import dynamic_code
 

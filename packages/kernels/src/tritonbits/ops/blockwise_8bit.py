@@ -52,14 +52,13 @@ def dquantize_8bit(x, code_ptr):
     lower = tl.full(x.shape, -1.0, tl.float32)
     upper = tl.full(x.shape, 1.0, tl.float32)
     val = tl.load(code_ptr + pivot)
-    for k in tl.static_range(7):
-        step: tl.constexpr = 64 >> k
+    for k in tl.static_range(7):  # pivot moves by 64, 32, ..., 1
         up = x > val
         lower_pivot = tl.where(up, pivot, lower_pivot)
         lower = tl.where(up, val, lower)
         upper_pivot = tl.where(up, upper_pivot, pivot)
         upper = tl.where(up, upper, val)
-        pivot = tl.where(up, pivot + step, pivot - step)
+        pivot = tl.where(up, pivot + (64 >> k), pivot - (64 >> k))
         val = tl.load(code_ptr + pivot)
     upper = tl.where(upper_pivot == 255, tl.load(code_ptr + 255), upper)
     lower = tl.where(lower_pivot == 0, tl.load(code_ptr), lower)

@@ -353,7 +353,7 @@ def quantize_4bit(
         am = absmax
         absmax2, offset = _run(A, blocksize, quant_type, nested, packed.view(-1).view(torch.uint8), am)
     state = QuantState(absmax=am, shape=A.shape, dtype=A.dtype, blocksize=blocksize, quant_type=quant_type,
-                       code=formats.code_values(quant_type).to(device))  # fmt: skip
+                       code=formats.code_table(quant_type, device).clone())  # fmt: skip
     if nested:
         state.offset = offset
         state.state2 = NestedState(absmax=absmax2, code=formats.code_table("dynamic", device).clone(),
