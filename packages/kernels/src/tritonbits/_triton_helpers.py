@@ -17,14 +17,15 @@ def round_to_bf16_bits(x):
 
 
 @triton.jit
-def store_float(ptr, values, mask, MANUAL_BF16: tl.constexpr, eviction_policy: tl.constexpr = ""):
-    """Store fp32 `values` in ptr's dtype; with MANUAL_BF16, ptr is the int16 view of a bf16 tensor."""
+def store_float(ptr, values, mask, MANUAL_BF16: tl.constexpr, eviction_policy: tl.constexpr):
+    """Store fp32 `values` in ptr's dtype; with MANUAL_BF16, ptr is the int16 view of a bf16 tensor.
+    eviction_policy: "" for none (no default: a jit default value does not compile as a constexpr)."""
     values = round_to_bf16_bits(values) if MANUAL_BF16 else values.to(ptr.dtype.element_ty)
     tl.store(ptr, values, mask=mask, eviction_policy=eviction_policy)
 
 
 @triton.jit
-def decode_nibbles(packed, code_ptr, eviction_policy: tl.constexpr = ""):
+def decode_nibbles(packed, code_ptr, eviction_policy: tl.constexpr):
     """(code[high nibble], code[low nibble]) of packed uint8 bytes: elements 2j and 2j+1 of byte j."""
     hi = tl.load(code_ptr + (packed >> 4).to(tl.int32), eviction_policy=eviction_policy)
     lo = tl.load(code_ptr + (packed & 0xF).to(tl.int32), eviction_policy=eviction_policy)

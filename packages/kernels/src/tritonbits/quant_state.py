@@ -29,6 +29,7 @@ class NestedState:
     code: torch.Tensor  # float32[256], the 8-bit dynamic code
     blocksize: int = formats.NESTED_BLOCKSIZE
     dtype: torch.dtype = torch.float32
+    nested = False  # bnb's state2 is a QuantState whose `nested` is False; bnb's code reads it
 
 
 @dataclass

@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"device-to-device copy: {copy:.0f} GB/s (read + write), measured in this run")
     rows: list[dict] = []
     errors: dict[str, str] = {}
+    notes: list[str] = []
     with progress_bar(console) as progress:
         for name in names:
             try:
                 rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,
-                                      progress=progress, quick=args.quick)  # fmt: skip
+                                      progress=progress, quick=args.quick, notes=notes)  # fmt: skip
             except Exception as exc:  # record it, run the others, fail at the end
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 console.print_exception()
@@ -82,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                        for n in names},
         "rows": rows,
         "errors": errors,
+        "notes": notes,
     })  # fmt: skip
+    for note in notes[:20]:
+        console.print(f"[yellow]{note}")
     console.print(f"record written to {path}")
     for name, err in errors.items():
         console.print(f"[red]benchmark {name} failed: {err}")

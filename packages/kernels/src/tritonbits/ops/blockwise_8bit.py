@@ -103,7 +103,7 @@ def _dequantize_blockwise_kernel(
     mask = local < tl.minimum(n_elements - base, TILE_).to(tl.int32)
     q = tl.load(q_ptr + base + local, mask=mask, other=0).to(tl.int32)
     absmax = tl.load(absmax_ptr + (base + local) // BLOCKSIZE, mask=mask, other=0.0)
-    store_float(out_ptr + base + local, tl.load(code_ptr + q) * absmax, mask, MANUAL_BF16)
+    store_float(out_ptr + base + local, tl.load(code_ptr + q) * absmax, mask, MANUAL_BF16, "")
 
 
 _quantize_launcher = CachedLauncher(_quantize_blockwise_kernel)
