@@ -45,3 +45,19 @@ def mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
         )  # fmt: skip
     else:
         return a * b + c
+
+
+@triton.jit
+def reciprocal(x, RCP: tl.constexpr):
+    """1 / x (fp32) as the quantizers need it. bnb's CUDA library is built with --use_fast_math, where
+    `1.0f / x` is `rcp.approx.ftz.f32`: RCP="approx" spells that in PTX (GPU only). "ieee" is the correctly
+    rounded reciprocal (div.rn); "plain" is Triton's own fp32 division (on the interpreter: numpy's, correctly
+    rounded). Which one matches bnb byte for byte was measured, see ops/quantize_4bit.py."""
+    if RCP == "approx":
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    elif RCP == "ieee":
+        return tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+    else:
+        return 1.0 / x

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
-from .._triton_helpers import store_float
+from .._triton_helpers import reciprocal, store_float
 from ..quant_state import NestedState, QuantState, check_tensor
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
@@ -71,7 +71,7 @@ def dquantize_8bit(x, code_ptr):
 @triton.jit
 def _quantize_blockwise_kernel(
     x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks of BLOCKSIZE values (int64 base, int32 within the tile).
     SUB_OFFSET: quantize fl(x - offset[0]) instead of x (the nested step's `absmax - mean`, one fp32 rounding
@@ -87,7 +87,7 @@ def _quantize_blockwise_kernel(
     absmax = block_absmax(x)
     block = tl.program_id(0).to(tl.int64) * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
-    scaled = x * (1.0 / absmax)[:, None]
+    scaled = x * reciprocal(absmax, RCP)[:, None]
     q = dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
 
@@ -106,25 +106,45 @@ def _dequantize_blockwise_kernel(
     store_float(out_ptr + base + local, tl.load(code_ptr + q) * absmax, mask, MANUAL_BF16, "")
 
 
+# NOTE: the block reciprocal 1/absmax, as bnb's --use_fast_math build computes it (rcp.approx.ftz.f32): with
+# Triton's own division, 14336x4096 fp32 NF4 input differed from bnb in some bytes (H100, 2026-11-23); the
+# choice is measured by ci/quantize_rcp_probe.py (record in docs/gpu-runs/logs/). The interpreter runs no PTX:
+# there the reciprocal is correctly rounded, as in the numpy oracle.
+RCP_GPU = "approx"
+RCP_MODES = ("approx", "ieee", "plain")
+
+
+def rcp_mode(device: torch.device, rcp: str | None = None) -> str:
+    """The reciprocal a quantize kernel uses on `device` (an explicit `rcp` is for the probe and tests)."""
+    if rcp is not None:
+        if rcp not in RCP_MODES:
+            raise ValueError(f"rcp must be one of {RCP_MODES}, got {rcp!r}")
+        if rcp != "plain" and _runtime.INTERPRET:
+            raise ValueError(f"rcp={rcp!r} needs a GPU: the Triton interpreter runs no PTX")
+        return rcp
+    return "plain" if device.type != "cuda" else RCP_GPU
+
+
 _quantize_launcher = CachedLauncher(_quantize_blockwise_kernel)
 _dequantize_launcher = CachedLauncher(_dequantize_blockwise_kernel)
 
 
-def plan_quantize(x, code, out, absmax, blocksize: int, offset=None):
+def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None):
     n = x.numel()
     rows = max(TILE // blocksize, 1)
     grid = (triton.cdiv(n, rows * blocksize), 1, 1)
     args = (x, offset if offset is not None else absmax, code, out, absmax, n, triton.cdiv(n, blocksize))
-    constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None}
+    constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
+                  "RCP": rcp_mode(x.device, rcp)}  # fmt: skip
     return grid, args, constexprs, {"num_warps": 4 if rows * blocksize <= 4096 else 8}
 
 
-def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel=None) -> None:
+def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel=None, rcp=None) -> None:
     """Quantize the flat contiguous `x` into `out` (uint8, x.numel()) and `absmax` (fp32, one per block):
     validated arguments. `offset` (0-d fp32): quantize x - offset. `kernel`: the wrap_triton'd kernel."""
     if x.numel() == 0:
         return
-    grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset)
+    grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset, rcp)
     if kernel is not None:
         kernel[grid](*args, **constexprs, **options)
     else:

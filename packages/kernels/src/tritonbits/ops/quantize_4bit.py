@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
+from .._triton_helpers import reciprocal
 from ..quant_state import NestedState, QuantState, check_tensor
 from . import blockwise_8bit as b8
 from .blockwise_8bit import block_absmax
@@ -76,7 +77,7 @@ def _quantize_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, thr_ptr, codes_ptr,
     n_elements, n_bytes, n_bytes_alloc, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, ENCODER: tl.constexpr,
-    N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr,
+    N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, RCP: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks: ROWS x BLOCKSIZE values in, ROWS x BLOCKSIZE/2 bytes and ROWS
     absmax out. int64 base per program, int32 within the tile. Bytes in [n_bytes, n_bytes_alloc) (the
@@ -93,7 +94,7 @@ def _quantize_4bit_kernel(
     block = pid * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
 
-    scaled = x * (1.0 / absmax)[:, None]
+    scaled = x * reciprocal(absmax, RCP)[:, None]
     even, odd = tl.split(tl.reshape(scaled, (ROWS, HALF, 2)))
     hi = encode_4bit(even, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
     lo = encode_4bit(odd, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
@@ -163,7 +164,7 @@ def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
 
 
 def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | None = None,
-         num_warps: int | None = None):  # fmt: skip
+         num_warps: int | None = None, rcp: str | None = None):  # fmt: skip
     """(grid, args, constexprs, options) of one launch; `x` flat contiguous, `packed` uint8 bytes."""
     encoder = ENCODER_DEFAULT if encoder is None else encoder
     if encoder not in ENCODERS:
@@ -178,7 +179,8 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
     fp4 = quant_type == "fp4"
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "FP4": fp4, "ENCODER": encoder,
                   "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
-                  "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder == "bucket" else 1}  # fmt: skip
+                  "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder == "bucket" else 1,
+                  "RCP": b8.rcp_mode(x.device, rcp)}  # fmt: skip
     options = {"num_warps": num_warps if num_warps is not None else (4 if rows * blocksize <= 4096 else 8)}
     return grid, args, constexprs, options
 
