@@ -21,7 +21,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             absmax = torch.empty(x.numel() // 64, dtype=torch.float32, device="cuda")
             q4.launch(x.view(-1), packed, absmax, 64, quant_type, rcp=mode)
             bad = int((packed != want).sum())
-            rows.append(f"4-bit {quant_type} {str(dtype):15} rcp={mode:6}: {bad} of {want.numel()} bytes differ")
+            rows.append(f"4-bit {quant_type} {dtype!s:15} rcp={mode:6}: {bad} of {want.numel()} bytes differ")
     want8, state8 = F.quantize_blockwise(x.view(-1), blocksize=4096)
     code = b8.check_code(None, x.device)
     for mode in b8.RCP_MODES:
@@ -29,5 +29,5 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         absmax = torch.empty(x.numel() // 4096, dtype=torch.float32, device="cuda")
         b8.launch_quantize(x.view(-1), code, out, absmax, 4096, rcp=mode)
         bad = int((out != want8).sum())
-        rows.append(f"8-bit dynamic {str(dtype):15} rcp={mode:6}: {bad} of {want8.numel()} codes differ")
+        rows.append(f"8-bit dynamic {dtype!s:15} rcp={mode:6}: {bad} of {want8.numel()} codes differ")
 print("\n".join(rows))
