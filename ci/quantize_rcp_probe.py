@@ -31,3 +31,22 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         bad = int((out != want8).sum())
         rows.append(f"8-bit dynamic {dtype!s:15} rcp={mode:6}: {bad} of {want8.numel()} codes differ")
 print("\n".join(rows))
+
+# Where fp32 NF4 input still differs from bnb: the values around each differing byte.
+x = torch.randn(14336, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+want, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+packed = torch.empty_like(want.view(-1))
+absmax = torch.empty(x.numel() // 64, dtype=torch.float32, device="cuda")
+q4.launch(x.view(-1), packed, absmax, 64, "nf4")
+thresholds = torch.tensor(q4.formats.NF4_THRESHOLDS, dtype=torch.float64)
+for j in (packed != want.view(-1)).nonzero().flatten().tolist()[:8]:
+    for e in (2 * j, 2 * j + 1):
+        v, a = x.view(-1)[e].item(), absmax[e // 64].item()
+        r = torch.tensor([a], device="cuda").reciprocal().item()
+        s = torch.tensor([v], device="cuda", dtype=torch.float32) * torch.tensor([r], device="cuda")
+        s = s.item()
+        near = thresholds[(thresholds - s).abs().argmin()].item()
+        print(
+            f"byte {j} elem {e}: x={v!r} absmax={a!r} s~{s!r} nearest threshold {near!r} (s-t={s - near:.3e}) "
+            f"ours {int(packed[j])} bnb {int(want.view(-1)[j])}"
+        )
