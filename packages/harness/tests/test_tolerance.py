@@ -181,3 +181,22 @@ def test_nested_error_widens_the_bound_per_block():
         tolerance.quantize_error_bound(x, NF4, 64, nested_error=torch.zeros(3))
     with pytest.raises(ValueError, match="blocksize"):
         tolerance.quantize_error_bound(x, NF4, 0)
+
+
+def test_packed_4bit_allows_a_neighbour_only_at_a_near_tie_and_only_for_fp32_input():
+    import tritonbits_reference as R
+
+    from tritonbits_harness import tolerance
+
+    code = torch.from_numpy(R.NF4_CODE)
+    boundary = float((R.NF4_CODE[12] + R.NF4_CODE[13]) / 2)  # NF4 codes 12 | 13
+    x = torch.tensor([1.0, boundary, 0.3, 0.0], dtype=torch.float32)  # one block: absmax 1
+    absmax = torch.tensor([1.0])
+    want = torch.tensor([(15 << 4) | 12, (10 << 4) | 7], dtype=torch.uint8)
+    tie = torch.tensor([(15 << 4) | 13, (10 << 4) | 7], dtype=torch.uint8)  # element 1 at the tie: 13
+    tolerance.assert_packed_4bit(tie, want, x, absmax, 4, code)
+    far = torch.tensor([(15 << 4) | 12, (11 << 4) | 7], dtype=torch.uint8)  # 0.3 is no tie for 10 | 11
+    with pytest.raises(AssertionError, match="codes outside"):
+        tolerance.assert_packed_4bit(far, want, x, absmax, 4, code)
+    with pytest.raises(AssertionError):  # bf16 input: byte-equal, no neighbour
+        tolerance.assert_packed_4bit(tie, want, x.to(torch.bfloat16), absmax, 4, code)

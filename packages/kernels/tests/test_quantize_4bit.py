@@ -31,8 +31,15 @@ def expected(x, device, blocksize=64, quant_type="fp4", compress_statistics=Fals
     return R.quantize_4bit_cuda(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=compress_statistics)
 
 
-def assert_same_state(packed, state, want_packed, want):
-    assert_exact(packed, want_packed.to(packed.device))
+def assert_same_state(packed, state, want_packed, want, x=None):
+    """Byte-equal with bnb; for fp32 input on CUDA, the packed codes under the harness policy (a neighbouring
+    code at a near tie, measured at 5 in 29.4M bytes)."""
+    if x is not None and x.device.type == "cuda":
+        absmax32 = block_absmax(x, want.blocksize)
+        code = torch.from_numpy(R.NF4_CODE if want.quant_type == "nf4" else R.FP4_CODE)
+        tolerance.assert_packed_4bit(packed, want_packed, x, absmax32, want.blocksize, code)
+    else:
+        assert_exact(packed, want_packed.to(packed.device))
     assert_exact(state.absmax, want.absmax.to(packed.device))
     assert_exact(state.code, want.code.to(packed.device))
     assert tuple(state.shape) == tuple(want.shape) and state.dtype == want.dtype
@@ -45,6 +52,13 @@ def assert_same_state(packed, state, want_packed, want):
         assert state.state2.blocksize == want.state2.blocksize == 256
 
 
+def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """max |x| per block of the flattened x (fp32, exact: the value both quantizers scale by)."""
+    flat = x.reshape(-1).float().abs()
+    pad = -flat.numel() % blocksize
+    return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, blocksize).amax(dim=1)
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("quant_type", R.QUANT_TYPES)
 @pytest.mark.parametrize("blocksize", R.BLOCKSIZES_4BIT)
@@ -54,7 +68,7 @@ def test_equals_bnb_cuda(blocksize, quant_type, nested, out_dtype, device, gen):
         packed, state = tritonbits.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
                                                  compress_statistics=nested)  # fmt: skip
         assert packed.shape == ((x.numel() + 1) // 2, 1) and packed.dtype == torch.uint8
-        assert_same_state(packed, state, *expected(x, device, blocksize, quant_type, nested))
+        assert_same_state(packed, state, *expected(x, device, blocksize, quant_type, nested), x=x)
 
 
 def adversarial(device) -> torch.Tensor:
