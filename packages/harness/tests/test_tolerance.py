@@ -185,7 +185,6 @@ def test_nested_error_widens_the_bound_per_block():
 
 def test_packed_4bit_allows_a_neighbour_only_at_a_near_tie_and_only_for_fp32_input():
     import tritonbits_reference as R
-
     from tritonbits_harness import tolerance
 
     code = torch.from_numpy(R.NF4_CODE)
