@@ -74,6 +74,10 @@ def code_table(name: str, device: torch.device) -> torch.Tensor:
     key = (name, device)
     table = _tables.get(key)
     if table is None:
-        values = dynamic_code() if name == "dynamic" else code_values(name)
-        table = _tables[key] = values.to(device)
+        table = _tables[key] = _VALUES[name].to(device)
     return table
+
+
+# Built at import, so that a first call inside torch.compile only copies them to the device (tracing
+# dynamic_code() would break the graph: dynamo does not trace tolist() on float tensors).
+_VALUES = {"nf4": code_values("nf4"), "fp4": code_values("fp4"), "dynamic": dynamic_code()}
