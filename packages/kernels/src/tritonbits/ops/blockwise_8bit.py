@@ -30,7 +30,8 @@ from ..quant_state import NestedState, QuantState, check_tensor
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
 
 # NOTE: a program quantizes max(1, TILE // blocksize) whole blocks (rows), so that every block's absmax is
-# one row reduction. Speed of this choice: to be measured.
+# one row reduction. Measured (H100, docs/kernels/quantize_4bit.md): quantize 15-25% of copy (the 7-step
+# search is the limit), dequantize 91.6-97.1% at 2^26+ elements; not swept.
 TILE = 4096
 DEQUANT_TILE = 2048
 
