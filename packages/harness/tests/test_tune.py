@@ -15,8 +15,10 @@ from tritonbits_harness.bench import dequant_bias as bench
 
 
 def _fake_ms(case, config, rep_ms):
-    """Deterministic 'timings' preferring BLOCK_M 8, then narrow tiles, then 4 warps."""
-    bm, bn, warps = config
+    """Deterministic 'timings': 1-D for N=1000, else BLOCK_M 8, then narrow tiles, then 4 warps."""
+    if config[0] == "1d":
+        return 0.01 + config[1] / 1e6 if case["n"] == 1000 else 100
+    _, bm, bn, warps = config
     return abs(bm - 8) + bn / 1000 + warps / 100
 
 
@@ -37,12 +39,12 @@ def test_register_refuses_incomplete_ops():
 
 def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
     path = tmp_path / "dequant_bias.json"
-    path.write_text(json.dumps({"h200": {"bf16/1x4096": [2, 512, 8]}}))  # another family stays
+    path.write_text(json.dumps({"h200": {"bf16/1x4096": ["2d", 2, 512, 8]}}))  # another family stays
     op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
     written = tune.tune_table(op, "interpreter", Console(quiet=True), rep_ms=1, path=path)
     assert written == path
     table = json.loads(path.read_text())
-    assert table["h200"] == {"bf16/1x4096": [2, 512, 8]}
+    assert table["h200"] == {"bf16/1x4096": ["2d", 2, 512, 8]}
     entries = table["interpreter"]
     cases = bench.cases(cpu=False)
     want_keys = {db.config_key(bench.ACC[c["acc"]], c["m"], c["n"]) for c in cases}
@@ -54,7 +56,7 @@ def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
     # the op's own lookup (family "interpreter" for CPU tensors) finds the tuned config of every case
     monkeypatch.setattr(configs, "table_path", lambda op_name: path)
     configs.table.cache_clear()
-    db._config.cache_clear()  # lookups other tests made in this process
+    db._config.cache_clear()  # lookups cached by earlier tests saw the checked-in table
     try:
         cpu = torch.device("cpu")
         for c in cases:
@@ -63,6 +65,32 @@ def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
     finally:
         configs.table.cache_clear()
         db._config.cache_clear()
+    assert {v[0] for k, v in entries.items() if k.endswith("x1024")} == {"1d"}
+
+
+def test_candidates_name_both_paths_and_the_launcher_runs_them():
+    cands = tune.candidate_configs(4096)
+    assert {c[0] for c in cands} == {"1d", "2d"}
+    assert all(db.as_config(c) == c for c in cands)
+    assert all(c[1] <= 2 for c in tune.candidate_configs(1) if c[0] == "2d")
+
+
+def test_heuristic_comparison_times_the_heuristic_in_the_same_sweep():
+    op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
+    reps = tune.representatives(op, op.compare_cases)
+    assert {c["n"] for c in reps.values()} == set(tune.COMPARE_NS)
+    rows: list[dict] = []
+    from tritonbits_harness.bench.runner import progress_bar
+
+    with progress_bar(Console(quiet=True)) as progress:
+        tune.sweep(op, 1, progress, reps, rows)
+    assert len(rows) == len(reps)
+    for r in rows:
+        assert r["heuristic"] == db.heuristic_config(r["case"]["m"], r["case"]["n"])
+        assert r["heuristic_ms"] == _fake_ms(r["case"], r["heuristic"], 1)
+    assert tune.print_comparison(Console(quiet=True), "dequant_bias", rows) == sum(
+        r["heuristic_ms"] / r["best_ms"] > 1.05 for r in rows
+    )
 
 
 def test_sweep_refuses_an_op_without_a_table():

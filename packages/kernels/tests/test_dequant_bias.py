@@ -122,12 +122,89 @@ def test_cuda_graph_capture(device, gen):
 
 def test_config_table_and_fallback():
     assert db_module.bucket(1) == 1 and db_module.bucket(3840) == 4096 and db_module.bucket(4096) == 4096
-    for m, n in [(1, 2560), (100, 14336), (65536, 4096)]:
-        block_m, block_n, warps = db_module.heuristic_config(m, n)
-        assert block_m >= 1 and 16 <= block_n <= 256 and warps in (4, 8)
+    for m, n in [(1, 2560), (100, 14336), (65536, 4096), (4096, 1000)]:
+        kind, block_m, block_n, warps = db_module.heuristic_config(m, n, flat=False)
+        assert kind == "2d" and block_m >= 1 and 16 <= block_n <= 256 and warps in (4, 8)
         assert block_m <= db_module.bucket(m)
+        kind, block, warps = db_module.heuristic_config(m, n)  # contiguous inputs: the 1-D path
+        assert kind == "1d" and block % (32 * warps) == 0 and block // (32 * warps) >= 8
     cpu = torch.device("cpu")
     assert db_module.config_for(cpu, torch.int32, 8, 4096) == db_module.heuristic_config(8, 4096)
+    assert db_module.config_for(cpu, torch.int32, 8, 4096, flat=False) == db_module.heuristic_config(8, 4096, False)
+
+
+def test_configs_name_their_path():
+    assert db_module.as_config([8, 128, 4]) == ("2d", 8, 128, 4)  # a legacy table triple
+    assert db_module.as_config(["1d", 1024, 4]) == ("1d", 1024, 4)
+    for bad in (["1d", 1024], ["2d", 8, 128], ["3d", 1, 2, 4], ["1d", 1000, 4], [8, 128]):
+        with pytest.raises(ValueError, match="bad dequant_bias config"):
+            db_module.as_config(bad)
+
+
+def test_heuristic_picks_1d_for_contiguous_inputs_and_2d_for_strided(device, gen, monkeypatch):
+    chosen = []
+    real_plan = db_module.plan
+    monkeypatch.setattr(db_module, "plan", lambda *a, **k: chosen.append(real_plan(*a, **k)) or chosen[-1])
+    monkeypatch.setattr(db_module, "_plans", {})
+    acc, sa, sb, bias = operands(5, 1000, torch.int32, gen, device)
+    tritonbits.dequant_bias(acc, sa, sb, bias)
+    big = make_acc(5, 1024, torch.int32, gen).to(device)
+    tritonbits.dequant_bias(big[:, :1000], sa, sb, bias)
+    out = torch.empty(5, 2000, dtype=torch.bfloat16, device=device)
+    tritonbits.dequant_bias(acc, sa, sb, bias, out=out[:, :1000])
+    assert [p.config[0] for p in chosen] == ["1d", "2d", "2d"]
+    assert chosen[0].config == db_module.heuristic_config(5, 1000)
+
+
+PATHS = [("1d", 256, 2), ("1d", 1024, 4), ("2d", 4, 128, 4), ("2d", 16, 32, 4)]
+SHAPES_PATHS = [(1, 1), (1, 37), (5, 1), (3, 1000), (7, 130), (33, 64), (2, 2048)]
+
+
+@pytest.mark.parametrize("config", PATHS, ids=str)
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_every_path_forced(config, acc_dtype, out_dtype, device, gen):
+    """Each path on odd N (1000, 37, 1, 130: segments, division fallback, tails), M=1, every dtype pair."""
+    for m, n in SHAPES_PATHS:
+        bias_kind = None if (m + n) % 3 == 0 else "vec"
+        acc, sa, sb, bias = operands(m, n, acc_dtype, gen, device, bias_kind=bias_kind)
+        out = torch.full((m, n), float("nan"), dtype=out_dtype, device=device)
+        strides = db_module.validate(acc, sa, sb, bias, out_dtype, out)
+        db_module.launch(acc, sa, sb, bias, out, *strides, config=config)
+        check(out, acc, sa, sb, bias)
+
+
+@pytest.mark.parametrize("config", PATHS[:2] + PATHS[2:3], ids=str)
+@pytest.mark.parametrize(("sa_kind", "sb_kind"), [("scalar", "scalar"), ("vec", "vec"), ("col", "scalar")])
+def test_paths_with_every_scale_form_and_in_place(config, sa_kind, sb_kind, device, gen):
+    acc, sa, sb, bias = operands(9, 1000, torch.float32, gen, device, sa_kind=sa_kind, sb_kind=sb_kind)
+    want = acc.clone()
+    strides = db_module.validate(acc, sa, sb, bias, torch.float32, acc)
+    db_module.launch(acc, sa, sb, bias, acc, *strides, config=config)  # out = acc, in place
+    check(acc, want, sa, sb, bias)
+
+
+def test_1d_path_refuses_strided_inputs_and_2d_handles_them(device, gen):
+    big = make_acc(6, 1024, torch.bfloat16, gen).to(device)
+    acc = big[:, :1000]  # row stride 1024 != N
+    _, sa, sb, bias = operands(6, 1000, torch.bfloat16, gen, device)
+    out = torch.empty(6, 1000, dtype=torch.bfloat16, device=device)
+    strides = db_module.validate(acc, sa, sb, bias, torch.bfloat16, out)
+    with pytest.raises(ValueError, match="needs contiguous acc and out"):
+        db_module.launch(acc, sa, sb, bias, out, *strides, config=("1d", 256, 2))
+    wide = torch.full((6, 1100), float("nan"), dtype=torch.bfloat16, device=device)
+    strides = db_module.validate(big[:, :1000].contiguous(), sa, sb, bias, torch.bfloat16, wide[:, 100:])
+    with pytest.raises(ValueError, match="needs contiguous acc and out"):
+        db_module.launch(acc.contiguous(), sa, sb, bias, wide[:, 100:], *strides, config=("1d", 256, 2))
+    db_module.launch(acc.contiguous(), sa, sb, bias, wide[:, 100:], *strides, config=("2d", 2, 128, 4))
+    check(wide[:, 100:], acc, sa, sb, bias)
+    assert torch.isnan(wide[:, :100].float()).all()
+
+
+def test_row_span_and_vec():
+    assert db_module.row_span(1024, 4096) == 1 and db_module.row_span(1024, 1024) == 1
+    assert db_module.row_span(1024, 1000) == 2 and db_module.row_span(1024, 37) == 0
+    assert db_module.row_span(256, 1) == 0
+    assert [db_module.vec_of(n) for n in (1000, 37, 6, 12, 4096)] == [8, 1, 2, 4, 8]
 
 
 DTYPES_BY_KEY = {"int32": torch.int32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -149,8 +226,8 @@ def test_every_tuned_entry_is_reachable_by_the_lookup(monkeypatch):
             m, n = map(int, buckets.split("x"))
             assert db_module.config_key(DTYPES_BY_KEY[acc], m, n) == key
             assert db_module.config_for(torch.device("cuda"), DTYPES_BY_KEY[acc], m, n) == tuple(cfg), key
-            block_m, block_n, _warps = cfg
-            assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0, (family, key)
+            assert cfg[0] in ("1d", "2d"), (family, key, "the checked-in table names each entry's path")
+            db_module.as_config(cfg)  # sizes are powers of two
     db_module._config.cache_clear()
 
 
@@ -253,3 +330,55 @@ def test_inputs_that_require_grad_are_refused(device, gen):
         tritonbits.dequant_bias(acc, sa, sb.requires_grad_(), bias)
     with torch.no_grad():
         tritonbits.dequant_bias(acc, sa, sb, bias)
+
+
+@pytest.mark.parametrize(("mutate", "error", "match"), BAD)
+def test_cached_plan_refuses_what_a_fresh_call_refuses(mutate, error, match, device, gen, monkeypatch):
+    """After a good call has cached its plan, the same shapes with one bad argument are still refused."""
+    monkeypatch.setattr(db_module, "_plans", {})
+    good = operands(8, 16, torch.int32, gen, device)
+    tritonbits.dequant_bias(*good)
+    tritonbits.dequant_bias(*good)
+    assert len(db_module._plans) == (1 if device.type == "cuda" else 0)  # the interpreter binds nothing
+    with pytest.raises(error, match=match):
+        tritonbits.dequant_bias(*mutate(*good))
+    acc, sa, sb, bias = good
+    out = torch.empty(8, 16, dtype=torch.bfloat16, device=device)
+    tritonbits.dequant_bias(acc, sa, sb, bias, out=out)
+    with pytest.raises(ValueError, match="out overlaps acc"):  # same shapes, strides and dtypes, now overlapping
+        tritonbits.dequant_bias(acc, sa, sb, bias, out=acc.view(torch.bfloat16)[:, :16])
+
+
+def test_compile_fullgraph_calls_a_registered_op(device, gen):
+    """torch.compile(fullgraph=True) traces dequant_bias to one registered op: the triton_op on CUDA, the
+    custom op for CPU tensors (interpreter); aot_eager keeps the test off Inductor's code generation."""
+    acc, sa, sb, bias = operands(16, 1000, torch.int32, gen, device)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    def epilogue(acc, sa, sb, bias):
+        return tritonbits.dequant_bias(acc, sa, sb, bias) * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(epilogue, fullgraph=True, backend=backend)(acc, sa, sb, bias)
+    want = "dequant_bias_triton_op" if device.type == "cuda" else "tritonbits.dequant_bias.default"
+    assert len(graphs) == 1 and want in graphs[0], graphs
+    assert torch.equal(got, epilogue(acc, sa, sb, bias))
+
+
+@pytest.mark.gpu
+def test_triton_op_opcheck_and_inductor(device, gen):
+    acc, sa, sb, bias = operands(64, 1000, torch.int32, gen, device)
+    op = torch.ops.tritonbits.dequant_bias_triton_op.default
+    torch.library.opcheck(op, (acc, sa, sb, bias, torch.bfloat16))
+    torch.library.opcheck(op, (acc, sa, sb, None, torch.float16))
+
+    def epilogue(acc, sa, sb, bias):
+        return tritonbits.dequant_bias(acc, sa, sb, bias, out_dtype=torch.float32)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(epilogue, fullgraph=True)
+    assert torch.equal(compiled(acc, sa, sb, bias), epilogue(acc, sa, sb, bias))

@@ -3,6 +3,7 @@
   python -m tritonbits_harness.tune --gpu h100                        dequant_bias: rewrite its table
   python -m tritonbits_harness.tune --gpu h100 --op dequantize_4bit   print the dequantize variant sweep
   python -m tritonbits_harness.tune --gpu h100 --write /tmp/t.json    write the table elsewhere
+  python -m tritonbits_harness.tune --gpu h100 --compare-heuristic    heuristic vs tuned best, no write
 
 Each tunable op is registered in `TUNABLE`. One with a table names its cases, its candidate configs, a
 timing function and the op's own key function (the one its lookup calls, so every tuned entry is found):
@@ -44,6 +45,8 @@ class TunableOp:
     candidates: Callable[[dict], list[Any]] | None = None  # configs worth timing on a case
     time: Callable[[dict, Any, int], float] | None = None  # (case, config, rep_ms) -> ms
     sweep_only: Callable[[Console, int, argparse.Namespace], None] | None = None
+    heuristic: Callable[[dict], Any] | None = None  # the op's untuned fallback of a case, timed alongside
+    compare_cases: Callable[[dict], bool] | None = None  # the cases --compare-heuristic times
 
     @property
     def has_table(self) -> bool:
@@ -64,22 +67,34 @@ def register(op: TunableOp) -> TunableOp:
     return op
 
 
-def representatives(op: TunableOp) -> dict[str, dict]:
-    """key -> the first case with that key (all cases of a key share one config)."""
+def representatives(op: TunableOp, where: Callable[[dict], bool] | None = None) -> dict[str, dict]:
+    """key -> the first case with that key (all cases of a key share one config), among the cases `where`
+    accepts."""
     assert op.key is not None
     out: dict[str, dict] = {}
     for case in op.cases():
+        if where is not None and not where(case):
+            continue
         out.setdefault(op.key(case), case)
     return out
 
 
-def sweep(op: TunableOp, rep_ms: int, progress: Progress) -> dict[str, Any]:
-    """{key: the fastest candidate config on the key's representative case}."""
+def sweep(
+    op: TunableOp,
+    rep_ms: int,
+    progress: Progress,
+    cases: dict[str, dict] | None = None,
+    comparison: list[dict] | None = None,
+) -> dict[str, Any]:
+    """{key: the fastest candidate config on the key's representative case}. With `comparison` (a list to
+    fill) and an op with a heuristic, the heuristic's config is timed in the same run, right after the
+    candidates, and one row per key is appended: case, best config and ms, heuristic config and ms."""
     if not op.has_table:
         raise ValueError(f"op {op.name!r} has no config table to sweep")
     assert op.candidates is not None and op.time is not None
-    reps = representatives(op)
-    total = sum(len(op.candidates(c)) for c in reps.values())
+    reps = representatives(op) if cases is None else cases
+    compare = comparison is not None and op.heuristic is not None
+    total = sum(len(op.candidates(c)) + compare for c in reps.values())
     task = progress.add_task(f"{op.name}: {len(reps)} keys, {total} timings", total=total)
     entries: dict[str, Any] = {}
     for key, case in reps.items():
@@ -94,35 +109,84 @@ def sweep(op: TunableOp, rep_ms: int, progress: Progress) -> dict[str, Any]:
             progress.advance(task)
         assert best is not None
         entries[key] = best[1]
+        if compare:
+            assert op.heuristic is not None and comparison is not None
+            heuristic = op.heuristic(case)
+            h_ms = op.time(case, heuristic, rep_ms)
+            progress.advance(task)
+            comparison.append({"key": key, "case": case, "best": best[1], "best_ms": best[0],
+                               "heuristic": heuristic, "heuristic_ms": h_ms})  # fmt: skip
     return entries
 
 
+def count_timings(op: TunableOp, cases: dict[str, dict], compare: bool) -> int:
+    assert op.candidates is not None
+    return sum(len(op.candidates(c)) + (compare and op.heuristic is not None) for c in cases.values())
+
+
+def print_comparison(console: Console, op_name: str, rows: list[dict], limit: float = 1.05) -> int:
+    """The heuristic against the tuned best of each key; returns how many keys are over `limit`x."""
+    table = Table(title=f"{op_name}: heuristic vs tuned best (CUDA-graph medians, same run)")
+    for col in ("key", "case", "best", "best us", "heuristic", "heuristic us", "ratio"):
+        table.add_column(col, justify="right" if "us" in col or col == "ratio" else "left")
+    over = 0
+    for r in rows:
+        ratio = r["heuristic_ms"] / r["best_ms"]
+        over += ratio > limit
+        mark = "[red]" if ratio > limit else ""
+        table.add_row(r["key"], " ".join(f"{k}={v}" for k, v in r["case"].items()), str(tuple(r["best"])),
+                      f"{1e3 * r['best_ms']:.2f}", str(tuple(r["heuristic"])), f"{1e3 * r['heuristic_ms']:.2f}",
+                      f"{mark}{ratio:.3f}")  # fmt: skip
+    console.print(table)
+    console.print(f"heuristic over {limit:.2f}x the tuned best at {over} of {len(rows)} keys")
+    return over
+
+
 def tune_table(op: TunableOp, family: str, console: Console, rep_ms: int, path: Path | None = None) -> Path:
-    """Sweep `op` and replace `family`'s entries of its table (configs.write; `path` overrides where)."""
+    """Sweep `op` and replace `family`'s entries of its table (configs.write; `path` overrides where); the
+    heuristic is timed in the same run and compared."""
+    reps = representatives(op)
+    console.print(f"{op.name}: {len(reps)} keys, {count_timings(op, reps, True)} timings at --rep-ms {rep_ms}")
+    comparison: list[dict] = []
     with progress_bar(console) as progress:
-        entries = sweep(op, rep_ms, progress)
+        entries = sweep(op, rep_ms, progress, reps, comparison)
     written = configs.write(op.name, family, entries, path)
     console.print(f"wrote {len(entries)} {op.name} configs for {family} to {written}")
+    if comparison:
+        print_comparison(console, op.name, comparison)
     return written
 
 
-# --- dequant_bias: (BLOCK_M, BLOCK_N, num_warps) per (acc dtype, M bucket, N bucket) ------------------
+def compare_heuristic(op: TunableOp, console: Console, rep_ms: int) -> int:
+    """Time the candidates and the heuristic on the op's comparison cases (one per key); print, write nothing."""
+    if op.heuristic is None or op.compare_cases is None:
+        console.print(f"[red]{op.name} has no heuristic to compare")
+        return 2
+    reps = representatives(op, op.compare_cases)
+    console.print(f"{op.name}: {len(reps)} keys, {count_timings(op, reps, True)} timings at --rep-ms {rep_ms}")
+    comparison: list[dict] = []
+    with progress_bar(console) as progress:
+        sweep(op, rep_ms, progress, reps, comparison)
+    print_comparison(console, op.name, comparison)
+    return 0
 
-BLOCK_MS = (1, 2, 4, 8, 16, 32, 64)
-BLOCK_NS = (128, 256, 512)
+
+# --- dequant_bias: ("1d", BLOCK, warps) | ("2d", BLOCK_M, BLOCK_N, warps) per (acc, M bucket, N bucket) ---
+
+# NOTE: the 2-D tiles the H200 table chose (BLOCK_M x BLOCK_N, 2K-16K elements), each at 4 and 8 warps.
+TILES_2D = ((2, 512), (4, 256), (4, 512), (8, 128), (8, 256), (8, 512), (16, 128), (16, 256), (32, 128),
+            (64, 128))  # fmt: skip
 WARPS = (4, 8)
+# NOTE: 1-D programs: 4-16 elements per thread (16-byte accesses of the bf16 output need >= 8).
+CONFIGS_1D = (("1d", 256, 1), ("1d", 512, 2), ("1d", 512, 4), ("1d", 1024, 4), ("1d", 1024, 8), ("1d", 2048, 4),
+              ("1d", 2048, 8), ("1d", 4096, 8))  # fmt: skip
+COMPARE_NS = (1000, 6144, 11008, 28672)  # the issue's N: the heuristic must stay within 5% of the best
 
 
-def candidate_configs(m: int) -> list[tuple[int, int, int]]:
-    out = []
-    for bm in BLOCK_MS:
-        if bm > max(m, 1) * 2:
-            continue
-        for bn in BLOCK_NS:
-            if not 1024 <= bm * bn <= 16384:
-                continue
-            out += [(bm, bn, w) for w in WARPS]
-    return out
+def candidate_configs(m: int) -> list[tuple]:
+    """2-D tiles no taller than 2*M, then every 1-D config (the tuner's inputs are contiguous)."""
+    out: list[tuple] = [("2d", bm, bn, w) for bm, bn in TILES_2D if bm <= max(m, 1) * 2 for w in WARPS]
+    return out + list(CONFIGS_1D)
 
 
 def _dequant_bias_cases() -> list[dict]:
@@ -139,7 +203,7 @@ def _dequant_bias_key(case: dict) -> str:
     return db.config_key(bench.ACC[case["acc"]], case["m"], case["n"])
 
 
-def _dequant_bias_time(case: dict, config: tuple[int, int, int], rep_ms: int) -> float:
+def _dequant_bias_time(case: dict, config: tuple, rep_ms: int) -> float:
     from tritonbits.ops import dequant_bias as db
 
     from .bench import dequant_bias as bench
@@ -148,6 +212,12 @@ def _dequant_bias_time(case: dict, config: tuple[int, int, int], rep_ms: int) ->
     out = torch.empty(a.shape, dtype=bench.OUT, device=a.device)
     strides = db.validate(a, sa, sb, bias, bench.OUT, out)
     return timing.bench_graph(functools.partial(db.launch, a, sa, sb, bias, out, *strides, config=config), rep=rep_ms)
+
+
+def _dequant_bias_heuristic(case: dict) -> tuple:
+    from tritonbits.ops import dequant_bias as db
+
+    return db.heuristic_config(case["m"], case["n"])  # contiguous operands, as timed
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,11 +230,13 @@ def _dequant_bias_operands(acc: str, m: int, n: int):
 
 register(TunableOp(
     name="dequant_bias",
-    description="(BLOCK_M, BLOCK_N, num_warps) per acc dtype and power-of-two M and N buckets",
+    description='("1d", BLOCK, warps) or ("2d", BLOCK_M, BLOCK_N, warps) per acc dtype and M, N buckets',
     cases=_dequant_bias_cases,
     key=_dequant_bias_key,
     candidates=lambda case: candidate_configs(case["m"]),
     time=_dequant_bias_time,
+    heuristic=lambda case: _dequant_bias_heuristic(case),
+    compare_cases=lambda case: case["n"] in COMPARE_NS,
 ))  # fmt: skip
 
 
@@ -243,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="dequantize_4bit output")
     parser.add_argument("--any-gpu", action="store_true", help="tune on another GPU (written under its family)")
     parser.add_argument("--rep-ms", type=int, default=10)
+    parser.add_argument(
+        "--compare-heuristic",
+        action="store_true",
+        help="time the tuned-best candidates and the heuristic on the issue's N; write nothing",
+    )
     parser.add_argument("--write", default=None, metavar="PATH",
                         help="write the table here instead of beside the tritonbits package")  # fmt: skip
     args = parser.parse_args(argv)
@@ -265,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         assert op.sweep_only is not None
         op.sweep_only(console, args.rep_ms, args)
         return 0
+    if args.compare_heuristic:
+        return compare_heuristic(op, console, args.rep_ms)
     tune_table(op, family, console, args.rep_ms, Path(args.write) if args.write else None)
     return 0
 

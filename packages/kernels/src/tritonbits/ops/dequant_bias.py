@@ -3,21 +3,29 @@
     out[m, n] = to_out(fl32(acc[m, n] * scale_a[m] * scale_b[n] + bias[n]))
 
 fp32 math, one rounding at the store. scale_a per token ([M,1] | [M] | scalar), scale_b per channel
-([1,N] | [N] | scalar), bias [N] | [1,N] | None. Tile configs come from a checked-in table per GPU family
-(configs/dequant_bias.json, written by `nox -s tune-<gpu>`), never from tuning at call time.
+([1,N] | [N] | scalar), bias [N] | [1,N] | None. Two kernel paths, chosen on the host (`plan`):
+
+- "1d": acc and out contiguous ([M, N] is one flat stream of M*N elements): each program handles BLOCK
+  consecutive elements, split into the row segments it crosses (no per-element division for N >= BLOCK / 4).
+- "2d": one program per BLOCK_M x BLOCK_N tile; any row stride (a slice of a larger buffer).
+
+A config names its path: ("1d", BLOCK, num_warps) or ("2d", BLOCK_M, BLOCK_N, num_warps). Configs come from a
+checked-in table per GPU family (configs/dequant_bias.json, written by `nox -s tune-<gpu>`), else from
+`heuristic_config`, never from tuning at call time.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _runtime, configs
-from .._launcher import CachedLauncher
-from .._triton_helpers import round_to_bf16_bits
+from .._launcher import BoundLaunch, CachedLauncher
+from .._triton_helpers import round_to_bf16_bits, store_float
 
 ACC_DTYPES = (torch.int32, torch.bfloat16, torch.float16, torch.float32)
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,8 +39,8 @@ def _dequant_bias_kernel(
     HAS_BIAS: tl.constexpr, MANUAL_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program writes a BLOCK_M x BLOCK_N tile. Scalar scales arrive with stride 0, so one code path
-    serves [M], [M,1] and 0-d alike. Row offsets are int64 (M * stride can pass 2**31)."""
+    """The "2d" path: one program writes a BLOCK_M x BLOCK_N tile. Scalar scales arrive with stride 0, so
+    one code path serves [M], [M,1] and 0-d alike. Row offsets are int64 (M * stride can pass 2**31)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,15 +62,89 @@ def _dequant_bias_kernel(
     tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], out, mask=mask)
 
 
+@triton.jit
+def _dequant_bias_1d_kernel(
+    acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr,
+    M, N, stride_sa, stride_sb, stride_bias,
+    HAS_BIAS: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr, ROW_SPAN: tl.constexpr,
+    VEC: tl.constexpr, EVEN: tl.constexpr, SB_SCALAR: tl.constexpr,
+):  # fmt: skip
+    """The "1d" path: acc and out are contiguous [M, N]; program p handles flat elements [p*BLOCK, (p+1)*BLOCK).
+
+    The chunk starts at (row0, col0) = divmod(p*BLOCK, N) (one int64 division per program) and crosses at most
+    ROW_SPAN row ends. ROW_SPAN >= 1: segment k (k = 0..ROW_SPAN) is row row0 + k, and scale_b/bias are read
+    for it as one contiguous masked load at columns col0 - k*N + i, so they vectorize like the stream;
+    scale_a is one scalar load per segment. ROW_SPAN == 0 (N much smaller than BLOCK): row and column of each
+    element by int32 division, with per-element gathers. VEC (1, 2, 4, 8) divides N, hence col0 and the
+    segment bounds: the alignment hint that lets the masked loads and stores use 16-byte accesses. EVEN: M*N
+    is a multiple of BLOCK (no mask on the stream). SB_SCALAR: scale_b is one value (stride 0).
+    Offsets: an int64 base per program (M*N can pass 2**31), int32 within the chunk.
+    """
+    base = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    row0 = base // N
+    col0 = tl.multiple_of((base - row0 * N).to(tl.int32), VEC)
+    if EVEN:
+        mask = offs < BLOCK
+    else:  # elements left from (row0, col0): (M - row0) * N - col0, a multiple of VEC
+        remaining = tl.minimum((M - row0) * N - col0, BLOCK).to(tl.int32)
+        mask = offs < tl.multiple_of(remaining, VEC)
+    acc = tl.load(acc_ptr + base + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
+    if SB_SCALAR:
+        sb_one = tl.load(sb_ptr).to(tl.float32)
+
+    if ROW_SPAN == 0:
+        local = col0 + offs
+        r = local // N
+        cols = local - r * N
+        sa = tl.load(sa_ptr + (row0 + r) * stride_sa, mask=mask, other=0.0).to(tl.float32)
+        if SB_SCALAR:  # noqa: SIM108 (a constexpr branch: sb_one exists only when SB_SCALAR)
+            sb = sb_one
+        else:
+            sb = tl.load(sb_ptr + cols * stride_sb, mask=mask, other=0.0).to(tl.float32)
+        out = acc * sa * sb
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + cols * stride_bias, mask=mask, other=0.0).to(tl.float32)
+    else:
+        sa = tl.zeros([BLOCK], dtype=tl.float32)
+        sb = tl.zeros([BLOCK], dtype=tl.float32)
+        bias = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(ROW_SPAN + 1):
+            start = tl.multiple_of(col0 - k * N, VEC)  # segment k is offs in [-start, N - start)
+            seg = (offs >= tl.multiple_of(-start, VEC)) & (offs < tl.multiple_of(N - start, VEC))
+            seg_mask = seg & mask
+            row = row0 + k
+            sa_k = tl.load(sa_ptr + row * stride_sa, mask=row < M, other=0.0).to(tl.float32)
+            sa = tl.where(seg, sa_k, sa)
+            if not SB_SCALAR:
+                sb_k = tl.load(sb_ptr + (start + offs) * stride_sb, mask=seg_mask, other=0.0,
+                               eviction_policy="evict_last")  # fmt: skip
+                sb = tl.where(seg, sb_k.to(tl.float32), sb)
+            if HAS_BIAS:
+                bias_k = tl.load(bias_ptr + (start + offs) * stride_bias, mask=seg_mask, other=0.0,
+                                 eviction_policy="evict_last")  # fmt: skip
+                bias = tl.where(seg, bias_k.to(tl.float32), bias)
+        if SB_SCALAR:
+            sb = sb_one
+        out = acc * sa * sb
+        if HAS_BIAS:
+            out = out + bias
+    store_float(out_ptr + base + offs, out, mask, MANUAL_BF16, "evict_first")
+
+
 # ---------------------------------------------------------------------------------------------------
-# Configs: (BLOCK_M, BLOCK_N, num_warps) per GPU family, acc dtype, M bucket and N bucket (powers of 2).
+# Configs: ("1d", BLOCK, num_warps) or ("2d", BLOCK_M, BLOCK_N, num_warps) per GPU family, acc dtype,
+# M bucket and N bucket (powers of 2).
+
+Config = tuple  # ("1d", BLOCK, num_warps) | ("2d", BLOCK_M, BLOCK_N, num_warps)
 
 
 def bucket(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-M_BUCKET_MAX, N_BUCKET_MAX = 65536, 16384
+# NOTE: N buckets go up to 32768 so that N=28672 (Llama-3-70B MLP) has its own tuned entry, not 16384's.
+M_BUCKET_MAX, N_BUCKET_MAX = 65536, 32768
 
 
 def config_key(acc_dtype: torch.dtype, m: int, n: int) -> str:
@@ -70,23 +152,85 @@ def config_key(acc_dtype: torch.dtype, m: int, n: int) -> str:
     return f"{configs.dtype_key(acc_dtype)}/{min(bucket(m), M_BUCKET_MAX)}x{min(bucket(n), N_BUCKET_MAX)}"
 
 
-def heuristic_config(m: int, n: int) -> tuple[int, int, int]:
-    """For GPUs with no tuned table: ~8K-element tiles, wide along N for coalesced 16-byte accesses."""
+def as_config(cfg) -> Config:
+    """A table entry as a launch config: ["1d", BLOCK, warps], ["2d", BM, BN, warps], or a legacy
+    [BM, BN, warps] triple (a "2d" tile, as the tables before the 1-D path wrote them)."""
+    cfg = tuple(cfg)
+    if len(cfg) == 3 and all(isinstance(v, int) for v in cfg):
+        cfg = ("2d", *cfg)
+    kind, *sizes = cfg
+    if not ((kind == "1d" and len(sizes) == 2) or (kind == "2d" and len(sizes) == 3)):
+        raise ValueError(f"bad dequant_bias config {cfg!r}: expected ('1d', BLOCK, warps) or "
+                         "('2d', BLOCK_M, BLOCK_N, warps)")  # fmt: skip
+    if not all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in sizes):
+        raise ValueError(f"bad dequant_bias config {cfg!r}: sizes and warps must be powers of two")
+    return (kind, *sizes)
+
+
+def heuristic_2d(m: int, n: int) -> Config:
+    """~8K-element tiles, wide along N for coalesced 16-byte accesses."""
     block_n = min(256, max(16, bucket(n)))
     block_m = min(max(8192 // block_n, 1), max(bucket(m), 1))
     warps = 8 if block_m * block_n >= 8192 else 4
-    return block_m, block_n, warps
+    return ("2d", block_m, block_n, warps)
+
+
+def heuristic_1d(m: int, n: int) -> Config:
+    """8 elements per thread (one 16-byte bf16 store, two 16-byte int32/fp32 loads); bigger programs for
+    bigger streams. NOTE: thresholds to be measured (`python -m tritonbits_harness.tune --compare-heuristic`
+    prints this against the tuned best); the smallest streams get small programs so that the grid still
+    covers the SMs."""
+    total = m * n
+    if total >= 1 << 22:
+        return ("1d", 2048, 8)
+    if total >= 1 << 18:
+        return ("1d", 1024, 4)
+    return ("1d", 512, 2)
+
+
+def heuristic_config(m: int, n: int, flat: bool = True) -> Config:
+    """For GPU families and buckets the table does not name: the 1-D path for contiguous inputs (`flat`),
+    else the 2-D tile."""
+    return heuristic_1d(m, n) if flat else heuristic_2d(m, n)
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by bucket, not exact M: bounded by families x dtypes x buckets
-def _config(device: torch.device, key: str) -> tuple[int, int, int] | None:
+def _config(device: torch.device, key: str) -> Config | None:
     cfg = configs.lookup("dequant_bias", device, key)
-    return tuple(cfg) if cfg else None
+    return as_config(cfg) if cfg else None
 
 
-def config_for(device: torch.device, acc_dtype: torch.dtype, m: int, n: int) -> tuple[int, int, int]:
-    """The tuned (BLOCK_M, BLOCK_N, num_warps) of this problem's bucket, else `heuristic_config`."""
-    return _config(device, config_key(acc_dtype, m, n)) or heuristic_config(m, n)
+def config_for(device: torch.device, acc_dtype: torch.dtype, m: int, n: int, flat: bool = True) -> Config:
+    """The tuned config of this problem's bucket, else `heuristic_config`. A tuned "1d" config on inputs that
+    are not `flat` (a row stride != N) gives way to the 2-D heuristic tile."""
+    cfg = _config(device, config_key(acc_dtype, m, n))
+    if cfg is None or (cfg[0] == "1d" and not flat):
+        return heuristic_config(m, n, flat)
+    return cfg
+
+
+def is_flat(acc: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether acc and out are each one contiguous [M, N] stream (the "1d" path's condition)."""
+    m, n = acc.shape
+    if m <= 1:
+        return n <= 1 or (acc.stride(1) == 1 and out.stride(1) == 1)
+    return acc.stride(0) == n and out.stride(0) == n and (n == 1 or (acc.stride(1) == 1 and out.stride(1) == 1))
+
+
+# NOTE: a 1-D program crossing at most MAX_ROW_SPAN row ends loads scale_b/bias per segment (MAX_ROW_SPAN + 1
+# masked vector loads); beyond that (N < BLOCK / MAX_ROW_SPAN) it divides per element. Cut-off to be measured.
+MAX_ROW_SPAN = 4
+
+
+def row_span(block: int, n: int) -> int:
+    """The most row ends a BLOCK-element chunk can cross (ROW_SPAN), or 0 for the division fallback."""
+    span = (n - 1 + block - 1) // n
+    return span if span <= MAX_ROW_SPAN else 0
+
+
+def vec_of(n: int) -> int:
+    """The largest of 8, 4, 2, 1 that divides N (the 1-D kernel's alignment hint)."""
+    return next(v for v in (8, 4, 2, 1) if n % v == 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,7 +253,9 @@ def _vector(name: str, t, length: int, axis: str, device, *, scalar: bool = True
     return t.stride(0) if t.dim() == 1 or axis == "M" else t.stride(1)
 
 
-def validate(acc, scale_a, scale_b, bias, out_dtype, out):
+def validate(acc, scale_a, scale_b, bias, out_dtype, out, *, check_overlap: bool = True):
+    """Check every argument; return (scale_a, scale_b, bias) element strides. `check_overlap=False` skips the
+    memory-overlap check of `out` (traced values have no addresses; the .out op checks it when it runs)."""
     if not isinstance(acc, torch.Tensor):
         raise TypeError(f"acc must be a torch.Tensor, got {type(acc).__name__}")
     if acc.dtype not in ACC_DTYPES:
@@ -139,28 +285,115 @@ def validate(acc, scale_a, scale_b, bias, out_dtype, out):
             raise ValueError(f"out must be row-major (unit stride along N); got strides {out.stride()}")
         if m > 1 and out.stride(0) < n:
             raise ValueError(f"out rows overlap (strides {out.stride()}, N={n}): an expanded out cannot be written")
-        _runtime.check_out(out, {"acc": acc, "scale_a": scale_a, "scale_b": scale_b, "bias": bias}, may_alias="acc")
+        if check_overlap:
+            inputs = {"acc": acc, "scale_a": scale_a, "scale_b": scale_b, "bias": bias}
+            _runtime.check_out(out, inputs, may_alias="acc")
     return sa_stride, sb_stride, bias_stride
 
 
+class Plan(NamedTuple):
+    """One launch: which kernel, its grid, runtime arguments, constexprs and options, and the config."""
+
+    kernel: object
+    launcher: CachedLauncher
+    grid: tuple[int, int, int]
+    args: tuple
+    constexprs: dict
+    options: dict
+    config: Config
+
+
+def plan(acc, scale_a, scale_b, bias, out, sa_stride, sb_stride, bias_stride, *, config=None) -> Plan:
+    """The launch of validated arguments: `config` (forced, for sweeps and tests) or `config_for` the problem.
+    A forced "1d" config on inputs that are not flat is refused (the kernel would read the wrong rows)."""
+    m, n = acc.shape
+    flat = is_flat(acc, out)
+    if config is None:
+        cfg = config_for(acc.device, acc.dtype, m, n, flat)
+    else:
+        cfg = as_config(config)
+        if cfg[0] == "1d" and not flat:
+            raise ValueError(f"config {cfg} needs contiguous acc and out (row stride == N); got acc strides "
+                             f"{acc.stride()}, out strides {out.stride()}")  # fmt: skip
+    manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(acc.device)
+    out_arg = out.view(torch.int16) if manual_bf16 else out
+    bias_arg = bias if bias is not None else scale_b  # an unused pointer when there is no bias
+    if cfg[0] == "1d":
+        _, block, warps = cfg
+        grid = (triton.cdiv(m * n, block), 1, 1)
+        args: tuple = (acc, scale_a, scale_b, bias_arg, out_arg, m, n, sa_stride, sb_stride, bias_stride)
+        constexprs = {"HAS_BIAS": bias is not None, "MANUAL_BF16": manual_bf16, "BLOCK": block,
+                      "ROW_SPAN": row_span(block, n), "VEC": vec_of(n), "EVEN": (m * n) % block == 0,
+                      "SB_SCALAR": sb_stride == 0}  # fmt: skip
+        return Plan(_dequant_bias_1d_kernel, _launcher_1d, grid, args, constexprs, {"num_warps": warps}, cfg)
+    _, block_m, block_n, warps = cfg
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
+    args = (acc, scale_a, scale_b, bias_arg, out_arg,
+            m, n, acc.stride(0), out.stride(0), sa_stride, sb_stride, bias_stride)  # fmt: skip
+    constexprs = {"HAS_BIAS": bias is not None, "MANUAL_BF16": manual_bf16, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    return Plan(_dequant_bias_kernel, _launcher, grid, args, constexprs, {"num_warps": warps}, cfg)
+
+
 def launch(acc, scale_a, scale_b, bias, out, sa_stride, sb_stride, bias_stride, *, config=None, kernel=None):
+    """Launch on validated arguments (`plan`); `kernel` wraps the chosen jitted kernel (torch.library.
+    wrap_triton) for the triton_op, else the op's CachedLauncher launches it."""
     m, n = acc.shape
     if m == 0 or n == 0:
         return
-    block_m, block_n, warps = config or config_for(acc.device, acc.dtype, m, n)
-    manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(acc.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
-    args = (acc, scale_a, scale_b, bias if bias is not None else scale_b,
-            out.view(torch.int16) if manual_bf16 else out,
-            m, n, acc.stride(0), out.stride(0), sa_stride, sb_stride, bias_stride)  # fmt: skip
-    constexprs = {"HAS_BIAS": bias is not None, "MANUAL_BF16": manual_bf16, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    p = plan(acc, scale_a, scale_b, bias, out, sa_stride, sb_stride, bias_stride, config=config)
     if kernel is not None:
-        kernel[grid](*args, **constexprs, num_warps=warps)
+        kernel(p.kernel)[p.grid](*p.args, **p.constexprs, **p.options)
     else:
-        _launcher(grid, args, constexprs, {"num_warps": warps}, acc.device)
+        p.launcher(p.grid, p.args, p.constexprs, p.options, acc.device)
 
 
 _launcher = CachedLauncher(_dequant_bias_kernel)
+_launcher_1d = CachedLauncher(_dequant_bias_1d_kernel)
+
+# ---------------------------------------------------------------------------------------------------
+# Eager plans. NOTE: an eager call validates every argument (there is no state to cache validation on), then
+# looks its launch up here: keyed by everything `plan` reads and everything the compiled kernel is
+# specialized on (device, dtypes, M, N, row strides, vector strides, bias or not, 16-byte alignment of each
+# pointer), the value is a BoundLaunch taking the five tensors. Host time per call: to be measured
+# (ci/host_overhead.py prints it next to a bare Triton launch).
+
+PLAN_CACHE_MAX = 256
+_plans: dict[tuple, BoundLaunch] = {}
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def _eager(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    strides = validate(acc, scale_a, scale_b, bias, out_dtype, out)
+    m, n = acc.shape
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=acc.device)
+    if m == 0 or n == 0:
+        return out
+    bias_arg = bias if bias is not None else scale_b
+    key = (acc.device, acc.dtype, scale_a.dtype, scale_b.dtype, None if bias is None else bias.dtype, out.dtype,
+           m, n, acc.stride(0), out.stride(0), *strides, _aligned(acc), _aligned(scale_a), _aligned(scale_b),
+           _aligned(bias_arg), _aligned(out))  # fmt: skip
+    bound = _plans.get(key)
+    if bound is not None and bound(acc, scale_a, scale_b, bias_arg, out):
+        return out
+    p = plan(acc, scale_a, scale_b, bias, out, *strides)
+    p.launcher(p.grid, p.args, p.constexprs, p.options, acc.device)
+    bound = p.launcher.bind(p.grid, p.args, p.constexprs, p.options, acc.device, slots=(0, 1, 2, 3, 4))
+    if bound is not None:
+        if len(_plans) >= PLAN_CACHE_MAX:
+            _plans.pop(next(iter(_plans)))  # the oldest plan
+        _plans[key] = bound
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration. Eager calls launch directly (above); under torch.compile the public function
+# calls a registered op so that fullgraph=True holds: on CUDA the triton_op (Inductor sees the kernel and
+# launches it from its own generated code, as dequantize_4bit does), for CPU tensors (interpreter) and for
+# out= the opaque custom ops.
 
 
 @torch.library.custom_op("tritonbits::dequant_bias", mutates_args=())
@@ -187,6 +420,27 @@ def _dequant_bias_out_op(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torc
 @_dequant_bias_out_op.register_fake
 def _(acc, scale_a, scale_b, bias, out):
     return None
+
+
+@torch.library.triton_op("tritonbits::dequant_bias_triton_op", mutates_args=())
+def _dequant_bias_triton_op(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """The same kernels as a triton_op (CUDA only): the path and config are chosen when it is traced."""
+    strides = validate(acc, scale_a, scale_b, bias, out_dtype, None)
+    out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    launch(acc, scale_a, scale_b, bias, out, *strides, kernel=torch.library.wrap_triton)
+    return out
+
+
+def _compiled_call(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    """Under torch.compile: validate on the traced values (overlap is checked by the .out op when it runs),
+    then call a registered op."""
+    validate(acc, scale_a, scale_b, bias, out_dtype, out, check_overlap=False)
+    if out is not None:
+        _dequant_bias_out_op(acc, scale_a, scale_b, bias, out)
+        return out
+    op = _dequant_bias_triton_op if acc.device.type == "cuda" else _dequant_bias_op
+    return op(acc, scale_a, scale_b, bias, out_dtype)
 
 
 def dequant_bias(
@@ -223,13 +477,6 @@ def dequant_bias(
                 raise ValueError(f"dequant_bias is not differentiable, but {name} requires grad: detach it or "
                                  "call under torch.no_grad()")  # fmt: skip
     if torch.compiler.is_compiling():
-        if out is not None:
-            _dequant_bias_out_op(acc, scale_a, scale_b, bias, out)
-            return out
-        return _dequant_bias_op(acc, scale_a, scale_b, bias, out_dtype)
+        return _compiled_call(acc, scale_a, scale_b, bias, out_dtype, out)
     # NOTE: eager calls launch directly: the custom-op dispatcher adds host time on every call.
-    strides = validate(acc, scale_a, scale_b, bias, out_dtype, out)
-    if out is None:
-        out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
-    launch(acc, scale_a, scale_b, bias, out, *strides)
-    return out
+    return _eager(acc, scale_a, scale_b, bias, out_dtype, out)
