@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +89,8 @@ def sweep(
 ) -> dict[str, Any]:
     """{key: the fastest candidate config on the key's representative case}. With `comparison` (a list to
     fill) and an op with a heuristic, the heuristic's config is timed in the same run, right after the
-    candidates, and one row per key is appended: case, best config and ms, heuristic config and ms."""
+    candidates, and one row per key is appended: case, best config and ms, heuristic config and ms, and every
+    candidate's ms (`times`, keyed by the config as JSON) for fitting a heuristic offline."""
     if not op.has_table:
         raise ValueError(f"op {op.name!r} has no config table to sweep")
     assert op.candidates is not None and op.time is not None
@@ -99,11 +101,13 @@ def sweep(
     entries: dict[str, Any] = {}
     for key, case in reps.items():
         best: tuple[float, Any] | None = None
+        times: dict[str, float] = {}
         candidates = op.candidates(case)
         if not candidates:
             raise ValueError(f"{op.name}: no candidate config for {case}")
         for cfg in candidates:
             ms = op.time(case, cfg, rep_ms)
+            times[json.dumps(list(cfg))] = ms
             if best is None or ms < best[0]:
                 best = (ms, cfg)
             progress.advance(task)
@@ -115,7 +119,7 @@ def sweep(
             h_ms = op.time(case, heuristic, rep_ms)
             progress.advance(task)
             comparison.append({"key": key, "case": case, "best": best[1], "best_ms": best[0],
-                               "heuristic": heuristic, "heuristic_ms": h_ms})  # fmt: skip
+                               "heuristic": heuristic, "heuristic_ms": h_ms, "times": times})  # fmt: skip
     return entries
 
 
@@ -142,7 +146,9 @@ def print_comparison(console: Console, op_name: str, rows: list[dict], limit: fl
     return over
 
 
-def tune_table(op: TunableOp, family: str, console: Console, rep_ms: int, path: Path | None = None) -> Path:
+def tune_table(
+    op: TunableOp, family: str, console: Console, rep_ms: int, path: Path | None = None, dump: Path | None = None
+) -> Path:
     """Sweep `op` and replace `family`'s entries of its table (configs.write; `path` overrides where); the
     heuristic is timed in the same run and compared."""
     reps = representatives(op)
@@ -154,7 +160,14 @@ def tune_table(op: TunableOp, family: str, console: Console, rep_ms: int, path: 
     console.print(f"wrote {len(entries)} {op.name} configs for {family} to {written}")
     if comparison:
         print_comparison(console, op.name, comparison)
+    if dump is not None:
+        dump_rows(dump, family, comparison)
     return written
+
+
+def dump_rows(path: Path, family: str, rows: list[dict]) -> None:
+    """Every key's timings (config JSON -> ms) with its case, as JSON, for fitting a heuristic offline."""
+    path.write_text(json.dumps({"family": family, "rows": rows}, indent=1, default=list))
 
 
 def compare_heuristic(op: TunableOp, console: Console, rep_ms: int) -> int:
@@ -321,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time the tuned-best candidates and the heuristic on the issue's N; write nothing",
     )
+    parser.add_argument("--dump", default=None, metavar="PATH",
+                        help="write every candidate's timing per key (JSON) for fitting the heuristic")  # fmt: skip
     parser.add_argument("--write", default=None, metavar="PATH",
                         help="write the table here instead of beside the tritonbits package")  # fmt: skip
     args = parser.parse_args(argv)
@@ -345,7 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compare_heuristic:
         return compare_heuristic(op, console, args.rep_ms)
-    tune_table(op, family, console, args.rep_ms, Path(args.write) if args.write else None)
+    tune_table(
+        op,
+        family,
+        console,
+        args.rep_ms,
+        Path(args.write) if args.write else None,
+        Path(args.dump) if args.dump else None,
+    )
     return 0
 
 
