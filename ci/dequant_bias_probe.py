@@ -31,7 +31,7 @@ def _flat_const_n(acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, TOTAL, N: tl.const
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = None if EVEN else idx < TOTAL
+    mask = tl.full([BLOCK], True, tl.int1) if EVEN else idx < TOTAL
     row = idx // N
     col = idx % N
     acc = tl.load(acc_ptr + idx, mask=mask, other=0, eviction_policy=ACC_EVICT).to(tl.float32)
