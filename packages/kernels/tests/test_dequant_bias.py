@@ -126,10 +126,12 @@ def test_config_table_and_fallback():
         kind, block_m, block_n, warps = db_module.heuristic_config(m, n, flat=False)
         assert kind == "2d" and block_m >= 1 and 16 <= block_n <= 256 and warps in (4, 8)
         assert block_m <= db_module.bucket(m)
-        kind, block, warps = db_module.heuristic_config(m, n)  # contiguous inputs: the 1-D path
-        assert kind == "1d" and block % (32 * warps) == 0 and block // (32 * warps) >= 8
+        for itemsize in (4, 2):  # contiguous inputs: the 1-D path, 16-byte acc loads per thread
+            kind, block, warps = db_module.heuristic_config(m, n, True, itemsize)
+            assert kind == "1d" and block % (32 * warps) == 0 and block // (32 * warps) * itemsize == 16
     cpu = torch.device("cpu")
     assert db_module.config_for(cpu, torch.int32, 8, 4096) == db_module.heuristic_config(8, 4096)
+    assert db_module.config_for(cpu, torch.bfloat16, 8, 4096) == db_module.heuristic_config(8, 4096, True, 2)
     assert db_module.config_for(cpu, torch.int32, 8, 4096, flat=False) == db_module.heuristic_config(8, 4096, False)
 
 
@@ -163,7 +165,7 @@ SHAPES_PATHS = [(1, 1), (1, 37), (5, 1), (3, 1000), (7, 130), (33, 64), (2, 2048
 @pytest.mark.parametrize("config", PATHS, ids=str)
 @pytest.mark.parametrize("acc_dtype", [torch.int32, torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_every_path_forced(config, acc_dtype, out_dtype, device, gen):
-    """Each path on odd N (1000, 37, 1, 130: segments, division fallback, tails), M=1, every dtype pair."""
+    """Each path on odd N (1000, 37, 1, 130: rows ending inside a program, tails), M=1, every dtype pair."""
     for m, n in SHAPES_PATHS:
         bias_kind = None if (m + n) % 3 == 0 else "vec"
         acc, sa, sb, bias = operands(m, n, acc_dtype, gen, device, bias_kind=bias_kind)
@@ -198,13 +200,6 @@ def test_1d_path_refuses_strided_inputs_and_2d_handles_them(device, gen):
     db_module.launch(acc.contiguous(), sa, sb, bias, wide[:, 100:], *strides, config=("2d", 2, 128, 4))
     check(wide[:, 100:], acc, sa, sb, bias)
     assert torch.isnan(wide[:, :100].float()).all()
-
-
-def test_row_span_and_vec():
-    assert db_module.row_span(1024, 4096) == 1 and db_module.row_span(1024, 1024) == 1
-    assert db_module.row_span(1024, 1000) == 2 and db_module.row_span(1024, 37) == 0
-    assert db_module.row_span(256, 1) == 0
-    assert [db_module.vec_of(n) for n in (1000, 37, 6, 12, 4096)] == [8, 1, 2, 4, 8]
 
 
 DTYPES_BY_KEY = {"int32": torch.int32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -231,7 +231,9 @@ def _dequant_bias_time(case: dict, config: tuple, rep_ms: int) -> float:
 def _dequant_bias_heuristic(case: dict) -> tuple:
     from tritonbits.ops import dequant_bias as db
 
-    return db.heuristic_config(case["m"], case["n"])  # contiguous operands, as timed
+    from .bench import dequant_bias as bench
+
+    return db.heuristic_config(case["m"], case["n"], True, bench.ACC[case["acc"]].itemsize)  # contiguous, as timed
 
 
 @functools.lru_cache(maxsize=1)

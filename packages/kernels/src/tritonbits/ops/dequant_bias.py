@@ -6,7 +6,8 @@ fp32 math, one rounding at the store. scale_a per token ([M,1] | [M] | scalar), 
 ([1,N] | [N] | scalar), bias [N] | [1,N] | None. Two kernel paths, chosen on the host (`plan`):
 
 - "1d": acc and out contiguous ([M, N] is one flat stream of M*N elements): each program handles BLOCK
-  consecutive elements, split into the row segments it crosses (no per-element division for N >= BLOCK / 4).
+  consecutive elements; row and column by division by N as a compile-time constant (one compile per N), the
+  per-row and per-column operands gathered per element, as Inductor's own pointwise kernel does.
 - "2d": one program per BLOCK_M x BLOCK_N tile; any row stride (a slice of a larger buffer).
 
 A config names its path: ("1d", BLOCK, num_warps) or ("2d", BLOCK_M, BLOCK_N, num_warps). Configs come from a
@@ -65,71 +66,28 @@ def _dequant_bias_kernel(
 @triton.jit
 def _dequant_bias_1d_kernel(
     acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr,
-    M, N, stride_sa, stride_sb, stride_bias,
-    HAS_BIAS: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr, ROW_SPAN: tl.constexpr,
-    VEC: tl.constexpr, EVEN: tl.constexpr, SB_SCALAR: tl.constexpr,
+    TOTAL, stride_sa, stride_sb, stride_bias,
+    N: tl.constexpr, HAS_BIAS: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
-    """The "1d" path: acc and out are contiguous [M, N]; program p handles flat elements [p*BLOCK, (p+1)*BLOCK).
-
-    The chunk starts at (row0, col0) = divmod(p*BLOCK, N) (one int64 division per program) and crosses at most
-    ROW_SPAN row ends. ROW_SPAN >= 1: segment k (k = 0..ROW_SPAN) is row row0 + k, and scale_b/bias are read
-    for it as one contiguous masked load at columns col0 - k*N + i, so they vectorize like the stream;
-    scale_a is one scalar load per segment. ROW_SPAN == 0 (N much smaller than BLOCK): row and column of each
-    element by int32 division, with per-element gathers. VEC (1, 2, 4, 8) divides N, hence col0 and the
-    segment bounds: the alignment hint that lets the masked loads and stores use 16-byte accesses. EVEN: M*N
-    is a multiple of BLOCK (no mask on the stream). SB_SCALAR: scale_b is one value (stride 0).
-    Offsets: an int64 base per program (M*N can pass 2**31), int32 within the chunk.
+    """The "1d" path: acc and out are contiguous [M, N], one flat stream of TOTAL = M*N elements; program p
+    handles [p*BLOCK, (p+1)*BLOCK). Row and column of each element by division by N, a compile-time constant
+    (a multiply and shift, not a division: one compiled kernel per distinct N), then per-element gathers of
+    scale_a[row], scale_b[col] and bias[col] (L1/L2 hits: within a program they repeat or run contiguously).
+    Scalar scales arrive with stride 0. EVEN: TOTAL is a multiple of BLOCK (no mask on the stream). Indices
+    are int64 (TOTAL can pass 2**31; measured no slower than int32 on the H100, NOTE below).
     """
-    base = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = tl.arange(0, BLOCK)
-    row0 = base // N
-    col0 = tl.multiple_of((base - row0 * N).to(tl.int32), VEC)
-    if EVEN:
-        mask = offs < BLOCK
-    else:  # elements left from (row0, col0): (M - row0) * N - col0, a multiple of VEC
-        remaining = tl.minimum((M - row0) * N - col0, BLOCK).to(tl.int32)
-        mask = offs < tl.multiple_of(remaining, VEC)
-    acc = tl.load(acc_ptr + base + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.float32)
-    if SB_SCALAR:
-        sb_one = tl.load(sb_ptr).to(tl.float32)
-
-    if ROW_SPAN == 0:
-        local = col0 + offs
-        r = local // N
-        cols = local - r * N
-        sa = tl.load(sa_ptr + (row0 + r) * stride_sa, mask=mask, other=0.0).to(tl.float32)
-        if SB_SCALAR:  # noqa: SIM108 (a constexpr branch: sb_one exists only when SB_SCALAR)
-            sb = sb_one
-        else:
-            sb = tl.load(sb_ptr + cols * stride_sb, mask=mask, other=0.0).to(tl.float32)
-        out = acc * sa * sb
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + cols * stride_bias, mask=mask, other=0.0).to(tl.float32)
-    else:
-        sa = tl.zeros([BLOCK], dtype=tl.float32)
-        sb = tl.zeros([BLOCK], dtype=tl.float32)
-        bias = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in tl.static_range(ROW_SPAN + 1):
-            start = tl.multiple_of(col0 - k * N, VEC)  # segment k is offs in [-start, N - start)
-            seg = (offs >= tl.multiple_of(-start, VEC)) & (offs < tl.multiple_of(N - start, VEC))
-            seg_mask = seg & mask
-            row = row0 + k
-            sa_k = tl.load(sa_ptr + row * stride_sa, mask=row < M, other=0.0).to(tl.float32)
-            sa = tl.where(seg, sa_k, sa)
-            if not SB_SCALAR:
-                sb_k = tl.load(sb_ptr + (start + offs) * stride_sb, mask=seg_mask, other=0.0,
-                               eviction_policy="evict_last")  # fmt: skip
-                sb = tl.where(seg, sb_k.to(tl.float32), sb)
-            if HAS_BIAS:
-                bias_k = tl.load(bias_ptr + (start + offs) * stride_bias, mask=seg_mask, other=0.0,
-                                 eviction_policy="evict_last")  # fmt: skip
-                bias = tl.where(seg, bias_k.to(tl.float32), bias)
-        if SB_SCALAR:
-            sb = sb_one
-        out = acc * sa * sb
-        if HAS_BIAS:
-            out = out + bias
-    store_float(out_ptr + base + offs, out, mask, MANUAL_BF16, "evict_first")
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = tl.full([BLOCK], True, tl.int1) if EVEN else idx < TOTAL
+    row = idx // N
+    col = idx % N
+    acc = tl.load(acc_ptr + idx, mask=mask, other=0).to(tl.float32)
+    sa = tl.load(sa_ptr + row * stride_sa, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    sb = tl.load(sb_ptr + col * stride_sb, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    out = acc * sa * sb
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + col * stride_bias, mask=mask, other=0.0, eviction_policy="evict_last")
+        out = out + bias.to(tl.float32)
+    store_float(out_ptr + idx, out, mask, MANUAL_BF16, "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,23 +133,18 @@ def heuristic_2d(m: int, n: int) -> Config:
     return ("2d", block_m, block_n, warps)
 
 
-def heuristic_1d(m: int, n: int) -> Config:
-    """8 elements per thread (one 16-byte bf16 store, two 16-byte int32/fp32 loads); bigger programs for
-    bigger streams. NOTE: thresholds to be measured (`python -m tritonbits_harness.tune --compare-heuristic`
-    prints this against the tuned best); the smallest streams get small programs so that the grid still
-    covers the SMs."""
-    total = m * n
-    if total >= 1 << 22:
-        return ("1d", 2048, 8)
-    if total >= 1 << 18:
-        return ("1d", 1024, 4)
-    return ("1d", 512, 2)
+def heuristic_1d(m: int, n: int, acc_itemsize: int = 4) -> Config:
+    """8 warps, each thread loading 16 bytes of acc (4 int32/fp32 or 8 bf16/fp16 elements). NOTE: in the
+    H100 probe (docs/gpu-runs/logs/20261123T0430Z-nvidia-h100-dequant_bias-probe.txt) 1024/8 for 4-byte acc
+    and 2048/8 for 2-byte acc were the best flat configs or within 1% of them from 4096x1000 (L2-resident)
+    to 65536x28672, at 1.00-1.12x a static-shape torch.compile."""
+    return ("1d", 256 * (16 // acc_itemsize), 8)
 
 
-def heuristic_config(m: int, n: int, flat: bool = True) -> Config:
+def heuristic_config(m: int, n: int, flat: bool = True, acc_itemsize: int = 4) -> Config:
     """For GPU families and buckets the table does not name: the 1-D path for contiguous inputs (`flat`),
     else the 2-D tile."""
-    return heuristic_1d(m, n) if flat else heuristic_2d(m, n)
+    return heuristic_1d(m, n, acc_itemsize) if flat else heuristic_2d(m, n)
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by bucket, not exact M: bounded by families x dtypes x buckets
@@ -205,7 +158,7 @@ def config_for(device: torch.device, acc_dtype: torch.dtype, m: int, n: int, fla
     are not `flat` (a row stride != N) gives way to the 2-D heuristic tile."""
     cfg = _config(device, config_key(acc_dtype, m, n))
     if cfg is None or (cfg[0] == "1d" and not flat):
-        return heuristic_config(m, n, flat)
+        return heuristic_config(m, n, flat, acc_dtype.itemsize)
     return cfg
 
 
@@ -215,22 +168,6 @@ def is_flat(acc: torch.Tensor, out: torch.Tensor) -> bool:
     if m <= 1:
         return n <= 1 or (acc.stride(1) == 1 and out.stride(1) == 1)
     return acc.stride(0) == n and out.stride(0) == n and (n == 1 or (acc.stride(1) == 1 and out.stride(1) == 1))
-
-
-# NOTE: a 1-D program crossing at most MAX_ROW_SPAN row ends loads scale_b/bias per segment (MAX_ROW_SPAN + 1
-# masked vector loads); beyond that (N < BLOCK / MAX_ROW_SPAN) it divides per element. Cut-off to be measured.
-MAX_ROW_SPAN = 4
-
-
-def row_span(block: int, n: int) -> int:
-    """The most row ends a BLOCK-element chunk can cross (ROW_SPAN), or 0 for the division fallback."""
-    span = (n - 1 + block - 1) // n
-    return span if span <= MAX_ROW_SPAN else 0
-
-
-def vec_of(n: int) -> int:
-    """The largest of 8, 4, 2, 1 that divides N (the 1-D kernel's alignment hint)."""
-    return next(v for v in (8, 4, 2, 1) if n % v == 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,10 +258,9 @@ def plan(acc, scale_a, scale_b, bias, out, sa_stride, sb_stride, bias_stride, *,
     if cfg[0] == "1d":
         _, block, warps = cfg
         grid = (triton.cdiv(m * n, block), 1, 1)
-        args: tuple = (acc, scale_a, scale_b, bias_arg, out_arg, m, n, sa_stride, sb_stride, bias_stride)
-        constexprs = {"HAS_BIAS": bias is not None, "MANUAL_BF16": manual_bf16, "BLOCK": block,
-                      "ROW_SPAN": row_span(block, n), "VEC": vec_of(n), "EVEN": (m * n) % block == 0,
-                      "SB_SCALAR": sb_stride == 0}  # fmt: skip
+        args: tuple = (acc, scale_a, scale_b, bias_arg, out_arg, m * n, sa_stride, sb_stride, bias_stride)
+        constexprs = {"N": n, "HAS_BIAS": bias is not None, "MANUAL_BF16": manual_bf16, "BLOCK": block,
+                      "EVEN": (m * n) % block == 0}  # fmt: skip
         return Plan(_dequant_bias_1d_kernel, _launcher_1d, grid, args, constexprs, {"num_warps": warps}, cfg)
     _, block_m, block_n, warps = cfg
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
