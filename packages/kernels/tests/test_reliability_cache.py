@@ -99,8 +99,7 @@ def test_new_state_reusing_a_dead_ones_id_is_not_served_stale(device, gen):
     checked(first)
     checked(first)
     dead_id = id(first["quant_state"])
-    del first
-    gc.collect()
+    del first  # freed here by its reference count (no gc pass: it would allocate, and take the free slot)
     keep = []  # new objects of the dead one's class and size, held so that each takes another free slot
     for _ in range(20000):
         second["quant_state"] = copy.copy(template)

@@ -212,7 +212,7 @@ def test_huge_dequantize_4bit_nested_bf16(device):
     q = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device, generator=gen)
     absmax_u8 = torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=device, generator=gen)
     absmax2 = torch.rand(-(-blocks // 256), device=device, generator=gen) + 0.5
-    code2 = torch.from_numpy(R.dynamic_code()).to(device)
+    code2 = torch.from_numpy(R.dynamic_code()).float().to(device)
     offset = torch.tensor(0.25, device=device)
     state = tritonbits.QuantState(absmax=absmax_u8, shape=torch.Size([n]), dtype=torch.bfloat16, blocksize=64,
                                   quant_type="nf4", offset=offset,
@@ -263,7 +263,8 @@ def test_huge_quantize_4bit_windows_equal_bnb(quant_type, device):
     packed, state = tritonbits.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
     assert packed.numel() > 2**31
     tail = n % blocksize
-    for start in (0, 2**32 - w // 2, n - tail - (w - blocksize), int(torch.randint(0, n // w, (1,))) * w):
+    starts = [0, int(torch.randint(0, n // w, (1,))) * w, 2**32 - w // 2, n - tail - (w - blocksize)]
+    for start in starts:  # the last window ends at n: the tail block and the last byte
         stop = min(start + w, n)
         want_packed, want_state = F.quantize_4bit(x[start:stop], blocksize=blocksize, quant_type=quant_type)
         got_bytes = packed.view(-1)[start // 2 : (stop + 1) // 2]

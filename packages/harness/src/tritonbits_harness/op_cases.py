@@ -595,9 +595,9 @@ def make_dequantize_blockwise(
             shape=A.shape,
             dtype=dtype,
             blocksize=blocksize,
-            quant_type=None,
+            quant_type=None,  # type: ignore[arg-type]  # bnb's 8-bit states carry None here
             code=s["code"].to(device),
-        )  # type: ignore[arg-type]
+        )
         if nested:
             state.offset = s["offset"].to(device)
             state.state2 = tritonbits.quant_state.NestedState(
