@@ -4,7 +4,6 @@ between calls (absmax values, `quant_state.dtype` reassigned as the Unsloth harn
 state can reuse a dead one's id(). Each case checks the answer against the oracle after the change. Runs on
 CPU (interpreter) and in the GPU sessions; the 8-thread test is in test_reliability_gpu.py."""
 
-
 import pytest
 import torch
 

@@ -28,7 +28,7 @@ from . import records
 
 TOOLS = {
     "memcheck": ["--tool", "memcheck", "--leak-check", "no"],
-    "initcheck": ["--tool", "initcheck", "--track-unused-memory", "no"],
+    "initcheck": ["--tool", "initcheck"],
     "racecheck": ["--tool", "racecheck", "--racecheck-report", "all"],
 }
 TESTS = "packages/kernels/tests/test_reliability_gpu.py"
@@ -40,7 +40,8 @@ def summary(log: str) -> tuple[int | None, dict[str, int]]:
     hazards = [int(n) for n in re.findall(r"RACECHECK SUMMARY: (\d+) hazard", log)]
     total = sum(errors) + sum(hazards) if errors or hazards else None
     counts: dict[str, int] = {}
-    for n, outcome in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)\b", log):
+    finals = [line for line in log.splitlines() if re.search(r"\b(passed|failed|no tests ran)\b.* in [\d.]+s", line)]
+    for n, outcome in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)\b", finals[-1] if finals else ""):
         counts[outcome.rstrip("s") if outcome == "errors" else outcome] = int(n)
     return total, counts
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", required=True, help="GPU profile (h100, h200, ...)")
-    parser.add_argument("--dtypes", default="bf16")
+    parser.add_argument("--dtypes", default="fp16,bf16,fp32", help="output dtypes of the tests (all by default)")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--record-dir", default="docs/gpu-runs")
     args = parser.parse_args(argv)
