@@ -65,3 +65,17 @@ def test_the_good_call_of_each_variant_runs(op, variant, device, gen):
     kw = op_cases.make(op, variant, device, gen, torch.bfloat16)
     for t in op_cases.outputs(op, op_cases.call(op, kw)):
         assert isinstance(t, torch.Tensor) and t.device.type == device.type
+
+
+@pytest.mark.parametrize("primed", [False, True], ids=["fresh", "primed"])
+@pytest.mark.parametrize("op", list(op_cases.CASES))
+def test_the_launch_spy_sees_a_valid_call(op, primed, device, gen, request):
+    """The no-launch check can fail: a valid call (fresh, or served from the caches) is caught launching."""
+    variant = next(iter(op_cases.CASES[op].variants))
+    kw = op_cases.make(op, variant, device, gen, torch.bfloat16)
+    if primed:
+        op_cases.call(op, kw)
+    launched = request.getfixturevalue("no_launch")
+    with pytest.raises(AssertionError, match="reached a kernel launch"):
+        op_cases.call(op, kw)
+    assert launched
