@@ -1,5 +1,5 @@
 """Every check and GPU job of tritonbits. `uv run nox` runs the CPU sessions; GPU sessions are named
-test-<gpu>-<dtype>, bench-<gpu>, tune-<gpu> and run only when asked for.
+test-<gpu>-<dtype>, bench-<gpu>, tune-<gpu>, sanitize-<gpu> and run only when asked for.
 
 Every session also runs with `--no-venv` against an already installed torch/triton (an offline GPU
 machine): it then installs nothing and puts the three packages' src/ trees on PYTHONPATH.
@@ -101,9 +101,23 @@ def _gpu_test_session(gpu: str, dtype: str):
     def session_fn(session: nox.Session) -> None:
         env = workspace(session)
         session.run(python(session), "-m", "pytest", *TESTS, f"--gpu-profile={gpu}", f"--dtypes={dtype}",
-                    f"--record-dir={RECORDS}", *session.posargs, env=env)  # fmt: skip
+                    f"--record-dir={RECORDS}", "--hypothesis-profile=tritonbits-long", *session.posargs,
+                    env=env)  # fmt: skip
 
     session_fn.__doc__ = f"The GPU suite for the {gpu} profile, {dtype} outputs (needs a CUDA device)."
+    return session_fn
+
+
+def _gpu_sanitize_session(gpu: str):
+    @nox.session(name=f"sanitize-{gpu}", default=False, tags=["gpu", gpu, "sanitize"])
+    def session_fn(session: nox.Session) -> None:
+        env = workspace(session)
+        session.run(python(session), "-m", "tritonbits_harness.sanitize", f"--gpu={gpu}", f"--record-dir={RECORDS}",
+                    *session.posargs, env=env)  # fmt: skip
+
+    session_fn.__doc__ = (f"The `sanitize` GPU tests (every op, small shapes) under compute-sanitizer memcheck, "
+                          f"initcheck and racecheck on a {gpu}; a record and a log per tool "
+                          "(`-- --tools memcheck` for one tool, `-- --dtypes fp16` for another dtype).")  # fmt: skip
     return session_fn
 
 
@@ -135,6 +149,7 @@ for _gpu in GPUS:
         _gpu_test_session(_gpu, _dtype)
     _gpu_bench_session(_gpu)
     _gpu_tune_session(_gpu)
+    _gpu_sanitize_session(_gpu)
 
 
 @nox.session(name="bench-cpu")

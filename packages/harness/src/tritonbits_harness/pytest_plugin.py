@@ -21,6 +21,15 @@ if not torch.cuda.is_available():
 
 from . import gpus
 
+try:  # hypothesis profiles: the tests that leave max_examples to the profile (kernels/tests/test_properties.py)
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("tritonbits-ci", max_examples=12, deadline=None)
+    _hypothesis_settings.register_profile("tritonbits-long", max_examples=300, deadline=None)
+    _hypothesis_settings.load_profile("tritonbits-ci")  # `--hypothesis-profile=NAME` overrides it
+except ImportError:  # hypothesis is a dev dependency
+    pass
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("tritonbits")

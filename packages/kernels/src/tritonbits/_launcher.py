@@ -54,6 +54,17 @@ def _pointer(x):
 _log = logging.getLogger("tritonbits")
 
 
+def _other_device(device: torch.device | int | None) -> bool:
+    """Whether a launch on `device` must first make it the current device. Triton (its own launcher and the
+    compiled kernel's) launches in the CURRENT device's context and stream: tensors on cuda:1 while cuda:0 is
+    current would be read by a kernel running on cuda:0 (an illegal address, or a launch error)."""
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            return False
+        device = device.index
+    return device is not None and device != torch.cuda.current_device()
+
+
 def _raw_launch(kernel, grid: tuple, device_index: int, args) -> None:
     """The one touch of private internals: torch's raw current stream, and the compiled kernel's launcher as
     JITFunction.run calls it (grid, stream, function, metadata, three hooks, every parameter in order)."""
@@ -80,6 +91,9 @@ class CachedLauncher:
         self.compiled.clear()
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device) -> None:
+        if _other_device(device):
+            with torch.cuda.device(device):
+                return self(grid, args, constexprs, options, device)
         key = self.key(args, constexprs, options, device)
         kernel = self.compiled.get(key) if self.enabled else None
         if kernel is not None and not _hooks_set():
@@ -125,6 +139,9 @@ class BoundLaunch:
     def __call__(self, *values, grid: tuple | None = None) -> bool:
         if not self.owner.enabled or _hooks_set():
             return False
+        if _other_device(self.device_index):
+            with torch.cuda.device(self.device_index):
+                return self(*values, grid=grid)
         args = self.args.copy()
         for slot, value in zip(self.slots, values, strict=True):
             args[slot] = _pointer(value)

@@ -98,22 +98,25 @@ def _layout(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.dtype, t.shape, t.stride()
 
 
-def check_out(out: torch.Tensor, inputs: dict[str, torch.Tensor | None], *, may_alias: str | None = None) -> None:
+def check_out(out: torch.Tensor, inputs: dict[str, torch.Tensor | None], *, may_alias: str | None = None,
+              name: str = "out") -> None:  # fmt: skip
     """Refuse an `out=` that no kernel can write correctly: one that requires grad, or whose memory overlaps an
     input's (the kernel would read what it already overwrote). `may_alias` names the one input `out` may be
-    exactly (same address, dtype, shape and strides): an elementwise op reads each element before writing it."""
+    exactly (same address, dtype, shape and strides): an elementwise op reads each element before writing it.
+    `name`: the argument `out` is (an op may write several, e.g. quantize's absmax)."""
     if out.requires_grad:
-        raise ValueError("out requires grad; out= is not differentiable: pass a tensor that does not require grad")
+        raise ValueError(f"{name} requires grad; {name}= is not differentiable: pass a tensor that does not require "
+                         "grad")  # fmt: skip
     span = _span(out)
     if span is None:
         return
-    for name, t in inputs.items():
+    for input_name, t in inputs.items():
         if t is None or t.device != out.device:
             continue
         other = _span(t)
         if other is None or other[1] <= span[0] or span[1] <= other[0]:
             continue
-        if name == may_alias and _layout(t) == _layout(out):
+        if input_name == may_alias and _layout(t) == _layout(out):
             continue
-        alias = f" (only exactly out={may_alias} is allowed)" if name == may_alias else ""
-        raise ValueError(f"out overlaps {name} in memory{alias}; pass a separate output tensor")
+        alias = f" (only exactly {name}={may_alias} is allowed)" if input_name == may_alias else ""
+        raise ValueError(f"{name} overlaps {input_name} in memory{alias}; pass a separate output tensor")

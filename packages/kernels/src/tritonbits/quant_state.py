@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +70,8 @@ class QuantState:
         state2 = None
         s2 = getattr(obj, "state2", None)
         if s2 is not None:
-            state2 = NestedState(absmax=s2.absmax, code=s2.code, blocksize=int(s2.blocksize))
+            state2 = NestedState(absmax=s2.absmax, code=s2.code, blocksize=_int("quant_state.state2.blocksize",
+                                                                                 s2.blocksize))  # fmt: skip
         offset = getattr(obj, "offset", None)
         if offset is not None and not isinstance(offset, torch.Tensor):
             offset = torch.tensor(float(offset), dtype=torch.float32, device=obj.absmax.device)
@@ -77,7 +79,7 @@ class QuantState:
             absmax=obj.absmax,
             shape=torch.Size(obj.shape),
             dtype=obj.dtype,
-            blocksize=int(obj.blocksize),
+            blocksize=_int("quant_state.blocksize", obj.blocksize),
             quant_type=obj.quant_type,
             offset=offset,
             state2=state2,
@@ -164,6 +166,15 @@ def check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], numel: int | Non
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (strides {t.stride()}); pass {name.split('.')[-1]}.contiguous()")
     _runtime.check_device(name, t, device)
+
+
+def _int(name: str, value) -> int:
+    """An integer field (int, numpy or 0-d integer tensor), refused by name otherwise: int() would truncate
+    64.5 and fail on None without naming the field."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
 
 
 def _check_shape(shape) -> None:

@@ -330,7 +330,7 @@ def quantize_blockwise(
         _runtime.check_out(out, {"A": A})
     if absmax is not None:
         check_tensor("absmax", absmax, (torch.uint8,) if nested else (torch.float32,), blocks, device)
-        _runtime.check_out(absmax, {"A": A, **({"out": out} if out is not None else {})})
+        _runtime.check_out(absmax, {"A": A, **({"out": out} if out is not None else {})}, name="absmax")
     q, am = _quantize(A, code, blocksize, out, None if nested else absmax)
     state_code = code.clone()
     if not nested:
@@ -381,6 +381,16 @@ def dequantize_blockwise(
     if dtype not in formats.FLOAT_DTYPES:
         raise TypeError(f"quant_state.dtype must be float16, bfloat16 or float32, got {dtype}")
     blocks = -(-A.numel() // blocksize)
+    if out is not None:  # before the nested absmax's launch: nothing invalid reaches a kernel
+        check_tensor("out", out, (dtype,), None, device)
+        if out.shape != A.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(A.shape)} (A's shape)")
+        inputs = {"A": A, "absmax": absmax, "code": code}
+        if state2 is not None:
+            inputs.update({"quant_state.state2.absmax": getattr(state2, "absmax", None),
+                           "quant_state.state2.code": getattr(state2, "code", None),
+                           "quant_state.offset": offset})  # fmt: skip
+        _runtime.check_out(out, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
     if state2 is not None:
         check_tensor("quant_state.absmax", absmax, (torch.uint8,), blocks, device)
         check_blocksize(int(state2.blocksize), formats.BLOCKSIZES)
@@ -395,9 +405,4 @@ def dequantize_blockwise(
     else:
         check_tensor("absmax" if quant_state is None else "quant_state.absmax", absmax, (torch.float32,), blocks,
                      device)  # fmt: skip
-    if out is not None:
-        check_tensor("out", out, (dtype,), None, device)
-        if out.shape != A.shape:
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(A.shape)} (A's shape)")
-        _runtime.check_out(out, {"A": A, "absmax": absmax, "code": code})
     return _dequantize(A, absmax, code, int(blocksize), dtype, out)

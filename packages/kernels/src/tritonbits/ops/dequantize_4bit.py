@@ -266,6 +266,8 @@ def dequantize_4bit(
         A = A.data
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() == 0:  # bnb reads A.shape[0] (its [1, n/2] transpose shim): a 0-d A has none
+        raise ValueError("A is 0-d; pass the packed bytes as bnb stores them, [(n + 1) // 2, 1] (or 1-d)")
     call = _compiled_call if torch.compiler.is_compiling() else _eager
     result = call(A, quant_state, out)
     return result.t() if A.shape[0] == 1 else result

@@ -311,7 +311,7 @@ def _check_args(A, absmax, out, blocksize, compress_statistics, quant_type, quan
     if absmax is not None:
         dtypes = (torch.uint8,) if compress_statistics else (torch.float32,)
         check_tensor("absmax", absmax, dtypes, -(-n // blocksize), device)
-        _runtime.check_out(absmax, {"A": A, **({"out": out} if out is not None else {})})
+        _runtime.check_out(absmax, {"A": A, **({"out": out} if out is not None else {})}, name="absmax")
     return device
 
 
