@@ -69,28 +69,31 @@ def within_policy(out, x, w, bias=None) -> float:
     return float((err / bound).max())
 
 
+GEMV_TILES = [(32, 128, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128, 8), (128, 64, 8), (32, 256, 4),
+              (16, 256, 4), (256, 64, 8), (128, 256, 8)]  # (BLOCK_N, BLOCK_K, warps)  # fmt: skip
+
+
 def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     out = []
     if m <= 8:
-        for bn in (16, 32, 64):
-            for warps in (4, 8):
-                for pair in (True, False):
-                    bm = L.bucket(m)
-                    if bm * bn // warps > 64:  # fp32 accumulator registers per thread
-                        continue
-                    split = L._split_for(triton.cdiv(n, bn), k, 64, sms)
-                    out.append({"path": "gemv", "bm": bm, "bn": bn, "bk": 64, "warps": warps, "stages": 3,
-                                "pair": pair, "split_k": split})  # fmt: skip
+        bm = L.bucket(m)
+        for bn, bk, warps in GEMV_TILES:
+            if bm * bn * bk // 2 // (warps * 32) > 64:  # fp32 accumulator registers per thread
+                continue
+            split = L._split_for(triton.cdiv(n, bn), k, bk, sms)
+            for pair in (True, False):
+                out.append({"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "pair": pair,
+                            "split_k": split})  # fmt: skip
     if m >= 4:
-        bms = (16,) if m <= 16 else (16, 32, 64) if m <= 64 else (64, 128)
+        bms = (16,) if m <= 16 else (32, 64) if m <= 64 else (64, 128)
         for bm in bms:
-            for bn in (32, 64, 128):
+            for bn in (64, 128, 256):
                 for warps in (4, 8):
                     programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
                     split = L._split_for(programs, k, 64, sms)
                     out.append({"path": "gemm", "bm": bm, "bn": bn, "bk": 64, "warps": warps, "stages": 3,
                                 "pair": True, "split_k": split})  # fmt: skip
-    if m >= 64:
+    if m >= 16:
         out.append({"path": "dequant"})
     return out
 
@@ -105,6 +108,24 @@ def split_variants(cfg: dict) -> list[dict]:
     for stages in (2, 4):
         out.append({**cfg, "stages": stages})
     return out
+
+
+def qlora(fh, summary: list[str]) -> None:
+    """The QLoRA MLP block of the benchmark (gate/up/down nf4 + bf16 LoRA r=16), forward + backward, do_bench
+    (launches included), ours vs bnb, at 1024 and 4096 tokens."""
+    from tritonbits_harness.bench import linear_4bit as B
+
+    for tokens in (1024, 4096):
+        try:
+            thunks = B.qlora_setup({"tokens": tokens, **B.QLORA}, torch.device("cuda"))
+            times = {name: do_bench(fn, rep=100) for name, fn in thunks.items()}
+        except Exception as exc:
+            log(fh, f"QLoRA tokens={tokens} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        row = (f"QLoRA MLP fwd+bwd tokens={tokens}: tritonbits {times['tritonbits'] * 1e3:.0f} us, bnb "
+               f"{times['bnb'] * 1e3:.0f} us ({times['bnb'] / times['tritonbits']:.2f}x)")  # fmt: skip
+        log(fh, row)
+        summary.append(row)
 
 
 def main() -> int:
@@ -129,7 +150,9 @@ def main() -> int:
     table: dict[str, dict] = {}
     summary = []
     weights: dict = {}
-    for m, k, n in points:
+    for index, (m, k, n) in enumerate(points):
+        if index == 3:
+            qlora(fh, summary)
         if time.time() - START > args.budget_s:
             log(fh, f"budget reached: skipping M={m} K={k} N={n} and later points")
             break
@@ -182,12 +205,13 @@ def main() -> int:
         best_ms, best = min(results, key=lambda r: r[0])
         table[L.config_key(torch.bfloat16, m, n, k)] = best
         eager_ms = do_bench(lambda: tritonbits.linear_4bit(x, q, st), rep=args.rep)
+        bnb_eager_ms = do_bench(base["bnb.matmul_4bit"], rep=args.rep)
         row = (f"M={m:5d} K={k:5d} N={n:5d} | best {best_ms * 1e3:7.1f} us {gb(best_ms):5.0f} GB/s "
                f"{100 * gb(best_ms) / cp:4.1f}% | heur {heur_ms * 1e3 if heur_ms else float('nan'):7.1f} | "
                f"bnb {base_ms['bnb.matmul_4bit'] * 1e3:7.1f} ({base_ms['bnb.matmul_4bit'] / best_ms:4.2f}x) | "
                f"dq+lin {base_ms['dequant+F.linear'] * 1e3:7.1f} ({base_ms['dequant+F.linear'] / best_ms:4.2f}x) | "
                f"dense {base_ms['dense F.linear'] * 1e3:7.1f} ({base_ms['dense F.linear'] / best_ms:4.2f}x) | "
-               f"eager(launch incl.) {eager_ms * 1e3:6.1f} | {best}")  # fmt: skip
+               f"launch incl.: ours {eager_ms * 1e3:6.1f} bnb {bnb_eager_ms * 1e3:6.1f} | {best}")  # fmt: skip
         summary.append(row)
         log(fh, "BEST " + row)
     with open(os.path.join(args.out, "table.json"), "w") as t:

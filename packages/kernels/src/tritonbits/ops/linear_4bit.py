@@ -92,20 +92,25 @@ def _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, mask,
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows64, row_ok, k0, K,
-                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
-                  MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr, PAIR: tl.constexpr,
-                  BLOCK_K: tl.constexpr):  # fmt: skip
-    """W[rows, k0 : k0 + BLOCK_K] as (even columns, odd columns), each [BLOCK_N, BLOCK_K // 2] fp32 holding
-    W's dtype values. BLOCK_K divides the blocksize and K, so a row's chunk has one absmax."""
-    j = tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(packed_ptr + (rows64[:, None] * K + k0) // 2 + j[None, :], mask=row_ok[:, None], other=0,
-                     eviction_policy="evict_first")  # fmt: skip
-    absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (rows64 * K + k0) // BLOCKSIZE,
-                         row_ok, BLOCKSIZE2, NESTED, USE_ASM)  # fmt: skip
+def _dequant_chunk(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_base, row_ok, kb0,
+                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
+                   MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr, PAIR: tl.constexpr, NB: tl.constexpr,
+                   CB: tl.constexpr):  # fmt: skip
+    """W[rows, k0 : k0 + 2*NB*CB] as (even columns, odd columns), each [BLOCK_N, NB, CB] fp32 holding W's dtype
+    values: NB sub-chunks of CB packed bytes, each inside one quantization block (one absmax per row and
+    sub-chunk). row_base: each row's first byte (int64); kb0: the chunk's first byte in the row, so column
+    2*(kb0 + b*CB + j) (+1 for odd) sits at [:, b, j]."""
+    b = tl.arange(0, NB)
+    j = tl.arange(0, CB)
+    first = row_base + kb0  # [BLOCK_N]
+    byte = first[:, None, None] + (b * CB)[None, :, None] + j[None, None, :]
+    packed = tl.load(packed_ptr + byte, mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")
+    qblock = (first[:, None] + (b * CB)[None, :]) // (BLOCKSIZE // 2)
+    absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[:, None], BLOCKSIZE2,
+                         NESTED, USE_ASM)  # fmt: skip
     hi, lo = _decode(packed, table_ptr, PAIR)
-    w_even = _round_weight(hi * absmax[:, None], W_DTYPE, MANUAL_BF16)
-    w_odd = _round_weight(lo * absmax[:, None], W_DTYPE, MANUAL_BF16)
+    w_even = _round_weight(hi * absmax[:, :, None], W_DTYPE, MANUAL_BF16)
+    w_odd = _round_weight(lo * absmax[:, :, None], W_DTYPE, MANUAL_BF16)
     return w_even, w_odd
 
 
@@ -127,76 +132,95 @@ def _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om,
 @triton.jit
 def _linear_4bit_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_xk, stride_om, k_per_split,
+    M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
     PAIR: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (m, n, s): out rows ms = m*BLOCK_M.., W rows n*BLOCK_N.., K range [s*k_per_split, ...).
-    Each packed byte of the range is loaded once; acc[BLOCK_M, BLOCK_N, BLOCK_K/2] += w * x elementwise
-    (even and odd columns), summed over its last axis once at the end."""
+    Each packed byte of the range is loaded once per program; acc[BLOCK_M, BLOCK_N, NB, CB] += w * x
+    elementwise (even and odd columns), summed over its last two axes once at the end. A K chunk of BLOCK_K
+    columns is NB sub-chunks of CB bytes, each inside one quantization block."""
+    CB: tl.constexpr = min(BLOCK_K, BLOCKSIZE) // 2
+    NB: tl.constexpr = BLOCK_K // (2 * CB)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    row_base = rows.to(tl.int64) * K_BYTES
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
-    m_ok = (ms < M)[:, None]
-    j2 = 2 * tl.arange(0, BLOCK_K // 2)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        w_even, w_odd = _dequant_tile(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows64,
-                                      row_ok, k0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, MANUAL_BF16, USE_ASM,
-                                      PAIR, BLOCK_K)  # fmt: skip
-        kk = (k0 + j2).to(tl.int64)[None, :] * stride_xk
+    x_rows = x_ptr + ms.to(tl.int64)[:, None, None] * stride_xm
+    m_ok = (ms < M)[:, None, None]
+    col2 = 2 * ((tl.arange(0, NB) * CB)[:, None] + tl.arange(0, CB)[None, :])  # [NB, CB]: even column offsets
+    kb_lo = pid_k * split_bytes
+    kb_hi = tl.minimum(kb_lo + split_bytes, K_BYTES)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, NB, CB), dtype=tl.float32)
+    for kb0 in range(kb_lo, kb_hi, BLOCK_K // 2):
+        kb0 = tl.multiple_of(kb0, BLOCK_K // 2)
+        w_even, w_odd = _dequant_chunk(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                                       row_base, row_ok, kb0, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, MANUAL_BF16,
+                                       USE_ASM, PAIR, NB, CB)  # fmt: skip
+        kk = (2 * kb0 + col2).to(tl.int64)[None, :, :] * stride_xk
         x_even = tl.load(x_rows + kk, mask=m_ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_rows + kk + stride_xk, mask=m_ok, other=0.0).to(tl.float32)
-        acc += w_even[None, :, :] * x_even[:, None, :] + w_odd[None, :, :] * x_odd[:, None, :]
-    total = tl.sum(acc, axis=2)
+        # NOTE: two statements, two FMAs per byte (one expression compiled to mul + fma + add: 96 mul.f32, 32 fma,
+        # 32 add per 32 bytes in the PTX of the bm=1, bn=64, bk=256 loop)
+        acc += w_even[None, :, :, :] * x_even[:, None, :, :]
+        acc += w_odd[None, :, :, :] * x_odd[:, None, :, :]
+    total = tl.sum(tl.sum(acc, axis=3), axis=2)
     _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
 
 
 @triton.jit
 def _linear_4bit_gemm_kernel(
     x_ptr, packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_xk, stride_om, k_per_split,
+    M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    PAIR: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PAIR: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Program (m, n, s): a [BLOCK_M, BLOCK_N] tile over K range s. Per K chunk the W tile is dequantized in
-    registers (interleaving even and odd columns back into K order) and multiplied with tl.dot, fp32
-    accumulator. DOT_DTYPE: 1/2 = fp16/bf16 operands (x and W of that dtype: exact), 0 = fp32 "ieee"."""
+    """Program (m, n, s): a [BLOCK_M, BLOCK_N] tile over K range s. Per K chunk (inside one quantization
+    block) the W tile is loaded K-major ([BLOCK_K/2 bytes, BLOCK_N]), decoded in registers into its even and
+    odd columns, and multiplied as two dots, x[:, even] @ W_even^T + x[:, odd] @ W_odd^T (no interleave, no
+    transpose); fp32 accumulator. DOT_DTYPE: 1/2 = fp16/bf16 operands (x and W of that dtype: exact), 0 = fp32
+    "ieee"."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    row_base = rows.to(tl.int64) * K_BYTES
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
     m_ok = (ms < M)[:, None]
-    kr = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    j = tl.arange(0, BLOCK_K // 2)
+    kb_lo = pid_k * split_bytes
+    kb_hi = tl.minimum(kb_lo + split_bytes, K_BYTES)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        w_even, w_odd = _dequant_tile(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows64,
-                                      row_ok, k0, K, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, MANUAL_BF16, USE_ASM,
-                                      PAIR, BLOCK_K)  # fmt: skip
-        w = tl.interleave(w_even, w_odd)  # [BLOCK_N, BLOCK_K] in K order
-        x = tl.load(x_rows + (k0 + kr).to(tl.int64)[None, :] * stride_xk, mask=m_ok, other=0.0)
+    for kb0 in range(kb_lo, kb_hi, BLOCK_K // 2):
+        kb0 = tl.multiple_of(kb0, BLOCK_K // 2)
+        first = row_base + kb0
+        packed = tl.load(packed_ptr + first[None, :] + j[:, None], mask=row_ok[None, :], other=0,
+                         eviction_policy="evict_first")  # fmt: skip
+        absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // (BLOCKSIZE // 2), row_ok,
+                             BLOCKSIZE2, NESTED, USE_ASM)  # fmt: skip
+        hi, lo = _decode(packed, table_ptr, PAIR)
+        w_even = _round_weight(hi * absmax[None, :], W_DTYPE, MANUAL_BF16)  # [BLOCK_K/2, BLOCK_N]
+        w_odd = _round_weight(lo * absmax[None, :], W_DTYPE, MANUAL_BF16)
+        kk = (2 * (kb0 + j)).to(tl.int64)[None, :] * stride_xk
+        x_even = tl.load(x_rows + kk, mask=m_ok, other=0.0)
+        x_odd = tl.load(x_rows + kk + stride_xk, mask=m_ok, other=0.0)
         if DOT_DTYPE == 1:
-            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+            acc = tl.dot(x_even.to(tl.float16), w_even.to(tl.float16), acc)
+            acc = tl.dot(x_odd.to(tl.float16), w_odd.to(tl.float16), acc)
         elif DOT_DTYPE == 2:
-            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+            acc = tl.dot(x_even.to(tl.bfloat16), w_even.to(tl.bfloat16), acc)
+            acc = tl.dot(x_odd.to(tl.bfloat16), w_odd.to(tl.bfloat16), acc)
         else:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(x_even.to(tl.float32), w_even, acc, input_precision="ieee")
+            acc = tl.dot(x_odd.to(tl.float32), w_odd, acc, input_precision="ieee")
     _store_tile(acc, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
 
 
@@ -205,7 +229,7 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr
                           MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """out[m, n] = round(sum_{s=0..S-1} ws[s, m, n] (in split order) + bias[n]); out is contiguous [M, N]."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mn = M.to(tl.int64) * N
+    mn = (offs * 0 + M) * N  # int64; M and N may arrive as constants (Triton specializes == 1)
     mask = offs < mn
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
@@ -249,12 +273,14 @@ def _split_for(programs: int, k: int, bk: int, sms: int) -> int:
 
 
 def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
-    """For GPU families with no tuned entry."""
+    """For GPU families with no tuned entry: gemv up to M=4 (8 KB of packed weight per program and K chunk,
+    <= 64 fp32 accumulator registers per thread), the tl.dot gemm up to M=256, dequantize + cuBLAS above."""
     if m > 256 or (x_dtype == torch.float32 and m > 16):
         return {"path": "dequant"}
     if m <= 4:
-        bm, bn, bk = bucket(m), 32, 128
-        return {"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": 4, "stages": 3, "pair": True,
+        bm = bucket(m)
+        bn, bk, warps = (64, 256, 8) if bm == 1 else (64, 128, 8) if bm == 2 else (32, 128, 8)
+        return {"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "pair": True,
                 "split_k": _split_for(triton.cdiv(n, bn), k, bk, sms)}  # fmt: skip
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn, bk = (64, 64) if m <= 64 else (128, 64)
@@ -286,16 +312,21 @@ def pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
 # Launch.
 
 
-def effective_bk(cfg: dict, blocksize: int) -> int:
-    return min(cfg["bk"], blocksize)
+MIN_BK = 32  # the gemm's dots are BLOCK_K/2 deep (tl.dot needs 16)
+
+
+def effective_bk(cfg: dict, blocksize: int, k: int) -> int:
+    """BLOCK_K for this weight: the config's, at most the blocksize for the gemm (one absmax per row chunk; the
+    gemv splits a chunk into per-block sub-chunks), halved until it divides K; 0 when nothing >= MIN_BK does."""
+    bk = min(cfg["bk"], blocksize) if cfg["path"] == "gemm" else cfg["bk"]
+    while k % bk and bk > MIN_BK:
+        bk //= 2
+    return bk if k % bk == 0 and bk >= MIN_BK else 0
 
 
 def fused_ok(cfg: dict, blocksize: int, k: int) -> bool:
-    """The fused kernels need K chunks that sit inside one quantization block: BLOCK_K | blocksize, BLOCK_K | K."""
-    if cfg.get("path") not in ("gemv", "gemm"):
-        return False
-    bk = effective_bk(cfg, blocksize)
-    return bk >= (16 if cfg["path"] == "gemm" else 2) and k % bk == 0
+    """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemm config and a K chunk."""
+    return cfg.get("path") in ("gemv", "gemm") and effective_bk(cfg, blocksize, k) > 0
 
 
 def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
@@ -316,7 +347,7 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     use_asm = USE_ASM_DEFAULT if use_asm is None else use_asm
     if use_asm and _runtime.INTERPRET:
         raise ValueError("use_asm=True needs a GPU: the Triton interpreter cannot run inline PTX")
-    bk = effective_bk(cfg, state.blocksize)
+    bk = effective_bk(cfg, state.blocksize, k)
     bm, bn = cfg["bm"], cfg["bn"]
     k_chunks = k // bk
     split = max(1, min(cfg.get("split_k", 1), k_chunks))
@@ -333,7 +364,7 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     dummy = w.absmax
     args = (x2, w.A, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
             w.offset if nested else dummy, bias if bias is not None else dummy, dst,
-            m, n, k, x2.stride(0), x2.stride(1), out.stride(0), k_per_split)  # fmt: skip
+            m, n, k // 2, x2.stride(0), x2.stride(1), out.stride(0), k_per_split // 2)  # fmt: skip
     constexprs = {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
                   "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
                   "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
