@@ -69,33 +69,10 @@ def within_policy(out, x, w, bias=None) -> float:
     return float((err / bound).max())
 
 
-GEMV_TILES = [(32, 128, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128, 8), (128, 64, 8), (32, 256, 4),
-              (16, 256, 4), (256, 64, 8), (128, 256, 8)]  # (BLOCK_N, BLOCK_K, warps)  # fmt: skip
-
-
 def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
-    out = []
-    if m <= 8:
-        bm = L.bucket(m)
-        for bn, bk, warps in GEMV_TILES:
-            if bm * bn * bk // 2 // (warps * 32) > 64:  # fp32 accumulator registers per thread
-                continue
-            split = L._split_for(triton.cdiv(n, bn), k, bk, sms)
-            for pair in (True, False):
-                out.append({"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "pair": pair,
-                            "split_k": split})  # fmt: skip
-    if m >= 4:
-        bms = (16,) if m <= 16 else (32, 64) if m <= 64 else (64, 128)
-        for bm in bms:
-            for bn in (64, 128, 256):
-                for warps in (4, 8):
-                    programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-                    split = L._split_for(programs, k, 64, sms)
-                    out.append({"path": "gemm", "bm": bm, "bn": bn, "bk": 64, "warps": warps, "stages": 3,
-                                "pair": True, "split_k": split})  # fmt: skip
-    if m >= 16:
-        out.append({"path": "dequant"})
-    return out
+    from tritonbits_harness.tune import linear_4bit_candidates
+
+    return linear_4bit_candidates(m, n, k, sms)
 
 
 def split_variants(cfg: dict) -> list[dict]:

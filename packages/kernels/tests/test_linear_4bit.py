@@ -360,3 +360,75 @@ def test_device_mismatch_is_refused(device):
     with pytest.raises(ValueError, match="bias is on cpu"):
         tritonbits.linear_4bit(torch.randn(2, K, dtype=torch.float16, device=device), q, st,
                                torch.randn(N, dtype=torch.float16))  # fmt: skip
+
+
+# --- tritonbits.nn.Linear4bit -----------------------------------------------------------------------------
+
+
+def test_module_from_bnb_matches_the_function_and_bnb_weight(device, gen, bnb_dequantize):
+    from tritonbits_reference import bnb as RB
+
+    layer = RB.linear4bit(K, N, dtype=torch.bfloat16, bias=True, device=device, generator=gen)
+    module = tritonbits.nn.Linear4bit.from_bnb(layer)
+    x = fresh_x((2, 5, K), torch.bfloat16, gen, device)
+    out = module(x)
+    assert_exact(out, tritonbits.linear_4bit(x, layer.weight, bias=layer.bias))
+    w = exact_weight(layer.weight.data, layer.weight.quant_state, bnb_dequantize)
+    assert_matmul(out.reshape(-1, N), x.reshape(-1, K), w, layer.bias)
+
+
+def test_module_from_linear_quantizes_once(device, gen):
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16).to(device)
+    module = tritonbits.nn.Linear4bit.from_linear(linear, blocksize=128)
+    packed, state = tritonbits.quantize_4bit(linear.weight.detach(), blocksize=128, compress_statistics=True,
+                                             quant_type="nf4")  # fmt: skip
+    assert torch.equal(module.weight, packed)
+    x = fresh_x((3, K), torch.bfloat16, gen, device)
+    assert_exact(module(x), tritonbits.linear_4bit(x, packed, state, linear.bias.detach()))
+    with pytest.raises(TypeError, match="linear must be"):
+        tritonbits.nn.Linear4bit.from_linear(module)
+
+
+def test_module_state_dict_is_bnb_format(device, gen):
+    """Our state dict has bnb's keys and tensors; bnb's loads into a fresh module (and gives the same output);
+    ours round-trips; an empty module refuses to run."""
+    from tritonbits_reference import bnb as RB
+
+    layer = RB.linear4bit(K, N, dtype=torch.bfloat16, bias=True, device=device, generator=gen)
+    theirs = layer.state_dict()
+    ours = tritonbits.nn.Linear4bit.from_bnb(layer).state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key].cpu(), theirs[key].cpu()), key
+    fresh = tritonbits.nn.Linear4bit(K, N, dtype=torch.bfloat16, device=device)
+    x = fresh_x((4, K), torch.bfloat16, gen, device)
+    with pytest.raises(ValueError, match="no quant state"):
+        fresh(x)
+    fresh.load_state_dict(theirs)
+    assert_exact(fresh(x), tritonbits.linear_4bit(x, layer.weight, bias=layer.bias))
+    again = tritonbits.nn.Linear4bit(K, N, dtype=torch.bfloat16, device=device)
+    again.load_state_dict(fresh.state_dict())
+    assert_exact(again(x), fresh(x))
+    with pytest.raises(RuntimeError, match="quant_state"):
+        tritonbits.nn.Linear4bit(K, N, device=device).load_state_dict({"weight": theirs["weight"],
+                                                                       "bias": theirs["bias"]})  # fmt: skip
+
+
+def test_module_grads_and_frozen_weight(device, gen):
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16).to(device)
+    module = tritonbits.nn.Linear4bit.from_linear(linear)
+    assert [name for name, _ in module.named_parameters()] == ["bias"]
+    x = fresh_x((3, K), torch.bfloat16, gen, device).requires_grad_()
+    module(x).sum().backward()
+    assert x.grad is not None and module.bias.grad is not None
+
+
+@pytest.mark.gpu
+def test_module_moves_and_compiles(device, gen):
+    """.to() moves the quant state with the weight; torch.compile(fullgraph=True) of the module matches eager."""
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16)
+    module = tritonbits.nn.Linear4bit.from_linear(linear.to(device)).cpu().to(device)
+    assert module.quant_state is not None and module.quant_state.absmax.device.type == "cuda"
+    x = fresh_x((5, K), torch.bfloat16, gen, device)
+    torch._dynamo.reset()
+    assert_exact(torch.compile(module, fullgraph=True)(x), module(x))
