@@ -108,7 +108,7 @@ class Linear4bit(torch.nn.Module):
             self.weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
-        unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(prefix + "weight.")]  # consumed here
+        unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(head)]  # the quant state: consumed here
         if quant:
             self.quant_state = QuantState.from_dict(quant, device=self.weight.device)
         elif strict:
