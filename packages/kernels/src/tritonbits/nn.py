@@ -86,8 +86,9 @@ class Linear4bit(torch.nn.Module):
         return linear_4bit(x, self.weight, self.quant_state, bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, nested={self.compress_statistics}")  # fmt: skip
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                f"nested={self.compress_statistics}")  # fmt: skip
 
     # --- bnb-format state dicts -------------------------------------------------------------------------
 
