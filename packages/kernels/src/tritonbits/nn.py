@@ -100,9 +100,8 @@ class Linear4bit(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
-        quant = {
-            k[len(prefix) + len("weight.") :]: v for k, v in state_dict.items() if k.startswith(prefix + "weight.")
-        }
+        head = prefix + "weight."
+        quant = {k[len(head) :]: v for k, v in state_dict.items() if k.startswith(head)}
         weight = state_dict.get(prefix + "weight")
         if weight is not None:  # the packed shape/dtype of the checkpoint, on this layer's device
             device = self.weight.device if self.weight.device.type != "meta" else weight.device
