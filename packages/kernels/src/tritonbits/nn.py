@@ -80,7 +80,7 @@ class Linear4bit(torch.nn.Module):
         if self.quant_state is None:
             raise ValueError("this Linear4bit has no quant state: load a state dict or build it with from_bnb / "
                              "from_linear")  # fmt: skip
-        bias = self.bias
+        bias: torch.Tensor | None = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)  # as bnb casts its bias to the compute dtype
         return linear_4bit(x, self.weight, self.quant_state, bias)
