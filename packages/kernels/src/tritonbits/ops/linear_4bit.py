@@ -272,21 +272,26 @@ def _split_for(programs: int, k: int, bk: int, sms: int) -> int:
     return split
 
 
+# NOTE: H100 sweep (docs/gpu-runs/logs/20261123T0430Z-nvidia-h100-linear4bit-sweep.txt; bf16 x, nf4 nested bs64,
+# K=4096 N=14336, CUDA-graph medians): the gemv likes narrow row tiles and long K chunks, and the 16-entry code
+# table over the pair table: M=1 43.4 us at BLOCK_N=16 BLOCK_K=256 4 warps split 2 (16-entry), 50.0 us with the
+# pair table, 51.6-70.0 us at BLOCK_N 64-128. M=2 52.3 us (BLOCK_N=32, BLOCK_K=128, split 4), M=4 67.4 us
+# (BLOCK_N=128, BLOCK_K=64, 8 warps, split 8). The tl.dot gemm lost to dequantize_4bit + cuBLAS everywhere it ran:
+# M=8 179 us vs 100, M=16 193 vs 100, M=64 374 vs 98 (its dequantized W tile goes through shared memory element
+# by element: scalar st.shared.b16 per weight in the PTX); so above M=4 the default is "dequant".
+HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  # bm: (BLOCK_N, BLOCK_K, warps, split)
+
+
 def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
-    """For GPU families with no tuned entry: gemv up to M=4 (8 KB of packed weight per program and K chunk,
-    <= 64 fp32 accumulator registers per thread), the tl.dot gemm up to M=256, dequantize + cuBLAS above."""
-    if m > 256 or (x_dtype == torch.float32 and m > 16):
+    """For keys the GPU family's table lacks: the H100 sweep's best gemv tiles up to M=4 (split-K scaled to the
+    grid), dequantize + cuBLAS above (see the NOTE)."""
+    if m > 4:
         return {"path": "dequant"}
-    if m <= 4:
-        bm = bucket(m)
-        bn, bk, warps = (64, 256, 8) if bm == 1 else (64, 128, 8) if bm == 2 else (32, 128, 8)
-        return {"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "pair": True,
-                "split_k": _split_for(triton.cdiv(n, bn), k, bk, sms)}  # fmt: skip
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn, bk = (64, 64) if m <= 64 else (128, 64)
-    programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    return {"path": "gemm", "bm": bm, "bn": bn, "bk": bk, "warps": 4, "stages": 3, "pair": True,
-            "split_k": _split_for(programs, k, bk, sms)}  # fmt: skip
+    bm = bucket(m)
+    bn, bk, warps, split = HEURISTIC_GEMV[bm]
+    split = min(split, _split_for(triton.cdiv(n, bn), k, bk, sms)) if bm == 1 else split
+    return {"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "pair": False,
+            "split_k": max(split, 1)}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by bucket: bounded by families x keys
