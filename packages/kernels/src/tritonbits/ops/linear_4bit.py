@@ -8,7 +8,8 @@ state read through `quant_state.prepare` as dequantize_4bit reads it; the nested
 with bnb's two fp32 roundings, so every weight the kernel multiplies equals dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
-Three paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table):
+Three paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
+H100 gemv up to M=4 and dequant above, the gemm losing to dequantize + cuBLAS: see heuristic_config's NOTE):
 - "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
   decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
