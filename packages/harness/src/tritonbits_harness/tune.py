@@ -256,6 +256,95 @@ register(TunableOp(
 ))  # fmt: skip
 
 
+# --- linear_4bit: path + config per (x width, M, N, K) bucket ------------------------------------------
+
+# (BLOCK_N, BLOCK_K, warps) of the gemv; a tile is kept when its fp32 accumulator needs <= 64 registers/thread
+GEMV_TILES = ((32, 128, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128, 8), (128, 64, 8), (32, 256, 4),
+              (16, 256, 4), (256, 64, 8), (128, 256, 8))  # fmt: skip
+
+
+def linear_4bit_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """Configs worth timing for one (M, N, K): gemv tiles up to M=8 (both decode tables), tl.dot gemm tiles
+    from M=4, dequantize + cuBLAS from M=16; split-K from the op's own rule (`_split_for`)."""
+    import triton
+
+    from tritonbits.ops import linear_4bit as L
+
+    out: list[dict] = []
+    if m <= 8:
+        bm = L.bucket(m)
+        for bn, bk, warps in GEMV_TILES:
+            if bm * bn * bk // 2 // (warps * 32) > 64:
+                continue
+            split = L._split_for(triton.cdiv(n, bn), k, bk, sms)
+            for pair in (True, False):
+                out.append({"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3,
+                            "pair": pair, "split_k": split})  # fmt: skip
+    if m >= 4:
+        for bm in (16,) if m <= 16 else (32, 64) if m <= 64 else (64, 128):
+            for bn in (64, 128, 256):
+                for warps in (4, 8):
+                    split = L._split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, 64, sms)
+                    out.append({"path": "gemm", "bm": bm, "bn": bn, "bk": 64, "warps": warps, "stages": 3,
+                                "pair": True, "split_k": split})  # fmt: skip
+    if m >= 16:
+        out.append({"path": "dequant"})
+    return out
+
+
+def _linear_4bit_cases() -> list[dict]:
+    from .bench import linear_4bit as bench
+
+    return [c for c in bench.cases(cpu=False) if c["dtype"] == "bf16"]
+
+
+def _linear_4bit_key(case: dict) -> str:
+    from tritonbits.ops import linear_4bit as L
+
+    from .bench import linear_4bit as bench
+
+    return L.config_key(bench.DTYPES[case["dtype"]], case["m"], case["n"], case["k"])
+
+
+@functools.lru_cache(maxsize=1)
+def _linear_4bit_operands(m: int, k: int, n: int, dtype: str):
+    """One case's operands (weight quantized by bnb, nf4 nested blocksize 64), kept while its candidates run."""
+    import bitsandbytes.functional as F
+
+    import tritonbits
+    from tritonbits.ops import linear_4bit as L
+
+    from .bench import linear_4bit as bench
+
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(bench.DTYPES[dtype])
+    q, state = F.quantize_4bit(w, blocksize=bench.BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(m, k, device="cuda").to(bench.DTYPES[dtype])
+    return x, L._prepare(q, state), tritonbits.dequantize_4bit(q, state)
+
+
+def _linear_4bit_time(case: dict, config: dict, rep_ms: int) -> float:
+    """CUDA-graph median of one config; a config whose result leaves the K-aware policy is refused."""
+    from tritonbits.ops import linear_4bit as L
+
+    from .tolerance import assert_matmul
+
+    x, prepared, wd = _linear_4bit_operands(case["m"], case["k"], case["n"], case["dtype"])
+    out = L.forward_2d(x, prepared, None, config=config)
+    assert_matmul(out[:8], x[:8], wd)
+    return timing.bench_graph(functools.partial(L.forward_2d, x, prepared, None, config=config), rep=rep_ms)
+
+
+register(TunableOp(
+    name="linear_4bit",
+    description="path (gemv | gemm | dequant) and tile/split-K per x width and power-of-two M, N, K buckets",
+    cases=_linear_4bit_cases,
+    key=_linear_4bit_key,
+    candidates=lambda case: linear_4bit_candidates(
+        case["m"], case["n"], case["k"], torch.cuda.get_device_properties(0).multi_processor_count),
+    time=_linear_4bit_time,
+))  # fmt: skip
+
+
 # --- dequantize_4bit: the launch variants, printed (its tile choice is fixed in the kernel) -----------
 
 DEQUANTIZE_SHAPES = ((4096, 1024), (8192, 2048), (14336, 4096), (4096, 14336), (28672, 8192))

@@ -1,0 +1,630 @@
+"""The fused 4-bit linear: out = x @ dequant(W).T + bias, dequantizing inside the matmul.
+
+    w[n, k]   = to_wdtype(fl(code4[nibble(n*K + k)] * absmax[(n*K + k) // blocksize]))   (dequantize_4bit's value)
+    out[m, n] = to_xdtype(sum_k fl32(x[m, k] * w[n, k]) + bias[n])                      fp32 accumulation
+
+W is bnb's packed [N, K] weight (row-major, two codes per byte, high nibble first: docs/format.md), its quant
+state read through `quant_state.prepare` as dequantize_4bit reads it; the nested absmax is decoded in the kernel
+with bnb's two fp32 roundings, so every weight the kernel multiplies equals dequantize_4bit's output bit for bit.
+x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
+
+Three paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
+H100 gemv up to M=4 and dequant above, the gemm losing to dequantize + cuBLAS: see heuristic_config's NOTE):
+- "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
+  decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
+  K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
+  once at the end;
+- "gemm" (medium M): a [BLOCK_M, BLOCK_N] tile, the W tile dequantized inside the K loop and fed to tl.dot
+  (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
+- "dequant" (large M, or K not a multiple of the K tile): dequantize_4bit + torch.matmul (cuBLAS).
+Summation order (documented for the accuracy policy, tritonbits_harness.tolerance.MATMUL_FP32_ACC): inside a
+program, fp32 products added chunk by chunk in K order (gemv: per lane, then a tree sum across the K/2 lanes;
+gemm: tl.dot's order); with split-K, each split's fp32 partial goes to a workspace and a second kernel adds the
+partials in split order 0..S-1, then the bias, and rounds once. Deterministic: no atomics.
+Autograd: d x = grad @ dequant(W) (dequantize + matmul), d bias = grad summed over rows; W is frozen.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _runtime, configs, formats
+from .._launcher import CachedLauncher
+from .._triton_helpers import mul_add_rn, store_float
+from ..quant_state import PreparedWeight, QuantState, prepare, validate
+from . import dequantize_4bit as dq
+
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_W_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # W_DTYPE / DOT_DTYPE constexprs
+
+# NOTE: the nested absmax needs two fp32 roundings (mul_add_rn). On a GPU the kernels spell them in PTX and
+# keep fp fusion ON: with fusion off every `acc += w * x` would become a multiply and an add (twice the
+# instructions in the GEMV's inner loop). The interpreter has no inline PTX: fusion off there (no effect).
+USE_ASM_DEFAULT = not _runtime.INTERPRET
+
+
+@triton.jit
+def _round_weight(w, W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """fp32 -> W's dtype -> fp32 (exact): the value dequantize_4bit stores. MANUAL_BF16: integer round to
+    nearest even (the interpreter truncates, sm75 has no conversion)."""
+    if W_DTYPE == 1:
+        return w.to(tl.float16).to(tl.float32)
+    elif W_DTYPE == 2:
+        if MANUAL_BF16:
+            bits = w.to(tl.uint32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return tl.where(w != w, w, rounded.to(tl.float32, bitcast=True))
+        else:
+            return w.to(tl.bfloat16).to(tl.float32)
+    else:
+        return w
+
+
+@triton.jit
+def _decode(packed, table_ptr, PAIR: tl.constexpr):
+    """(code[high nibble], code[low nibble]) as fp32. PAIR: table_ptr is the 256-entry int64 pair table (one
+    8-byte gather per byte: low word = code[hi], high word = code[lo]); else the 16-entry fp32 code table."""
+    if PAIR:
+        v = tl.load(table_ptr + packed.to(tl.int32))
+        hi = v.to(tl.int32).to(tl.float32, bitcast=True)
+        lo = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        return hi, lo
+    else:
+        hi = tl.load(table_ptr + (packed >> 4).to(tl.int32))
+        lo = tl.load(table_ptr + (packed & 0xF).to(tl.int32))
+        return hi, lo
+
+
+@triton.jit
+def _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, mask,
+                BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
+    """The fp32 absmax of blocks `qblock` (nested: fl(fl(code2[q] * absmax2) + offset), as bnb rounds it)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + qblock, mask=mask, other=0).to(tl.int32)
+        c2 = tl.load(code2_ptr + q)
+        a2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=mask, other=0.0)
+        return mul_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM)
+    else:
+        return tl.load(absmax_ptr + qblock, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequant_chunk(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_base, row_ok, kb0,
+                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
+                   MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr, PAIR: tl.constexpr, NB: tl.constexpr,
+                   CB: tl.constexpr):  # fmt: skip
+    """W[rows, k0 : k0 + 2*NB*CB] as (even columns, odd columns), each [BLOCK_N, NB, CB] fp32 holding W's dtype
+    values: NB sub-chunks of CB packed bytes, each inside one quantization block (one absmax per row and
+    sub-chunk). row_base: each row's first byte (int64); kb0: the chunk's first byte in the row, so column
+    2*(kb0 + b*CB + j) (+1 for odd) sits at [:, b, j]."""
+    b = tl.arange(0, NB)
+    j = tl.arange(0, CB)
+    first = row_base + kb0  # [BLOCK_N]
+    byte = first[:, None, None] + (b * CB)[None, :, None] + j[None, None, :]
+    packed = tl.load(packed_ptr + byte, mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")
+    qblock = (first[:, None] + (b * CB)[None, :]) // (BLOCKSIZE // 2)
+    absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[:, None], BLOCKSIZE2,
+                         NESTED, USE_ASM)  # fmt: skip
+    hi, lo = _decode(packed, table_ptr, PAIR)
+    w_even = _round_weight(hi * absmax[:, :, None], W_DTYPE, MANUAL_BF16)
+    w_odd = _round_weight(lo * absmax[:, :, None], W_DTYPE, MANUAL_BF16)
+    return w_even, w_odd
+
+
+@triton.jit
+def _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om,
+                HAS_BIAS: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+    """SPLIT: this split's fp32 partial into the workspace [S, M, N]; else + bias, rounded once, into out
+    (OUT_MANUAL_BF16: out is the int16 view of a bf16 tensor, rounded with integer ops)."""
+    mask = (ms < M)[:, None] & (rows < N)[None, :]
+    if SPLIT:
+        offs = (pid_k.to(tl.int64) * M + ms.to(tl.int64)[:, None]) * N + rows[None, :]
+        tl.store(out_ptr + offs, total, mask=mask)
+    else:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        store_float(out_ptr + ms.to(tl.int64)[:, None] * stride_om + rows[None, :], total, mask, OUT_MANUAL_BF16, "")
+
+
+@triton.jit
+def _linear_4bit_gemv_kernel(
+    x_ptr, packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
+    M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+    PAIR: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (m, n, s): out rows ms = m*BLOCK_M.., W rows n*BLOCK_N.., K range [s*k_per_split, ...).
+    Each packed byte of the range is loaded once per program; acc[BLOCK_M, BLOCK_N, NB, CB] += w * x
+    elementwise (even and odd columns), summed over its last two axes once at the end. A K chunk of BLOCK_K
+    columns is NB sub-chunks of CB bytes, each inside one quantization block."""
+    CB: tl.constexpr = min(BLOCK_K, BLOCKSIZE) // 2
+    NB: tl.constexpr = BLOCK_K // (2 * CB)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_base = rows.to(tl.int64) * K_BYTES
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + ms.to(tl.int64)[:, None, None] * stride_xm
+    m_ok = (ms < M)[:, None, None]
+    col2 = 2 * ((tl.arange(0, NB) * CB)[:, None] + tl.arange(0, CB)[None, :])  # [NB, CB]: even column offsets
+    kb_lo = pid_k * split_bytes
+    kb_hi = tl.minimum(kb_lo + split_bytes, K_BYTES)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, NB, CB), dtype=tl.float32)
+    for kb0 in range(kb_lo, kb_hi, BLOCK_K // 2):
+        kb0 = tl.multiple_of(kb0, BLOCK_K // 2)
+        w_even, w_odd = _dequant_chunk(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                                       row_base, row_ok, kb0, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, MANUAL_BF16,
+                                       USE_ASM, PAIR, NB, CB)  # fmt: skip
+        kk = (2 * kb0 + col2).to(tl.int64)[None, :, :] * stride_xk
+        x_even = tl.load(x_rows + kk, mask=m_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_rows + kk + stride_xk, mask=m_ok, other=0.0).to(tl.float32)
+        # NOTE: two statements, two FMAs per byte (one expression compiled to mul + fma + add: 96 mul.f32, 32 fma,
+        # 32 add per 32 bytes in the PTX of the bm=1, bn=64, bk=256 loop)
+        acc += w_even[None, :, :, :] * x_even[:, None, :, :]
+        acc += w_odd[None, :, :, :] * x_odd[:, None, :, :]
+    total = tl.sum(tl.sum(acc, axis=3), axis=2)
+    _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
+
+
+@triton.jit
+def _linear_4bit_gemm_kernel(
+    x_ptr, packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
+    M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+    PAIR: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (m, n, s): a [BLOCK_M, BLOCK_N] tile over K range s. Per K chunk (inside one quantization
+    block) the W tile is loaded K-major ([BLOCK_K/2 bytes, BLOCK_N]), decoded in registers into its even and
+    odd columns, and multiplied as two dots, x[:, even] @ W_even^T + x[:, odd] @ W_odd^T (no interleave, no
+    transpose); fp32 accumulator. DOT_DTYPE: 1/2 = fp16/bf16 operands (x and W of that dtype: exact), 0 = fp32
+    "ieee"."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_base = rows.to(tl.int64) * K_BYTES
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
+    m_ok = (ms < M)[:, None]
+    j = tl.arange(0, BLOCK_K // 2)
+    kb_lo = pid_k * split_bytes
+    kb_hi = tl.minimum(kb_lo + split_bytes, K_BYTES)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb0 in range(kb_lo, kb_hi, BLOCK_K // 2):
+        kb0 = tl.multiple_of(kb0, BLOCK_K // 2)
+        first = row_base + kb0
+        packed = tl.load(packed_ptr + first[None, :] + j[:, None], mask=row_ok[None, :], other=0,
+                         eviction_policy="evict_first")  # fmt: skip
+        absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // (BLOCKSIZE // 2), row_ok,
+                             BLOCKSIZE2, NESTED, USE_ASM)  # fmt: skip
+        hi, lo = _decode(packed, table_ptr, PAIR)
+        w_even = _round_weight(hi * absmax[None, :], W_DTYPE, MANUAL_BF16)  # [BLOCK_K/2, BLOCK_N]
+        w_odd = _round_weight(lo * absmax[None, :], W_DTYPE, MANUAL_BF16)
+        kk = (2 * (kb0 + j)).to(tl.int64)[None, :] * stride_xk
+        x_even = tl.load(x_rows + kk, mask=m_ok, other=0.0)
+        x_odd = tl.load(x_rows + kk + stride_xk, mask=m_ok, other=0.0)
+        if DOT_DTYPE == 1:
+            acc = tl.dot(x_even.to(tl.float16), w_even.to(tl.float16), acc)
+            acc = tl.dot(x_odd.to(tl.float16), w_odd.to(tl.float16), acc)
+        elif DOT_DTYPE == 2:
+            acc = tl.dot(x_even.to(tl.bfloat16), w_even.to(tl.bfloat16), acc)
+            acc = tl.dot(x_odd.to(tl.bfloat16), w_odd.to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(x_even.to(tl.float32), w_even, acc, input_precision="ieee")
+            acc = tl.dot(x_odd.to(tl.float32), w_odd, acc, input_precision="ieee")
+    _store_tile(acc, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """out[m, n] = round(sum_{s=0..S-1} ws[s, m, n] (in split order) + bias[n]); out is contiguous [M, N]."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mn = (offs * 0 + M) * N  # int64; M and N may arrive as constants (Triton specializes == 1)
+    mask = offs < mn
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(ws_ptr + s * mn + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    store_float(out_ptr + offs, total, mask, MANUAL_BF16, "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs: {"path", "bm", "bn", "bk", "split_k", "warps", "stages", "pair"} per GPU family and key.
+
+
+def bucket(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+M_BUCKET_MAX, N_BUCKET_MAX, K_BUCKET_MAX = 4096, 32768, 32768
+
+
+def config_key(x_dtype: torch.dtype, m: int, n: int, k: int) -> str:
+    """The table key (the tuner writes with it): x's width class and power-of-two buckets of M, N, K.
+    NOTE: fp16 and bf16 share entries (same bytes moved, same tensor-core rate); fp32 x has its own."""
+    width = "x32" if x_dtype == torch.float32 else "x16"
+    return f"{width}/m{min(bucket(m), M_BUCKET_MAX)}/n{min(bucket(n), N_BUCKET_MAX)}/k{min(bucket(k), K_BUCKET_MAX)}"
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(programs: int, k: int, bk: int, sms: int) -> int:
+    """Split K until the grid covers ~2 waves, keeping >= 4 K chunks per split."""
+    split = 1
+    while programs * split < 2 * sms and k // (bk * split * 2) >= 4:
+        split *= 2
+    return split
+
+
+# NOTE: H100 sweep (docs/gpu-runs/logs/20261123T0430Z-nvidia-h100-linear4bit-sweep.txt; bf16 x, nf4 nested bs64,
+# K=4096 N=14336, CUDA-graph medians): the gemv likes narrow row tiles and long K chunks, and the 16-entry code
+# table over the pair table: M=1 43.4 us at BLOCK_N=16 BLOCK_K=256 4 warps split 2 (16-entry), 50.0 us with the
+# pair table, 51.6-70.0 us at BLOCK_N 64-128. M=2 52.3 us (BLOCK_N=32, BLOCK_K=128, split 4), M=4 67.4 us
+# (BLOCK_N=128, BLOCK_K=64, 8 warps, split 8). The tl.dot gemm lost to dequantize_4bit + cuBLAS everywhere it ran:
+# M=8 179 us vs 100, M=16 193 vs 100, M=64 374 vs 98 (its dequantized W tile goes through shared memory element
+# by element: scalar st.shared.b16 per weight in the PTX); so above M=4 the default is "dequant".
+HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  # bm: (BLOCK_N, BLOCK_K, warps, split)
+
+
+def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
+    """For keys the GPU family's table lacks: the H100 sweep's best gemv tiles up to M=4 (split-K scaled to the
+    grid), dequantize + cuBLAS above (see the NOTE)."""
+    if m > 4:
+        return {"path": "dequant"}
+    bm = bucket(m)
+    bn, bk, warps, split = HEURISTIC_GEMV[bm]
+    split = min(split, _split_for(triton.cdiv(n, bn), k, bk, sms)) if bm == 1 else split
+    return {"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "pair": False,
+            "split_k": max(split, 1)}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)  # keyed by bucket: bounded by families x keys
+def _tuned(device: torch.device, key: str) -> dict | None:
+    return configs.lookup("linear_4bit", device, key)
+
+
+def config_for(device: torch.device, x_dtype: torch.dtype, m: int, n: int, k: int) -> dict:
+    """The tuned config of this problem's bucket on device's GPU family, else `heuristic_config`."""
+    return _tuned(device, config_key(x_dtype, m, n, k)) or heuristic_config(x_dtype, m, n, k, _sm_count(device))
+
+
+@functools.cache
+def pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """int64[256]: entry b holds the fp32 bits of code[b >> 4] in its low word and of code[b & 15] in its high
+    word (one 8-byte gather decodes a byte)."""
+    bits = formats.code_values(quant_type).to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    return (bits[b >> 4] | (bits[b & 15] << 32)).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch.
+
+
+MIN_BK = 32  # the gemm's dots are BLOCK_K/2 deep (tl.dot needs 16)
+
+
+def effective_bk(cfg: dict, blocksize: int, k: int) -> int:
+    """BLOCK_K for this weight: the config's, at most the blocksize for the gemm (one absmax per row chunk; the
+    gemv splits a chunk into per-block sub-chunks), halved until it divides K; 0 when nothing >= MIN_BK does."""
+    bk = min(cfg["bk"], blocksize) if cfg["path"] == "gemm" else cfg["bk"]
+    while k % bk and bk > MIN_BK:
+        bk //= 2
+    return bk if k % bk == 0 and bk >= MIN_BK else 0
+
+
+def fused_ok(cfg: dict, blocksize: int, k: int) -> bool:
+    """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemm config and a K chunk."""
+    return cfg.get("path") in ("gemv", "gemm") and effective_bk(cfg, blocksize, k) > 0
+
+
+def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
+    if x_dtype == w_dtype and x_dtype != torch.float32 and not _runtime.INTERPRET:
+        return _W_CODE[x_dtype]
+    return 0  # fp32 operands, exact products; the interpreter's dot has no bf16 arithmetic
+
+
+def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=None, use_asm: bool | None = None) -> None:
+    """Launch the gemv or gemm kernel (and the split-K reduction) on a validated x2 [M, K] and prepared weight.
+    kernel_wrap: torch.library.wrap_triton under a triton_op."""
+    m, k = x2.shape
+    state = w.state
+    n = state.shape[0]
+    if m == 0 or n == 0:
+        return
+    device = x2.device
+    use_asm = USE_ASM_DEFAULT if use_asm is None else use_asm
+    if use_asm and _runtime.INTERPRET:
+        raise ValueError("use_asm=True needs a GPU: the Triton interpreter cannot run inline PTX")
+    bk = effective_bk(cfg, state.blocksize, k)
+    bm, bn = cfg["bm"], cfg["bn"]
+    k_chunks = k // bk
+    split = max(1, min(cfg.get("split_k", 1), k_chunks))
+    k_per_split = triton.cdiv(k_chunks, split) * bk
+    split = triton.cdiv(k, k_per_split)
+    manual_bf16 = not _runtime.native_bf16_conversion(device)
+    out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
+    nested = w.code2 is not None
+    table = (
+        pair_table(state.quant_type, device) if cfg.get("pair", True) else formats.code_table(state.quant_type, device)
+    )
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=device) if split > 1 else None
+    dst = ws if ws is not None else (out.view(torch.int16) if out_bf16_manual else out)
+    dummy = w.absmax
+    args = (x2, w.A, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
+            w.offset if nested else dummy, bias if bias is not None else dummy, dst,
+            m, n, k // 2, x2.stride(0), x2.stride(1), out.stride(0), k_per_split // 2)  # fmt: skip
+    constexprs = {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
+                  "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
+                  "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
+                  "PAIR": bool(cfg.get("pair", True)), "SPLIT": ws is not None}  # fmt: skip
+    if cfg["path"] == "gemm":
+        fn = _linear_4bit_gemm_kernel
+        constexprs["DOT_DTYPE"] = _dot_dtype(x2.dtype, state.dtype)
+    else:
+        fn = _linear_4bit_gemv_kernel
+    constexprs.update({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk})
+    options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
+    if not use_asm:
+        options["enable_fp_fusion"] = False
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    if kernel_wrap is not None:
+        if not use_asm:
+            raise ValueError("a wrapped (triton_op) launch takes no compile options: it needs use_asm=True")
+        options.pop("enable_fp_fusion", None)
+        kernel_wrap(fn)[grid](*args, **constexprs, **options)
+    else:
+        _LAUNCHERS[fn](grid, args, constexprs, options, device)
+    if ws is not None:
+        block = 1024
+        r_args = (ws, bias if bias is not None else ws, out.view(torch.int16) if out_bf16_manual else out, m, n)
+        r_const = {"SPLIT_K": split, "HAS_BIAS": bias is not None, "MANUAL_BF16": out_bf16_manual, "BLOCK": block}
+        r_grid = (triton.cdiv(m * n, block), 1, 1)
+        if kernel_wrap is not None:
+            kernel_wrap(_splitk_reduce_kernel)[r_grid](*r_args, **r_const, num_warps=4)
+        else:
+            _LAUNCHERS[_splitk_reduce_kernel](r_grid, r_args, r_const, {"num_warps": 4}, device)
+
+
+_LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemm_kernel,
+                                                 _splitk_reduce_kernel)}  # fmt: skip
+
+
+def matmul_dequantized(x2: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 @ wd.T + bias in x's dtype with fp32 accumulation: cuBLAS in x's dtype when W has it (an exact
+    operand), else in fp32 (fp16 x with a bf16 W, say: neither converts exactly into the other)."""
+    if wd.dtype == x2.dtype and x2.device.type == "cuda":
+        return torch.nn.functional.linear(x2, wd, bias)
+    y = torch.nn.functional.linear(x2.float(), wd.float(), None if bias is None else bias.float())
+    return y.to(x2.dtype)
+
+
+def forward_2d(x2: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None, *, config: dict | None = None,
+               kernel_wrap=None) -> torch.Tensor:  # fmt: skip
+    """out [M, N] = x2 [M, K] @ dequant(W).T + bias on validated arguments; `config` overrides the table."""
+    m, k = x2.shape
+    state = w.state
+    n = state.shape[0]
+    cfg = config or config_for(x2.device, x2.dtype, m, n, k)
+    if fused_ok(cfg, state.blocksize, k):
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        launch_fused(x2, w, bias, out, cfg, kernel_wrap=kernel_wrap, use_asm=True if kernel_wrap else None)
+        return out
+    wd = torch.empty(tuple(state.shape), dtype=state.dtype, device=x2.device)
+    if wd.numel():
+        if kernel_wrap is not None:
+            dq.launch(w.A, w.absmax, w.code2, w.absmax2, w.offset, wd, state.blocksize, w.blocksize2,
+                      state.quant_type, use_asm=True, kernel=kernel_wrap(dq._dequantize_4bit_kernel))  # fmt: skip
+        else:
+            dq.launch_weight(w, wd)
+    return matmul_dequantized(x2, wd, bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_x_bias(x, bias, state: QuantState, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"x must have dtype float16, bfloat16 or float32, got {x.dtype}")
+    _runtime.check_device("x", x, device)
+    if len(state.shape) != 2:
+        raise ValueError(f"quant_state.shape must be 2-D [N, K] (out_features, in_features), got "
+                         f"{tuple(state.shape)}")  # fmt: skip
+    n, k = state.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must be K = {k} (the weight is [{n}, {k}])")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype}; it must have x's dtype {x.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        _runtime.check_device("bias", bias, device)
+
+
+def _prepare(weight: torch.Tensor, quant_state) -> PreparedWeight:
+    """quant_state.prepare, with the packed tensor called by this function's name for it."""
+    try:
+        return prepare(weight, quant_state)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        if message.startswith("A "):
+            raise type(exc)("weight" + message[1:]) from None
+        raise
+
+
+def _resolve(weight, quant_state):
+    if quant_state is None:
+        quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        raise ValueError("quant_state is required, unless weight is a bitsandbytes Params4bit that carries one")
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        raise ValueError("weight requires grad; linear_4bit's 4-bit weight is frozen (QLoRA trains adapters, "
+                         "not it): pass weight.detach() or a Params4bit with requires_grad=False")  # fmt: skip
+    if type(weight) is not torch.Tensor and isinstance(weight, torch.nn.Parameter):
+        weight = weight.data
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor (packed 4-bit) or a Params4bit, got {type(weight).__name__}")
+    return weight, quant_state
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd (eager): the 4-bit weight is frozen; grads for x and bias.
+
+
+def _grad_x(grad2: torch.Tensor, wd: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """grad [M, N] @ W [N, K] with fp32 accumulation, in x's dtype."""
+    if wd.dtype == grad2.dtype and grad2.device.type == "cuda":
+        return grad2 @ wd
+    return (grad2.float() @ wd.float()).to(x_dtype)
+
+
+class _Linear4bitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, w: PreparedWeight):
+        ctx.w = w
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        out = forward_2d(_flatten(x), w, bias)
+        return out.reshape(*x.shape[:-1], w.state.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.w
+        n = w.state.shape[0]
+        grad2 = grad.reshape(-1, n)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            wd = torch.empty(tuple(w.state.shape), dtype=w.state.dtype, device=grad.device)
+            dq.launch_weight(w, wd)
+            grad_x = _grad_x(grad2, wd, grad.dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad2.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration (torch.compile traces these; eager calls launch directly).
+
+
+def _weight_from_fields(A, absmax, code2, absmax2, offset, blocksize, blocksize2, quant_type, n, k, w_dtype):
+    state = QuantState(absmax=absmax, shape=torch.Size([n, k]), dtype=w_dtype, blocksize=blocksize,
+                       quant_type=quant_type)  # fmt: skip
+    return PreparedWeight(None, state, A, absmax, code2, absmax2, offset, blocksize2)
+
+
+@torch.library.custom_op("tritonbits::linear_4bit", mutates_args=())
+def _linear_4bit_op(
+    x: torch.Tensor, A: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor | None, absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None, bias: torch.Tensor | None, blocksize: int, blocksize2: int, quant_type: str,
+    n: int, k: int, w_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """x: [M, K] -> [M, N]. Fields as dequantize_4bit's op takes them."""
+    w = _weight_from_fields(A, absmax, code2, absmax2, offset, blocksize, blocksize2, quant_type, n, k, w_dtype)
+    return forward_2d(x, w, bias)
+
+
+@_linear_4bit_op.register_fake
+def _(x, A, absmax, code2, absmax2, offset, bias, blocksize, blocksize2, quant_type, n, k, w_dtype):
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.triton_op("tritonbits::linear_4bit_triton_op", mutates_args=())
+def _linear_4bit_triton_op(
+    x: torch.Tensor, A: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor | None, absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None, bias: torch.Tensor | None, blocksize: int, blocksize2: int, quant_type: str,
+    n: int, k: int, w_dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """The same on CUDA as a triton_op (Inductor launches the kernels; PTX keeps the nested absmax exact)."""
+    w = _weight_from_fields(A, absmax, code2, absmax2, offset, blocksize, blocksize2, quant_type, n, k, w_dtype)
+    return forward_2d(x, w, bias, kernel_wrap=torch.library.wrap_triton)
+
+
+def _setup_context(ctx, inputs, output):
+    x, A, absmax, code2, absmax2, offset, bias, blocksize, blocksize2, quant_type, n, k, w_dtype = inputs
+    ctx.save_for_backward(A, absmax, code2, absmax2, offset)
+    ctx.meta = (blocksize, blocksize2, quant_type, n, k, w_dtype, bias is not None, x.dtype)
+
+
+def _backward(ctx, grad):
+    A, absmax, code2, absmax2, offset = ctx.saved_tensors
+    blocksize, blocksize2, quant_type, n, k, w_dtype, has_bias, x_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        op = dq._dequantize_4bit_triton_op if grad.device.type == "cuda" else dq._dequantize_4bit_op
+        wd = op(A, absmax, code2, absmax2, offset, blocksize, blocksize2, quant_type, [n, k], w_dtype)
+        grad_x = _grad_x(grad, wd, x_dtype)
+    if has_bias and ctx.needs_input_grad[6]:
+        grad_bias = grad.float().sum(0).to(x_dtype)
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None, None, None
+
+
+_linear_4bit_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_4bit_triton_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compiled_call(x, weight, quant_state, bias) -> torch.Tensor:
+    """Under torch.compile: validate on the traced values (no cache), then call a registered op."""
+    state = QuantState.from_any(quant_state)
+    try:
+        device = validate(weight, state)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        if message.startswith("A "):
+            raise type(exc)("weight" + message[1:]) from None
+        raise
+    _check_x_bias(x, bias, state, device)
+    w = PreparedWeight.build(weight, state)
+    n, k = state.shape
+    op = _linear_4bit_triton_op if x.device.type == "cuda" else _linear_4bit_op
+    out = op(_flatten(x), w.A, w.absmax, w.code2, w.absmax2, w.offset, bias, state.blocksize, w.blocksize2,
+             state.quant_type, n, k, state.dtype)  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def linear_4bit(x: torch.Tensor, weight, quant_state=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize_4bit(weight, quant_state).T + bias`` (F.linear's convention), fused.
+
+    x: [..., K] float16, bfloat16 or float32, any strides; the result is [..., N] in x's dtype, accumulated in
+    fp32 (the weight values are exactly dequantize_4bit's). weight: the packed 4-bit tensor (uint8 or a
+    quant_storage dtype) or a bnb ``Params4bit`` (then ``quant_state`` defaults to its ``.quant_state``);
+    quant_state.shape is [N, K]. bias: [N] in x's dtype, or None. Differentiable w.r.t. x and bias; the
+    weight is frozen (one that requires grad is refused).
+
+    >>> y = tritonbits.linear_4bit(x, layer.weight, bias=layer.bias)      # a bnb Linear4bit
+    """
+    weight, quant_state = _resolve(weight, quant_state)
+    if torch.compiler.is_compiling():
+        return _compiled_call(x, weight, quant_state, bias)
+    w = _prepare(weight, quant_state)
+    _check_x_bias(x, bias, w.state, weight.device)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return _Linear4bitFunction.apply(x, bias, w)
+    out = forward_2d(_flatten(x), w, bias)
+    return out.reshape(*x.shape[:-1], w.state.shape[0])

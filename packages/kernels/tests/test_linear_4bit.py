@@ -1,0 +1,434 @@
+"""tritonbits.linear_4bit: x @ dequant(W).T + bias against the float64 product of the exact dequantized weight
+(bnb's on CUDA, the numpy oracle's under the interpreter), under the K-aware fp32-accumulation policy."""
+
+import pytest
+import torch
+
+import tritonbits
+import tritonbits_reference as R
+from tritonbits import configs
+from tritonbits.ops import linear_4bit as L
+from tritonbits_harness.tolerance import assert_exact, assert_matmul
+from tritonbits_reference.dequantize_4bit import dequantize_4bit_float32
+
+N, K = 48, 256  # small: every CPU case runs through the interpreter
+MS = (1, 3, 16, 33)
+FORCED = {
+    "gemv": {"path": "gemv", "bm": 4, "bn": 16, "bk": 128, "split_k": 1, "pair": True},
+    "gemv-split3-table16": {"path": "gemv", "bm": 2, "bn": 32, "bk": 64, "split_k": 3, "pair": False},
+    "gemm": {"path": "gemm", "bm": 16, "bn": 32, "bk": 64, "split_k": 1, "pair": True},
+    "gemm-split2": {"path": "gemm", "bm": 16, "bn": 16, "bk": 32, "split_k": 2, "pair": False},
+    "dequant": {"path": "dequant"},
+}
+
+
+def weight_of(shape, dtype, gen, quantize, *, blocksize=64, quant_type="nf4", nested=True, **kwargs):
+    w = (torch.randn(shape, generator=gen) * 0.5).to(dtype)
+    return quantize(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested, **kwargs)
+
+
+def exact_weight(q, state, bnb_dequantize):
+    """The [N, K] weight every path must multiply: bnb's dequantization on CUDA, the oracle's on CPU."""
+    return bnb_dequantize(q, state).reshape(tuple(state.shape))
+
+
+def fresh_x(shape, dtype, gen, device):
+    return torch.randn(shape, generator=gen).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("quant_type", R.QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_matches_the_exact_weight_product(blocksize, quant_type, nested, out_dtype, device, gen, quantize,
+                                          bnb_dequantize):  # fmt: skip
+    """Default path choice (the table or the heuristic) at every M, with and without bias."""
+    q, state = weight_of((N, K), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
+    w = exact_weight(q, state, bnb_dequantize)
+    for m in MS:
+        x = fresh_x((m, K), out_dtype, gen, device)
+        bias = fresh_x((N,), out_dtype, gen, device) if m % 2 else None
+        out = tritonbits.linear_4bit(x, q, state, bias)
+        assert out.dtype == out_dtype and out.shape == (m, N)
+        assert_matmul(out, x, w, bias)
+
+
+@pytest.mark.parametrize("path", FORCED)
+def test_every_path_and_split(path, out_dtype, device, gen, quantize, bnb_dequantize):
+    """Each kernel path, forced through a config, split-K included (3 splits of 4 chunks: a short last one)."""
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    w = exact_weight(q, state, bnb_dequantize)
+    prepared = L._prepare(q, state)
+    for m in {"gemv": (1, 5), "dequant": (33,)}.get(path.split("-")[0], (5, 33)):
+        x = fresh_x((m, K), out_dtype, gen, device)
+        bias = fresh_x((N,), out_dtype, gen, device)
+        assert_matmul(L.forward_2d(x, prepared, bias, config=FORCED[path]), x, w, bias)
+        assert_matmul(L.forward_2d(x, prepared, None, config=FORCED[path]), x, w)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_x_dtype_differs_from_the_weight_dtype(x_dtype, out_dtype, device, gen, quantize, bnb_dequantize):
+    """Output in x's dtype; products exact in fp32 whatever the pair (fp16 x with a bf16 weight, say)."""
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    w = exact_weight(q, state, bnb_dequantize)
+    for m in (2, 17):
+        x = fresh_x((m, K), x_dtype, gen, device)
+        out = tritonbits.linear_4bit(x, q, state)
+        assert out.dtype == x_dtype
+        assert_matmul(out, x, w)
+
+
+@pytest.mark.parametrize("blocksize", [32, 256, 4096])
+def test_other_blocksizes_and_a_routed_k(blocksize, out_dtype, device, gen, quantize, bnb_dequantize):
+    """Blocksizes without a tuned path (chunks of min(BLOCK_K, blocksize)); K=200 is no multiple of any K
+    chunk: routed to dequantize + matmul; rows straddle quantization blocks in both."""
+    for k in (192, 200):
+        q, state = weight_of((24, k), out_dtype, gen, quantize, blocksize=blocksize)
+        w = exact_weight(q, state, bnb_dequantize)
+        for m in (1, 20):
+            x = fresh_x((m, k), out_dtype, gen, device)
+            assert_matmul(tritonbits.linear_4bit(x, q, state), x, w)
+
+
+def test_leading_dims_and_strided_x(out_dtype, device, gen, quantize, bnb_dequantize):
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    w = exact_weight(q, state, bnb_dequantize)
+    bias = fresh_x((N,), out_dtype, gen, device)
+    x3 = fresh_x((2, 3, K), out_dtype, gen, device)
+    out = tritonbits.linear_4bit(x3, q, state, bias)
+    assert out.shape == (2, 3, N)
+    assert_matmul(out.reshape(6, N), x3.reshape(6, K), w, bias)
+    wide = fresh_x((5, 2 * K), out_dtype, gen, device)
+    for x in (wide[:, ::2], fresh_x((K, 4), out_dtype, gen, device).t(), wide[:, K:]):
+        assert not x.is_contiguous() or x.storage_offset()
+        assert_matmul(tritonbits.linear_4bit(x, q, state, bias), x, w, bias)
+
+
+def test_empty_rows(out_dtype, device, gen, quantize):
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    out = tritonbits.linear_4bit(torch.empty(0, K, dtype=out_dtype, device=device), q, state)
+    assert out.shape == (0, N)
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32], ids=str)
+def test_quant_storage_dtypes(quant_storage, out_dtype, device, gen, quantize, bnb_dequantize):
+    q, state = weight_of((N, K), out_dtype, gen, quantize, quant_storage=quant_storage)
+    assert q.dtype == quant_storage
+    w = exact_weight(q, state, bnb_dequantize)
+    x = fresh_x((3, K), out_dtype, gen, device)
+    assert_matmul(tritonbits.linear_4bit(x, q, state), x, w)
+
+
+def test_params4bit_carries_its_quant_state(out_dtype, device, gen, bnb_dequantize):
+    from tritonbits_reference import bnb as RB
+
+    param = RB.params4bit(torch.randn(N, K, generator=gen).to(out_dtype), device=device)
+    w = exact_weight(param.data, param.quant_state, bnb_dequantize)
+    x = fresh_x((4, K), out_dtype, gen, device)
+    assert_matmul(tritonbits.linear_4bit(x, param), x, w)
+
+
+def test_reference_oracle_agrees(out_dtype, device, gen, quantize):
+    """The package oracle (fp32 x @ W.T + bias on CPU) is within the same policy as the kernel."""
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    x, bias = fresh_x((3, K), out_dtype, gen, device), fresh_x((N,), out_dtype, gen, device)
+    w = R.dequantized_weight(q, state)
+    assert_matmul(R.linear_4bit(x, q, state, bias), x.cpu().float(), w, bias)
+    got = tritonbits.linear_4bit(x, q, state, bias)
+    assert_matmul(got, x, w, bias)
+
+
+def test_the_policy_catches_an_unrounded_weight(gen, quantize, device):
+    """The weight must be rounded to its dtype before the product: fp32 code*absmax without that rounding is
+    outside the policy (so passing it is earned)."""
+    q, state = weight_of((N, K), torch.bfloat16, gen, quantize)
+    w = R.dequantized_weight(q, state)
+    unrounded = torch.from_numpy(dequantize_4bit_float32(q.cpu(), state)).reshape(N, K)
+    assert not torch.equal(unrounded, w.float())
+    x = torch.randn(8, K, generator=gen).to(torch.bfloat16)
+    wrong = (x.float() @ unrounded.T).to(torch.bfloat16)
+    with pytest.raises(AssertionError, match="outside its K-aware policy"):
+        assert_matmul(wrong, x, w)
+
+
+# --- autograd -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_grads_of_x_and_bias(with_bias, out_dtype, device, gen, quantize, bnb_dequantize):
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    w = exact_weight(q, state, bnb_dequantize)
+    x = fresh_x((2, 3, K), out_dtype, gen, device).requires_grad_()
+    bias = fresh_x((N,), out_dtype, gen, device).requires_grad_() if with_bias else None
+    out = tritonbits.linear_4bit(x, q, state, bias)
+    grad = fresh_x(out.shape, out_dtype, gen, device)
+    out.backward(grad)
+    g2 = grad.reshape(-1, N)
+    assert x.grad is not None and x.grad.shape == x.shape and x.grad.dtype == out_dtype
+    assert_matmul(x.grad.reshape(-1, K), g2, w.t())  # grad_x = grad @ W
+    if bias is not None:
+        assert bias.grad is not None
+        ones = torch.ones(1, g2.shape[0], dtype=out_dtype, device=device)
+        assert_matmul(bias.grad.reshape(1, N), ones, g2.t())  # grad_bias = 1^T @ grad
+
+
+def test_bias_only_grad_and_no_grad_mode(out_dtype, device, gen, quantize):
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    x = fresh_x((3, K), out_dtype, gen, device)
+    bias = fresh_x((N,), out_dtype, gen, device).requires_grad_()
+    tritonbits.linear_4bit(x, q, state, bias).sum().backward()
+    assert bias.grad is not None and x.grad is None
+    with torch.no_grad():
+        assert not tritonbits.linear_4bit(x, q, state, bias).requires_grad
+
+
+# --- registration: opcheck, torch.compile, CUDA graphs ---------------------------------------------------
+
+
+def _op_args(q, state, x, bias):
+    p = L._prepare(q, state)
+    s = p.state
+    return (x, p.A, p.absmax, p.code2, p.absmax2, p.offset, bias, s.blocksize, p.blocksize2, s.quant_type,
+            s.shape[0], s.shape[1], s.dtype)  # fmt: skip
+
+
+def test_opcheck(device, gen, quantize):
+    q, state = weight_of((32, 64), torch.float16, gen, quantize)
+    x = fresh_x((3, 64), torch.float16, gen, device).requires_grad_()
+    bias = fresh_x((32,), torch.float16, gen, device)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.tritonbits.linear_4bit.default, _op_args(q, state, x, bias), test_utils=tests)
+    if device.type == "cuda":
+        torch.library.opcheck(torch.ops.tritonbits.linear_4bit_triton_op.default, _op_args(q, state, x, bias))
+
+
+@pytest.mark.gpu
+def test_compiles_fullgraph_forward_and_backward(device, gen):
+    """A bnb Linear4bit pair inside torch.compile(fullgraph=True): the triton_op in the graph, values and grads
+    equal to eager within the policy."""
+    from tritonbits_reference import bnb as RB
+
+    layers = [RB.linear4bit(i, o, dtype=torch.bfloat16, bias=True, device=device, generator=gen)
+              for i, o in ((256, 512), (512, 256))]  # fmt: skip
+
+    def mlp(x):
+        for layer in layers:
+            x = tritonbits.linear_4bit(x, layer.weight, bias=layer.bias)
+        return x
+
+    targets: list[str] = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    x = torch.randn(8, 256, generator=gen).to(torch.bfloat16).to(device)
+    torch._dynamo.reset()
+    torch.compile(mlp, fullgraph=True, backend=record)(x)
+    assert sum("linear_4bit_triton_op" in t for t in targets) == 2, targets
+    torch._dynamo.reset()
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = mlp(xe), torch.compile(mlp, fullgraph=True)(xc)
+    torch.testing.assert_close(yc, ye)
+    grad = torch.randn_like(ye)
+    ye.backward(grad)
+    yc.backward(grad)
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture(device, gen, quantize):
+    """linear_4bit (split-K workspace included) captured and replayed in a CUDA graph equals eager."""
+    q, state = weight_of((4096, 1024), torch.bfloat16, gen, quantize)
+    for m in (1, 16, 300):
+        x = fresh_x((m, 1024), torch.bfloat16, gen, device)
+        want = tritonbits.linear_4bit(x, q, state)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = tritonbits.linear_4bit(x, q, state)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_exact(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 1024])
+def test_large_shapes(m, out_dtype, device, gen, quantize, bnb_dequantize):
+    """Tuned shapes (Llama-3-8B MLP), every path the table picks, against bnb's dequantized weight."""
+    for n, k in ((14336, 4096), (4096, 14336)):
+        q, state = weight_of((n, k), out_dtype, gen, quantize)
+        w = exact_weight(q, state, bnb_dequantize)
+        x = fresh_x((m, k), out_dtype, gen, device)
+        bias = fresh_x((n,), out_dtype, gen, device)
+        assert_matmul(tritonbits.linear_4bit(x, q, state, bias), x, w, bias)
+
+
+# --- configs -------------------------------------------------------------------------------------------
+
+
+def test_table_entries_are_reachable_and_valid():
+    """Every checked-in entry has a key the op's key function can produce and a launchable config."""
+    for family, entries in configs.table("linear_4bit").items():
+        for key, cfg in entries.items():
+            width, m, n, k = key.split("/")
+            assert width in ("x16", "x32"), (family, key)
+            dtype = torch.float32 if width == "x32" else torch.bfloat16
+            assert L.config_key(dtype, int(m[1:]), int(n[1:]), int(k[1:])) == key, (family, key)
+            assert cfg["path"] in ("gemv", "gemm", "dequant"), (family, key)
+            if cfg["path"] != "dequant":
+                assert {"bm", "bn", "bk", "split_k", "warps"} <= set(cfg), (family, key)
+                assert cfg["path"] == "gemv" or cfg["bm"] >= 16, (family, key)
+
+
+def test_heuristic_without_a_table(device):
+    for m in (1, 3, 4, 5, 16, 100, 256, 257, 4096):
+        cfg = L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132)
+        assert cfg["path"] == ("gemv" if m <= 4 else "dequant")
+    assert L.config_key(torch.float16, 3, 14336, 4096) == L.config_key(torch.bfloat16, 4, 16384, 4096)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def _bad_cases(device):
+    f16 = dict(dtype=torch.float16, device=device)
+    return {
+        "K mismatch": (lambda q, st: (torch.randn(2, K + 2, **f16), q, st, None), ValueError, "x has shape"),
+        "x 0-d": (lambda q, st: (torch.tensor(1.0, **f16), q, st, None), ValueError, "x has shape"),
+        "x dtype": (lambda q, st: (torch.ones(2, K, dtype=torch.int32, device=device), q, st, None), TypeError,
+                    "x must have dtype"),
+        "x type": (lambda q, st: ([[1.0] * K], q, st, None), TypeError, "x must be a torch.Tensor"),
+        "bias shape": (lambda q, st: (torch.randn(2, K, **f16), q, st, torch.randn(N + 1, **f16)), ValueError,
+                       "bias has shape"),
+        "bias dtype": (lambda q, st: (torch.randn(2, K, **f16), q, st, torch.randn(N, device=device)), TypeError,
+                       "bias has dtype"),
+        "bias type": (lambda q, st: (torch.randn(2, K, **f16), q, st, 1.0), TypeError, "bias must be"),
+        "missing quant_state": (lambda q, st: (torch.randn(2, K, **f16), q, None, None), ValueError,
+                                "quant_state is required"),
+        "weight requires grad": (lambda q, st: (torch.randn(2, K, **f16), torch.nn.Parameter(
+            torch.randn(N * K // 4, 1, device=device)), st, None), ValueError, "weight requires grad"),
+        "weight type": (lambda q, st: (torch.randn(2, K, **f16), q.tolist(), st, None), TypeError, "weight must be"),
+        "weight dtype": (lambda q, st: (torch.randn(2, K, **f16), q.to(torch.int64), st, None), TypeError,
+                         "weight"),
+        "weight size": (lambda q, st: (torch.randn(2, K, **f16), q[:-1], st, None), ValueError,
+                        "weight holds"),
+        "1-d quant_state": (lambda q, st: (torch.randn(2, K, **f16), q, _reshaped(st, [N * K]), None), ValueError,
+                            r"quant_state\.shape must be 2-D"),
+        "absmax dtype": (lambda q, st: (torch.randn(2, K, **f16), q, _with(st, absmax=st.absmax.float()), None),
+                         TypeError, r"quant_state\.absmax"),
+    }  # fmt: skip
+
+
+def _state(device):
+    w = torch.randn(N, K).to(torch.float16)
+    q, st = R.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    st = tritonbits.QuantState.from_any(st)
+    st.absmax, st.offset = st.absmax.to(device), st.offset.to(device)
+    st.state2.absmax, st.state2.code = st.state2.absmax.to(device), st.state2.code.to(device)
+    return q.to(device), st
+
+
+def _reshaped(st, shape):
+    import copy
+
+    st = copy.copy(st)
+    st.shape = torch.Size(shape)
+    return st
+
+
+def _with(st, **fields):
+    import copy
+
+    st = copy.copy(st)
+    for k, v in fields.items():
+        setattr(st, k, v)
+    return st
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(torch.device("cpu"))))
+def test_bad_input_is_refused(case, device):
+    q, st = _state(device)
+    make, error, match = _bad_cases(device)[case]
+    with pytest.raises(error, match=match):
+        tritonbits.linear_4bit(*make(q, st))
+
+
+@pytest.mark.gpu
+def test_device_mismatch_is_refused(device):
+    q, st = _state(device)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        tritonbits.linear_4bit(torch.randn(2, K, dtype=torch.float16), q, st)
+    with pytest.raises(ValueError, match="bias is on cpu"):
+        tritonbits.linear_4bit(torch.randn(2, K, dtype=torch.float16, device=device), q, st,
+                               torch.randn(N, dtype=torch.float16))  # fmt: skip
+
+
+# --- tritonbits.nn.Linear4bit -----------------------------------------------------------------------------
+
+
+def test_module_from_bnb_matches_the_function_and_bnb_weight(device, gen, bnb_dequantize):
+    from tritonbits_reference import bnb as RB
+
+    layer = RB.linear4bit(K, N, dtype=torch.bfloat16, bias=True, device=device, generator=gen)
+    module = tritonbits.nn.Linear4bit.from_bnb(layer)
+    x = fresh_x((2, 5, K), torch.bfloat16, gen, device)
+    out = module(x)
+    assert_exact(out, tritonbits.linear_4bit(x, layer.weight, bias=layer.bias))
+    w = exact_weight(layer.weight.data, layer.weight.quant_state, bnb_dequantize)
+    assert_matmul(out.reshape(-1, N), x.reshape(-1, K), w, layer.bias)
+
+
+def test_module_from_linear_quantizes_once(device, gen):
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16).to(device)
+    module = tritonbits.nn.Linear4bit.from_linear(linear, blocksize=128)
+    packed, state = tritonbits.quantize_4bit(linear.weight.detach(), blocksize=128, compress_statistics=True,
+                                             quant_type="nf4")  # fmt: skip
+    assert torch.equal(module.weight, packed)
+    x = fresh_x((3, K), torch.bfloat16, gen, device)
+    assert_exact(module(x), tritonbits.linear_4bit(x, packed, state, linear.bias.detach()))
+    with pytest.raises(TypeError, match="linear must be"):
+        tritonbits.nn.Linear4bit.from_linear(module)
+
+
+def test_module_state_dict_is_bnb_format(device, gen):
+    """Our state dict has bnb's keys and tensors; bnb's loads into a fresh module (and gives the same output);
+    ours round-trips; an empty module refuses to run."""
+    from tritonbits_reference import bnb as RB
+
+    layer = RB.linear4bit(K, N, dtype=torch.bfloat16, bias=True, device=device, generator=gen)
+    theirs = layer.state_dict()
+    ours = tritonbits.nn.Linear4bit.from_bnb(layer).state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key].cpu(), theirs[key].cpu()), key
+    fresh = tritonbits.nn.Linear4bit(K, N, dtype=torch.bfloat16, device=device)
+    x = fresh_x((4, K), torch.bfloat16, gen, device)
+    with pytest.raises(ValueError, match="no quant state"):
+        fresh(x)
+    fresh.load_state_dict(theirs)
+    assert_exact(fresh(x), tritonbits.linear_4bit(x, layer.weight, bias=layer.bias))
+    again = tritonbits.nn.Linear4bit(K, N, dtype=torch.bfloat16, device=device)
+    again.load_state_dict(fresh.state_dict())
+    assert_exact(again(x), fresh(x))
+    with pytest.raises(RuntimeError, match="quant_state"):
+        tritonbits.nn.Linear4bit(K, N, device=device).load_state_dict({"weight": theirs["weight"],
+                                                                       "bias": theirs["bias"]})  # fmt: skip
+
+
+def test_module_grads_and_frozen_weight(device, gen):
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16).to(device)
+    module = tritonbits.nn.Linear4bit.from_linear(linear)
+    assert [name for name, _ in module.named_parameters()] == ["bias"]
+    x = fresh_x((3, K), torch.bfloat16, gen, device).requires_grad_()
+    module(x).sum().backward()
+    assert x.grad is not None and module.bias.grad is not None
+
+
+@pytest.mark.gpu
+def test_module_moves_and_compiles(device, gen):
+    """.to() moves the quant state with the weight; torch.compile(fullgraph=True) of the module matches eager."""
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16)
+    module = tritonbits.nn.Linear4bit.from_linear(linear.to(device)).cpu().to(device)
+    assert module.quant_state is not None and module.quant_state.absmax.device.type == "cuda"
+    x = fresh_x((5, K), torch.bfloat16, gen, device)
+    torch._dynamo.reset()
+    assert_exact(torch.compile(module, fullgraph=True)(x), module(x))
