@@ -448,6 +448,52 @@ def summary(record: dict, console) -> None:
         console.print(f"[red]{phase} failed[/red]:\n{err}", markup=False)
 
 
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB" if b else "—"
+
+
+def _x(v) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def markdown_section(record: dict) -> list[str]:
+    """The report's section for an e2e record (docs/benchmarks.md)."""
+    e, c, r = record["environment"], record["config"], record["results"]
+    out = ["### End to end: tritonbits behind bitsandbytes (transformers + peft)", "",
+           f"Run: {e['device']}, torch {e['torch']}, triton {e['triton']}, bitsandbytes {e['bitsandbytes']}, "
+           f"transformers {record['versions'].get('transformers')}, peft {record['versions'].get('peft')}, "
+           f"git {e['git_sha']}, {e['date']}. Model: Llama, hidden {c['hidden_size']}, intermediate "
+           f"{c['intermediate_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']}/"
+           f"{c['num_key_value_heads']} heads, vocab {c['vocab_size']}; NF4 double-quantized, bf16 compute.", "",
+           "| figure | measured | target | met |", "|---|---|---|---|"]  # fmt: skip
+    for name, t in record["targets"].items():
+        met = {True: "yes", False: "no", None: "—"}[t["met"]]
+        out.append(f"| {name} | {_x(t['measured'])} | {'<=' if 'memory' in name else '>='} {t['target']}× | {met} |")
+    out.append("")
+    if "load" in r:
+        ld = r["load"]
+        out.append(f"- load: bnb {ld['bnb_s']:.2f} s, tritonbits {ld['tritonbits_s']:.2f} s; quantized tensors "
+                   f"differing: {len(ld['quantized_tensors_differing'])} of {ld['quantized_tensors']}")  # fmt: skip
+    for key, row in r.get("decode", {}).items():
+        if key.startswith("batch"):
+            bf16 = f", bf16 {row['bf16_tok_s']:.1f}" if "bf16_tok_s" in row else ""
+            out.append(f"- decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}{bf16} "
+                       f"tok/s; generated tokens equal: {row['tokens_equal']} (first divergence per row: "
+                       f"{row['first_divergence']})")  # fmt: skip
+    if "qlora" in r:
+        q = r["qlora"]
+        bnb, tb = q["bnb"], q["tritonbits"]
+        out.append(f"- QLoRA step (r=16, batch {q['batch']} x {q['seq']}): bnb {bnb['step_s_median'] * 1e3:.1f} ms "
+                   f"/ {_gib(bnb['peak_memory_bytes'])}, tritonbits {tb['step_s_median'] * 1e3:.1f} ms "
+                   f"/ {_gib(tb['peak_memory_bytes'])}; losses equal: {q['losses_equal']}")  # fmt: skip
+    for phase in record.get("errors", {}):
+        out.append(f"- phase {phase} failed (traceback in the record)")
+    for name, prof in record.get("profiles", {}).items():
+        top = ", ".join(f"{t['name']} {t['self_device_us'] / 1e3:.1f} ms" for t in prof["top"][:5])
+        out.append(f"- top ops, {name}: {top}")
+    return [*out, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
