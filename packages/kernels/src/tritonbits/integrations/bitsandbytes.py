@@ -106,10 +106,8 @@ class _Enabled:
 
     # -- bnb's own kernel for (op, device) ---------------------------------------------------------------
     def original(self, op: str, device: torch.device):
-        key = _KEYS[device.type]
-        kernel = self.originals[(op, key)]
-        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-        return functools.partial(kernel.call_boxed, keyset)  # type: ignore[attr-defined]
+        """bnb's kernel for `op` on `device`'s dispatch key, as it was before enable() (a boxed call)."""
+        return self.originals[(op, _KEYS[device.type])]
 
     def register(self, op: str, fn) -> None:
         qualname = f"bitsandbytes::{op}"
@@ -117,7 +115,9 @@ class _Enabled:
             key = _KEYS[device]
             if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(qualname, key):
                 continue  # bnb has no kernel for this device: nothing to serve or fall back to
-            self.originals[(op, key)] = torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, key)
+            kernel = torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, key)
+            keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+            self.originals[(op, key)] = functools.partial(kernel.call_boxed, keyset)  # type: ignore[attr-defined]
             torch.library.register_kernel(qualname, device, fn, lib=self.lib)
 
     def served(self, t: torch.Tensor) -> bool:
@@ -253,19 +253,25 @@ def _bnb_takes_fused_cuda(A: torch.Tensor, shapeB, blocksize: int) -> bool:
 
 def _op_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
                   absmax_offset=None):  # fmt: skip
+    cuda = A.device.type == "cuda"
+    linear = cuda and _has_linear_4bit()
+    # NOTE: checked first, before anything else costs host time: decode (small M) on CUDA is bnb's fused kernel
+    # until linear_4bit is merged, called directly as bnb's own gemm_4bit kernel does
+    if cuda and not linear and A.numel() and _bnb_takes_fused_cuda(A, shapeB, blocksize):
+        from bitsandbytes.backends.cuda import ops as cuda_ops
+
+        return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                                               absmax_code, absmax_offset)  # fmt: skip
     e = _require_active()
     ok = (A.numel() > 0 and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B) and len(shapeB) == 2
           and absmax.dtype == torch.float32 and absmax.is_contiguous()
           and (absmax_8bit is None or (absmax_8bit.dtype == torch.uint8 and absmax_8bit.is_contiguous()
                                        and absmax_code is not None and absmax_offset is not None)))  # fmt: skip
-    cuda = A.device.type == "cuda"
-    # where neither tritonbits path applies, bnb's fused kernel runs: linear_4bit not merged yet, and bnb
-    # itself would not dequantize
-    if not ok or (cuda and not _has_linear_4bit() and _bnb_takes_fused_cuda(A, shapeB, blocksize)):
+    if not ok:
         return e.original("gemm_4bit", A.device)(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                                  absmax_code, absmax_offset)  # fmt: skip
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
-    if cuda and _has_linear_4bit():
+    if linear:
         return tritonbits.linear_4bit(A, B.reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
     # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
     return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
