@@ -17,8 +17,8 @@ def results(load=4.0, b1=1.6, b1_bf16=1.1, b8=1.5, qlora=1.2, mem=(10, 10)):
                               "tokens_equal": False, "first_divergence": [3, None]}},
         "qlora": {"batch": 4, "seq": 512, "speedup": qlora, "peak_memory_ratio": mem[1] / mem[0],
                   "losses_equal": True,
-                  "bnb": {"step_s_median": 1.0, "peak_memory_bytes": mem[0]},
-                  "tritonbits": {"step_s_median": 1 / qlora, "peak_memory_bytes": mem[1]}},
+                  "bnb": {"step_s_median": 1.0, "peak_step_bytes": mem[0]},
+                  "tritonbits": {"step_s_median": 1 / qlora, "peak_step_bytes": mem[1]}},
     }  # fmt: skip
 
 

@@ -92,6 +92,20 @@ def _import_bnb():
 # What tritonbits serves. Everything here is called by the dispatcher with bnb's op arguments.
 
 
+def _get_kernel(qualname: str, key: str):
+    """The kernel the dispatcher runs now for (op, dispatch key): torch.library.get_kernel (its documented use:
+    keep the original, register another that calls it), or the same dispatcher query in a torch without it."""
+    get = getattr(torch.library, "get_kernel", None)
+    if get is not None:
+        return get(qualname, key)
+    query = getattr(torch._C, "_dispatch_get_computed_kernel_for_dispatch_key", None)
+    if query is None:
+        raise RuntimeError(f"torch {torch.__version__} cannot return a registered kernel (no "
+                           "torch.library.get_kernel), which tritonbits.integrations.bitsandbytes needs to fall back "
+                           "to bnb; upgrade torch")  # fmt: skip
+    return query(qualname, key)
+
+
 class _Enabled:
     """One enable(): the library fragment holding the overrides, bnb's kernels they fall back to, and the
     functional attributes replaced."""
@@ -115,7 +129,7 @@ class _Enabled:
             key = _KEYS[device]
             if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(qualname, key):
                 continue  # bnb has no kernel for this device: nothing to serve or fall back to
-            kernel = torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, key)
+            kernel = _get_kernel(qualname, key)
             keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
             self.originals[(op, key)] = functools.partial(kernel.call_boxed, keyset)  # type: ignore[attr-defined]
             torch.library.register_kernel(qualname, device, fn, lib=self.lib)
