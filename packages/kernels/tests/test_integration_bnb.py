@@ -4,6 +4,7 @@ the numpy oracle of bnb CUDA), bnb's matmul fallback bit for bit, linear_4bit wi
 end-to-end tiny Llama loaded through transformers' BitsAndBytesConfig equals bnb's logits, loss and LoRA grads."""
 
 import contextlib
+import gc
 import sys
 
 import pytest
@@ -376,6 +377,23 @@ def test_gemm_4bit_falls_back_on_what_tritonbits_refuses(served, calls, device, 
     assert calls.n["dequantize_4bit"] == calls.n["linear_4bit"] == 0
     tb_bnb.disable()
     assert_exact(got, torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs))
+
+
+def test_state_cache_follows_the_weight(integration, device, gen):
+    """One QuantState per layer's op arguments (tritonbits' prepared-weight cache then hits), released when
+    bnb's per-block scales tensor dies: a freed model leaves no entry (and no GPU memory) behind."""
+    x = weight(gen, device, torch.bfloat16)
+    q, s = F.quantize_4bit(x, quant_type="nf4")
+    e = tb_bnb._active
+    before = len(e.states)
+    absmax = s.absmax
+    first = torch.ops.bitsandbytes.dequantize_4bit(q, absmax, 64, "nf4", list(x.shape), torch.bfloat16)
+    again = torch.ops.bitsandbytes.dequantize_4bit(q, absmax, 64, "nf4", list(x.shape), torch.bfloat16)
+    assert len(e.states) == before + 1
+    assert_exact(again, first)
+    del absmax, s
+    gc.collect()
+    assert len(e.states) == before
 
 
 # --- end to end: a tiny Llama through transformers' BitsAndBytesConfig -----------------------------------------

@@ -35,6 +35,7 @@ import contextlib
 import functools
 import re
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -140,10 +141,11 @@ class _Enabled:
     # -- a QuantState per distinct set of op arguments -------------------------------------------------------
     def state(self, absmax, shape, dtype, blocksize, quant_type, absmax_8bit=None, absmax_code=None,
               absmax_offset=None, blocksize2: int = formats.NESTED_BLOCKSIZE) -> QuantState:  # fmt: skip
-        """The tritonbits QuantState for bnb's op arguments. One object per distinct argument set is kept
-        (bounded), so tritonbits' per-quant-state cache (validated arguments, bound launch) is reused by every
-        call of the same layer. A hit is sound: the kept state holds its tensors, so an equal address is the
-        same storage, and prepare() re-checks every field it validated."""
+        """The tritonbits QuantState for bnb's op arguments. One object per distinct argument set is kept, so
+        tritonbits' per-quant-state cache (validated arguments, bound launch) serves every call of the same
+        layer. The entry holds views of the tensors (their storage stays alive, so an equal address is the same
+        storage; prepare() re-checks every field it validated) and dies with the caller's per-block scales
+        tensor (bnb's quant_state.absmax): a freed model leaves nothing behind."""
         sig = (
             tuple(shape), dtype, blocksize, quant_type, blocksize2,
             *(_sig(t) for t in (absmax, absmax_8bit, absmax_code, absmax_offset)),
@@ -152,21 +154,25 @@ class _Enabled:
         if state is not None:
             return state
         if absmax_8bit is None:
-            state = QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+            state = QuantState(absmax=absmax.detach(), shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
                                quant_type=quant_type)  # fmt: skip
         else:
             state = QuantState(
-                absmax=absmax_8bit, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
-                quant_type=quant_type, offset=absmax_offset,
-                state2=NestedState(absmax=absmax, code=absmax_code, blocksize=blocksize2),
+                absmax=absmax_8bit.detach(), shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+                quant_type=quant_type, offset=absmax_offset.detach(),
+                state2=NestedState(absmax=absmax.detach(), code=absmax_code.detach(), blocksize=blocksize2),
             )  # fmt: skip
+        try:
+            weakref.finalize(absmax if absmax_8bit is None else absmax_8bit, self.states.pop, sig, None)
+        except TypeError:  # takes no weak reference: not cached
+            return state
         if len(self.states) >= _STATE_CACHE:
             self.states.pop(next(iter(self.states)))
         self.states[sig] = state
         return state
 
 
-# NOTE: a Llama-3-8B has 7 Linear4bit per layer x 32 layers = 224 weights; 4096 covers a few models at once.
+# NOTE: a bound besides the finalizers: a Llama-3-8B has 7 Linear4bit x 32 layers = 224 weights.
 _STATE_CACHE = 4096
 
 
