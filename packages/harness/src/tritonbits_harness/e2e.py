@@ -172,6 +172,30 @@ def time_generate(model, ids, new_tokens, device, repeats=2) -> tuple[float, tor
     return min(times), tokens
 
 
+@contextlib.contextmanager
+def _timed_quantize(device: torch.device):
+    """Time every bitsandbytes.functional.quantize_4bit call (whichever function is installed now: bnb's, or
+    tritonbits' when enabled), synchronized around each; yields [seconds, calls]."""
+    import bitsandbytes.functional as F
+
+    inner, spent = F.quantize_4bit, [0.0, 0]
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        _sync(device)
+        spent[0] += time.perf_counter() - t0
+        spent[1] += 1
+        return out
+
+    F.quantize_4bit = timed
+    try:
+        yield spent
+    finally:
+        F.quantize_4bit = inner
+
+
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> list[int | None]:
     """Per row, the index of the first differing generated token (None where the rows are equal)."""
     rows = []
@@ -290,6 +314,18 @@ class Run:
             "speedup": min(times["bnb"]) / min(times["tritonbits"]),
             "quantized_tensors": len(wb), "quantized_tensors_differing": differ,
         }  # fmt: skip
+        # where the load's time goes: one more load per mode with bnb.functional.quantize_4bit timed (synchronized
+        # around each call, so not part of the wall times above)
+        for mode in ("bnb", "tritonbits"):
+            with _mode(mode, self.devices), _timed_quantize(self.device) as spent:
+                model = load_4bit(path, self.device)
+            del model
+            _free()
+            self.results["load"][f"{mode}_quantize_s"] = spent[0]
+            self.results["load"][f"{mode}_quantize_calls"] = spent[1]
+            self.log(f"  load {mode}: {spent[0]:.3f} s inside quantize_4bit ({spent[1]} calls)")
+        self.results["load"]["quantize_speedup"] = (self.results["load"]["bnb_quantize_s"]
+                                                    / self.results["load"]["tritonbits_quantize_s"])  # fmt: skip
 
     def decode(self, path) -> None:
         a = self.args
@@ -436,8 +472,11 @@ def summary(record: dict, console) -> None:
     console.print(table)
     r = record["results"]
     if "load" in r:
-        console.print(f"load: bnb {r['load']['bnb_s']:.2f} s, tritonbits {r['load']['tritonbits_s']:.2f} s; "
-                      f"quantized tensors differing: {len(r['load']['quantized_tensors_differing'])}")  # fmt: skip
+        ld = r["load"]
+        console.print(f"load: bnb {ld['bnb_s']:.2f} s, tritonbits {ld['tritonbits_s']:.2f} s; inside quantize_4bit: "
+                      f"bnb {ld.get('bnb_quantize_s', float('nan')):.3f} s, tritonbits "
+                      f"{ld.get('tritonbits_quantize_s', float('nan')):.3f} s; quantized tensors differing: "
+                      f"{len(ld['quantized_tensors_differing'])}")  # fmt: skip
     for key, row in r.get("decode", {}).items():
         if key.startswith("batch"):
             console.print(f"decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}, "
@@ -479,8 +518,13 @@ def markdown_section(record: dict) -> list[str]:
     out.append("")
     if "load" in r:
         ld = r["load"]
-        out.append(f"- load: bnb {ld['bnb_s']:.2f} s, tritonbits {ld['tritonbits_s']:.2f} s; quantized tensors "
-                   f"differing: {len(ld['quantized_tensors_differing'])} of {ld['quantized_tensors']}")  # fmt: skip
+        quant = ""
+        if "tritonbits_quantize_s" in ld:
+            quant = (f"; inside quantize_4bit: bnb {ld['bnb_quantize_s']:.3f} s, "
+                     f"tritonbits {ld['tritonbits_quantize_s']:.3f} s")  # fmt: skip
+        out.append(f"- load: bnb {ld['bnb_s']:.2f} s, tritonbits {ld['tritonbits_s']:.2f} s{quant}; quantized "
+                   f"tensors differing: {len(ld['quantized_tensors_differing'])} of "
+                   f"{ld['quantized_tensors']}")  # fmt: skip
     for key, row in r.get("decode", {}).items():
         if key.startswith("batch"):
             bf16 = f", bf16 {row['bf16_tok_s']:.1f}" if "bf16_tok_s" in row else ""
