@@ -407,7 +407,13 @@ class Run:
         with tempfile.TemporaryDirectory(prefix="tritonbits-e2e-") as tmp:
             self.log(f"saving a random Llama ({self.cfg.num_hidden_layers} layers, hidden {self.cfg.hidden_size}, "
                      f"intermediate {self.cfg.intermediate_size}) to {tmp}")  # fmt: skip
-            save_random_model(self.cfg, tmp, seed=0, device=self.device)
+            try:  # random init on the GPU (seconds); the CPU if that fails (a minute or more)
+                save_random_model(self.cfg, tmp, seed=0, device=self.device)
+            except Exception as e:  # noqa: BLE001
+                self.errors["save_on_device"] = f"{type(e).__name__}: {e}"
+                self.log(f"[yellow]random init on {self.device} failed ({e}); on the CPU[/yellow]")
+                _free()
+                save_random_model(self.cfg, tmp, seed=0, device="cpu")
             _free()
             self.phase("load", lambda: self.load(tmp))
             if len(self.models) == 2:
