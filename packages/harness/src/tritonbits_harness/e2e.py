@@ -409,7 +409,7 @@ class Run:
                      f"intermediate {self.cfg.intermediate_size}) to {tmp}")  # fmt: skip
             try:  # random init on the GPU (seconds); the CPU if that fails (a minute or more)
                 save_random_model(self.cfg, tmp, seed=0, device=self.device)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.errors["save_on_device"] = f"{type(e).__name__}: {e}"
                 self.log(f"[yellow]random init on {self.device} failed ({e}); on the CPU[/yellow]")
                 _free()
