@@ -575,9 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-bnb", action="store_true", help="also profile bnb's QLoRA step")
     args = p.parse_args(argv)
     console = Console()
-    if args.tiny:
-        import os
+    import os
 
+    # no download: the model is built here; the GPU machine has no network (a hub lookup would hang or fail)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.tiny:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             console.print("--tiny runs on CPU tensors: set TRITON_INTERPRET=1")
             return 2
