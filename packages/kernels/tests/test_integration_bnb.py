@@ -152,6 +152,17 @@ def test_stale_reference_calls_bnb(served, calls, device, gen):
     assert calls.total() == 0
 
 
+def test_other_devices_stay_bnb(calls, gen):
+    """Enabled for CUDA only: CPU tensors are bnb's (its functions and kernels run)."""
+    x = weight(gen, torch.device("cpu"), torch.bfloat16)
+    tb_bnb.enable(("cuda",))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    F.dequantize_4bit(q, s)
+    torch.ops.bitsandbytes.dequantize_4bit(q, s.state2.absmax.new_ones(s.absmax.shape), 64, "nf4", list(x.shape),
+                                           torch.bfloat16)  # fmt: skip
+    assert calls.total() == 0
+
+
 @pytest.mark.parametrize("version", ["0.49.2", "0.51.0", "1.0.0"])
 def test_version_outside_tested_range(monkeypatch, served, version):
     monkeypatch.setattr(bnb, "__version__", version)
