@@ -18,8 +18,10 @@ path as three kernels (8-bit dequantize, add offset, 4-bit dequantize); loading 
 ``enable()`` registers tritonbits kernels for those ops on the chosen devices' dispatch keys in a private
 ``torch.library.Library`` fragment, and replaces ``bitsandbytes.functional.dequantize_4bit`` and
 ``quantize_4bit`` by functions that run tritonbits in one launch (two and a mean for the nested quantize).
-bnb's own kernel for each op and key is captured first (the dispatcher's computed kernel) and called for
-every case tritonbits does not serve. ``disable()`` destroys the fragment (the dispatcher goes back to bnb's
+bnb's own kernel for each op and key is captured first (``torch.library.get_kernel``) and called for every
+case tritonbits does not serve; where bnb's CUDA ``gemm_4bit`` would run its fused kernel (small M), that
+kernel is called directly (bnb's ``_gemm_4bit_kernel_impl``, behind the same heuristic bnb applies) until
+``tritonbits.linear_4bit`` exists. ``disable()`` destroys the fragment (the dispatcher goes back to bnb's
 registrations) and puts bnb's functions back. Served, and what falls back: docs/integrations.md.
 
 CPU: the "cpu" device is served only under the Triton interpreter (TRITON_INTERPRET=1), where tritonbits runs
