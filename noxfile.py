@@ -1,5 +1,5 @@
 """Every check and GPU job of tritonbits. `uv run nox` runs the CPU sessions; GPU sessions are named
-test-<gpu>-<dtype>, bench-<gpu>, tune-<gpu>, sanitize-<gpu> and run only when asked for.
+test-<gpu>-<dtype>, bench-<gpu>, tune-<gpu>, sanitize-<gpu>, e2e-<gpu> and run only when asked for.
 
 Every session also runs with `--no-venv` against an already installed torch/triton (an offline GPU
 machine): it then installs nothing and puts the three packages' src/ trees on PYTHONPATH.
@@ -88,11 +88,25 @@ present = [m for m in ("tritonbits_reference", "tritonbits_harness", "bitsandbyt
 sys.exit(f"kernels-alone venv must not contain {present}" if present else 0)
 """
 CHECK_NOT_IMPORTED = """
-import sys
+import importlib.util, sys
 import tritonbits
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in
                 ("tritonbits_reference", "tritonbits_harness", "bitsandbytes"))
-sys.exit(f"import tritonbits pulled in {leaked}" if leaked else print("tritonbits imports only torch/triton"))
+if "tritonbits.integrations.bitsandbytes" in sys.modules:
+    leaked.append("tritonbits.integrations.bitsandbytes")
+if leaked:
+    sys.exit(f"import tritonbits pulled in {leaked}")
+# the optional bnb integration is lazy: importing it imports no bitsandbytes, only enable() does
+import tritonbits.integrations.bitsandbytes as tb_bnb
+if "bitsandbytes" in sys.modules:
+    sys.exit("importing tritonbits.integrations.bitsandbytes imported bitsandbytes")
+if importlib.util.find_spec("bitsandbytes") is None:
+    try:
+        tb_bnb.enable()
+        sys.exit("enable() without bitsandbytes did not raise")
+    except ImportError as e:
+        assert "tritonbits[bnb]" in str(e), e
+print("tritonbits imports only torch/triton; the bnb integration imports bitsandbytes only when enabled")
 """
 
 
@@ -144,12 +158,26 @@ def _gpu_tune_session(gpu: str):
     return session_fn
 
 
+def _gpu_e2e_session(gpu: str):
+    @nox.session(name=f"e2e-{gpu}", default=False, tags=["gpu", gpu, "e2e"])
+    def session_fn(session: nox.Session) -> None:
+        env = workspace(session)
+        session.run(python(session), "-m", "tritonbits_harness.e2e", f"--gpu={gpu}", f"--record-dir={RECORDS}",
+                    *session.posargs, env=env)  # fmt: skip
+
+    session_fn.__doc__ = (f"tritonbits behind bitsandbytes end to end on a {gpu}: a Llama-3-8B-dims model through "
+                          "transformers + peft (load, generate, QLoRA step, profile); refuses another GPU unless "
+                          "-- --any-gpu.")  # fmt: skip
+    return session_fn
+
+
 for _gpu in GPUS:
     for _dtype in DTYPES:
         _gpu_test_session(_gpu, _dtype)
     _gpu_bench_session(_gpu)
     _gpu_tune_session(_gpu)
     _gpu_sanitize_session(_gpu)
+    _gpu_e2e_session(_gpu)
 
 
 @nox.session(name="bench-cpu")

@@ -29,7 +29,7 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
 
     A benchmark shows the newest of its most complete runs (a --quick run never hides a full sweep);
     every other run is listed with its summary."""
-    out: dict[str, dict] = defaultdict(lambda: {"bench": {}, "tests": {}, "runs": []})
+    out: dict[str, dict] = defaultdict(lambda: {"bench": {}, "tests": {}, "runs": [], "e2e": None})
     for rec in sorted(recs, key=lambda r: r["environment"]["date"]):
         dev = rec["environment"]["device"]
         if rec.get("meaningless"):
@@ -43,6 +43,8 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
                     out[dev]["bench"][name] = (rec, rows)
         elif rec["kind"] == "tests":
             out[dev]["tests"][rec["name"]] = rec
+        elif rec["kind"] == "e2e":  # the newest end-to-end run (tritonbits_harness.e2e)
+            out[dev]["e2e"] = rec
     return out
 
 
@@ -153,6 +155,10 @@ def render(record_dir: str, out_dir: str) -> Path:
             render_section = registered.section if registered and registered.section else generic_section
             lines += render_section(inp)
         lines += runs_section(data["runs"], bench)
+        if data["e2e"] is not None:
+            from . import e2e
+
+            lines += e2e.markdown_section(data["e2e"])
     path = out / "benchmarks.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

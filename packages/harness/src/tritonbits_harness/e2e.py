@@ -1,0 +1,611 @@
+"""End-to-end benchmark of tritonbits behind bitsandbytes (tritonbits.integrations.bitsandbytes) on a real
+model architecture: a Llama built from a ``LlamaConfig`` with Llama-3-8B layer dimensions (hidden 4096,
+intermediate 14336, 32 heads, 8 KV heads), a few layers and a small vocabulary, random weights saved with
+``save_pretrained`` to a temp dir and loaded back through transformers'
+``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=torch.bfloat16)``. Nothing is downloaded.
+
+Phases (each one's failure is caught into the record, the others still run):
+1. load: from_pretrained to the GPU (quantization happens there), bnb vs enabled, best of two each;
+   the quantized bytes of the two models compared;
+2. decode: greedy generate() of 128 new tokens at batch 1 and 8, tokens/s for bnb, enabled and the bf16 model;
+   the generated tokens of bnb vs enabled compared (first divergence per row);
+3. qlora: a QLoRA step (peft LoRA r=16 on all linear layers, bf16 adapters, AdamW, batch 4 x 512): step time,
+   peak memory and the losses, bnb vs enabled;
+4. profile: torch.profiler top ops of a short decode and of a QLoRA step, bnb and enabled.
+
+    python -m tritonbits_harness.e2e --gpu=h100 --record-dir=docs/gpu-runs     # what `nox -s e2e-h100` runs
+    TRITON_INTERPRET=1 python -m tritonbits_harness.e2e --tiny                  # the plumbing on CPU (no record)
+
+The tiny CPU version of this flow with exact assertions is packages/kernels/tests/test_integration_bnb.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+# Targets of issue 13 (H100): ratio = tritonbits-enabled speed / baseline speed.
+TARGETS = {
+    "load_speedup_vs_bnb": 3.0,
+    "decode_b1_speedup_vs_bnb": 1.5,
+    "decode_b1_speedup_vs_bf16": 1.2,
+    "decode_b8_speedup_vs_bnb": 1.5,
+    "qlora_step_speedup_vs_bnb": 1.1,
+}
+
+
+# --- building blocks (shared with the CPU test) -------------------------------------------------------------
+
+
+def llama_config(hidden=4096, intermediate=14336, layers=8, heads=32, kv_heads=8, vocab=32000, max_positions=2048):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=max_positions,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def save_random_model(cfg, path, seed: int = 0, device: str | torch.device = "cpu") -> None:
+    """A bf16 LlamaForCausalLM with random weights (transformers' init, std 0.02), saved to `path`."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    model.to(dtype=torch.bfloat16)  # type: ignore[call-arg]
+    model.save_pretrained(path)
+    del model
+
+
+def bnb_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+
+
+def load_4bit(path, device: str | torch.device):
+    from transformers import LlamaForCausalLM
+
+    device = torch.device(device)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=bnb_config(), device_map=device.type,
+                                             dtype=torch.bfloat16)  # fmt: skip
+    if device.type == "cpu":
+        # bnb's AVX512-BF16 CPU path repacks the weight into its own CPU layout at the first no-grad forward and
+        # then calls its CPU gemv, never the 4-bit ops: off, so that the CPU flow is the GPU's (gemm_4bit op)
+        import bitsandbytes as bnb
+
+        for mod in model.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                mod.support_avx512bf16_for_cpu = False
+    return model.eval()
+
+
+def load_bf16(path, device: str | torch.device):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, device_map=torch.device(device).type, dtype=torch.bfloat16).eval()
+
+
+def add_lora(model, r: int = 16, seed: int = 0):
+    """peft LoRA r on all linear layers, adapters in bf16 (the same initial values for a given seed)."""
+    import peft
+
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", bias="none",
+                          task_type="CAUSAL_LM")  # fmt: skip
+    lora = peft.get_peft_model(model, cfg)
+    for name, p in lora.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16)
+    lora.train()
+    return lora
+
+
+def quantized_weights(model) -> dict[str, torch.Tensor]:
+    """Every Linear4bit's quantized bytes: packed weight, absmax, and the nested state."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            qs = mod.weight.quant_state  # type: ignore[attr-defined]
+            name = name.removeprefix("base_model.model.")
+            out[f"{name}.weight"] = mod.weight.data
+            out[f"{name}.absmax"] = qs.absmax  # type: ignore[attr-defined]
+            if qs.nested:
+                out[f"{name}.state2.absmax"] = qs.state2.absmax
+                out[f"{name}.offset"] = qs.offset.reshape(())
+    return out
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _mode(name: str, devices: tuple[str, ...]):
+    import tritonbits.integrations.bitsandbytes as tb_bnb
+
+    return tb_bnb.enabled(devices) if name == "tritonbits" else contextlib.nullcontext()
+
+
+def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0,
+                             eos_token_id=None, temperature=None, top_p=None, top_k=None)  # fmt: skip
+    return out[:, ids.shape[1] :]
+
+
+def time_generate(model, ids, new_tokens, device, repeats=2) -> tuple[float, torch.Tensor]:
+    """(best seconds of `repeats` runs after a short warm-up, the generated tokens)."""
+    generate(model, ids, 4)
+    times, tokens = [], None
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens = generate(model, ids, new_tokens)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    assert tokens is not None
+    return min(times), tokens
+
+
+@contextlib.contextmanager
+def _timed_quantize(device: torch.device):
+    """Time every bitsandbytes.functional.quantize_4bit call (whichever function is installed now: bnb's, or
+    tritonbits' when enabled), synchronized around each; yields [seconds, calls]."""
+    import bitsandbytes.functional as F
+
+    inner, spent = F.quantize_4bit, [0.0, 0]
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        _sync(device)
+        spent[0] += time.perf_counter() - t0
+        spent[1] += 1
+        return out
+
+    F.quantize_4bit = timed
+    try:
+        yield spent
+    finally:
+        F.quantize_4bit = inner
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> list[int | None]:
+    """Per row, the index of the first differing generated token (None where the rows are equal)."""
+    rows = []
+    for ra, rb in zip(a.tolist(), b.tolist(), strict=True):
+        rows.append(next((i for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y), None))
+    return rows
+
+
+def qlora_steps(lora, batch: int, seq: int, steps: int, warmup: int, device, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = lora.config.vocab_size
+    data = [torch.randint(3, vocab, (batch, seq), generator=gen).to(device) for _ in range(warmup + steps)]
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+    losses, times = [], []
+    peak = resident = None
+    for i, ids in enumerate(data):
+        if i == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = lora(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach().float().item()))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    # peak_step_bytes: the steps' peak above what was resident before them (weights, adapters, optimizer state,
+    # and whatever else the process holds, e.g. the other mode's model): the figure compared between modes
+    return {"step_s_median": statistics.median(times), "step_s_all": times, "losses": losses,
+            "peak_memory_bytes": peak, "resident_bytes": resident,
+            "peak_step_bytes": None if peak is None or resident is None else peak - resident}  # fmt: skip
+
+
+def profile_table(fn, device, rows: int = 15) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    try:
+        table = averages.table(sort_by=key, row_limit=rows)
+    except (AttributeError, KeyError, ValueError):  # an older torch names the device column cuda
+        table = averages.table(sort_by=key.replace("device", "cuda"), row_limit=rows)
+    top = []
+    for evt in sorted(averages, key=lambda e: float(getattr(e, key, 0.0) or 0.0), reverse=True)[:rows]:
+        top.append({"name": evt.key, "count": evt.count,
+                    "self_device_us": float(getattr(evt, "self_device_time_total", 0.0) or 0.0),
+                    "self_cpu_us": float(evt.self_cpu_time_total)})  # fmt: skip
+    return {"sort": key, "table": table, "top": top}
+
+
+# --- the benchmark ------------------------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, args, console):
+        self.args = args
+        self.console = console
+        self.device = torch.device("cpu" if args.tiny else "cuda")
+        self.devices: tuple[str, ...] = ("cuda", "cpu") if args.tiny else ("cuda",)
+        self.results: dict = {}
+        self.errors: dict[str, str] = {}
+        self.t_start = time.perf_counter()
+
+    def log(self, msg: str) -> None:
+        self.console.print(f"[dim]{time.perf_counter() - self.t_start:7.1f}s[/dim] {msg}")
+
+    def phase(self, name: str, fn) -> None:
+        self.log(f"[bold]{name}[/bold]")
+        try:
+            fn()
+        except Exception as e:
+            self.errors[name] = "".join(traceback.format_exception(type(e), e, e.__traceback__))[-4000:]
+            self.console.print(f"[red]{name} failed:[/red] {type(e).__name__}: {e}")
+        finally:
+            _free()
+
+    # phases
+    def load(self, path) -> None:
+        import tritonbits.integrations.bitsandbytes as tb_bnb
+
+        tb_bnb.enable(self.devices)  # compile tritonbits' quantizers before timing (Triton's cache, first load)
+        side = 64 if self.args.tiny else 4096
+        warm = torch.randn(side, side, device=self.device, dtype=torch.bfloat16)
+        import bitsandbytes.functional as F
+
+        F.quantize_4bit(warm, quant_type="nf4", compress_statistics=True)
+        tb_bnb.disable()
+        F.quantize_4bit(warm, quant_type="nf4", compress_statistics=True)
+        del warm
+        times: dict[str, list[float]] = {"bnb": [], "tritonbits": []}
+        for _ in range(self.args.load_repeats):
+            for mode in ("bnb", "tritonbits"):
+                self.models.pop(mode, None)
+                _free()
+                with _mode(mode, self.devices):
+                    _sync(self.device)
+                    t0 = time.perf_counter()
+                    model = load_4bit(path, self.device)
+                    _sync(self.device)
+                    times[mode].append(time.perf_counter() - t0)
+                self.models[mode] = model
+                self.log(f"  load {mode}: {times[mode][-1]:.2f} s")
+        wb, wt = quantized_weights(self.models["bnb"]), quantized_weights(self.models["tritonbits"])
+        differ = [k for k in wb if not torch.equal(wb[k], wt[k])]
+        self.results["load"] = {
+            "bnb_s": min(times["bnb"]), "tritonbits_s": min(times["tritonbits"]), "all_s": times,
+            "speedup": min(times["bnb"]) / min(times["tritonbits"]),
+            "quantized_tensors": len(wb), "quantized_tensors_differing": differ,
+        }  # fmt: skip
+        # where the load's time goes: one more load per mode with bnb.functional.quantize_4bit timed (synchronized
+        # around each call, so not part of the wall times above)
+        for mode in ("bnb", "tritonbits"):
+            with _mode(mode, self.devices), _timed_quantize(self.device) as spent:
+                model = load_4bit(path, self.device)
+            del model
+            _free()
+            self.results["load"][f"{mode}_quantize_s"] = spent[0]
+            self.results["load"][f"{mode}_quantize_calls"] = spent[1]
+            self.log(f"  load {mode}: {spent[0]:.3f} s inside quantize_4bit ({spent[1]} calls)")
+        self.results["load"]["quantize_speedup"] = (self.results["load"]["bnb_quantize_s"]
+                                                    / self.results["load"]["tritonbits_quantize_s"])  # fmt: skip
+
+    def decode(self, path) -> None:
+        a = self.args
+        gen = torch.Generator().manual_seed(1)
+        out: dict = {"new_tokens": a.new_tokens, "prompt_len": a.prompt_len}
+        tokens: dict = {}
+        for batch in a.batches:
+            ids = torch.randint(3, self.cfg.vocab_size, (batch, a.prompt_len), generator=gen).to(self.device)
+            row: dict = {}
+            for mode in ("bnb", "tritonbits"):
+                with _mode(mode, self.devices):
+                    s, tokens[mode, batch] = time_generate(self.models[mode], ids, a.new_tokens, self.device)
+                row[f"{mode}_tok_s"] = batch * a.new_tokens / s
+                self.log(f"  decode batch {batch} {mode}: {row[f'{mode}_tok_s']:.1f} tok/s")
+            div = first_divergence(tokens["bnb", batch], tokens["tritonbits", batch])
+            row["first_divergence"] = div
+            row["tokens_equal"] = all(d is None for d in div)
+            row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
+            out[f"batch{batch}"] = row
+            self.decode_ids = getattr(self, "decode_ids", {}) | {batch: ids}
+        self.results["decode"] = out
+        if a.bf16:
+            model = load_bf16(path, self.device)
+            try:
+                for batch in a.batches:
+                    s, _ = time_generate(model, self.decode_ids[batch], a.new_tokens, self.device)
+                    row = out[f"batch{batch}"]
+                    row["bf16_tok_s"] = batch * a.new_tokens / s
+                    row["speedup_vs_bf16"] = row["tritonbits_tok_s"] / row["bf16_tok_s"]
+                    self.log(f"  decode batch {batch} bf16: {row['bf16_tok_s']:.1f} tok/s")
+            finally:
+                del model
+
+    def qlora(self) -> None:
+        try:
+            import peft  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(
+                f"peft is not installed here ({e}): the QLoRA phase needs it (carry a peft wheel)"
+            ) from e
+        a = self.args
+        out: dict = {"r": 16, "batch": a.qlora_batch, "seq": a.qlora_seq, "steps": a.qlora_steps}
+        for mode in ("bnb", "tritonbits"):
+            model = self.models.pop(mode)
+            with _mode(mode, self.devices):
+                lora = add_lora(model, r=16, seed=0)
+                out[mode] = qlora_steps(lora, a.qlora_batch, a.qlora_seq, a.qlora_steps, a.qlora_warmup, self.device)
+                if a.profile and (mode == "tritonbits" or a.profile_bnb):
+                    ids = torch.randint(3, 100, (a.qlora_batch, a.qlora_seq), device=self.device)
+                    self.profiles[f"qlora_step_{mode}"] = profile_table(
+                        lambda lora=lora, ids=ids: lora(input_ids=ids, labels=ids).loss.backward(), self.device
+                    )
+            r = out[mode]
+            self.log(f"  qlora {mode}: {r['step_s_median'] * 1e3:.1f} ms/step, "
+                     f"step peak {_gib(r['peak_step_bytes'])} above {_gib(r['resident_bytes'])} resident, "
+                     f"losses {r['losses']}")  # fmt: skip
+            del lora, model
+            _free()
+        out["speedup"] = out["bnb"]["step_s_median"] / out["tritonbits"]["step_s_median"]
+        out["losses_equal"] = out["bnb"]["losses"] == out["tritonbits"]["losses"]
+        pb, pt = out["bnb"]["peak_step_bytes"], out["tritonbits"]["peak_step_bytes"]
+        out["peak_memory_ratio"] = (pt / pb) if pb and pt else None
+        self.results["qlora"] = out
+
+    def profile_decode(self) -> None:
+        ids = self.decode_ids[1]
+        for mode in ("bnb", "tritonbits"):
+            with _mode(mode, self.devices):
+                self.profiles[f"decode_b1_{mode}"] = profile_table(
+                    lambda mode=mode: generate(self.models[mode], ids, 16), self.device
+                )
+
+    def main(self) -> dict:
+        a = self.args
+        self.models: dict = {}
+        self.profiles: dict = {}
+        self.cfg = (llama_config(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=128) if a.tiny
+                    else llama_config(layers=a.layers, vocab=a.vocab))  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="tritonbits-e2e-") as tmp:
+            self.log(f"saving a random Llama ({self.cfg.num_hidden_layers} layers, hidden {self.cfg.hidden_size}, "
+                     f"intermediate {self.cfg.intermediate_size}) to {tmp}")  # fmt: skip
+            try:  # random init on the GPU (seconds); the CPU if that fails (a minute or more)
+                save_random_model(self.cfg, tmp, seed=0, device=self.device)
+            except Exception as e:
+                self.errors["save_on_device"] = f"{type(e).__name__}: {e}"
+                self.log(f"[yellow]random init on {self.device} failed ({e}); on the CPU[/yellow]")
+                _free()
+                save_random_model(self.cfg, tmp, seed=0, device="cpu")
+            _free()
+            self.phase("load", lambda: self.load(tmp))
+            if len(self.models) == 2:
+                self.phase("decode", lambda: self.decode(tmp))
+                if a.profile:
+                    self.phase("profile_decode", self.profile_decode)
+                if a.qlora_steps:
+                    self.phase("qlora", self.qlora)
+        self.models.clear()
+        return {
+            "config": {k: getattr(self.cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                          "num_attention_heads", "num_key_value_heads", "vocab_size")},
+            "args": {k: v for k, v in vars(a).items() if k != "record_dir"},
+            "versions": _versions(),
+            "results": self.results,
+            "targets": judge(self.results),
+            "profiles": self.profiles,
+            "errors": self.errors,
+            "wall_s": time.perf_counter() - self.t_start,
+        }  # fmt: skip
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def judge(results: dict) -> dict:
+    """Each target with its measured figure and whether it is met (None: not measured)."""
+    load, dec, ql = results.get("load", {}), results.get("decode", {}), results.get("qlora", {})
+    b1, b8 = dec.get("batch1", {}), dec.get("batch8", {})
+    figures = {
+        "load_speedup_vs_bnb": load.get("speedup"),
+        "decode_b1_speedup_vs_bnb": b1.get("speedup_vs_bnb"),
+        "decode_b1_speedup_vs_bf16": b1.get("speedup_vs_bf16"),
+        "decode_b8_speedup_vs_bnb": b8.get("speedup_vs_bnb"),
+        "qlora_step_speedup_vs_bnb": ql.get("speedup"),
+    }
+    out = {k: {"target": TARGETS[k], "measured": v, "met": None if v is None else v >= TARGETS[k]}
+           for k, v in figures.items()}  # fmt: skip
+    ratio = ql.get("peak_memory_ratio")
+    out["qlora_peak_memory_vs_bnb"] = {"target": 1.0, "measured": ratio, "met": None if ratio is None else ratio <= 1.0}
+    return out
+
+
+def summary(record: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="tritonbits behind bitsandbytes, end to end")
+    for col in ("figure", "measured", "target", "met"):
+        table.add_column(col)
+    for name, t in record["targets"].items():
+        m = t["measured"]
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[t["met"]]
+        table.add_row(name, "-" if m is None else f"{m:.2f}x", f"{'<=' if 'memory' in name else '>='} {t['target']}x",
+                      met)  # fmt: skip
+    console.print(table)
+    r = record["results"]
+    if "load" in r:
+        ld = r["load"]
+        console.print(f"load: bnb {ld['bnb_s']:.2f} s, tritonbits {ld['tritonbits_s']:.2f} s; inside quantize_4bit: "
+                      f"bnb {ld.get('bnb_quantize_s', float('nan')):.3f} s, tritonbits "
+                      f"{ld.get('tritonbits_quantize_s', float('nan')):.3f} s; quantized tensors differing: "
+                      f"{len(ld['quantized_tensors_differing'])}")  # fmt: skip
+    for key, row in r.get("decode", {}).items():
+        if key.startswith("batch"):
+            console.print(f"decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}, "
+                          f"bf16 {row.get('bf16_tok_s', float('nan')):.1f} tok/s; tokens equal: {row['tokens_equal']} "
+                          f"(first divergence per row: {row['first_divergence']})")  # fmt: skip
+    if "qlora" in r:
+        q = r["qlora"]
+        console.print(f"qlora: bnb {q['bnb']['step_s_median'] * 1e3:.1f} ms, tritonbits "
+                      f"{q['tritonbits']['step_s_median'] * 1e3:.1f} ms; peak memory ratio {q['peak_memory_ratio']}; "
+                      f"losses equal: {q['losses_equal']}")  # fmt: skip
+    for name, prof in record["profiles"].items():
+        console.print(f"[bold]{name}[/bold] (top ops by {prof['sort']})")
+        console.print(prof["table"], markup=False, highlight=False)
+    for phase, err in record["errors"].items():
+        console.print(f"[red]{phase} failed[/red]:\n{err}", markup=False)
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB" if b else "—"
+
+
+def _x(v) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def markdown_section(record: dict) -> list[str]:
+    """The report's section for an e2e record (docs/benchmarks.md)."""
+    e, c, r = record["environment"], record["config"], record["results"]
+    out = ["### End to end: tritonbits behind bitsandbytes (transformers + peft)", "",
+           f"Run: {e['device']}, torch {e['torch']}, triton {e['triton']}, bitsandbytes {e['bitsandbytes']}, "
+           f"transformers {record['versions'].get('transformers')}, peft {record['versions'].get('peft')}, "
+           f"git {e['git_sha']}, {e['date']}. Model: Llama, hidden {c['hidden_size']}, intermediate "
+           f"{c['intermediate_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']}/"
+           f"{c['num_key_value_heads']} heads, vocab {c['vocab_size']}; NF4 double-quantized, bf16 compute.", "",
+           "| figure | measured | target | met |", "|---|---|---|---|"]  # fmt: skip
+    for name, t in record["targets"].items():
+        met = {True: "yes", False: "no", None: "—"}[t["met"]]
+        out.append(f"| {name} | {_x(t['measured'])} | {'<=' if 'memory' in name else '>='} {t['target']}× | {met} |")
+    out.append("")
+    if "load" in r:
+        ld = r["load"]
+        quant = ""
+        if "tritonbits_quantize_s" in ld:
+            quant = (f"; inside quantize_4bit: bnb {ld['bnb_quantize_s']:.3f} s, "
+                     f"tritonbits {ld['tritonbits_quantize_s']:.3f} s")  # fmt: skip
+        out.append(f"- load: bnb {ld['bnb_s']:.2f} s, tritonbits {ld['tritonbits_s']:.2f} s{quant}; quantized "
+                   f"tensors differing: {len(ld['quantized_tensors_differing'])} of "
+                   f"{ld['quantized_tensors']}")  # fmt: skip
+    for key, row in r.get("decode", {}).items():
+        if key.startswith("batch"):
+            bf16 = f", bf16 {row['bf16_tok_s']:.1f}" if "bf16_tok_s" in row else ""
+            out.append(f"- decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}{bf16} "
+                       f"tok/s; generated tokens equal: {row['tokens_equal']} (first divergence per row: "
+                       f"{row['first_divergence']})")  # fmt: skip
+    if "qlora" in r:
+        q = r["qlora"]
+        bnb, tb = q["bnb"], q["tritonbits"]
+        out.append(f"- QLoRA step (r=16, batch {q['batch']} x {q['seq']}): bnb {bnb['step_s_median'] * 1e3:.1f} ms "
+                   f"/ {_gib(bnb['peak_step_bytes'])}, tritonbits {tb['step_s_median'] * 1e3:.1f} ms "
+                   f"/ {_gib(tb['peak_step_bytes'])} (step peak above resident); losses equal: "
+                   f"{q['losses_equal']}")  # fmt: skip
+    for phase in record.get("errors", {}):
+        out.append(f"- phase {phase} failed (traceback in the record)")
+    for name, prof in record.get("profiles", {}).items():
+        top = ", ".join(f"{t['name']} {t['self_device_us'] / 1e3:.1f} ms" for t in prof["top"][:5])
+        out.append(f"- top ops, {name}: {top}")
+    return [*out, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", help="the GPU profile this run is for (h100, h200, ...); refuses another GPU")
+    p.add_argument("--any-gpu", action="store_true", help="run on whatever GPU is present")
+    p.add_argument("--record-dir", default=None, help="write the JSON record here (docs/gpu-runs)")
+    p.add_argument("--tiny", action="store_true", help="CPU plumbing run: hidden 64, 1 layer, interpreter")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--load-repeats", type=int, default=2)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--qlora-batch", type=int, default=4)
+    p.add_argument("--qlora-seq", type=int, default=512)
+    p.add_argument("--qlora-steps", type=int, default=5)
+    p.add_argument("--qlora-warmup", type=int, default=2)
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--profile-bnb", action="store_true", help="also profile bnb's QLoRA step")
+    args = p.parse_args(argv)
+    console = Console()
+    import os
+
+    # no download: the model is built here; the GPU machine has no network (a hub lookup would hang or fail)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.tiny:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            console.print("--tiny runs on CPU tensors: set TRITON_INTERPRET=1")
+            return 2
+        args.new_tokens, args.prompt_len, args.qlora_seq, args.qlora_steps = 4, 8, 16, 1
+        args.qlora_warmup, args.load_repeats, args.profile = 1, 1, False
+    else:
+        from . import gpus
+
+        dev = gpus.current_device()
+        if dev is None:
+            console.print("no CUDA device: the e2e benchmark needs a GPU (or --tiny under TRITON_INTERPRET=1)")
+            return 2
+        if args.gpu and not args.any_gpu and (dev.profile is None or dev.profile.name != args.gpu):
+            console.print(f"--gpu={args.gpu} but this is a {dev.name}; pass --any-gpu to run anyway")
+            return 2
+    run = Run(args, console)
+    record = run.main()
+    summary(record, console)
+    if args.record_dir and not args.tiny:
+        from . import records
+
+        path = records.write(args.record_dir, "e2e", args.gpu or "any", record)
+        console.print(f"record: {path}")
+    return 1 if record["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""tritonbits behind bitsandbytes' own 4-bit entry points, so that a model loaded with transformers'
+``BitsAndBytesConfig(load_in_4bit=True)`` (and trained with PEFT) runs tritonbits without a code change.
+
+    import tritonbits.integrations.bitsandbytes as tb_bnb
+    tb_bnb.enable()                       # or: with tb_bnb.enabled(): ...
+    model = AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+
+How bnb 0.50.2 dispatches (read from the installed package): its kernels are ``torch.library`` ops
+(``bitsandbytes::dequantize_4bit``, ``::quantize_4bit``, ``::gemm_4bit``, ...) defined in ``bitsandbytes/_ops.py``,
+with one kernel per device registered by ``torch.library.register_kernel`` in ``bitsandbytes/backends/<device>/``
+(CUDA: ``backends/cuda/ops.py``; CPU: ``backends/cpu`` plus the ``default`` CompositeExplicitAutograd kernels).
+``Linear4bit.forward`` -> ``bnb.matmul_4bit`` -> ``torch.ops.bitsandbytes.gemm_4bit`` (nested absmax passed as
+``absmax_8bit``/``absmax_code``/``absmax_offset``) for inference and for the training forward; the backward and
+PEFT's merges call the Python function ``bitsandbytes.functional.dequantize_4bit``, which launches the nested
+path as three kernels (8-bit dequantize, add offset, 4-bit dequantize); loading quantizes through
+``bitsandbytes.functional.quantize_4bit`` (the op, then a mean and ``quantize_blockwise`` of the absmax).
+
+``enable()`` registers tritonbits kernels for those ops on the chosen devices' dispatch keys in a private
+``torch.library.Library`` fragment, and replaces ``bitsandbytes.functional.dequantize_4bit`` and
+``quantize_4bit`` by functions that run tritonbits in one launch (two and a mean for the nested quantize).
+bnb's own kernel for each op and key is captured first (``torch.library.get_kernel``) and called for every
+case tritonbits does not serve; where bnb's CUDA ``gemm_4bit`` would run its fused kernel (small M), that
+kernel is called directly (bnb's ``_gemm_4bit_kernel_impl``, behind the same heuristic bnb applies) until
+``tritonbits.linear_4bit`` exists. ``disable()`` destroys the fragment (the dispatcher goes back to bnb's
+registrations) and puts bnb's functions back. Served, and what falls back: docs/integrations.md.
+
+CPU: the "cpu" device is served only under the Triton interpreter (TRITON_INTERPRET=1), where tritonbits runs
+on CPU tensors, and only when asked for (``enable(devices=("cuda", "cpu"))``): it exists so that CI runs the
+same flow. There tritonbits computes bnb CUDA's bytes; bnb's CPU backend agrees on NF4 with fp16/bf16 input
+when every row is a whole number of blocks, and differs elsewhere (its FP4 quantizer, its C++ dequantize when
+a row ends mid-block).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+
+import tritonbits
+
+from .. import _runtime, formats
+from ..quant_state import NestedState, QuantState
+
+# bnb versions this module is tested against: [TESTED_MIN, TESTED_BELOW). The gemm_4bit schema with the nested
+# absmax arguments and the functional.dequantize_4bit / quantize_4bit bodies replaced here are 0.50's.
+TESTED_MIN = (0, 50, 0)
+TESTED_BELOW = (0, 51, 0)
+TESTED_RANGE = ">=0.50.0,<0.51"
+
+DEVICES = ("cuda", "cpu")
+_KEYS = {"cuda": "CUDA", "cpu": "CPU"}
+# NOTE: fp32 input is quantized by bnb: tritonbits' fp32 quantize differs from bnb CUDA in 5 of 29.4M NF4
+# bytes (near ties, docs/kernels/quantize_4bit.md); fp16/bf16 are byte-equal.
+_QUANTIZE_DTYPES = (torch.float16, torch.bfloat16)
+
+_lock = threading.Lock()
+_active: _Enabled | None = None
+
+
+def _parse_version(text: str) -> tuple[int, int, int]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if m is None:
+        raise RuntimeError(f"cannot read the bitsandbytes version {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def _import_bnb():
+    """bitsandbytes, imported now (never by ``import tritonbits``), with its version checked."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional
+    except ImportError as e:
+        raise ImportError(
+            "tritonbits.integrations.bitsandbytes needs bitsandbytes: pip install 'tritonbits[bnb]' "
+            f"(tested with bitsandbytes {TESTED_RANGE}); importing it failed: {e}"
+        ) from e
+    version = getattr(bitsandbytes, "__version__", "unknown")
+    if not TESTED_MIN <= _parse_version(version) < TESTED_BELOW:
+        raise RuntimeError(
+            f"bitsandbytes {version} is installed, but tritonbits.integrations.bitsandbytes is tested with "
+            f"bitsandbytes {TESTED_RANGE} (it replaces kernels behind bnb's own ops and functions, whose "
+            "signatures change between releases); install a tested version or leave the integration disabled"
+        )
+    return bitsandbytes
+
+
+# ---------------------------------------------------------------------------------------------------
+# What tritonbits serves. Everything here is called by the dispatcher with bnb's op arguments.
+
+
+def _get_kernel(qualname: str, key: str):
+    """The kernel the dispatcher runs now for (op, dispatch key): torch.library.get_kernel (its documented use:
+    keep the original, register another that calls it), or the same dispatcher query in a torch without it."""
+    get = getattr(torch.library, "get_kernel", None)
+    if get is not None:
+        return get(qualname, key)
+    query = getattr(torch._C, "_dispatch_get_computed_kernel_for_dispatch_key", None)
+    if query is None:
+        raise RuntimeError(f"torch {torch.__version__} cannot return a registered kernel (no "
+                           "torch.library.get_kernel), which tritonbits.integrations.bitsandbytes needs to fall back "
+                           "to bnb; upgrade torch")  # fmt: skip
+    return query(qualname, key)
+
+
+class _Enabled:
+    """One enable(): the library fragment holding the overrides, bnb's kernels they fall back to, and the
+    functional attributes replaced."""
+
+    def __init__(self, bnb, devices: tuple[str, ...]):
+        self.bnb = bnb
+        self.devices = devices
+        self.lib = torch.library.Library("bitsandbytes", "FRAGMENT")
+        self.originals: dict[tuple[str, str], object] = {}
+        self.functional: dict[str, object] = {}
+        self.states: dict[tuple, QuantState] = {}  # op arguments -> QuantState, so prepare()'s cache hits
+
+    # -- bnb's own kernel for (op, device) ---------------------------------------------------------------
+    def original(self, op: str, device: torch.device):
+        """bnb's kernel for `op` on `device`'s dispatch key, as it was before enable() (a boxed call)."""
+        return self.originals[(op, _KEYS[device.type])]
+
+    def register(self, op: str, fn) -> None:
+        qualname = f"bitsandbytes::{op}"
+        for device in self.devices:
+            key = _KEYS[device]
+            if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(qualname, key):
+                continue  # bnb has no kernel for this device: nothing to serve or fall back to
+            kernel = _get_kernel(qualname, key)
+            keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+            self.originals[(op, key)] = functools.partial(kernel.call_boxed, keyset)  # type: ignore[attr-defined]
+            torch.library.register_kernel(qualname, device, fn, lib=self.lib)
+
+    def served(self, t: torch.Tensor) -> bool:
+        return t.device.type in self.devices
+
+    # -- a QuantState per distinct set of op arguments -------------------------------------------------------
+    def state(self, absmax, shape, dtype, blocksize, quant_type, absmax_8bit=None, absmax_code=None,
+              absmax_offset=None, blocksize2: int = formats.NESTED_BLOCKSIZE) -> QuantState:  # fmt: skip
+        """The tritonbits QuantState for bnb's op arguments. One object per distinct argument set is kept, so
+        tritonbits' per-quant-state cache (validated arguments, bound launch) serves every call of the same
+        layer. The entry holds views of the tensors (their storage stays alive, so an equal address is the same
+        storage; prepare() re-checks every field it validated) and dies with the caller's per-block scales
+        tensor (bnb's quant_state.absmax): a freed model leaves nothing behind."""
+        sig = (
+            tuple(shape), dtype, blocksize, quant_type, blocksize2,
+            *(_sig(t) for t in (absmax, absmax_8bit, absmax_code, absmax_offset)),
+        )  # fmt: skip
+        state = self.states.get(sig)
+        if state is not None:
+            return state
+        if absmax_8bit is None:
+            state = QuantState(absmax=absmax.detach(), shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+                               quant_type=quant_type)  # fmt: skip
+        else:
+            state = QuantState(
+                absmax=absmax_8bit.detach(), shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+                quant_type=quant_type, offset=absmax_offset.detach(),
+                state2=NestedState(absmax=absmax.detach(), code=absmax_code.detach(), blocksize=blocksize2),
+            )  # fmt: skip
+        try:
+            weakref.finalize(absmax if absmax_8bit is None else absmax_8bit, self.states.pop, sig, None)
+        except TypeError:  # takes no weak reference: not cached
+            return state
+        if len(self.states) >= _STATE_CACHE:
+            self.states.pop(next(iter(self.states)))
+        self.states[sig] = state
+        return state
+
+
+# NOTE: a bound besides the finalizers: a Llama-3-8B has 7 Linear4bit x 32 layers = 224 weights.
+_STATE_CACHE = 4096
+
+
+def _sig(t) -> tuple | None:
+    if t is None:
+        return None
+    return (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device)
+
+
+def _packed_ok(A: torch.Tensor) -> bool:
+    """Packed storage tritonbits reads as flat bytes. Passed flat (A.reshape(-1)), so that tritonbits' [1, n]
+    transpose shim (bnb's, in its Python function, not in its ops) never applies: a single byte goes to bnb."""
+    return A.dtype in formats.PACKED_DTYPES and A.is_contiguous() and A.numel() > 1
+
+
+def _op_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+    e = _require_active()
+    if not (_packed_ok(A) and absmax.dtype == torch.float32 and absmax.is_contiguous()):
+        return e.original("dequantize_4bit", A.device)(A, absmax, blocksize, quant_type, shape, dtype)
+    return tritonbits.dequantize_4bit(A.reshape(-1), e.state(absmax, shape, dtype, blocksize, quant_type))
+
+
+def _op_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
+    e = _require_active()
+    if not (_packed_ok(A) and absmax.dtype == torch.float32 and absmax.is_contiguous() and out.is_contiguous()
+            and tuple(out.shape) == tuple(shape) and out.dtype == dtype):  # fmt: skip
+        e.original("dequantize_4bit.out", A.device)(A, absmax, blocksize, quant_type, shape, dtype, out)
+        return
+    state = e.state(absmax, shape, dtype, blocksize, quant_type)
+    tritonbits.dequantize_4bit(A.reshape(-1), state, out=out)
+
+
+def _op_quantize_4bit(A, blocksize, quant_type, quant_storage):
+    e = _require_active()
+    size = torch.empty((), dtype=quant_storage).element_size()
+    if (
+        A.dtype not in _QUANTIZE_DTYPES or quant_storage not in formats.PACKED_DTYPES or ((A.numel() + 1) // 2) % size
+    ):  # bnb's buffer is floor-sized there; tritonbits' rounds up
+        return e.original("quantize_4bit", A.device)(A, blocksize, quant_type, quant_storage)  # fmt: skip
+    packed, state = tritonbits.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type,
+                                             quant_storage=quant_storage)  # fmt: skip
+    return packed, state.absmax
+
+
+def _op_quantize_blockwise(A, code, blocksize):
+    e = _require_active()
+    if (A.dtype not in _QUANTIZE_DTYPES or blocksize not in formats.BLOCKSIZES_8BIT
+            or code.dtype != torch.float32 or code.numel() != 256):  # fmt: skip
+        return e.original("quantize_blockwise", A.device)(A, code, blocksize)
+    out, state = tritonbits.quantize_blockwise(A, code=code.contiguous(), blocksize=blocksize)
+    return out, state.absmax
+
+
+class _BlockwiseState(NamedTuple):
+    """The fields tritonbits.dequantize_blockwise reads off a quant state (the output dtype among them)."""
+
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    dtype: torch.dtype
+
+
+def _blockwise_ok(A, absmax, code, blocksize) -> bool:
+    return (A.dtype == torch.uint8 and blocksize in formats.BLOCKSIZES and absmax.dtype == torch.float32
+            and absmax.is_contiguous() and code.dtype == torch.float32 and code.numel() == 256
+            and code.is_contiguous())  # fmt: skip
+
+
+def _op_dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    e = _require_active()
+    if not _blockwise_ok(A, absmax, code, blocksize):
+        return e.original("dequantize_blockwise", A.device)(A, absmax, code, blocksize, dtype)
+    return tritonbits.dequantize_blockwise(A, _BlockwiseState(absmax, code, blocksize, dtype))
+
+
+def _op_dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
+    e = _require_active()
+    if not (_blockwise_ok(A, absmax, code, blocksize) and out.dtype == dtype and out.shape == A.shape):
+        e.original("dequantize_blockwise.out", A.device)(A, absmax, code, blocksize, dtype, out)
+        return
+    tritonbits.dequantize_blockwise(A, _BlockwiseState(absmax, code, blocksize, dtype), out=out)
+
+
+def _has_linear_4bit() -> bool:
+    return hasattr(tritonbits, "linear_4bit")
+
+
+def _bnb_takes_fused_cuda(A: torch.Tensor, shapeB, blocksize: int) -> bool:
+    """bnb 0.50.2's own choice in its CUDA gemm_4bit between its fused kernel and dequantize + F.linear."""
+    from bitsandbytes.backends.cuda import ops as cuda_ops
+
+    K = A.shape[-1]
+    M = A.numel() // K
+    if cuda_ops._gemm_4bit_custom_max_m < M or K % blocksize != 0:
+        return False
+    return bool(cuda_ops._gemm_4bit_use_custom_fn(A.device.index, A.dtype, M, shapeB[0], K))
+
+
+def _op_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
+                  absmax_offset=None):  # fmt: skip
+    cuda = A.device.type == "cuda"
+    linear = cuda and _has_linear_4bit()
+    # NOTE: checked first, before anything else costs host time: decode (small M) on CUDA is bnb's fused kernel
+    # until linear_4bit is merged, called directly as bnb's own gemm_4bit kernel does
+    if cuda and not linear and A.numel() and _bnb_takes_fused_cuda(A, shapeB, blocksize):
+        from bitsandbytes.backends.cuda import ops as cuda_ops
+
+        return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                                               absmax_code, absmax_offset)  # fmt: skip
+    e = _require_active()
+    ok = (A.numel() > 0 and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B) and len(shapeB) == 2
+          and absmax.dtype == torch.float32 and absmax.is_contiguous()
+          and (absmax_8bit is None or (absmax_8bit.dtype == torch.uint8 and absmax_8bit.is_contiguous()
+                                       and absmax_code is not None and absmax_offset is not None)))  # fmt: skip
+    if not ok:
+        return e.original("gemm_4bit", A.device)(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                                                 absmax_code, absmax_offset)  # fmt: skip
+    state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
+    if linear:
+        return tritonbits.linear_4bit(A, B.reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+    # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
+    return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
+
+
+def _op_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
+    e = _require_active()
+    if not (A.device.type == "cuda" and _has_linear_4bit() and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B)
+            and absmax.dtype == torch.float32 and absmax.is_contiguous() and len(shapeB) == 2):  # fmt: skip
+        return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
+    quant_type = _quant_type_of(code)
+    if quant_type is None:
+        return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
+    state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type)
+    return tritonbits.linear_4bit(A, B.reshape(-1, 1), state)  # type: ignore[attr-defined]
+
+
+def _op_gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
+    e = _require_active()
+    if not (A.device.type == "cuda" and _has_linear_4bit()):
+        e.original("gemv_4bit.out", A.device)(A, B, shapeB, absmax, code, blocksize, out)
+        return
+    out.copy_(_op_gemv_4bit(A, B, shapeB, absmax, code, blocksize))
+
+
+def _quant_type_of(code: torch.Tensor) -> str | None:
+    """gemv_4bit gets the 16 code values, not the type's name: match them (a host read of 16 floats; bnb
+    0.50.2 no longer calls gemv_4bit on CUDA from matmul_4bit, so this is off the hot path)."""
+    values = code.detach().float().cpu()
+    for name in formats.QUANT_TYPES:
+        if values.numel() == 16 and torch.equal(values, formats.code_values(name).float()):
+            return name
+    return None
+
+
+_OPS = {
+    "dequantize_4bit": _op_dequantize_4bit,
+    "dequantize_4bit.out": _op_dequantize_4bit_out,
+    "quantize_4bit": _op_quantize_4bit,
+    "quantize_blockwise": _op_quantize_blockwise,
+    "dequantize_blockwise": _op_dequantize_blockwise,
+    "dequantize_blockwise.out": _op_dequantize_blockwise_out,
+    "gemm_4bit": _op_gemm_4bit,
+    "gemv_4bit": _op_gemv_4bit,
+    "gemv_4bit.out": _op_gemv_4bit_out,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# bitsandbytes.functional: the Python functions that launch more than one kernel in bnb.
+
+
+def _state_ok(qs) -> bool:
+    """Fields tritonbits validates the same way bnb does; anything else goes to bnb (and its errors)."""
+    try:
+        ok = (qs.blocksize in formats.BLOCKSIZES and qs.quant_type in formats.QUANT_TYPES
+              and qs.dtype in formats.FLOAT_DTYPES and qs.shape is not None)  # fmt: skip
+        s2 = getattr(qs, "state2", None)
+        return bool(ok and (s2 is None or s2.blocksize in formats.BLOCKSIZES))
+    except AttributeError:
+        return False
+
+
+def _functional_dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
+    """bitsandbytes.functional.dequantize_4bit, one tritonbits launch (nested absmax in-kernel) where served."""
+    e, orig = _active, _BNB_FUNCTIONAL["dequantize_4bit"]
+    served = e is not None and isinstance(A, torch.Tensor) and e.served(A) and _packed_ok(A)
+    if served and quant_state is not None:
+        served = _state_ok(quant_state)
+    elif served:
+        served = absmax is not None and out is not None and (blocksize or 64) in formats.BLOCKSIZES
+    if not served:
+        return orig(A, quant_state, absmax, out, blocksize, quant_type)  # type: ignore[operator]
+    return tritonbits.dequantize_4bit(A, quant_state, absmax, out, blocksize, quant_type)
+
+
+def _functional_quantize_4bit(A, absmax=None, out=None, blocksize=None, compress_statistics=False,
+                              quant_type="fp4", quant_storage=torch.uint8):  # fmt: skip
+    """bitsandbytes.functional.quantize_4bit through tritonbits (one launch; nested: two and a mean), returning
+    bnb's QuantState, where served: fp16/bf16 input, no deprecated absmax=/out= buffers."""
+    e, orig = _active, _BNB_FUNCTIONAL["quantize_4bit"]
+    bs = 64 if blocksize is None else blocksize
+    size = torch.empty((), dtype=quant_storage).element_size() if isinstance(quant_storage, torch.dtype) else 0
+    served = (e is not None and isinstance(A, torch.Tensor) and e.served(A) and A.dtype in _QUANTIZE_DTYPES
+              and absmax is None and out is None and bs in formats.BLOCKSIZES and quant_type in formats.QUANT_TYPES
+              and quant_storage in formats.PACKED_DTYPES and isinstance(compress_statistics, bool)
+              and ((A.numel() + 1) // 2) % size == 0)  # fmt: skip
+    if not served:
+        return orig(A, absmax, out, blocksize, compress_statistics, quant_type, quant_storage)  # type: ignore[operator]
+    assert e is not None
+    packed, s = tritonbits.quantize_4bit(A, blocksize=bs, compress_statistics=compress_statistics,
+                                         quant_type=quant_type, quant_storage=quant_storage)  # fmt: skip
+    F = e.bnb.functional
+    state2 = None
+    if s.state2 is not None:
+        state2 = F.QuantState(absmax=s.state2.absmax, code=s.state2.code, blocksize=s.state2.blocksize,
+                              dtype=torch.float32)  # fmt: skip
+    state = F.QuantState(absmax=s.absmax, shape=A.shape, dtype=A.dtype, blocksize=bs,
+                         code=F.get_4bit_type(quant_type, device=A.device), quant_type=quant_type,
+                         offset=s.offset.reshape(()) if s.offset is not None else None, state2=state2)  # fmt: skip
+    return packed, state
+
+
+_FUNCTIONAL = {"dequantize_4bit": _functional_dequantize_4bit, "quantize_4bit": _functional_quantize_4bit}
+# bnb's own functions, captured at the first enable(): a reference to a wrapper kept past disable() calls them
+_BNB_FUNCTIONAL: dict[str, object] = {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _require_active() -> _Enabled:
+    e = _active
+    if e is None:  # a kernel of a destroyed fragment cannot run; this guards a stale reference
+        raise RuntimeError("tritonbits.integrations.bitsandbytes is not enabled")
+    return e
+
+
+def _check_devices(devices) -> tuple[str, ...]:
+    if isinstance(devices, str):
+        devices = (devices,)
+    devices = tuple(devices)
+    bad = [d for d in devices if d not in DEVICES]
+    if bad or not devices:
+        raise ValueError(f"devices must be a non-empty subset of {DEVICES}, got {devices!r}")
+    if "cpu" in devices and not _runtime.interpreting():
+        raise ValueError("devices: 'cpu' is served only under the Triton interpreter (TRITON_INTERPRET=1 set "
+                         "before importing tritonbits), where tritonbits runs on CPU tensors; it is a test mode, "
+                         "not a fast path")  # fmt: skip
+    return tuple(dict.fromkeys(devices))
+
+
+def enable(devices: Sequence[str] = ("cuda",)) -> None:
+    """Serve bitsandbytes' 4-bit ops and ``bitsandbytes.functional.dequantize_4bit`` / ``quantize_4bit`` with
+    tritonbits on ``devices`` ("cuda"; "cpu" only under the Triton interpreter). Idempotent: enabling again
+    with the same devices does nothing; with other devices, it re-enables with those. Raises ImportError when
+    bitsandbytes is missing and RuntimeError when its version is outside the tested range."""
+    global _active
+    devices = _check_devices(devices)
+    bnb = _import_bnb()
+    with _lock:
+        if _active is not None:
+            if _active.devices == devices:
+                return
+            _disable_locked()
+        e = _Enabled(bnb, devices)
+        try:
+            for op, fn in _OPS.items():
+                e.register(op, fn)
+            F = bnb.functional
+            for name, fn in _FUNCTIONAL.items():
+                current = getattr(F, name)
+                if current is not fn:
+                    _BNB_FUNCTIONAL.setdefault(name, current)
+                e.functional[name] = _BNB_FUNCTIONAL[name]
+                setattr(F, name, fn)
+        except BaseException:
+            _restore(e)
+            raise
+        _active = e
+
+
+def _restore(e: _Enabled) -> None:
+    F = e.bnb.functional
+    for name, fn in e.functional.items():
+        setattr(F, name, fn)
+    e.lib._destroy()
+    e.states.clear()
+
+
+def _disable_locked() -> None:
+    global _active
+    e, _active = _active, None
+    if e is not None:
+        _restore(e)
+
+
+def disable() -> None:
+    """Give bitsandbytes its own kernels and functions back. Idempotent (a no-op when not enabled)."""
+    with _lock:
+        _disable_locked()
+
+
+def is_enabled() -> bool:
+    return _active is not None
+
+
+def served_devices() -> tuple[str, ...]:
+    """The devices tritonbits serves now (empty when disabled)."""
+    e = _active
+    return () if e is None else e.devices
+
+
+@contextlib.contextmanager
+def enabled(devices: Sequence[str] = ("cuda",)) -> Iterator[None]:
+    """``with enabled(): ...``: tritonbits serves bnb inside the block; on exit the state before it comes back
+    (disabled, or enabled with the devices it had)."""
+    before = served_devices()
+    enable(devices)
+    try:
+        yield
+    finally:
+        if before:
+            enable(before)
+        else:
+            disable()
+
+
+__all__ = ["TESTED_RANGE", "disable", "enable", "enabled", "is_enabled", "served_devices"]

@@ -1,0 +1,460 @@
+"""tritonbits.integrations.bitsandbytes: enable/disable/enabled() put tritonbits behind bnb's 4-bit ops and
+functions and give bnb its own back; results equal bnb CUDA's (on the GPU: bnb itself; under the interpreter:
+the numpy oracle of bnb CUDA), bnb's matmul fallback bit for bit, linear_4bit within the matmul policy; an
+end-to-end tiny Llama loaded through transformers' BitsAndBytesConfig equals bnb's logits, loss and LoRA grads."""
+
+import contextlib
+import gc
+import sys
+
+import pytest
+import torch
+
+import tritonbits
+import tritonbits_reference as R
+from tritonbits_harness.tolerance import assert_exact, assert_matmul
+
+bnb = pytest.importorskip("bitsandbytes")
+F = bnb.functional
+import tritonbits.integrations.bitsandbytes as tb_bnb  # noqa: E402
+
+needs_linear_4bit = pytest.mark.skipif(not hasattr(tritonbits, "linear_4bit"), reason="linear_4bit not merged")
+
+
+@pytest.fixture
+def served(device):
+    """The devices to serve: cuda on the GPU; under the interpreter cpu as well (the CI flow)."""
+    return ("cuda",) if device.type == "cuda" else ("cuda", "cpu")
+
+
+@pytest.fixture
+def integration(served):
+    """Enabled for the test, disabled after it whatever happens."""
+    tb_bnb.enable(served)
+    yield tb_bnb
+    tb_bnb.disable()
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled_after():
+    yield
+    tb_bnb.disable()
+
+
+class Calls:
+    """Counts calls of the tritonbits public functions the integration routes to."""
+
+    NAMES = ("dequantize_4bit", "quantize_4bit", "quantize_blockwise", "dequantize_blockwise", "linear_4bit")
+
+    def __init__(self, monkeypatch):
+        self.n = dict.fromkeys(self.NAMES, 0)
+        for name in self.NAMES:
+            fn = getattr(tritonbits, name, None)
+            if fn is not None:
+                monkeypatch.setattr(tritonbits, name, self._spy(name, fn))
+
+    def _spy(self, name, fn):
+        def spy(*args, **kwargs):
+            self.n[name] += 1
+            return fn(*args, **kwargs)
+
+        return spy
+
+    def total(self) -> int:
+        return sum(self.n.values())
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    return Calls(monkeypatch)
+
+
+def weight(gen, device, dtype, shape=(96, 128)):
+    return (torch.randn(shape, generator=gen) * 0.05).to(dtype).to(device)
+
+
+def expected_quantize_4bit(x, quant_type, nested):
+    """bnb CUDA on the GPU (the integration disabled), the oracle of bnb CUDA under the interpreter."""
+    assert not tb_bnb.is_enabled()
+    if x.device.type == "cuda":
+        q, s = F.quantize_4bit(x, quant_type=quant_type, compress_statistics=nested)
+        return q, s.absmax, s.offset, s.state2.absmax if nested else None
+    q, s = R.quantize_4bit_cuda(x, quant_type=quant_type, compress_statistics=nested)
+    return q, s.absmax, s.offset, s.state2.absmax if nested else None
+
+
+def expected_dequantize_4bit(q, state):
+    assert not tb_bnb.is_enabled()
+    return F.dequantize_4bit(q, state) if q.device.type == "cuda" else R.dequantize_4bit(q, state)
+
+
+# --- enable / disable / enabled() ------------------------------------------------------------------------
+
+
+# `import tritonbits` importing neither bnb nor this module: the kernels-alone nox session (a fresh venv).
+
+
+def test_enable_disable_idempotent_and_reversible(served, calls, device, gen):
+    bnb_deq, bnb_q = F.dequantize_4bit, F.quantize_4bit
+    x = weight(gen, device, torch.bfloat16)
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    assert calls.total() == 0
+    tb_bnb.enable(served)
+    tb_bnb.enable(served)  # idempotent
+    assert tb_bnb.is_enabled() and tb_bnb.served_devices() == served
+    assert F.dequantize_4bit is not bnb_deq and F.quantize_4bit is not bnb_q
+    got = F.dequantize_4bit(q, s)
+    assert calls.n["dequantize_4bit"] == 1
+    torch.ops.bitsandbytes.dequantize_4bit(q, s.state2.absmax.new_ones(s.absmax.shape), 64, "nf4", [96, 128],
+                                           torch.bfloat16)  # fmt: skip
+    assert calls.n["dequantize_4bit"] == 2
+    tb_bnb.disable()
+    tb_bnb.disable()  # idempotent
+    assert not tb_bnb.is_enabled() and tb_bnb.served_devices() == ()
+    assert F.dequantize_4bit is bnb_deq and F.quantize_4bit is bnb_q
+    before = calls.total()
+    assert_exact(F.dequantize_4bit(q, s), got) if device.type == "cuda" else F.dequantize_4bit(q, s)
+    F.quantize_4bit(x, quant_type="nf4")
+    torch.ops.bitsandbytes.dequantize_4bit(q, s.state2.absmax.new_ones(s.absmax.shape), 64, "nf4", [96, 128],
+                                           torch.bfloat16)  # fmt: skip
+    assert calls.total() == before, "bnb's kernels must run again after disable()"
+    tb_bnb.enable(served)  # enable again after disable
+    F.dequantize_4bit(q, s)
+    assert calls.total() == before + 1
+
+
+def test_context_manager_restores_the_state_before(served, calls, device, gen):
+    x = weight(gen, device, torch.float16)
+    with tb_bnb.enabled(served):
+        assert tb_bnb.is_enabled()
+        F.quantize_4bit(x, quant_type="fp4")
+        assert calls.n["quantize_4bit"] == 1
+    assert not tb_bnb.is_enabled()
+    F.quantize_4bit(x, quant_type="fp4")
+    assert calls.n["quantize_4bit"] == 1
+    tb_bnb.enable(served)
+    with tb_bnb.enabled(served):
+        pass
+    assert tb_bnb.is_enabled() and tb_bnb.served_devices() == served  # enabled before: still enabled
+    with pytest.raises(KeyError), tb_bnb.enabled(served):
+        raise KeyError("inside")
+    assert tb_bnb.is_enabled()
+
+
+def test_stale_reference_calls_bnb(served, calls, device, gen):
+    """A reference to the replaced function kept past disable() runs bnb's."""
+    x = weight(gen, device, torch.bfloat16)
+    q, s = F.quantize_4bit(x, quant_type="nf4")
+    tb_bnb.enable(served)
+    kept = F.dequantize_4bit
+    tb_bnb.disable()
+    kept(q, s)
+    assert calls.total() == 0
+
+
+def test_other_devices_stay_bnb(calls, gen):
+    """Enabled for CUDA only: CPU tensors are bnb's (its functions and kernels run)."""
+    x = weight(gen, torch.device("cpu"), torch.bfloat16)
+    tb_bnb.enable(("cuda",))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    F.dequantize_4bit(q, s)
+    torch.ops.bitsandbytes.dequantize_4bit(q, s.state2.absmax.new_ones(s.absmax.shape), 64, "nf4", list(x.shape),
+                                           torch.bfloat16)  # fmt: skip
+    assert calls.total() == 0
+
+
+@pytest.mark.parametrize("version", ["0.49.2", "0.51.0", "1.0.0"])
+def test_version_outside_tested_range(monkeypatch, served, version):
+    monkeypatch.setattr(bnb, "__version__", version)
+    with pytest.raises(RuntimeError, match=rf"bitsandbytes {version} is installed.*{tb_bnb.TESTED_RANGE}"):
+        tb_bnb.enable(served)
+    assert not tb_bnb.is_enabled()
+
+
+def test_missing_bitsandbytes(monkeypatch, served):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match=r"tritonbits\[bnb\]"):
+        tb_bnb.enable(served)
+    assert not tb_bnb.is_enabled()
+
+
+@pytest.mark.parametrize("devices", [(), ("tpu",), ("cuda", "xpu")])
+def test_bad_devices(devices):
+    with pytest.raises(ValueError, match="devices"):
+        tb_bnb.enable(devices)
+
+
+def test_cpu_needs_the_interpreter(monkeypatch):
+    from tritonbits import _runtime
+
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        tb_bnb.enable(("cpu",))
+
+
+# --- results --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_functional_quantize_4bit(integration, calls, quant_type, nested, out_dtype, device, gen):
+    if out_dtype == torch.float32:
+        pytest.skip("fp32 input is bnb's (test_functional_quantize_4bit_fp32_falls_back)")
+    x = weight(gen, device, out_dtype)
+    q, s = F.quantize_4bit(x, quant_type=quant_type, compress_statistics=nested)
+    assert calls.n["quantize_4bit"] == 1
+    assert isinstance(s, F.QuantState) and s.nested == nested and s.quant_type == quant_type
+    assert tuple(s.shape) == tuple(x.shape) and s.dtype == out_dtype and s.blocksize == 64
+    tb_bnb.disable()
+    want_q, want_absmax, want_offset, want_absmax2 = expected_quantize_4bit(x, quant_type, nested)
+    assert_exact(q, want_q.to(device))
+    assert_exact(s.absmax, want_absmax.to(device))
+    assert_exact(s.code, F.get_4bit_type(quant_type, device=device))
+    if nested:
+        assert_exact(s.offset.reshape(()), want_offset.reshape(()).to(device))
+        assert_exact(s.state2.absmax, want_absmax2.to(device))
+        assert s.state2.blocksize == 256 and s.state2.dtype == torch.float32
+    # bnb's own functions read the state tritonbits made
+    assert_exact(F.dequantize_4bit(q, s), expected_dequantize_4bit(q, s).to(device))
+
+
+def test_functional_quantize_4bit_fp32_falls_back(integration, calls, device, gen):
+    """fp32 input is not byte-equal with bnb CUDA everywhere (near ties): bnb quantizes it."""
+    x = weight(gen, device, torch.float32)
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    assert calls.n["quantize_4bit"] == 0
+    tb_bnb.disable()
+    want_q, want_s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    assert_exact(q, want_q)
+    assert_exact(s.absmax, want_s.absmax)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_functional_dequantize_4bit_one_call(integration, calls, nested, out_dtype, device, gen):
+    x = weight(gen, device, out_dtype, (33, 128))
+    tb_bnb.disable()
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=nested)
+    want = expected_dequantize_4bit(q, s).to(device)
+    tb_bnb.enable(("cuda",) if device.type == "cuda" else ("cuda", "cpu"))
+    got = F.dequantize_4bit(q, s)
+    assert calls.n["dequantize_4bit"] == 1 and calls.n["dequantize_blockwise"] == 0  # nested in the one launch
+    assert_exact(got, want)
+    out = torch.full_like(want, float("nan"))
+    assert F.dequantize_4bit(q, s, out=out) is out
+    assert_exact(out, want)
+    assert_exact(F.dequantize_nf4(q, s), want)  # bnb's wrappers reach the replaced function
+
+
+def has_out_variants(device) -> bool:
+    """bnb 0.50.2 defines the .out overloads' kernels for CUDA only (the CPU backend has none to replace)."""
+    return device.type == "cuda"
+
+
+def test_ops_4bit(integration, calls, out_dtype, device, gen):
+    x = weight(gen, device, out_dtype)
+    packed, absmax = torch.ops.bitsandbytes.quantize_4bit(x, 64, "nf4", torch.uint8)
+    # fp32 input is quantized by bnb (near ties, docs/kernels/quantize_4bit.md)
+    assert calls.n["quantize_4bit"] == (0 if out_dtype == torch.float32 else 1)
+    deq = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, 64, "nf4", list(x.shape), out_dtype)
+    out = torch.full_like(deq, float("nan"))
+    if has_out_variants(device):
+        torch.ops.bitsandbytes.dequantize_4bit.out(packed, absmax, 64, "nf4", list(x.shape), out_dtype, out=out)
+    assert calls.n["dequantize_4bit"] == (2 if has_out_variants(device) else 1)
+    tb_bnb.disable()
+    if out_dtype == torch.float32:
+        want_q, want_absmax = torch.ops.bitsandbytes.quantize_4bit(x, 64, "nf4", torch.uint8)
+    else:
+        want_q, want_absmax, _, _ = expected_quantize_4bit(x, "nf4", False)
+    assert_exact(packed, want_q.to(device))
+    assert_exact(absmax, want_absmax.to(device))
+    want = expected_dequantize_4bit(packed, F.QuantState(absmax=absmax, shape=x.shape, dtype=out_dtype,
+                                                         blocksize=64, quant_type="nf4")).to(device)  # fmt: skip
+    assert_exact(deq, want)
+    if has_out_variants(device):
+        assert_exact(out, want)
+
+
+def test_ops_blockwise_8bit(integration, calls, out_dtype, device, gen):
+    x = weight(gen, device, out_dtype, (5, 1000))
+    code = F.create_dynamic_map().to(device)
+    q, absmax = torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
+    deq = torch.ops.bitsandbytes.dequantize_blockwise(q, absmax, code, 256, out_dtype)
+    out = torch.full_like(deq, float("nan"))
+    if has_out_variants(device):
+        torch.ops.bitsandbytes.dequantize_blockwise.out(q, absmax, code, 256, out_dtype, out=out)
+    assert calls.n["quantize_blockwise"] == (0 if out_dtype == torch.float32 else 1)  # fp32: bnb's
+    assert calls.n["dequantize_blockwise"] == (2 if has_out_variants(device) else 1)
+    tb_bnb.disable()
+    if out_dtype == torch.float32:
+        want_q, want_absmax = torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
+        want = (torch.ops.bitsandbytes.dequantize_blockwise(q, absmax, code, 256, out_dtype) if device.type == "cuda"
+                else R.dequantize_blockwise_cuda(q, absmax, code, 256, out_dtype))  # fmt: skip
+    elif device.type == "cuda":
+        want_q, want_absmax = torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
+        want = torch.ops.bitsandbytes.dequantize_blockwise(q, absmax, code, 256, out_dtype)
+    else:
+        want_q, st = R.quantize_blockwise_cuda(x, code, blocksize=256)
+        want_absmax = st["absmax"]
+        want = R.dequantize_blockwise_cuda(q, absmax, code, 256, out_dtype)
+    assert_exact(q, want_q.to(device))
+    assert_exact(absmax, want_absmax.to(device))
+    assert_exact(deq, want.to(device))
+    if has_out_variants(device):
+        assert_exact(out, want.to(device))
+
+
+def gemm_args(q, s, bias=None):
+    return ((q, list(s.shape), s.state2.absmax, s.blocksize, s.quant_type),
+            dict(bias=bias, absmax_8bit=s.absmax, absmax_code=s.state2.code, absmax_offset=s.offset))  # fmt: skip
+
+
+@pytest.mark.parametrize("m", [1, 3, 2048])
+def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
+    """matmul_4bit's op. Where bnb itself dequantizes and calls F.linear, tritonbits does the same with the
+    nested dequantize in one launch: equal to bnb bit for bit. Where bnb runs its fused kernel, bnb's runs
+    (linear_4bit not merged) or linear_4bit does (judged by the matmul policy: test_gemm_4bit_linear_4bit)."""
+    if device.type == "cpu" and m > 3:
+        pytest.skip("large M: GPU only (the interpreter is slow)")
+    x = weight(gen, device, out_dtype, (256, 128))
+    tb_bnb.disable()
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(m, 128, generator=gen).to(out_dtype).to(device)
+    bias = torch.randn(256, generator=gen).to(out_dtype).to(device)
+    args, kwargs = gemm_args(q, s, bias)
+    if device.type == "cuda":
+        want = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
+    else:  # bnb's own fallback, dequantize then F.linear, with the oracle's dequantize (bnb CUDA's bytes)
+        w = R.dequantize_4bit(
+            q,
+            F.QuantState(
+                absmax=F.dequantize_blockwise(s.absmax, s.state2) + s.offset,
+                shape=s.shape,
+                dtype=out_dtype,
+                blocksize=64,
+                quant_type="nf4",
+            ),
+        )
+        want = torch.nn.functional.linear(A, w, bias)
+    tb_bnb.enable(("cuda",) if device.type == "cuda" else ("cuda", "cpu"))
+    got = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
+    served = calls.n["dequantize_4bit"] + calls.n["linear_4bit"]
+    if device.type == "cuda" and hasattr(tritonbits, "linear_4bit"):
+        assert calls.n["linear_4bit"] == 1
+        w = F.dequantize_4bit(q, s).to(out_dtype)
+        assert_matmul(got, A, w, bias)
+        return
+    if device.type == "cuda" and tb_bnb._bnb_takes_fused_cuda(A, s.shape, 64):
+        assert served == 0  # bnb's fused kernel
+    else:
+        assert calls.n["dequantize_4bit"] == 1
+    assert_exact(got, want)
+
+
+@needs_linear_4bit
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 100, 2048])
+def test_gemm_4bit_linear_4bit(integration, calls, m, out_dtype, device, gen):
+    x = weight(gen, device, out_dtype, (512, 256))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(m, 256, generator=gen).to(out_dtype).to(device)
+    args, kwargs = gemm_args(q, s)
+    got = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
+    assert calls.n["linear_4bit"] == 1
+    tb_bnb.disable()
+    assert_matmul(got, A, F.dequantize_4bit(q, s).to(out_dtype))
+
+
+@needs_linear_4bit
+@pytest.mark.gpu
+def test_gemv_4bit_linear_4bit(integration, calls, out_dtype, device, gen):
+    x = weight(gen, device, out_dtype, (512, 256))
+    q, s = F.quantize_4bit(x, quant_type="nf4")
+    A = torch.randn(1, 1, 256, generator=gen).to(out_dtype).to(device)
+    got = torch.ops.bitsandbytes.gemv_4bit(A, q, list(s.shape), s.absmax, s.code, 64)
+    assert calls.n["linear_4bit"] == 1
+    tb_bnb.disable()
+    assert_matmul(got.reshape(1, -1), A.reshape(1, -1), F.dequantize_4bit(q, s).to(out_dtype))
+
+
+def test_gemm_4bit_falls_back_on_what_tritonbits_refuses(served, calls, device, gen):
+    """A non-contiguous packed weight is bnb's to handle (or refuse): tritonbits' 4-bit paths never see it."""
+    x = weight(gen, device, torch.bfloat16, (64, 128))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(2, 128, generator=gen).to(torch.bfloat16).to(device)
+    q2 = torch.stack([q.view(-1), q.view(-1)], 1)[:, 0:1]  # same bytes, stride 2
+    args, kwargs = gemm_args(q2, s)
+    tb_bnb.enable(served)
+    got = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
+    assert calls.n["dequantize_4bit"] == calls.n["linear_4bit"] == 0
+    tb_bnb.disable()
+    assert_exact(got, torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs))
+
+
+def test_state_cache_follows_the_weight(integration, device, gen):
+    """One QuantState per layer's op arguments (tritonbits' prepared-weight cache then hits), released when
+    bnb's per-block scales tensor dies: a freed model leaves no entry (and no GPU memory) behind."""
+    x = weight(gen, device, torch.bfloat16)
+    q, s = F.quantize_4bit(x, quant_type="nf4")
+    e = tb_bnb._active
+    before = len(e.states)
+    absmax = s.absmax
+    first = torch.ops.bitsandbytes.dequantize_4bit(q, absmax, 64, "nf4", list(x.shape), torch.bfloat16)
+    again = torch.ops.bitsandbytes.dequantize_4bit(q, absmax, 64, "nf4", list(x.shape), torch.bfloat16)
+    assert len(e.states) == before + 1
+    assert_exact(again, first)
+    del absmax, s
+    gc.collect()
+    assert len(e.states) == before
+
+
+# --- end to end: a tiny Llama through transformers' BitsAndBytesConfig -----------------------------------------
+
+
+def test_tiny_llama_end_to_end(calls, served, device, tmp_path):
+    """The e2e benchmark's flow on a tiny config (hidden 64, 1 layer): load (quantize), forward, a QLoRA
+    step; the enabled model equals bnb's (quantized bytes, logits, loss, LoRA grads). Where linear_4bit serves
+    the matmuls (CUDA, once merged), each Linear4bit's output is judged by the matmul policy instead."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from tritonbits_harness import e2e
+
+    cfg = e2e.llama_config(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=128)
+    e2e.save_random_model(cfg, tmp_path, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    runs, seen = {}, []
+    for mode in ("bnb", "tritonbits"):
+        ctx = tb_bnb.enabled(served) if mode == "tritonbits" else contextlib.nullcontext()
+        with ctx:
+            model = e2e.load_4bit(tmp_path, device)
+            hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0], o)))
+                     for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and mode == "tritonbits"]  # fmt: skip
+            with torch.no_grad():
+                logits = model(ids).logits
+            for h in hooks:
+                h.remove()
+            lora = e2e.add_lora(model, r=4, seed=0)
+            loss = lora(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
+        runs[mode] = (e2e.quantized_weights(model), logits, loss.detach(), grads)
+        if mode == "bnb":
+            assert calls.total() == 0
+    assert calls.n["quantize_4bit"] == 7  # every Linear4bit quantized by tritonbits
+    # the backward's dequantize of every layer; on the CPU the forwards' matmuls too (bnb's fused kernel runs
+    # the small-M forward on CUDA until linear_4bit is merged)
+    assert calls.n["dequantize_4bit"] >= (14 if device.type == "cpu" else 7)
+    (wq_b, logits_b, loss_b, grads_b), (wq_t, logits_t, loss_t, grads_t) = runs["bnb"], runs["tritonbits"]
+    assert wq_b.keys() == wq_t.keys() and len(wq_b) == 7 * 4
+    for name in wq_b:
+        assert_exact(wq_t[name], wq_b[name])
+    if device.type == "cuda" and hasattr(tritonbits, "linear_4bit"):
+        assert calls.n["linear_4bit"] >= 7 and len(seen) == 7
+        for mod, x, y in seen:
+            w = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(x.dtype)
+            assert_matmul(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), w, mod.bias)
+        return
+    assert_exact(logits_t, logits_b)
+    assert_exact(loss_t, loss_b)
+    assert grads_b.keys() == grads_t.keys() and grads_b
+    for name in grads_b:
+        assert_exact(grads_t[name], grads_b[name])
