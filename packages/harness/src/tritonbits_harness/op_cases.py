@@ -719,6 +719,40 @@ DEQUANTIZE_BLOCKWISE_BAD = (
 
 # --- the registry -----------------------------------------------------------------------------------------
 
+# --- linear_4bit ----------------------------------------------------------------------------------------
+
+SHAPE_LINEAR = (3, 128, 48)  # M, K, N
+
+
+def make_linear_4bit(device, gen, dtype, *, quant_type="nf4", nested=True, bias=True, shape=SHAPE_LINEAR) -> Call:
+    """x [M, K] and a bnb-quantized weight [N, K] (packed tensor + QuantState), as F.linear takes them."""
+    m, k, n = shape
+    w = make_dequantize_4bit(device, gen, dtype, quant_type=quant_type, nested=nested, shape=(n, k))
+    return {
+        "x": torch.randn(m, k, generator=gen).to(dtype).to(device),
+        "weight": w["A"],
+        "quant_state": w["quant_state"],
+        "bias": torch.randn(n, generator=gen).to(dtype).to(device) if bias else None,
+    }
+
+
+def _lin_bias(kw: Call) -> torch.Tensor:
+    n, x = kw["quant_state"].shape[0], kw["x"]
+    return kw["bias"] if kw["bias"] is not None else torch.ones(n, dtype=x.dtype, device=x.device)
+
+
+LINEAR_4BIT_BAD = (
+    Bad("x-list", _set("x", lambda kw, d: kw["x"].tolist()), TypeError, "x"),
+    Bad("x-int32", _set("x", lambda kw, d: kw["x"].to(torch.int32)), TypeError, "x"),
+    Bad("x-K-mismatch", _set("x", lambda kw, d: kw["x"][:, :-2]), ValueError, "x"),
+    Bad("x-device", _set("x", lambda kw, d: kw["x"].to(elsewhere(d))), ValueError, "x"),
+    Bad("quant_state-missing", _set("quant_state", lambda kw, d: None), ValueError, "quant_state"),
+    Bad("bias-long", _set("bias", lambda kw, d: torch.cat([_lin_bias(kw), _lin_bias(kw)[:1]])), ValueError, "bias"),
+    Bad("bias-int", _set("bias", lambda kw, d: _lin_bias(kw).to(torch.int32)), TypeError, "bias"),
+    Bad("bias-device", _set("bias", lambda kw, d: _lin_bias(kw).to(elsewhere(d))), ValueError, "bias"),
+)
+
+
 CASES: dict[str, OpCase] = {
     case.name: case
     for case in (
@@ -772,6 +806,14 @@ CASES: dict[str, OpCase] = {
                 "absmax-bs256-out": {"form": "absmax", "out": True},
             },
             DEQUANTIZE_BLOCKWISE_BAD,
+        ),
+        OpCase(
+            "linear_4bit",
+            tritonbits.linear_4bit,
+            make_linear_4bit,
+            lambda r: (r,),
+            {"nf4-nested-bias": {}, "fp4-plain-nobias": {"quant_type": "fp4", "nested": False, "bias": False}},
+            LINEAR_4BIT_BAD,
         ),
     )
 }

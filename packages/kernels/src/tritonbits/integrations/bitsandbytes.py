@@ -135,7 +135,10 @@ class _Enabled:
             kernel = _get_kernel(qualname, key)
             keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
             self.originals[(op, key)] = functools.partial(kernel.call_boxed, keyset)  # type: ignore[attr-defined]
-            torch.library.register_kernel(qualname, device, fn, lib=self.lib)
+            # allow_override: bnb registered its CUDA kernels from Python, and torch 2.11 refuses a second Python
+            # registration for the same key unless asked (later torch allows it by default); destroying the
+            # fragment (disable) restores bnb's kernel underneath.
+            self.lib.impl(op, fn, key, allow_override=True)
 
     def served(self, t: torch.Tensor) -> bool:
         return t.device.type in self.devices
