@@ -311,8 +311,9 @@ def gemm_args(q, s, bias=None):
 @pytest.mark.parametrize("m", [1, 3, 2048])
 def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
     """matmul_4bit's op. Where bnb itself dequantizes and calls F.linear, tritonbits does the same with the
-    nested dequantize in one launch: equal to bnb bit for bit. Where bnb runs its fused kernel, bnb's runs
-    (linear_4bit not merged) or linear_4bit does (judged by the matmul policy: test_gemm_4bit_linear_4bit)."""
+    nested dequantize in one launch: equal to bnb bit for bit. Where bnb runs its fused kernel, decode="auto"
+    keeps it up to AUTO_BNB_DECODE_MAX_M rows and gives linear_4bit the rest (judged by the matmul policy;
+    forced at every M in test_gemm_4bit_linear_4bit)."""
     if device.type == "cpu" and m > 3:
         pytest.skip("large M: GPU only (the interpreter is slow)")
     x = weight(gen, device, out_dtype, (256, 128))
@@ -338,13 +339,14 @@ def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
     tb_bnb.enable(("cuda",) if device.type == "cuda" else ("cuda", "cpu"))
     got = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
     served = calls.n["dequantize_4bit"] + calls.n["linear_4bit"]
-    if device.type == "cuda" and hasattr(tritonbits, "linear_4bit"):
+    bnb_fused = device.type == "cuda" and tb_bnb._bnb_takes_fused_cuda(A, s.shape, 64)
+    if bnb_fused and m <= tb_bnb.AUTO_BNB_DECODE_MAX_M:
+        assert served == 0  # decode="auto" keeps bnb's fused kernel at small M
+    elif device.type == "cuda" and hasattr(tritonbits, "linear_4bit"):
         assert calls.n["linear_4bit"] == 1
         w = F.dequantize_4bit(q, s).to(out_dtype)
         assert_matmul(got, A, w, bias)
         return
-    if device.type == "cuda" and tb_bnb._bnb_takes_fused_cuda(A, s.shape, 64):
-        assert served == 0  # bnb's fused kernel
     else:
         assert calls.n["dequantize_4bit"] == 1
     assert_exact(got, want)
@@ -353,7 +355,9 @@ def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
 @needs_linear_4bit
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 8, 100, 2048])
-def test_gemm_4bit_linear_4bit(integration, calls, m, out_dtype, device, gen):
+def test_gemm_4bit_linear_4bit(served, calls, m, out_dtype, device, gen):
+    """decode="tritonbits": linear_4bit serves every M, bnb's fused kernel's range included."""
+    tb_bnb.enable(served, decode="tritonbits")
     x = weight(gen, device, out_dtype, (512, 256))
     q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
     A = torch.randn(m, 256, generator=gen).to(out_dtype).to(device)
@@ -366,7 +370,8 @@ def test_gemm_4bit_linear_4bit(integration, calls, m, out_dtype, device, gen):
 
 @needs_linear_4bit
 @pytest.mark.gpu
-def test_gemv_4bit_linear_4bit(integration, calls, out_dtype, device, gen):
+def test_gemv_4bit_linear_4bit(served, calls, out_dtype, device, gen):
+    tb_bnb.enable(served, decode="tritonbits")
     x = weight(gen, device, out_dtype, (512, 256))
     q, s = F.quantize_4bit(x, quant_type="nf4")
     A = torch.randn(1, 1, 256, generator=gen).to(out_dtype).to(device)
@@ -374,6 +379,42 @@ def test_gemv_4bit_linear_4bit(integration, calls, out_dtype, device, gen):
     assert calls.n["linear_4bit"] == 1
     tb_bnb.disable()
     assert_matmul(got.reshape(1, -1), A.reshape(1, -1), F.dequantize_4bit(q, s).to(out_dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["auto", "bnb"])
+def test_decode_keeps_bnb_fused_kernel(served, calls, decode, device, gen):
+    """decode="bnb" (any M) and "auto" (M <= AUTO_BNB_DECODE_MAX_M): where bnb runs its fused kernel, its kernel
+    runs, bit for bit; gemv_4bit likewise."""
+    x = weight(gen, device, torch.bfloat16, (512, 256))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(1, 256, generator=gen).to(torch.bfloat16).to(device)
+    assert tb_bnb._bnb_takes_fused_cuda(A, s.shape, 64)  # the case this test is about
+    args, kwargs = gemm_args(q, s)
+    want = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
+    q1, s1 = F.quantize_4bit(x, quant_type="nf4")
+    want_v = torch.ops.bitsandbytes.gemv_4bit(A, q1, list(s1.shape), s1.absmax, s1.code, 64)
+    tb_bnb.enable(served, decode=decode)
+    assert_exact(torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs), want)
+    assert_exact(torch.ops.bitsandbytes.gemv_4bit(A, q1, list(s1.shape), s1.absmax, s1.code, 64), want_v)
+    assert calls.total() == 0
+
+
+@pytest.mark.parametrize("decode", ["fast", None, 1, "BNB"])
+def test_enable_refuses_unknown_decode(decode):
+    with pytest.raises(ValueError, match="decode"):
+        tb_bnb.enable(("cuda",), decode=decode)
+    assert not tb_bnb.is_enabled()
+
+
+def test_enabled_restores_decode_choice(served):
+    tb_bnb.enable(served, decode="bnb")
+    with tb_bnb.enabled(served, decode="tritonbits"):
+        assert tb_bnb._active.decode == "tritonbits"
+    e = tb_bnb._active
+    assert e is not None and e.decode == "bnb"
+    tb_bnb.enable(served, decode="bnb")  # idempotent: the same fragment stays
+    assert tb_bnb._active is e
 
 
 def test_gemm_4bit_falls_back_on_what_tritonbits_refuses(served, calls, device, gen):

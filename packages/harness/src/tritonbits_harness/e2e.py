@@ -147,7 +147,11 @@ def _free() -> None:
 def _mode(name: str, devices: tuple[str, ...]):
     import tritonbits.integrations.bitsandbytes as tb_bnb
 
-    return tb_bnb.enabled(devices) if name == "tritonbits" else contextlib.nullcontext()
+    if name == "tritonbits":
+        return tb_bnb.enabled(devices)  # decode="auto": bnb's fused kernel where it measured faster
+    if name == "tritonbits_linear":
+        return tb_bnb.enabled(devices, decode="tritonbits")  # linear_4bit at every M
+    return contextlib.nullcontext()
 
 
 def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -335,15 +339,19 @@ class Run:
         for batch in a.batches:
             ids = torch.randint(3, self.cfg.vocab_size, (batch, a.prompt_len), generator=gen).to(self.device)
             row: dict = {}
-            for mode in ("bnb", "tritonbits"):
+            for mode in ("bnb", "tritonbits", "tritonbits_linear"):
+                model = self.models["bnb" if mode == "bnb" else "tritonbits"]
                 with _mode(mode, self.devices):
-                    s, tokens[mode, batch] = time_generate(self.models[mode], ids, a.new_tokens, self.device)
+                    s, tokens[mode, batch] = time_generate(model, ids, a.new_tokens, self.device)
                 row[f"{mode}_tok_s"] = batch * a.new_tokens / s
                 self.log(f"  decode batch {batch} {mode}: {row[f'{mode}_tok_s']:.1f} tok/s")
             div = first_divergence(tokens["bnb", batch], tokens["tritonbits", batch])
             row["first_divergence"] = div
             row["tokens_equal"] = all(d is None for d in div)
             row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
+            # enable(decode="tritonbits"): linear_4bit's decode kernel in every layer, for the record
+            row["linear_first_divergence"] = first_divergence(tokens["bnb", batch], tokens["tritonbits_linear", batch])
+            row["linear_speedup_vs_bnb"] = row["tritonbits_linear_tok_s"] / row["bnb_tok_s"]
             out[f"batch{batch}"] = row
             self.decode_ids = getattr(self, "decode_ids", {}) | {batch: ids}
         self.results["decode"] = out
@@ -534,6 +542,8 @@ def markdown_section(record: dict) -> list[str]:
     for key, row in r.get("decode", {}).items():
         if key.startswith("batch"):
             bf16 = f", bf16 {row['bf16_tok_s']:.1f}" if "bf16_tok_s" in row else ""
+            if "tritonbits_linear_tok_s" in row:
+                bf16 += f', tritonbits with decode="tritonbits" {row["tritonbits_linear_tok_s"]:.1f}'
             out.append(f"- decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}{bf16} "
                        f"tok/s; generated tokens equal: {row['tokens_equal']} (first divergence per row: "
                        f"{row['first_divergence']})")  # fmt: skip

@@ -19,10 +19,12 @@ path as three kernels (8-bit dequantize, add offset, 4-bit dequantize); loading 
 ``torch.library.Library`` fragment, and replaces ``bitsandbytes.functional.dequantize_4bit`` and
 ``quantize_4bit`` by functions that run tritonbits in one launch (two and a mean for the nested quantize).
 bnb's own kernel for each op and key is captured first (``torch.library.get_kernel``) and called for every
-case tritonbits does not serve; where bnb's CUDA ``gemm_4bit`` would run its fused kernel (small M), that
-kernel is called directly (bnb's ``_gemm_4bit_kernel_impl``, behind the same heuristic bnb applies) until
-``tritonbits.linear_4bit`` exists. ``disable()`` destroys the fragment (the dispatcher goes back to bnb's
-registrations) and puts bnb's functions back. Served, and what falls back: docs/integrations.md.
+case tritonbits does not serve. Where bnb's CUDA ``gemm_4bit`` would run its fused kernel (small M: decode),
+``enable(decode=...)`` chooses: "bnb" keeps bnb's kernel (called directly, ``_gemm_4bit_kernel_impl``, behind
+the same heuristic bnb applies), "tritonbits" runs ``tritonbits.linear_4bit``, "auto" (the default) takes the
+one measured faster at that M (``AUTO_BNB_DECODE_MAX_M``). ``disable()`` destroys the fragment (the
+dispatcher goes back to bnb's registrations) and puts bnb's functions back. Served, and what falls back:
+docs/integrations.md.
 
 CPU: the "cpu" device is served only under the Triton interpreter (TRITON_INTERPRET=1), where tritonbits runs
 on CPU tensors, and only when asked for (``enable(devices=("cuda", "cpu"))``): it exists so that CI runs the
@@ -113,9 +115,10 @@ class _Enabled:
     """One enable(): the library fragment holding the overrides, bnb's kernels they fall back to, and the
     functional attributes replaced."""
 
-    def __init__(self, bnb, devices: tuple[str, ...]):
+    def __init__(self, bnb, devices: tuple[str, ...], decode: str):
         self.bnb = bnb
         self.devices = devices
+        self.decode = decode
         self.lib = torch.library.Library("bitsandbytes", "FRAGMENT")
         self.originals: dict[tuple[str, str], object] = {}
         self.functional: dict[str, object] = {}
@@ -265,6 +268,28 @@ def _has_linear_4bit() -> bool:
     return hasattr(tritonbits, "linear_4bit")
 
 
+# NOTE: "auto" keeps bnb's fused kernel where bnb runs it at M <= 16: there tritonbits.linear_4bit measured slower
+# on the H100 (M=1 0.66-0.73x bnb, M=2-16 0.67-1.25x: docs/gpu-runs/logs/20261123T0430Z-nvidia-h100-linear4bit-
+# sweep.txt); above, linear_4bit's dequantize + cuBLAS path beats bnb's fused kernel (M=64: 97.6 vs 121.8 us,
+# M=256: 106.9 vs 132.6 us, K=4096 N=14336 bf16, issue #12's table).
+AUTO_BNB_DECODE_MAX_M = 16
+DECODE_CHOICES = ("auto", "bnb", "tritonbits")
+
+
+def _linear_decodes(e: _Enabled, A: torch.Tensor) -> bool:
+    """Whether tritonbits.linear_4bit takes a product bnb would give its fused small-M kernel (enable's decode)."""
+    if e.decode == "auto":
+        return A.numel() // A.shape[-1] > AUTO_BNB_DECODE_MAX_M
+    return e.decode == "tritonbits"
+
+
+def _bnb_decodes(e: _Enabled, A: torch.Tensor, shapeB, blocksize: int) -> bool:
+    """Whether bnb's own fused kernel runs this gemm_4bit: bnb would pick it, and the decode choice keeps it."""
+    if A.device.type != "cuda" or not A.numel() or not _bnb_takes_fused_cuda(A, shapeB, blocksize):
+        return False
+    return not (_has_linear_4bit() and _linear_decodes(e, A))
+
+
 def _bnb_takes_fused_cuda(A: torch.Tensor, shapeB, blocksize: int) -> bool:
     """bnb 0.50.2's own choice in its CUDA gemm_4bit between its fused kernel and dequantize + F.linear."""
     from bitsandbytes.backends.cuda import ops as cuda_ops
@@ -278,16 +303,15 @@ def _bnb_takes_fused_cuda(A: torch.Tensor, shapeB, blocksize: int) -> bool:
 
 def _op_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
                   absmax_offset=None):  # fmt: skip
-    cuda = A.device.type == "cuda"
-    linear = cuda and _has_linear_4bit()
-    # NOTE: checked first, before anything else costs host time: decode (small M) on CUDA is bnb's fused kernel
-    # until linear_4bit is merged, called directly as bnb's own gemm_4bit kernel does
-    if cuda and not linear and A.numel() and _bnb_takes_fused_cuda(A, shapeB, blocksize):
+    e = _require_active()
+    linear = A.device.type == "cuda" and _has_linear_4bit()
+    # checked first, before anything else costs host time: where bnb's fused decode kernel stays (enable's
+    # `decode`), it is called directly, as bnb's own gemm_4bit kernel does
+    if _bnb_decodes(e, A, shapeB, blocksize):
         from bitsandbytes.backends.cuda import ops as cuda_ops
 
         return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                                absmax_code, absmax_offset)  # fmt: skip
-    e = _require_active()
     ok = (A.numel() > 0 and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B) and len(shapeB) == 2
           and absmax.dtype == torch.float32 and absmax.is_contiguous()
           and (absmax_8bit is None or (absmax_8bit.dtype == torch.uint8 and absmax_8bit.is_contiguous()
@@ -305,7 +329,8 @@ def _op_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax
 def _op_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
     e = _require_active()
     if not (A.device.type == "cuda" and _has_linear_4bit() and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B)
-            and absmax.dtype == torch.float32 and absmax.is_contiguous() and len(shapeB) == 2):  # fmt: skip
+            and absmax.dtype == torch.float32 and absmax.is_contiguous() and len(shapeB) == 2 and A.numel()
+            and _linear_decodes(e, A)):  # fmt: skip
         return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
     quant_type = _quant_type_of(code)
     if quant_type is None:
@@ -430,20 +455,30 @@ def _check_devices(devices) -> tuple[str, ...]:
     return tuple(dict.fromkeys(devices))
 
 
-def enable(devices: Sequence[str] = ("cuda",)) -> None:
+def _check_decode(decode) -> str:
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}")
+    return decode
+
+
+def enable(devices: Sequence[str] = ("cuda",), decode: str = "auto") -> None:
     """Serve bitsandbytes' 4-bit ops and ``bitsandbytes.functional.dequantize_4bit`` / ``quantize_4bit`` with
-    tritonbits on ``devices`` ("cuda"; "cpu" only under the Triton interpreter). Idempotent: enabling again
-    with the same devices does nothing; with other devices, it re-enables with those. Raises ImportError when
-    bitsandbytes is missing and RuntimeError when its version is outside the tested range."""
+    tritonbits on ``devices`` ("cuda"; "cpu" only under the Triton interpreter). ``decode``: who runs a
+    ``gemm_4bit`` (or ``gemv_4bit``) where bnb would run its fused small-M kernel: "bnb" (its kernel),
+    "tritonbits" (``linear_4bit``) or "auto" (the one measured faster at that M: ``AUTO_BNB_DECODE_MAX_M``).
+    Idempotent: enabling again with the same arguments does nothing; with others, it re-enables with those.
+    Raises ImportError when bitsandbytes is missing and RuntimeError when its version is outside the tested
+    range."""
     global _active
     devices = _check_devices(devices)
+    decode = _check_decode(decode)
     bnb = _import_bnb()
     with _lock:
         if _active is not None:
-            if _active.devices == devices:
+            if _active.devices == devices and _active.decode == decode:
                 return
             _disable_locked()
-        e = _Enabled(bnb, devices)
+        e = _Enabled(bnb, devices, decode)
         try:
             for op, fn in _OPS.items():
                 e.register(op, fn)
@@ -492,18 +527,28 @@ def served_devices() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def enabled(devices: Sequence[str] = ("cuda",)) -> Iterator[None]:
+def enabled(devices: Sequence[str] = ("cuda",), decode: str = "auto") -> Iterator[None]:
     """``with enabled(): ...``: tritonbits serves bnb inside the block; on exit the state before it comes back
-    (disabled, or enabled with the devices it had)."""
-    before = served_devices()
-    enable(devices)
+    (disabled, or enabled with the devices and decode choice it had)."""
+    e = _active
+    before = None if e is None else (e.devices, e.decode)
+    enable(devices, decode)
     try:
         yield
     finally:
         if before:
-            enable(before)
+            enable(*before)
         else:
             disable()
 
 
-__all__ = ["TESTED_RANGE", "disable", "enable", "enabled", "is_enabled", "served_devices"]
+__all__ = [
+    "AUTO_BNB_DECODE_MAX_M",
+    "DECODE_CHOICES",
+    "TESTED_RANGE",
+    "disable",
+    "enable",
+    "enabled",
+    "is_enabled",
+    "served_devices",
+]
