@@ -168,6 +168,7 @@ SMALL = {
     "quantize_4bit": [(1,), (5,), (3, 1025), (130, 64)],
     "quantize_blockwise": [(1,), (5,), (3, 1025)],
     "dequantize_blockwise": [(1,), (5,), (3, 1025)],
+    "linear_4bit": [(1, 64, 1), (1, 192, 33), (3, 128, 17), (17, 320, 65)],  # (M, K, N): gemv, gemm, odd N
 }
 
 
