@@ -37,10 +37,9 @@ def main() -> int:
     args = parser.parse_args()
     table = b8.dynamic_table()
     code = formats.dynamic_code().numpy()
-    if args.range == "all":
-        spans = [(0, 1 << 32)]
-    else:  # [+0, 1.0] and [-0, -1.0] by bit pattern
-        spans = [(0, 0x3F800001), (0x80000000, 0x80000000 + 0x3F800001)]
+    # unit: [+0, 1.0] and [-0, -1.0] by bit pattern
+    unit = [(0, 0x3F800001), (0x80000000, 0x80000000 + 0x3F800001)]
+    spans = [(0, 1 << 32)] if args.range == "all" else unit
     start, bad, done = time.perf_counter(), 0, 0
     total = sum(b - a for a, b in spans)
     for lo, hi in spans:

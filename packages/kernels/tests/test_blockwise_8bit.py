@@ -83,7 +83,7 @@ def _table_probe_values() -> torch.Tensor:
     near += [torch.nextafter(near[1], up), torch.nextafter(near[2], down)]
     special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-30, -1e-30, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38,
                             float("inf"), float("-inf"), float("nan")])  # fmt: skip
-    return torch.cat(near + [special, -torch.tensor(float("nan")).reshape(1)])
+    return torch.cat([*near, special, -torch.tensor(float("nan")).reshape(1)])
 
 
 def _table_encode_host(x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,9 @@ def test_table_encoder_exhaustive_edges_and_dense_sample(gen):
     want = torch.from_numpy(R.quantize_cuda.dquantize(formats.dynamic_code().numpy(), x.numpy()).astype(np.int32))
     got = _table_encode_host(x)
     bad = (got != want).nonzero().flatten()
-    assert bad.numel() == 0, f"first mismatches at x={x[bad[:5]].tolist()}: {got[bad[:5]].tolist()} vs {want[bad[:5]].tolist()}"
+    assert bad.numel() == 0, (
+        f"first mismatches at x={x[bad[:5]].tolist()}: {got[bad[:5]].tolist()} vs {want[bad[:5]].tolist()}"
+    )
 
 
 def test_table_kernel_on_edges(device):

@@ -108,10 +108,7 @@ def _quantize_blockwise_kernel(
     block = tl.program_id(0).to(tl.int64) * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
     scaled = x * reciprocal(absmax, RCP)[:, None]
-    if TABLE:
-        q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG)
-    else:
-        q = dquantize_8bit(scaled, code_ptr)
+    q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG) if TABLE else dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
 
 
