@@ -75,7 +75,7 @@ def dquantize_8bit(x, code_ptr):
 
 @triton.jit
 def encode_8bit_table(x, table_ptr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr):
-    """dQuantize<0> with the dynamic code as one table load and one compare (see the module doc, "table"):
+    """dQuantize<0> with the dynamic code as one table load and one compare (table: dynamic_table below):
     key = clamp(|bits|, LO, HI) - LO, complemented for negative x (an int32 monotone in x); the entry of
     bucket key >> SHIFT holds the count of thresholds in lower buckets (low 8 bits) and the low SHIFT bits
     of the bucket's one threshold key (2**SHIFT - 1 if none). NaN: index 0."""

@@ -48,8 +48,8 @@ from .blockwise_8bit import FLT_MAX, block_absmax
 # the absmax). Measured with the bucket encoder only (H100, docs/kernels/quantize_4bit.md): 54-56% of copy for
 # bf16 plain, 83% for fp32; TILE, warps and the compare encoder were not swept.
 TILE = 4096
-# NOTE: "round" (one 8-byte table entry a value, no float->int conversion) compiles to about a third of the
-# SASS of "bucket" for bf16 NF4 (sm90, ci/quantize_probe.py --sass): see docs/kernels/quantize_4bit.md.
+# NOTE: "round" (one 8-byte table entry a value, no float->int conversion) compiles to ~half the SASS of
+# "bucket" for bf16 NF4 (sm90 offline compile, counts in docs/kernels/quantize_4bit.md); GPU: ci/quantize_probe.py.
 ENCODER_DEFAULT = "round"
 ENCODERS = ("round", "bucket", "compare")
 BUCKETS_PER_UNIT = 16  # K: a power of two, so fl(s + 1) * K is exact; bucket width 1/16 < every threshold gap
