@@ -69,6 +69,85 @@ def test_search_edges(device):
     assert_exact(state.absmax, want_absmax.to(device))
 
 
+def _table_probe_values() -> torch.Tensor:
+    """Every threshold of dQuantize<0> and every bucket edge of the table encoder, each with its two fp32
+    neighbours on both sides, both signs of the edges, and the specials."""
+    from tritonbits.ops import blockwise_8bit as b8
+
+    t = b8.dquantize_thresholds(formats.dynamic_code())
+    edges = torch.arange(b8.TABLE_LO, b8.TABLE_HI + (1 << b8.TABLE_SHIFT), 1 << b8.TABLE_SHIFT, dtype=torch.int32)
+    edges = edges.view(torch.float32)
+    pts = torch.cat([t, edges, -edges])
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    near = [pts, torch.nextafter(pts, up), torch.nextafter(pts, down)]
+    near += [torch.nextafter(near[1], up), torch.nextafter(near[2], down)]
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-30, -1e-30, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38,
+                            float("inf"), float("-inf"), float("nan")])  # fmt: skip
+    return torch.cat([*near, special, -torch.tensor(float("nan")).reshape(1)])
+
+
+def _table_encode_host(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's encode_8bit_table, op for op, on the host."""
+    from tritonbits.ops import blockwise_8bit as b8
+
+    table = b8.dynamic_table()
+    key = b8.table_key(x)
+    entry = table[((key >> b8.TABLE_SHIFT) + b8.TABLE_NEG).long()]
+    code = (entry & 0xFF) + ((key & ((1 << b8.TABLE_SHIFT) - 1)) > (entry >> 8)).to(torch.int32)
+    return torch.where(x != x, 0, code)
+
+
+def test_table_encoder_exhaustive_edges_and_dense_sample(gen):
+    """The table encoder (host emulation of its integer ops) equals the oracle's binary search on every
+    threshold and bucket edge +-2 ulps, and on 2**22 random fp32 bit patterns (NaN, Inf, |x| > 1 included) plus
+    2**21 uniform values in [-1, 1]. Monotone step functions that agree at every step and edge agree
+    everywhere; ci/quantize_table_sweep.py checks all 2**32 bit patterns offline."""
+    import numpy as np
+
+    bits = torch.randint(-(2**31), 2**31, (2**22,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([_table_probe_values(), bits.view(torch.float32), torch.rand(2**21, generator=gen) * 2 - 1])
+    want = torch.from_numpy(R.quantize_cuda.dquantize(formats.dynamic_code().numpy(), x.numpy()).astype(np.int32))
+    got = _table_encode_host(x)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, (
+        f"first mismatches at x={x[bad[:5]].tolist()}: {got[bad[:5]].tolist()} vs {want[bad[:5]].tolist()}"
+    )
+
+
+def test_table_kernel_on_edges(device):
+    """The kernel's table encoder (not the emulation) on the thresholds and bucket edges: absmax of every block
+    is exactly 1 (its first value), so the scaled value is x (NaN and Inf left out: they change the absmax)."""
+    from tritonbits.ops import blockwise_8bit as b8
+
+    values = _table_probe_values()
+    values = values[values.isfinite() & (values.abs() <= 1)]
+    per_block = 63
+    blocks = -(-values.numel() // per_block)
+    padded = torch.cat([values, torch.zeros(blocks * per_block - values.numel())]).reshape(blocks, per_block)
+    x = torch.cat([torch.ones(blocks, 1), padded], dim=1).reshape(-1).to(device)
+    code = formats.code_table("dynamic", device)
+    for encoder in ("table", "search"):
+        out = torch.empty(x.numel(), dtype=torch.uint8, device=device)
+        absmax = torch.empty(blocks, device=device)
+        b8.launch_quantize(x, code, out, absmax, 64, encoder=encoder)
+        want_q, want_absmax, *_ = expected_quantize(x, device, 64)
+        assert_exact(out, want_q.to(device))
+        assert_exact(absmax, want_absmax.to(device))
+
+
+def test_table_is_used_for_the_dynamic_code_only(device):
+    from tritonbits.ops import blockwise_8bit as b8
+
+    x = torch.randn(300, device=device)
+    out, absmax = torch.empty(300, dtype=torch.uint8, device=device), torch.empty(5, device=device)
+    dyn = formats.code_table("dynamic", device)
+    assert b8.plan_quantize(x, dyn, out, absmax, 64)[2]["TABLE"]
+    assert not b8.plan_quantize(x, dyn.clone(), out, absmax, 64)[2]["TABLE"]
+    assert not b8.plan_quantize(x, dyn, out, absmax, 64, encoder="search")[2]["TABLE"]
+    with pytest.raises(ValueError, match="encoder"):
+        b8.plan_quantize(x, dyn.clone(), out, absmax, 64, encoder="table")
+
+
 def test_oracle_search_is_nearest_code():
     """The oracle's binary search picks a nearest code entry for ordinary values (so it is not vacuous)."""
     code = formats.dynamic_code().numpy()

@@ -86,19 +86,33 @@ def adversarial(device) -> torch.Tensor:
     return torch.cat([torch.ones(blocks, 1), padded], dim=1).reshape(-1).to(device)
 
 
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "split"])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("encoder", q4.ENCODERS)
 @pytest.mark.parametrize("quant_type", R.QUANT_TYPES)
-def test_encoders_on_thresholds(encoder, quant_type, device):
-    """Both encoders (bucket table, 15/7 compares) give bnb's decision-tree code on every threshold and its
-    fp32 neighbours, signed zeros, tiny values and NaN."""
-    x = adversarial(device)
+def test_encoders_on_thresholds(encoder, quant_type, in_dtype, pairs, device):
+    """Every encoder (round table, bucket table, 15/7 compares), reading pairs as words or splitting a tile,
+    gives bnb's decision-tree code on every threshold and its fp32 neighbours, signed zeros, tiny values and
+    NaN (16-bit input: those values rounded to the dtype)."""
+    x = adversarial(device).to(in_dtype)
     n = x.numel()
     packed = torch.full(((n + 1) // 2,), 0xAB, dtype=torch.uint8, device=device)
     absmax = torch.full((n // 64,), float("nan"), device=device)
-    q4.launch(x, packed, absmax, 64, quant_type, encoder=encoder)
+    q4.launch(x, packed, absmax, 64, quant_type, encoder=encoder, pairs=pairs)
     want_packed, want = R.quantize_4bit_cuda(x.cpu(), blocksize=64, quant_type=quant_type)
     assert_exact(absmax.cpu(), want.absmax)
     assert_exact(packed.cpu(), want_packed.reshape(-1))
+
+
+def test_round_table_holds_one_threshold_each():
+    for quant_type in R.QUANT_TYPES:
+        table = q4.round_table(quant_type)
+        thr = (table & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+        pair = table >> 32
+        want = formats.NF4_THRESHOLDS if quant_type == "nf4" else formats.FP4_THRESHOLDS
+        assert torch.equal(thr[torch.isfinite(thr)].flip(0), torch.tensor(want, dtype=torch.float32))
+        assert (pair & 0xFF).max() < 16 and (pair >> 8).max() < 16
+        assert table.numel() == (17 if quant_type == "fp4" else 33)
 
 
 def test_bucket_tables_hold_one_threshold_each():
@@ -300,6 +314,28 @@ def test_both_encoders_equal_bnb_on_large_inputs(encoder, device, gen):
     for quant_type in R.QUANT_TYPES:
         x = (torch.randn(8192, 4096 + 64, generator=gen) * 7).to(torch.bfloat16).to(device)
         packed = torch.empty((x.numel() + 1) // 2, dtype=torch.uint8, device=device)
+        absmax = torch.empty(x.numel() // 64, device=device)
+        q4.launch(x.view(-1), packed, absmax, 64, quant_type, encoder=encoder)
+        want_packed, want = F.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+        assert_exact(packed, want_packed.view(-1))
+        assert_exact(absmax, want.absmax)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("encoder", q4.ENCODERS)
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
+def test_encoders_on_subnormal_blocks(encoder, in_dtype, device, gen):
+    """Blocks whose absmax is below 2**-126 (bf16) or tiny (fp16): rcp.approx.ftz makes 1/absmax inf, so the
+    scaled values are +-inf and NaN (the round encoder's clamps), as in bnb."""
+    import bitsandbytes.functional as F
+
+    tiny = 1e-39 if in_dtype == torch.bfloat16 else 1e-7
+    x = torch.randn(64, 64, generator=gen) * tiny
+    x[::3] = torch.randn(22, 64, generator=gen)
+    x[1, :5] = 0.0
+    x = x.to(in_dtype).to(device)
+    for quant_type in R.QUANT_TYPES:
+        packed = torch.empty(x.numel() // 2, dtype=torch.uint8, device=device)
         absmax = torch.empty(x.numel() // 64, device=device)
         q4.launch(x.view(-1), packed, absmax, 64, quant_type, encoder=encoder)
         want_packed, want = F.quantize_4bit(x, blocksize=64, quant_type=quant_type)

@@ -34,6 +34,10 @@ FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exac
 # search is the limit), dequantize 91.6-97.1% at 2^26+ elements; not swept.
 TILE = 4096
 DEQUANT_TILE = 2048
+# NOTE: small launches (the nested absmax of quantize_4bit: 262K values at 4096x4096, blocksize 256) take
+# fewer rows a program until there are MIN_PROGRAMS programs (at 16 rows, 64 programs for 132 SMs). Not
+# measured yet: ci/quantize_probe.py times the nested path's steps.
+MIN_PROGRAMS = 1024
 
 
 @triton.jit
@@ -70,13 +74,28 @@ def dquantize_8bit(x, code_ptr):
 
 
 @triton.jit
+def encode_8bit_table(x, table_ptr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr):
+    """dQuantize<0> with the dynamic code as one table load and one compare (table: dynamic_table below):
+    key = clamp(|bits|, LO, HI) - LO, complemented for negative x (an int32 monotone in x); the entry of
+    bucket key >> SHIFT holds the count of thresholds in lower buckets (low 8 bits) and the low SHIFT bits
+    of the bucket's one threshold key (2**SHIFT - 1 if none). NaN: index 0."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = (tl.minimum(tl.maximum(bits & 0x7FFFFFFF, LO), HI) - LO) ^ (bits >> 31)
+    entry = tl.load(table_ptr + ((key >> SHIFT) + NEG))
+    code = (entry & 0xFF) + ((key & ((1 << SHIFT) - 1)) > (entry >> 8)).to(tl.int32)
+    return tl.where(x != x, 0, code)
+
+
+@triton.jit
 def _quantize_blockwise_kernel(
     x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
+    TABLE: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks of BLOCKSIZE values (int64 base, int32 within the tile).
     SUB_OFFSET: quantize fl(x - offset[0]) instead of x (the nested step's `absmax - mean`, one fp32 rounding
-    as torch's subtraction)."""
+    as torch's subtraction). TABLE: code_ptr is the dynamic code's bucket table (encode_8bit_table), else the
+    256-entry code itself (bnb's binary search)."""
     base = tl.program_id(0).to(tl.int64) * (ROWS * BLOCKSIZE)
     rows = tl.arange(0, ROWS)
     local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -89,7 +108,7 @@ def _quantize_blockwise_kernel(
     block = tl.program_id(0).to(tl.int64) * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
     scaled = x * reciprocal(absmax, RCP)[:, None]
-    q = dquantize_8bit(scaled, code_ptr)
+    q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG) if TABLE else dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
 
 
@@ -126,26 +145,101 @@ def rcp_mode(device: torch.device, rcp: str | None = None) -> str:
     return "plain" if device.type != "cuda" else RCP_GPU
 
 
+# ---------------------------------------------------------------------------------------------------
+# The dynamic code's bucket table (encode_8bit_table). NOTE: SHIFT=17 is the largest shift that keeps one
+# threshold a bucket (64 buckets an octave; the thresholds of [0.1, 1] are 0.0141 apart, a bucket of [0.5, 1)
+# is 2**-7 wide): 2946 int32 entries, 11.5 KiB.
+TABLE_SHIFT = 17
+TABLE_LO = 0x34000000  # 2**-23: every |x| below it has the code of 0 (the smallest |threshold| is 2.7e-7)
+TABLE_HI = 0x3F800000  # 1.0: every threshold lies below it, so larger |x| clamp to it
+TABLE_NEG = ((TABLE_HI - TABLE_LO) >> TABLE_SHIFT) + 1  # buckets of negative keys
+
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def dquantize_thresholds(code: torch.Tensor) -> torch.Tensor:
+    """The 255 fp32 thresholds t of bnb's dQuantize<0> on a sorted code of distinct values: the index chosen for
+    x is #{k : x > t[k]} (NaN: 0). The search ends on an even pivot p with code[p-1] < x <= code[p+1] (the
+    in-order neighbours of a leaf are its ancestors) and picks by the fp32 midpoint m[k] = fl(code[k] +
+    code[k+1]) * 0.5: a tie goes to the even index, so t[k] = m[k] for even k and the fp32 just below m[k] for
+    odd k (x >= m[k] there)."""
+    mids = (code[:-1] + code[1:]) * 0.5
+    below = torch.nextafter(mids, torch.tensor(float("-inf")))
+    return torch.where(torch.arange(255) % 2 == 1, below, mids)
+
+
+def table_key(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's int32 key of fp32 values, with the same integer operations (monotone in x)."""
+    bits = x.view(torch.int32)
+    return ((bits & 0x7FFFFFFF).clamp(TABLE_LO, TABLE_HI) - TABLE_LO) ^ (bits >> 31)
+
+
+def dynamic_table() -> torch.Tensor:
+    """int32[2 * TABLE_NEG] on the CPU: per bucket b (key >> TABLE_SHIFT, offset by TABLE_NEG), the number of
+    thresholds in lower buckets | (the low TABLE_SHIFT bits of its one threshold's key, or all ones) << 8."""
+    code = formats.dynamic_code()
+    if not bool((code[1:] > code[:-1]).all()):
+        raise AssertionError("the dynamic code must be sorted and distinct")
+    t = dquantize_thresholds(code)
+    if not bool((t.abs().view(torch.int32) > TABLE_LO).all() and (t.abs().view(torch.int32) < TABLE_HI).all()):
+        raise AssertionError("a threshold lies outside the table's clamp range")
+    key = table_key(t)
+    buckets = (key >> TABLE_SHIFT) + TABLE_NEG
+    if not bool((buckets[1:] > buckets[:-1]).all()):
+        raise AssertionError(f"two thresholds share a bucket at TABLE_SHIFT={TABLE_SHIFT}")
+    mask = (1 << TABLE_SHIFT) - 1
+    nb = 2 * TABLE_NEG
+    low = torch.full((nb,), mask, dtype=torch.int64)
+    low[buckets.long()] = (key & mask).long()
+    base = torch.searchsorted(buckets.long(), torch.arange(nb), right=False)  # thresholds in lower buckets
+    return (base | low << 8).to(torch.int32)
+
+
+def table_for(code: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The bucket table when `code` is tritonbits' own dynamic code tensor on `device` (the default), else None
+    (another code, or a copy: the binary search, whose result for any code is bnb's)."""
+    if code is not formats.code_table("dynamic", device):
+        return None
+    table = _TABLES.get(device)
+    if table is None:
+        table = _TABLES[device] = dynamic_table().to(device)
+    return table
+
+
 _quantize_launcher = CachedLauncher(_quantize_blockwise_kernel)
 _dequantize_launcher = CachedLauncher(_dequantize_blockwise_kernel)
 
 
-def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None):
+def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None,
+                  encoder: str | None = None):  # fmt: skip
+    """encoder: "table" (the default where `code` is the dynamic code) or "search"."""
     n = x.numel()
     rows = max(TILE // blocksize, 1)
+    while rows > 1 and triton.cdiv(n, rows * blocksize) < MIN_PROGRAMS:
+        rows //= 2
     grid = (triton.cdiv(n, rows * blocksize), 1, 1)
-    args = (x, offset if offset is not None else absmax, code, out, absmax, n, triton.cdiv(n, blocksize))
+    table = table_for(code, x.device) if encoder in (None, "table") else None
+    if encoder == "table" and table is None:
+        raise ValueError("encoder='table' needs the dynamic code (formats.code_table('dynamic', device))")
+    if encoder not in (None, "table", "search"):
+        raise ValueError(f"encoder must be 'table' or 'search', got {encoder!r}")
+    args = (x, offset if offset is not None else absmax, code if table is None else table, out, absmax, n,
+            triton.cdiv(n, blocksize))  # fmt: skip
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
-                  "RCP": rcp_mode(x.device, rcp)}  # fmt: skip
-    return grid, args, constexprs, {"num_warps": 4 if rows * blocksize <= 4096 else 8}
+                  "RCP": rcp_mode(x.device, rcp), "TABLE": table is not None, "LO": TABLE_LO, "HI": TABLE_HI,
+                  "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG}  # fmt: skip
+    tile = rows * blocksize
+    return grid, args, constexprs, {"num_warps": 2 if tile <= 1024 else 4 if tile <= 4096 else 8}
 
 
-def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel=None, rcp=None) -> None:
+def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel=None, rcp=None,
+                    encoder=None) -> None:  # fmt: skip
     """Quantize the flat contiguous `x` into `out` (uint8, x.numel()) and `absmax` (fp32, one per block):
-    validated arguments. `offset` (0-d fp32): quantize x - offset. `kernel`: the wrap_triton'd kernel."""
+    validated arguments. `offset` (0-d fp32): quantize x - offset. `kernel`: the wrap_triton'd kernel.
+    `encoder`: see plan_quantize (for the probe and tests)."""
     if x.numel() == 0:
         return
-    grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset, rcp)
+    grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset, rcp, encoder)
     if kernel is not None:
         kernel[grid](*args, **constexprs, **options)
     else:

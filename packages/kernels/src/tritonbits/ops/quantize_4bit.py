@@ -11,7 +11,11 @@ CUDA: NaN gets code 0 (every comparison is false); a zero block has absmax 0, r 
 all its codes are 0 (NF4 code 0 is -1.0: it dequantizes to -0.0); an Inf makes r = 0, its own code 0 (inf * 0
 = NaN) and the rest of its block the code of 0 (-0.0 gets no FP4 sign bit: -0.0 < 0 is false).
 
-Encoders (constexpr ENCODER, both exact, both tested equal): "compare" counts thresholds with 15 (NF4) or 7
+Encoders (constexpr ENCODER, all exact, all tested equal). "round" (default): the bucket is the bit pattern of
+v = fl(1.5 * 2**23 + K - K * s) (FP4: of |s|), an fp32 whose ulp is 1, so the add itself rounds to an
+integer bucket with no float->int conversion, clamped (min first, so NaN lands in the lowest-code bucket);
+one int64 entry per bucket holds its threshold and the code pair: one 8-byte load, one compare, one select.
+"compare" counts thresholds with 15 (NF4) or 7
 (FP4) compares per value; "bucket" looks the count up: b = clamp(floor(fl(s + 1) * 16)) (NF4; FP4 uses
 floor(|s| * 16)), then count = base[b] + (s > thr[b]), where the host table (built once per device from the
 same thresholds with the same fp32 ops) holds, per bucket, the number of thresholds in lower buckets and
@@ -38,15 +42,24 @@ from .._launcher import CachedLauncher
 from .._triton_helpers import reciprocal
 from ..quant_state import NestedState, QuantState, check_tensor
 from . import blockwise_8bit as b8
-from .blockwise_8bit import block_absmax
+from .blockwise_8bit import FLT_MAX, block_absmax
 
 # NOTE: a program quantizes max(1, TILE // blocksize) whole blocks (one row each, one row reduction for
 # the absmax). Measured with the bucket encoder only (H100, docs/kernels/quantize_4bit.md): 54-56% of copy for
 # bf16 plain, 83% for fp32; TILE, warps and the compare encoder were not swept.
 TILE = 4096
-ENCODER_DEFAULT = "bucket"
-ENCODERS = ("bucket", "compare")
+# NOTE: "round" (one 8-byte table entry a value, no float->int conversion) compiles to ~half the SASS of
+# "bucket" for bf16 NF4 (sm90 offline compile, counts in docs/kernels/quantize_4bit.md); GPU: ci/quantize_probe.py.
+ENCODER_DEFAULT = "round"
+ENCODERS = ("round", "bucket", "compare")
 BUCKETS_PER_UNIT = 16  # K: a power of two, so fl(s + 1) * K is exact; bucket width 1/16 < every threshold gap
+# "round": v = fl(MAGIC + K * (1 - s)) (FP4: of |s|, MAGIC + K - K * |s|); fl() rounds to an integer because
+# MAGIC = 1.5 * 2**23 (ulp 1), so v's bit pattern minus MAGIC's is round(K * (1 - s)) + K0, monotone
+# (decreasing) in s. K * s is exact (K a power of two), so the product and the sum round once whether or not
+# they are fused into an FMA: the host builds its table with the same operations.
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+ROUND_MAGIC_BITS = 0x4B400000
+MAGIC_BITS: tl.constexpr = tl.constexpr(ROUND_MAGIC_BITS)
 
 
 @triton.jit
@@ -74,35 +87,86 @@ def encode_4bit(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr,
 
 
 @triton.jit
+def encode_4bit_round(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr):
+    """4-bit codes (int32) of fp32 scaled values s with the int64 "round" table (round_table): the scalar
+    base tab_ptr - MAGIC_BITS is indexed by the rounded float's bit pattern directly. Entry e:
+    low 32 bits the bucket's threshold (fp32; +inf if none), high 32 bits the code pair (not above | above << 8).
+    The clamps run min first: NaN -> the last bucket (s = -1, whose lower code is 0) and s = +inf (an fp32
+    absmax below 2**-126, flushed by rcp.approx) -> bucket 0 (s = +1)."""
+    a = tl.abs(s) if FP4 else s
+    v = tl.maximum(tl.minimum(MAGIC + K - a * K, MAGIC + NB - 1.0), MAGIC)
+    e = tl.load((tab_ptr - MAGIC_BITS) + v.to(tl.int32, bitcast=True))
+    thr = e.to(tl.int32).to(tl.float32, bitcast=True)
+    pair = (e >> 32).to(tl.int32)
+    code = tl.where(a > thr, pair >> 8, pair) & 0xF
+    if FP4:
+        code = code | tl.where(s < 0, 8, 0)
+    return code
+
+
+@triton.jit
+def encode_any(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr, N_THR: tl.constexpr,
+               K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
+    if ENCODER == "round":
+        return encode_4bit_round(s, thr_ptr, FP4, K, NB, MAGIC)
+    else:
+        return encode_4bit(s, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
+
+
+@triton.jit
 def _quantize_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, thr_ptr, codes_ptr,
     n_elements, n_bytes, n_bytes_alloc, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, ENCODER: tl.constexpr,
-    N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, RCP: tl.constexpr,
+    N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, RCP: tl.constexpr, PAIRS: tl.constexpr,
+    IN_BF16: tl.constexpr, MAGIC: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks: ROWS x BLOCKSIZE values in, ROWS x BLOCKSIZE/2 bytes and ROWS
     absmax out. int64 base per program, int32 within the tile. Bytes in [n_bytes, n_bytes_alloc) (the
-    padding of a quant_storage wider than a byte) are written as 0."""
+    padding of a quant_storage wider than a byte) are written as 0.
+    PAIRS: x_ptr is an integer view of the input with one element pair (2j, 2j+1) a word (n even, aligned),
+    so that each thread's words map to its output bytes without a layout change; IN_BF16 / fp16 / fp32 by the
+    word width. Else x_ptr is the float input (any n) and the pairs are split from a [ROWS, HALF, 2] tile."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(0).to(tl.int64)
-    base = pid * (ROWS * BLOCKSIZE)
     rows = tl.arange(0, ROWS)
-    local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    left = tl.minimum(n_elements - base, ROWS * BLOCKSIZE).to(tl.int32)
-    x = tl.load(x_ptr + base + local, mask=local < left, other=0.0).to(tl.float32)
+    byte_local = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte_base = pid * (ROWS * HALF)
+    if PAIRS:
+        # word j holds elements 2j (low half, little-endian) and 2j + 1; n even, so words = n // 2 = n_bytes
+        w = tl.load(
+            x_ptr + byte_base + byte_local,
+            mask=byte_local < tl.minimum(n_bytes - byte_base, ROWS * HALF).to(tl.int32),
+            other=0,
+        )
+        if w.dtype == tl.int64:
+            even = w.to(tl.int32).to(tl.float32, bitcast=True)
+            odd = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        elif IN_BF16:
+            even = (w << 16).to(tl.float32, bitcast=True)
+            odd = (w & -65536).to(tl.float32, bitcast=True)
+        else:
+            even = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        # NaN ignored by max (maxnum on the GPU, nanmax in the interpreter); a row of NaN only gives NaN,
+        # which the outer maximum turns into -FLT_MAX (bnb's starting value)
+        absmax = tl.maximum(tl.max(tl.maximum(tl.abs(even), tl.abs(odd)), axis=1), -FLT_MAX)
+    else:
+        base = pid * (ROWS * BLOCKSIZE)
+        local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        left = tl.minimum(n_elements - base, ROWS * BLOCKSIZE).to(tl.int32)
+        x = tl.load(x_ptr + base + local, mask=local < left, other=0.0).to(tl.float32)
+        absmax = block_absmax(x)
+        even, odd = tl.split(tl.reshape(x, (ROWS, HALF, 2)))
 
-    absmax = block_absmax(x)
     block = pid * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
 
-    scaled = x * reciprocal(absmax, RCP)[:, None]
-    even, odd = tl.split(tl.reshape(scaled, (ROWS, HALF, 2)))
-    hi = encode_4bit(even, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
-    lo = encode_4bit(odd, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
+    r = reciprocal(absmax, RCP)[:, None]
+    hi = encode_any(even * r, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC)
+    lo = encode_any(odd * r, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC)
     packed = ((hi << 4) | lo).to(tl.uint8)
 
-    byte_local = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte_base = pid * (ROWS * HALF)
     packed = tl.where(byte_local < tl.minimum(n_bytes - byte_base, ROWS * HALF).to(tl.int32), packed, 0)
     alloc_left = tl.minimum(n_bytes_alloc - byte_base, ROWS * HALF).to(tl.int32)
     tl.store(packed_ptr + byte_base + byte_local, packed, mask=byte_local < alloc_left)
@@ -140,17 +204,52 @@ def bucket_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return thr, pair
 
 
+def round_bucket(v: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The "round" encoder's bucket of fp32 values v (|v| for FP4) in [-1, 1], with the kernel's fp32 ops."""
+    k = float(BUCKETS_PER_UNIT)
+    a = v.abs() if quant_type == "fp4" else v
+    u = torch.tensor(ROUND_MAGIC + k, dtype=torch.float32) - a * k
+    return u.view(torch.int32) - ROUND_MAGIC_BITS
+
+
+def round_table(quant_type: str) -> torch.Tensor:
+    """int64[NB] on the CPU for encode_4bit_round: per bucket b (b = round(K * (1 - s)), decreasing in s; NB =
+    2K + 1 for NF4, K + 1 for FP4 on |s|), low 32 bits: the fp32 bits of its one threshold (+inf if none); high
+    32 bits: code(base) | code(base + 1) << 8, base = #thresholds in higher buckets (all below every value of
+    the bucket, since the bucket function decreases)."""
+    fp4 = quant_type == "fp4"
+    thresholds = torch.tensor(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS, dtype=torch.float32)
+    rank_codes = list(formats.FP4_RANK_CODES) if fp4 else list(range(16))
+    nb = BUCKETS_PER_UNIT + 1 if fp4 else 2 * BUCKETS_PER_UNIT + 1
+    buckets = round_bucket(thresholds, quant_type).tolist()
+    if len(set(buckets)) != len(buckets) or not all(0 <= b < nb for b in buckets):
+        raise AssertionError(f"{quant_type}: thresholds share a bucket or leave the table: {buckets}")
+    thr = torch.full((nb,), float("inf"), dtype=torch.float32)
+    pair = torch.empty(nb, dtype=torch.int64)
+    for b in range(nb):
+        base = sum(1 for t in buckets if t > b)
+        if b in buckets:
+            thr[b] = thresholds[buckets.index(b)]
+        above = rank_codes[base + 1] if base + 1 < len(rank_codes) else 0
+        pair[b] = rank_codes[base] | above << 8
+    return (thr.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) | (pair << 32)
+
+
 def encoder_tables(quant_type: str, encoder: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(thr, codes) kernel arguments; for "round" both are the one int64 table."""
     key = (quant_type, encoder, device)
     tables = _TABLES.get(key)
     if tables is None:
-        if encoder == "bucket":
+        if encoder == "round":
+            thr = codes = round_table(quant_type)
+        elif encoder == "bucket":
             thr, codes = bucket_tables(quant_type)
         else:
             fp4 = quant_type == "fp4"
             thr = torch.tensor(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS, dtype=torch.float32)
             codes = torch.tensor(formats.FP4_RANK_CODES if fp4 else range(16), dtype=torch.int32)
-        tables = _TABLES[key] = (thr.to(device), codes.to(device))
+        thr = thr.to(device)
+        tables = _TABLES[key] = (thr, thr if encoder == "round" else codes.to(device))
     return tables
 
 
@@ -165,23 +264,33 @@ def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
 
 
 def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | None = None,
-         num_warps: int | None = None, rcp: str | None = None):  # fmt: skip
-    """(grid, args, constexprs, options) of one launch; `x` flat contiguous, `packed` uint8 bytes."""
+         num_warps: int | None = None, rcp: str | None = None, pairs: bool | None = None):  # fmt: skip
+    """(grid, args, constexprs, options) of one launch; `x` flat contiguous, `packed` uint8 bytes.
+    pairs: read element pairs as words (default: where n is even and x aligned); the probe and tests force it."""
     encoder = ENCODER_DEFAULT if encoder is None else encoder
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    if pairs not in (None, True, False):
+        raise ValueError(f"pairs must be None, True or False, got {pairs!r}")
     n = x.numel()
     rows = max(TILE // blocksize, 1)
     thr, codes = encoder_tables(quant_type, encoder, x.device)
     grid = (triton.cdiv(n, rows * blocksize), 1, 1)
     n_bytes_alloc = packed.numel()
     assert n_bytes_alloc <= grid[0] * rows * blocksize // 2 + (blocksize // 2 if n == 0 else 0)
-    args = (x, packed, absmax, thr, codes, n, (n + 1) // 2, n_bytes_alloc, triton.cdiv(n, blocksize))
+    word = {2: torch.int32, 4: torch.int64}[x.element_size()]
+    can_pair = n % 2 == 0 and x.data_ptr() % torch.empty((), dtype=word).element_size() == 0
+    if pairs and not can_pair:
+        raise ValueError("pairs=True needs an even element count and an input aligned to two elements")
+    pairs = can_pair if pairs is None else pairs
+    args = (x.view(word) if pairs else x, packed, absmax, thr, codes, n, (n + 1) // 2, n_bytes_alloc,
+            triton.cdiv(n, blocksize))  # fmt: skip
     fp4 = quant_type == "fp4"
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "FP4": fp4, "ENCODER": encoder,
                   "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
-                  "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder == "bucket" else 1,
-                  "RCP": b8.rcp_mode(x.device, rcp)}  # fmt: skip
+                  "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder in ("bucket", "round") else 1,
+                  "RCP": b8.rcp_mode(x.device, rcp), "PAIRS": pairs, "IN_BF16": x.dtype == torch.bfloat16,
+                  "MAGIC": ROUND_MAGIC}  # fmt: skip
     options = {"num_warps": num_warps if num_warps is not None else (4 if rows * blocksize <= 4096 else 8)}
     return grid, args, constexprs, options
 
