@@ -42,7 +42,7 @@ class Probe:
     def __init__(self, out: Path, budget_s: float, dry: bool):
         self.out, self.budget_s, self.dry = out, budget_s, dry
         self.start = time.perf_counter()
-        self.device = torch.device("cpu" if dry else "cuda")
+        self.device = torch.device("cpu") if dry else torch.device("cuda", torch.cuda.current_device())
         out.mkdir(parents=True, exist_ok=True)
         self.log_file = (out / "quantize_probe.log").open("a")
         self.jsonl = (out / "quantize_probe.jsonl").open("a")

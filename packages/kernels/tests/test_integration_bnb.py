@@ -308,12 +308,12 @@ def gemm_args(q, s, bias=None):
             dict(bias=bias, absmax_8bit=s.absmax, absmax_code=s.state2.code, absmax_offset=s.offset))  # fmt: skip
 
 
-@pytest.mark.parametrize("m", [1, 3, 2048])
+@pytest.mark.parametrize("m", [1, 3, 64, 2048])
 def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
     """matmul_4bit's op. Where bnb itself dequantizes and calls F.linear, tritonbits does the same with the
     nested dequantize in one launch: equal to bnb bit for bit. Where bnb runs its fused kernel, decode="auto"
-    keeps it up to AUTO_BNB_DECODE_MAX_M rows and gives linear_4bit the rest (judged by the matmul policy;
-    forced at every M in test_gemm_4bit_linear_4bit)."""
+    keeps it up to AUTO_BNB_DECODE_MAX_M rows and dequantizes + F.linear above (judged by the matmul policy
+    against bnb's fused result); linear_4bit only with decode="tritonbits" (test_gemm_4bit_linear_4bit)."""
     if device.type == "cpu" and m > 3:
         pytest.skip("large M: GPU only (the interpreter is slow)")
     x = weight(gen, device, out_dtype, (256, 128))
@@ -342,13 +342,11 @@ def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
     bnb_fused = device.type == "cuda" and tb_bnb._bnb_takes_fused_cuda(A, s.shape, 64)
     if bnb_fused and m <= tb_bnb.AUTO_BNB_DECODE_MAX_M:
         assert served == 0  # decode="auto" keeps bnb's fused kernel at small M
-    elif device.type == "cuda" and hasattr(tritonbits, "linear_4bit"):
-        assert calls.n["linear_4bit"] == 1
-        w = F.dequantize_4bit(q, s).to(out_dtype)
-        assert_matmul(got, A, w, bias)
-        return
     else:
-        assert calls.n["dequantize_4bit"] == 1
+        assert calls.n["dequantize_4bit"] == 1 and calls.n["linear_4bit"] == 0
+    if bnb_fused and m > tb_bnb.AUTO_BNB_DECODE_MAX_M:  # bnb's fused result vs dequantize + cuBLAS
+        assert_matmul(got, A, F.dequantize_4bit(q, s).to(out_dtype), bias)
+        return
     assert_exact(got, want)
 
 
@@ -481,15 +479,16 @@ def test_tiny_llama_end_to_end(calls, served, device, tmp_path):
         if mode == "bnb":
             assert calls.total() == 0
     assert calls.n["quantize_4bit"] == 7  # every Linear4bit quantized by tritonbits
-    # the backward's dequantize of the 4 layers whose input requires grad (layer 0's q/k/v see the frozen
-    # embedding's output: no grad flows through them); on the CPU the forwards' matmuls dequantize too (2 x 7)
-    assert calls.n["dequantize_4bit"] >= (14 if device.type == "cpu" else 4)
+    # both forwards' matmuls (2 x 7: M=32 rows, above AUTO_BNB_DECODE_MAX_M) and the backward's dequantize of the
+    # 4 layers whose input requires grad (layer 0's q/k/v see the frozen embedding's output: no grad there)
+    assert calls.n["dequantize_4bit"] == 2 * 7 + 4
     (wq_b, logits_b, loss_b, grads_b), (wq_t, logits_t, loss_t, grads_t) = runs["bnb"], runs["tritonbits"]
     assert wq_b.keys() == wq_t.keys() and len(wq_b) == 7 * 4
     for name in wq_b:
         assert_exact(wq_t[name], wq_b[name])
-    if device.type == "cuda" and hasattr(tritonbits, "linear_4bit"):
-        assert calls.n["linear_4bit"] >= 7 and len(seen) == 7
+    assert calls.n["linear_4bit"] == 0  # decode="auto": bnb's fused kernel or dequantize + F.linear
+    if device.type == "cuda":  # bnb's run may have taken its fused kernel where the enabled one dequantizes
+        assert len(seen) == 7
         for mod, x, y in seen:
             w = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(x.dtype)
             assert_matmul(y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), w, mod.bias)
@@ -499,3 +498,32 @@ def test_tiny_llama_end_to_end(calls, served, device, tmp_path):
     assert grads_b.keys() == grads_t.keys() and grads_b
     for name in grads_b:
         assert_exact(grads_t[name], grads_b[name])
+
+
+def test_bnb_dynamic_code_takes_the_table_encoder(integration, device, gen, monkeypatch):
+    """bnb passes its own tensor of the dynamic map: the op hands tritonbits code=None (its table encoder) for
+    it, and the tensor itself for any other code, also after bnb's tensor is changed in place."""
+    seen = []
+    real = tritonbits.quantize_blockwise
+
+    def spy(A, **kw):
+        seen.append(kw["code"])
+        return real(A, **kw)
+
+    monkeypatch.setattr(tritonbits, "quantize_blockwise", spy)
+    x = weight(gen, device, torch.bfloat16, (3, 700))
+    code = F.create_dynamic_map().to(device)
+    q_table, absmax_table = torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
+    assert seen[-1] is None
+    code[17] += 1e-3  # no longer the dynamic code: the search encoder on these values
+    q_other, _ = torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
+    assert seen[-1] is not None and torch.equal(seen[-1], code)
+    want_q, st = R.quantize_blockwise_cuda(x.cpu(), code.cpu(), blocksize=256)
+    assert_exact(q_other.cpu(), want_q)
+    code[17] -= 1e-3
+    assert torch.equal(code, F.create_dynamic_map().to(device))
+    torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
+    assert seen[-1] is None
+    want_q, st = R.quantize_blockwise_cuda(x.cpu(), F.create_dynamic_map(), blocksize=256)
+    assert_exact(q_table.cpu(), want_q)
+    assert_exact(absmax_table.cpu(), st["absmax"])

@@ -21,8 +21,9 @@ path as three kernels (8-bit dequantize, add offset, 4-bit dequantize); loading 
 bnb's own kernel for each op and key is captured first (``torch.library.get_kernel``) and called for every
 case tritonbits does not serve. Where bnb's CUDA ``gemm_4bit`` would run its fused kernel (small M: decode),
 ``enable(decode=...)`` chooses: "bnb" keeps bnb's kernel (called directly, ``_gemm_4bit_kernel_impl``, behind
-the same heuristic bnb applies), "tritonbits" runs ``tritonbits.linear_4bit``, "auto" (the default) takes the
-one measured faster at that M (``AUTO_BNB_DECODE_MAX_M``). ``disable()`` destroys the fragment (the
+the same heuristic bnb applies), "tritonbits" runs ``tritonbits.linear_4bit`` (for every product),
+"auto" (the default) keeps bnb's kernel up to ``AUTO_BNB_DECODE_MAX_M`` rows. Every other product (bnb's
+own dequantize + F.linear fallback, and "auto" above that M) is tritonbits' one-launch dequantize + F.linear. ``disable()`` destroys the fragment (the
 dispatcher goes back to bnb's registrations) and puts bnb's functions back. Served, and what falls back:
 docs/integrations.md.
 
@@ -230,8 +231,31 @@ def _op_quantize_blockwise(A, code, blocksize):
     if (A.dtype not in _QUANTIZE_DTYPES or blocksize not in formats.BLOCKSIZES_8BIT
             or code.dtype != torch.float32 or code.numel() != 256):  # fmt: skip
         return e.original("quantize_blockwise", A.device)(A, code, blocksize)
-    out, state = tritonbits.quantize_blockwise(A, code=code.contiguous(), blocksize=blocksize)
+    code_arg = None if code.device == A.device and _is_dynamic_code(code) else code.contiguous()
+    out, state = tritonbits.quantize_blockwise(A, code=code_arg, blocksize=blocksize)
     return out, state.absmax
+
+
+# id(code tensor) -> (a weak reference to it, its _version, its data_ptr, whether it holds the dynamic code);
+# an entry goes when its tensor dies (tensors compare element-wise, so no WeakKeyDictionary)
+_dynamic_codes: dict[int, tuple] = {}
+
+
+def _is_dynamic_code(code: torch.Tensor) -> bool:
+    """Whether `code` holds the dynamic 8-bit code. bnb passes its own tensor of that map, never tritonbits'
+    table object, and only for that object does quantize_blockwise take its table encoder (else the binary
+    search, ~3x the instructions per value): the values are compared once per tensor (a device sync), again
+    after an in-place change or a `.data` swap, never while a CUDA graph is being captured."""
+    key = (code._version, code.data_ptr())
+    hit = _dynamic_codes.get(id(code))
+    if hit is not None and hit[0]() is code and hit[1:3] == key:
+        return hit[3]
+    if code.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    equal = bool(torch.equal(code, formats.code_table("dynamic", code.device)))
+    ident = id(code)
+    _dynamic_codes[ident] = (weakref.ref(code, lambda _, ident=ident: _dynamic_codes.pop(ident, None)), *key, equal)
+    return equal
 
 
 class _BlockwiseState(NamedTuple):
@@ -270,8 +294,11 @@ def _has_linear_4bit() -> bool:
 
 # NOTE: "auto" keeps bnb's fused kernel where bnb runs it at M <= 16: there tritonbits.linear_4bit measured slower
 # on the H100 (M=1 0.66-0.73x bnb, M=2-16 0.67-1.25x: docs/gpu-runs/logs/20261123T0430Z-nvidia-h100-linear4bit-
-# sweep.txt); above, linear_4bit's dequantize + cuBLAS path beats bnb's fused kernel (M=64: 97.6 vs 121.8 us,
-# M=256: 106.9 vs 132.6 us, K=4096 N=14336 bf16, issue #12's table).
+# sweep.txt); above, and wherever bnb itself dequantizes, it runs bnb's fallback with tritonbits' one-launch
+# dequantize + cuBLAS, which beats bnb's fused kernel there (M=64: 97.6 vs 121.8 us, M=256: 106.9 vs 132.6 us,
+# K=4096 N=14336 bf16, issue #12's table). linear_4bit itself only with decode="tritonbits": in the e2e-h100
+# run 20261123T093641Z, routing every non-fused product to it made batch-8 decode 0.64x bnb (its small-M gemv
+# served the M=8 products bnb dequantizes) and the QLoRA step 0.79x.
 AUTO_BNB_DECODE_MAX_M = 16
 DECODE_CHOICES = ("auto", "bnb", "tritonbits")
 
@@ -320,7 +347,7 @@ def _op_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax
         return e.original("gemm_4bit", A.device)(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                                  absmax_code, absmax_offset)  # fmt: skip
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
-    if linear:
+    if linear and e.decode == "tritonbits":
         return tritonbits.linear_4bit(A, B.reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
     # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
     return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
