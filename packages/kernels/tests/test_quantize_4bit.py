@@ -321,12 +321,28 @@ def test_both_encoders_equal_bnb_on_large_inputs(encoder, device, gen):
         assert_exact(absmax, want.absmax)
 
 
+@pytest.mark.parametrize("pairs", [True, False])
+def test_subnormal_blocks_match_the_oracle(pairs, device, gen):
+    """A block whose absmax is below 2**-126: absmax 0, every code 0 (bnb's fast-math flush), in both reads."""
+    x = torch.randn(8, 64, generator=gen) * 1e-39
+    x[::3] = torch.randn(3, 64, generator=gen)
+    x = x.to(torch.bfloat16).to(device)
+    for quant_type in R.QUANT_TYPES:
+        packed = torch.empty(x.numel() // 2, dtype=torch.uint8, device=device)
+        absmax = torch.empty(x.numel() // 64, device=device)
+        q4.launch(x.view(-1), packed, absmax, 64, quant_type, pairs=pairs)
+        want_packed, want = R.quantize_4bit_cuda(x.cpu(), blocksize=64, quant_type=quant_type)
+        assert_exact(packed.cpu(), want_packed.view(-1))
+        assert_exact(absmax.cpu(), want.absmax)
+        assert (absmax.cpu()[1::3] == 0).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("encoder", q4.ENCODERS)
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
 def test_encoders_on_subnormal_blocks(encoder, in_dtype, device, gen):
-    """Blocks whose absmax is below 2**-126 (bf16) or tiny (fp16): rcp.approx.ftz makes 1/absmax inf, so the
-    scaled values are +-inf and NaN (the round encoder's clamps), as in bnb."""
+    """Blocks whose absmax is below 2**-126 (bf16) or tiny (fp16): bnb (fast math) flushes the subnormal
+    absmax and values to 0, storing absmax 0 and code 0 (NaN = 0 * 1/0) for the whole block; ours the same."""
     import bitsandbytes.functional as F
 
     tiny = 1e-39 if in_dtype == torch.bfloat16 else 1e-7

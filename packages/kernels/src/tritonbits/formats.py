@@ -70,7 +70,11 @@ _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def code_table(name: str, device: torch.device) -> torch.Tensor:
-    """A code table ("nf4", "fp4" or "dynamic") as a float32 tensor on `device`, made once per device."""
+    """A code table ("nf4", "fp4" or "dynamic") as a float32 tensor on `device`, made once per device (a CUDA
+    device without an index is the current one: one object for "cuda" and "cuda:0", which the 8-bit quantizer's
+    table-encoder check compares by identity)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (name, device)
     table = _tables.get(key)
     if table is None:

@@ -137,7 +137,11 @@ def quantize_4bit_cuda(
     """Oracle of bnb CUDA quantize_4bit: (packed uint8 [(n + 1) // 2, 1], state)."""
     x = _flat32(A)
     absmax = _absmax(x, blocksize)
+    # fast math flushes subnormals: an absmax below 2**-126 is stored as 0, and its block's values (flushed to
+    # 0) times 1/0 are all NaN, as an all-zero block's are
+    absmax = np.where((absmax > 0) & (absmax < np.finfo(np.float32).tiny), F32(0.0), absmax).astype(F32)
     scaled = _scaled(x, absmax, blocksize)
+    scaled[(absmax == 0)[np.arange(x.size) // blocksize]] = np.nan
     if scaled.size % 2:  # the load pads with 0; the pad is scaled by the last block's reciprocal
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             pad = (F32(0.0) * (F32(1.0) / absmax[-1])).astype(F32)

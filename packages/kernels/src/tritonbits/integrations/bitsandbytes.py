@@ -23,9 +23,9 @@ case tritonbits does not serve. Where bnb's CUDA ``gemm_4bit`` would run its fus
 ``enable(decode=...)`` chooses: "bnb" keeps bnb's kernel (called directly, ``_gemm_4bit_kernel_impl``, behind
 the same heuristic bnb applies), "tritonbits" runs ``tritonbits.linear_4bit`` (for every product),
 "auto" (the default) keeps bnb's kernel up to ``AUTO_BNB_DECODE_MAX_M`` rows. Every other product (bnb's
-own dequantize + F.linear fallback, and "auto" above that M) is tritonbits' one-launch dequantize + F.linear. ``disable()`` destroys the fragment (the
-dispatcher goes back to bnb's registrations) and puts bnb's functions back. Served, and what falls back:
-docs/integrations.md.
+own dequantize + F.linear fallback, and "auto" above that M) is tritonbits' one-launch dequantize + F.linear.
+``disable()`` destroys the fragment (the dispatcher goes back to bnb's registrations) and puts bnb's functions
+back. Served, and what falls back: docs/integrations.md.
 
 CPU: the "cpu" device is served only under the Triton interpreter (TRITON_INTERPRET=1), where tritonbits runs
 on CPU tensors, and only when asked for (``enable(devices=("cuda", "cpu"))``): it exists so that CI runs the

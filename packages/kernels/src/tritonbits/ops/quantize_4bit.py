@@ -42,7 +42,7 @@ from .._launcher import CachedLauncher
 from .._triton_helpers import reciprocal
 from ..quant_state import NestedState, QuantState, check_tensor
 from . import blockwise_8bit as b8
-from .blockwise_8bit import FLT_MAX, block_absmax
+from .blockwise_8bit import FLT_MAX, FLT_MIN, block_absmax
 
 # NOTE: a program quantizes max(1, TILE // blocksize) whole blocks (one row each, one row reduction for
 # the absmax). Measured with the bucket encoder only (H100, docs/kernels/quantize_4bit.md): 54-56% of copy for
@@ -159,10 +159,13 @@ def _quantize_4bit_kernel(
         absmax = block_absmax(x)
         even, odd = tl.split(tl.reshape(x, (ROWS, HALF, 2)))
 
+    # bnb (--use_fast_math) flushes subnormals: a block whose absmax is below 2**-126 stores absmax 0 and, its
+    # values flushed to 0 times 1/0, all NaN (code 0), as an all-zero block does; r = NaN gives both that
+    absmax = tl.where((absmax > 0) & (absmax < FLT_MIN), 0.0, absmax)
     block = pid * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
 
-    r = reciprocal(absmax, RCP)[:, None]
+    r = tl.where(absmax == 0, float("nan"), reciprocal(absmax, RCP))[:, None]
     hi = encode_any(even * r, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC)
     lo = encode_any(odd * r, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC)
     packed = ((hi << 4) | lo).to(tl.uint8)
@@ -263,6 +266,15 @@ def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
     return -(-((n + 1) // 2) // size) * size
 
 
+def _aligned(x: torch.Tensor, nbytes: int) -> bool:
+    """Whether x's first element sits on an nbytes boundary. A traced tensor (torch.compile's fake tensors,
+    triton_op) has no address: False there, so the compiled kernel reads elements, right at any alignment."""
+    try:
+        return x.data_ptr() % nbytes == 0
+    except RuntimeError:
+        return False
+
+
 def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | None = None,
          num_warps: int | None = None, rcp: str | None = None, pairs: bool | None = None):  # fmt: skip
     """(grid, args, constexprs, options) of one launch; `x` flat contiguous, `packed` uint8 bytes.
@@ -279,7 +291,7 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
     n_bytes_alloc = packed.numel()
     assert n_bytes_alloc <= grid[0] * rows * blocksize // 2 + (blocksize // 2 if n == 0 else 0)
     word = {2: torch.int32, 4: torch.int64}[x.element_size()]
-    can_pair = n % 2 == 0 and x.data_ptr() % torch.empty((), dtype=word).element_size() == 0
+    can_pair = n % 2 == 0 and _aligned(x, torch.empty((), dtype=word).element_size())
     if pairs and not can_pair:
         raise ValueError("pairs=True needs an even element count and an input aligned to two elements")
     pairs = can_pair if pairs is None else pairs
