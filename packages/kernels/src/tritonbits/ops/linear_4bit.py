@@ -8,12 +8,14 @@ state read through `quant_state.prepare` as dequantize_4bit reads it; the nested
 with bnb's two fp32 roundings, so every weight the kernel multiplies equals dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
-Three paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
+Four paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
 H100 gemv up to M=4 and dequant above, the gemm losing to dequantize + cuBLAS: see heuristic_config's NOTE):
 - "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
   decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
   once at the end;
+- "gemv2" (small M, the heuristic's choice up to M=4): x's K chunk held in registers while a program walks down W's
+  rows; W read as int32 words, each decoded by one PTX block (shuffle lookup, mul.rn, one rounding conversion);
 - "gemm" (medium M): a [BLOCK_M, BLOCK_N] tile, the W tile dequantized inside the K loop and fed to tl.dot
   (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
 - "dequant" (large M, or K not a multiple of the K tile): dequantize_4bit + torch.matmul (cuBLAS).
@@ -516,9 +518,11 @@ def fused_ok(cfg: dict, blocksize: int, k: int) -> bool:
 
 
 def words_of(w: PreparedWeight) -> torch.Tensor | None:
-    """The packed bytes as int32 words (gemv2), or None where they are not 4-byte aligned."""
+    """The packed bytes as int32 words (gemv2), or None where they are not 4-byte aligned. NOTE: the storage
+    offset, not data_ptr(): a triton_op's body is traced with fake tensors, which have no data pointer
+    (storages themselves are allocated aligned)."""
     flat = w.A.reshape(-1)
-    if flat.data_ptr() % 4 or flat.numel() % 4 or not flat.is_contiguous():
+    if flat.storage_offset() % 4 or flat.numel() % 4 or not flat.is_contiguous():
         return None
     return flat.view(torch.int32)
 
