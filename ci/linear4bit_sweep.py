@@ -76,7 +76,7 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 
 
 def split_variants(cfg: dict) -> list[dict]:
-    if cfg["path"] == "dequant":
+    if cfg["path"] not in ("gemv", "gemm"):
         return []
     out = [{**cfg, "pair": not cfg["pair"]}]
     for split in (1, 2, 4, 8, 16):

@@ -16,6 +16,8 @@ MS = (1, 3, 16, 33)
 FORCED = {
     "gemv": {"path": "gemv", "bm": 4, "bn": 16, "bk": 128, "split_k": 1, "pair": True},
     "gemv-split3-table16": {"path": "gemv", "bm": 2, "bn": 32, "bk": 64, "split_k": 3, "pair": False},
+    "gemv2": {"path": "gemv2", "bm": 4, "bn": 16, "bk": 128, "warps": 4, "rows": 32},
+    "gemv2-onechunk": {"path": "gemv2", "bm": 1, "bn": 8, "bk": 256, "warps": 4},
     "gemm": {"path": "gemm", "bm": 16, "bn": 32, "bk": 64, "split_k": 1, "pair": True},
     "gemm-split2": {"path": "gemm", "bm": 16, "bn": 16, "bk": 32, "split_k": 2, "pair": False},
     "dequant": {"path": "dequant"},
@@ -58,11 +60,54 @@ def test_every_path_and_split(path, out_dtype, device, gen, quantize, bnb_dequan
     q, state = weight_of((N, K), out_dtype, gen, quantize)
     w = exact_weight(q, state, bnb_dequantize)
     prepared = L._prepare(q, state)
-    for m in {"gemv": (1, 5), "dequant": (33,)}.get(path.split("-")[0], (5, 33)):
+    for m in {"gemv": (1, 5), "gemv2": (1, 5), "dequant": (33,)}.get(path.split("-")[0], (5, 33)):
         x = fresh_x((m, K), out_dtype, gen, device)
         bias = fresh_x((N,), out_dtype, gen, device)
         assert_matmul(L.forward_2d(x, prepared, bias, config=FORCED[path]), x, w, bias)
         assert_matmul(L.forward_2d(x, prepared, None, config=FORCED[path]), x, w)
+
+
+GEMV2_CASES = [  # (quant_type, nested, blocksize, K, M, x dtype or None for W's, bias): small and varied
+    ("nf4", True, 64, 256, 1, None, True),
+    ("fp4", False, 64, 128, 16, None, False),
+    ("nf4", False, 128, 256, 3, torch.float32, True),
+    ("fp4", True, 32, 192, 2, torch.float16, False),
+    ("nf4", True, 256, 512, 4, torch.bfloat16, True),
+    ("nf4", True, 4096, 64, 7, None, True),
+]
+
+
+@pytest.mark.parametrize("case", GEMV2_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
+def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
+    """The gemv2 path forced: nf4/fp4, nested or not, blocksizes 32..4096 (sub-chunks per block, a block longer
+    than the chunk), M across BLOCK_M (a partial last M block), x dtype unlike W's, bias, a partial last row step
+    (N=40 over BLOCK_N=16), several row ranges and K chunks (the split-K workspace), strided x."""
+    quant_type, nested, blocksize, k, m, x_dtype, with_bias = case
+    n = 40
+    q, state = weight_of((n, k), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
+    w = exact_weight(q, state, bnb_dequantize)
+    prepared = L._prepare(q, state)
+    x_dtype = x_dtype or out_dtype
+    wide = fresh_x((m, 2 * k), x_dtype, gen, device)
+    bias = fresh_x((n,), x_dtype, gen, device) if with_bias else None
+    for cfg in ({"path": "gemv2", "bm": 4, "bn": 16, "bk": 64, "warps": 4, "rows": 16},
+                {"path": "gemv2", "bm": 2, "bn": 8, "bk": 1024, "warps": 2}):  # fmt: skip
+        for x in (wide[:, :k], wide[:, ::2]):
+            out = L.forward_2d(x, prepared, bias, config=cfg)
+            assert out.dtype == x_dtype and out.shape == (m, n)
+            assert_matmul(out, x, w, bias)
+
+
+def test_gemv2_unaligned_bytes_fall_back(out_dtype, device, gen, quantize, bnb_dequantize):
+    """Packed bytes that are not 4-byte aligned cannot be read as int32 words: the gemv kernel takes them."""
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    w = exact_weight(q, state, bnb_dequantize)
+    shifted = torch.empty(q.numel() + 1, dtype=torch.uint8, device=device)[1:].reshape(q.shape)
+    shifted.copy_(q)
+    prepared = L._prepare(shifted, state)
+    assert L.words_of(prepared) is None
+    x = fresh_x((2, K), out_dtype, gen, device)
+    assert_matmul(L.forward_2d(x, prepared, None, config=FORCED["gemv2"]), x, w)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -273,8 +318,10 @@ def test_table_entries_are_reachable_and_valid():
             assert width in ("x16", "x32"), (family, key)
             dtype = torch.float32 if width == "x32" else torch.bfloat16
             assert L.config_key(dtype, int(m[1:]), int(n[1:]), int(k[1:])) == key, (family, key)
-            assert cfg["path"] in ("gemv", "gemm", "dequant"), (family, key)
-            if cfg["path"] != "dequant":
+            assert cfg["path"] in ("gemv", "gemv2", "gemm", "dequant"), (family, key)
+            if cfg["path"] == "gemv2":
+                assert {"bm", "bn", "bk", "warps"} <= set(cfg) and cfg["bm"] <= 4, (family, key)
+            elif cfg["path"] != "dequant":
                 assert {"bm", "bn", "bk", "split_k", "warps"} <= set(cfg), (family, key)
                 assert cfg["path"] == "gemv" or cfg["bm"] >= 16, (family, key)
 
@@ -282,7 +329,7 @@ def test_table_entries_are_reachable_and_valid():
 def test_heuristic_without_a_table(device):
     for m in (1, 3, 4, 5, 16, 100, 256, 257, 4096):
         cfg = L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132)
-        assert cfg["path"] == ("gemv" if m <= 4 else "dequant")
+        assert cfg["path"] == ("gemv2" if m <= 4 else "dequant")
     assert L.config_key(torch.float16, 3, 14336, 4096) == L.config_key(torch.bfloat16, 4, 16384, 4096)
 
 

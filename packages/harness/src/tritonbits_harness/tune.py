@@ -269,14 +269,36 @@ GEMV_TILES = ((32, 128, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128,
               (16, 256, 4), (256, 64, 8), (128, 256, 8))  # fmt: skip
 
 
+# (BLOCK_N, BLOCK_K, warps) of gemv2 (x in registers: 32 * BLOCK_M fp32 per thread whatever the tile)
+GEMV2_TILES = ((16, 1024, 4), (8, 1024, 4), (32, 1024, 8), (16, 512, 4), (8, 512, 2), (16, 256, 4), (4, 256, 1))
+
+
+def gemv2_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """gemv2 configs for M <= 16 (BLOCK_M <= 4: more M blocks re-read W, from L2 when they run together); row
+    ranges from the op's rule and 2x / 0.5x of it."""
+    from tritonbits.ops import linear_4bit as L
+
+    out: list[dict] = []
+    if m > 16:
+        return out
+    for bm in sorted({L.bucket(min(m, 4)), min(L.bucket(m), 2)}, reverse=True):
+        for bn, bk, warps in GEMV2_TILES:
+            if k % bk:
+                continue
+            base = L.gemv2_rows(-(-m // bm), n, k // bk, bn, sms)
+            for rows in sorted({base, max(bn, base // 2 // bn * bn), 2 * base}):
+                out.append({"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "rows": rows})
+    return out
+
+
 def linear_4bit_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
-    """Configs worth timing for one (M, N, K): gemv tiles up to M=8 (both decode tables), tl.dot gemm tiles
-    from M=4, dequantize + cuBLAS from M=16; split-K from the op's own rule (`_split_for`)."""
+    """Configs worth timing for one (M, N, K): gemv2 tiles up to M=16, gemv tiles up to M=8 (both decode tables),
+    tl.dot gemm tiles from M=4, dequantize + cuBLAS from M=16; split-K from the op's own rule (`_split_for`)."""
     import triton
 
     from tritonbits.ops import linear_4bit as L
 
-    out: list[dict] = []
+    out: list[dict] = gemv2_candidates(m, n, k, sms)
     if m <= 8:
         bm = L.bucket(m)
         for bn, bk, warps in GEMV_TILES:
@@ -342,7 +364,7 @@ def _linear_4bit_time(case: dict, config: dict, rep_ms: int) -> float:
 
 register(TunableOp(
     name="linear_4bit",
-    description="path (gemv | gemm | dequant) and tile/split-K per x width and power-of-two M, N, K buckets",
+    description="path (gemv | gemv2 | gemm | dequant) and tile/split-K per x width and power-of-two M, N, K buckets",
     cases=_linear_4bit_cases,
     key=_linear_4bit_key,
     candidates=lambda case: linear_4bit_candidates(

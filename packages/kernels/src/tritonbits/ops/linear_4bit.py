@@ -8,12 +8,14 @@ state read through `quant_state.prepare` as dequantize_4bit reads it; the nested
 with bnb's two fp32 roundings, so every weight the kernel multiplies equals dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
-Three paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
+Four paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
 H100 gemv up to M=4 and dequant above, the gemm losing to dequantize + cuBLAS: see heuristic_config's NOTE):
 - "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
   decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
   once at the end;
+- "gemv2" (small M, the heuristic's choice up to M=4): x's K chunk held in registers while a program walks down W's
+  rows; W read as int32 words, each decoded by one PTX block (shuffle lookup, mul.rn, one rounding conversion);
 - "gemm" (medium M): a [BLOCK_M, BLOCK_N] tile, the W tile dequantized inside the K loop and fed to tl.dot
   (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
 - "dequant" (large M, or K not a multiple of the K tile): dequantize_4bit + torch.matmul (cuBLAS).
@@ -173,6 +175,163 @@ def _linear_4bit_gemv_kernel(
     _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
 
 
+# "gemv2": W read as int32 words (8 weights each) and decoded by one PTX block per word.
+# NOTE: the code lookup is a warp shuffle from a register (every lane holds code[lane & 15], loaded once per
+# program): shfl's segment mask 0x10 keeps the source lane's low 4 bits, so a nibble needs one shift at most
+# (7 shifts per word) and no address math. bf16: `cvt.rn.bf16x2.f32 d, w, 0` leaves round_to_nearest_even(w)
+# in d's high half and zeros below: the rounded weight's fp32 bits in one instruction. Offline SASS (sm90,
+# triton 3.9, bm=1): see _linear_4bit_gemv2_kernel's NOTE for the per-byte counts.
+_LANE_CODE_ASM = tl.constexpr(
+    "{ .reg .b32 l; .reg .b64 a; mov.u32 l, %laneid; and.b32 l, l, 15; mad.wide.u32 a, l, 4, $1; "
+    "ld.global.nc.b32 $0, [a]; }"
+)
+
+
+def _word_decode_asm(w_dtype: int) -> str:
+    """PTX: packed int32 word $8 (bytes little-endian; byte j holds elements 2j (high nibble) and 2j+1) into
+    its 8 weights $0..$7, each to_wdtype(fl32(code[q] * absmax $9)) as fp32 bits; $10: this lane's
+    code[lane & 15] (_LANE_CODE_ASM). Every lane of the warp must execute it (shfl.sync with a full mask):
+    Triton runs elementwise asm in all threads, replicated elements included, and the kernel has no
+    divergent branch around it."""
+    lines = ["{", ".reg .b32 s, c, z;", ".reg .b16 h;", "mov.b32 z, 0;"]
+    for e in range(8):
+        shift = 8 * (e // 2) + (4 if e % 2 == 0 else 0)
+        src = "$8"
+        if shift:
+            lines.append(f"shr.u32 s, $8, {shift};")
+            src = "s"
+        lines.append(f"shfl.sync.idx.b32 c, $10, {src}, 0x100f, -1;")
+        if w_dtype == 2:
+            lines += ["mul.rn.f32 c, c, $9;", f"cvt.rn.bf16x2.f32 ${e}, c, z;"]
+        elif w_dtype == 1:
+            lines += ["mul.rn.f32 c, c, $9;", "cvt.rn.f16.f32 h, c;", f"cvt.f32.f16 ${e}, h;"]
+        else:
+            lines.append(f"mul.rn.f32 ${e}, c, $9;")
+    lines.append("}")
+    return " ".join(lines)
+
+
+_WORD_ASM_F32 = tl.constexpr(_word_decode_asm(0))
+_WORD_ASM_F16 = tl.constexpr(_word_decode_asm(1))
+_WORD_ASM_BF16 = tl.constexpr(_word_decode_asm(2))
+
+
+@triton.jit
+def _lane_code(table_ptr, like, LOOKUP_ASM: tl.constexpr):
+    """code[lane & 15] in every thread (the shuffle table), shaped like `like`; 0 without the asm lookup."""
+    if LOOKUP_ASM:
+        return tl.inline_asm_elementwise(_LANE_CODE_ASM, "=r,l", [table_ptr + like * 0], dtype=tl.float32,
+                                         is_pure=True, pack=1)  # fmt: skip
+    else:
+        return tl.zeros(like.shape, tl.float32)
+
+
+@triton.jit
+def _word_asm(word, absmax, lane_code, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [word, absmax, lane_code],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _decode_word(word, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
+                 LOOKUP_ASM: tl.constexpr):  # fmt: skip
+    """The 8 weights of packed int32 words (elements 8i..8i+7 of the row) as fp32, each dequantize_4bit's
+    to_wdtype(fl32(code[q] * absmax)). LOOKUP_ASM: one PTX block per word (_word_decode_asm); else table
+    gathers and _round_weight (the interpreter, sm75)."""
+    if LOOKUP_ASM:
+        if W_DTYPE == 2:
+            return _word_asm(word, absmax, lane_code, _WORD_ASM_BF16)
+        elif W_DTYPE == 1:
+            return _word_asm(word, absmax, lane_code, _WORD_ASM_F16)
+        else:
+            return _word_asm(word, absmax, lane_code, _WORD_ASM_F32)
+    else:
+        w0 = _round_weight(tl.load(table_ptr + ((word >> 4) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w1 = _round_weight(tl.load(table_ptr + (word & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w2 = _round_weight(tl.load(table_ptr + ((word >> 12) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w3 = _round_weight(tl.load(table_ptr + ((word >> 8) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w4 = _round_weight(tl.load(table_ptr + ((word >> 20) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w5 = _round_weight(tl.load(table_ptr + ((word >> 16) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w6 = _round_weight(tl.load(table_ptr + ((word >> 28) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w7 = _round_weight(tl.load(table_ptr + ((word >> 24) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _x_column(x_rows, col, m_ok, stride_xk, E: tl.constexpr):
+    """x[ms, 8 * col + E] as fp32 ([BLOCK_M, 1, NB, CW]; col: word index in the row, int64)."""
+    return tl.load(x_rows + (8 * col + E) * stride_xk, mask=m_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _linear_4bit_gemv2_kernel(
+    x_ptr, words_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
+    M, N, K_WORDS, stride_xm, stride_xk, stride_om, rows_per_program,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """ "gemv2". Program (m, n, s): out rows ms = m*BLOCK_M.., the K chunk [s*BLOCK_K, (s+1)*BLOCK_K) (one chunk,
+    no K loop), W rows [n*rows_per_program, ...) walked in steps of BLOCK_N. x's chunk is loaded once, as fp32,
+    and stays in registers while the program walks down the rows; W is read as int32 words (8 weights each,
+    16-byte loads), decoded by _decode_word; per word the 8 products are added in element order into one fp32
+    sum, then the words of the chunk are summed (tl.sum's tree) into each row step's [BLOCK_M, BLOCK_N]
+    partial, stored to the split-K workspace (or, with one chunk, + bias into out). A chunk is NB sub-chunks of
+    CW words, each inside one quantization block (one absmax per row and sub-chunk)."""
+    CW: tl.constexpr = min(BLOCK_K, BLOCKSIZE) // 8
+    NB: tl.constexpr = BLOCK_K // (8 * CW)
+    LOOKUP_ASM: tl.constexpr = USE_ASM and not MANUAL_BF16
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + ms.to(tl.int64)[:, None, None, None] * stride_xm
+    m_ok = (ms < M)[:, None, None, None]
+    kw0 = pid_k * (BLOCK_K // 8)  # the chunk's first word in a row
+    col = kw0 + (tl.arange(0, NB) * CW)[:, None] + tl.arange(0, CW)[None, :]  # [NB, CW]
+    xcol = col.to(tl.int64)[None, None, :, :]
+    x0 = _x_column(x_rows, xcol, m_ok, stride_xk, 0)
+    x1 = _x_column(x_rows, xcol, m_ok, stride_xk, 1)
+    x2 = _x_column(x_rows, xcol, m_ok, stride_xk, 2)
+    x3 = _x_column(x_rows, xcol, m_ok, stride_xk, 3)
+    x4 = _x_column(x_rows, xcol, m_ok, stride_xk, 4)
+    x5 = _x_column(x_rows, xcol, m_ok, stride_xk, 5)
+    x6 = _x_column(x_rows, xcol, m_ok, stride_xk, 6)
+    x7 = _x_column(x_rows, xcol, m_ok, stride_xk, 7)
+    sub = kw0 + tl.arange(0, NB) * CW  # [NB]: each sub-chunk's first word in the row
+    row_lo = pid_n * rows_per_program
+    row_hi = tl.minimum(row_lo + rows_per_program, N)
+    lane_code = _lane_code(table_ptr, tl.zeros((1, BLOCK_N, NB, CW), tl.int32), LOOKUP_ASM)
+    for r0 in range(row_lo, row_hi, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        # NOTE: W's tile is [1, BLOCK_N, NB, CW] (4-D like x's columns) so that the words' load layout (16-byte
+        # vectors, warps along the rows) is the loop's only layout: a 3-D load broadcast against 4-D x went
+        # through shared memory every row step (72 bar.sync per step in the SASS).
+        words = tl.load(words_ptr + (rows.to(tl.int64) * K_WORDS)[None, :, None, None] + col[None, None, :, :],
+                        mask=row_ok[None, :, None, None], other=0, eviction_policy="evict_first")  # fmt: skip
+        # blocks run over the flattened weight (a row may start inside one); a sub-chunk never straddles two
+        qblock = ((rows.to(tl.int64) * K_WORDS)[None, :, None] + sub[None, None, :]) // (BLOCKSIZE // 8)
+        absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[None, :, None],
+                             BLOCKSIZE2, NESTED, USE_ASM)  # fmt: skip
+        w0, w1, w2, w3, w4, w5, w6, w7 = _decode_word(words, absmax[:, :, :, None], table_ptr, lane_code, W_DTYPE,
+                                                      MANUAL_BF16, LOOKUP_ASM)  # fmt: skip
+        # NOTE: one statement per element, each an FFMA into the word's running sum (fusion on)
+        acc = w0 * x0
+        acc += w1 * x1
+        acc += w2 * x2
+        acc += w3 * x3
+        acc += w4 * x4
+        acc += w5 * x5
+        acc += w6 * x6
+        acc += w7 * x7
+        total = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
+        _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
+
+
 @triton.jit
 def _linear_4bit_gemm_kernel(
     x_ptr, packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
@@ -281,14 +440,34 @@ def _split_for(programs: int, k: int, bk: int, sms: int) -> int:
 # M=8 179 us vs 100, M=16 193 vs 100, M=64 374 vs 98 (its dequantized W tile goes through shared memory element
 # by element: scalar st.shared.b16 per weight in the PTX); so above M=4 the default is "dequant".
 HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  # bm: (BLOCK_N, BLOCK_K, warps, split)
+# NOTE: gemv2 (x in registers, 16-byte words, shuffle lookup): offline SASS (sm90) of its row loop at bm=1,
+# BLOCK_N=16, BLOCK_K=1024, 4 warps: 12.5 instructions per packed byte, vs 49.5 for gemv's K loop at its H100
+# best tile (bm=1, BLOCK_N=16, BLOCK_K=256). Not yet timed on a GPU: ci/linear4bit_gemv_probe.py times it.
+# x takes 32 * BLOCK_M fp32 registers per thread (4 words of 8 columns), so bm <= 4 (bm=4: 255 registers at
+# BLOCK_K=1024; bm=8 spills).
+HEURISTIC_GEMV2 = {1: (16, 1024, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
+GEMV2_PROGRAMS_PER_SM = 8  # row ranges: programs ~ 8 per SM over (row ranges x K chunks x M blocks)
+
+
+def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int) -> int:
+    """Rows of W per gemv2 program (a multiple of BLOCK_N): about GEMV2_PROGRAMS_PER_SM programs per SM."""
+    ranges = max(1, GEMV2_PROGRAMS_PER_SM * sms // max(1, m_blocks * k_chunks))
+    return max(bn, triton.cdiv(triton.cdiv(n, ranges), bn) * bn)
 
 
 def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
-    """For keys the GPU family's table lacks: the H100 sweep's best gemv tiles up to M=4 (split-K scaled to the
-    grid), dequantize + cuBLAS above (see the NOTE)."""
+    """For keys the GPU family's table lacks: gemv2 up to M=4 (see its NOTE), dequantize + cuBLAS above."""
     if m > 4:
         return {"path": "dequant"}
     bm = bucket(m)
+    bn, bk, warps = HEURISTIC_GEMV2[bm]
+    return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1}
+
+
+def heuristic_gemv_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
+    """The H100 sweep's best gemv tiles (M <= 4; split-K scaled to the grid): gemv2's fallback where the packed
+    bytes cannot be read as int32 words."""
+    bm = bucket(min(m, 4))
     bn, bk, warps, split = HEURISTIC_GEMV[bm]
     split = min(split, _split_for(triton.cdiv(n, bn), k, bk, sms)) if bm == 1 else split
     return {"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "pair": False,
@@ -331,8 +510,21 @@ def effective_bk(cfg: dict, blocksize: int, k: int) -> int:
 
 
 def fused_ok(cfg: dict, blocksize: int, k: int) -> bool:
-    """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemm config and a K chunk."""
-    return cfg.get("path") in ("gemv", "gemm") and effective_bk(cfg, blocksize, k) > 0
+    """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemv2/gemm config and a K
+    chunk (gemv2: K a multiple of 8, whole int32 words per row)."""
+    if cfg.get("path") == "gemv2" and k % 8:
+        return False
+    return cfg.get("path") in ("gemv", "gemv2", "gemm") and effective_bk(cfg, blocksize, k) > 0
+
+
+def words_of(w: PreparedWeight) -> torch.Tensor | None:
+    """The packed bytes as int32 words (gemv2), or None where they are not 4-byte aligned. NOTE: the storage
+    offset, not data_ptr(): a triton_op's body is traced with fake tensors, which have no data pointer
+    (storages themselves are allocated aligned)."""
+    flat = w.A.reshape(-1)
+    if flat.storage_offset() % 4 or flat.numel() % 4 or not flat.is_contiguous():
+        return None
+    return flat.view(torch.int32)
 
 
 def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
@@ -354,6 +546,13 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     if use_asm and _runtime.INTERPRET:
         raise ValueError("use_asm=True needs a GPU: the Triton interpreter cannot run inline PTX")
     bk = effective_bk(cfg, state.blocksize, k)
+    if cfg["path"] == "gemv2":
+        words = words_of(w)
+        if words is not None:
+            _launch_gemv2(x2, w, words, bias, out, cfg, bk, kernel_wrap, use_asm)
+            return
+        cfg = heuristic_gemv_config(x2.dtype, m, n, k, _sm_count(device))
+        bk = effective_bk(cfg, state.blocksize, k)
     bm, bn = cfg["bm"], cfg["bn"]
     k_chunks = k // bk
     split = max(1, min(cfg.get("split_k", 1), k_chunks))
@@ -393,18 +592,66 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     else:
         _LAUNCHERS[fn](grid, args, constexprs, options, device)
     if ws is not None:
-        block = 1024
-        r_args = (ws, bias if bias is not None else ws, out.view(torch.int16) if out_bf16_manual else out, m, n)
-        r_const = {"SPLIT_K": split, "HAS_BIAS": bias is not None, "MANUAL_BF16": out_bf16_manual, "BLOCK": block}
-        r_grid = (triton.cdiv(m * n, block), 1, 1)
-        if kernel_wrap is not None:
-            kernel_wrap(_splitk_reduce_kernel)[r_grid](*r_args, **r_const, num_warps=4)
-        else:
-            _LAUNCHERS[_splitk_reduce_kernel](r_grid, r_args, r_const, {"num_warps": 4}, device)
+        _reduce_splits(ws, bias, out, out_bf16_manual, kernel_wrap)
 
 
-_LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemm_kernel,
-                                                 _splitk_reduce_kernel)}  # fmt: skip
+def _reduce_splits(ws, bias, out, out_bf16_manual: bool, kernel_wrap) -> None:
+    """out = round(sum of the split partials ws [S, M, N] in split order + bias)."""
+    split, m, n = ws.shape
+    block = 1024
+    r_args = (ws, bias if bias is not None else ws, out.view(torch.int16) if out_bf16_manual else out, m, n)
+    r_const = {"SPLIT_K": split, "HAS_BIAS": bias is not None, "MANUAL_BF16": out_bf16_manual, "BLOCK": block}
+    r_grid = (triton.cdiv(m * n, block), 1, 1)
+    if kernel_wrap is not None:
+        kernel_wrap(_splitk_reduce_kernel)[r_grid](*r_args, **r_const, num_warps=4)
+    else:
+        _LAUNCHERS[_splitk_reduce_kernel](r_grid, r_args, r_const, {"num_warps": 4}, ws.device)
+
+
+def _launch_gemv2(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int, kernel_wrap, use_asm: bool) -> None:
+    """gemv2: one program per (M block, row range, K chunk of bk columns); K chunks > 1 go through the split-K
+    workspace and _splitk_reduce_kernel (split order 0..S-1)."""
+    m, k = x2.shape
+    state = w.state
+    n = state.shape[0]
+    device = x2.device
+    bm, bn = cfg["bm"], cfg["bn"]
+    split = k // bk
+    m_blocks = triton.cdiv(m, bm)
+    rows = cfg.get("rows") or gemv2_rows(m_blocks, n, split, bn, _sm_count(device))
+    rows = triton.cdiv(rows, bn) * bn
+    manual_bf16 = not _runtime.native_bf16_conversion(device)
+    out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
+    nested = w.code2 is not None
+    table = formats.code_table(state.quant_type, device)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=device) if split > 1 else None
+    dst = ws if ws is not None else (out.view(torch.int16) if out_bf16_manual else out)
+    dummy = w.absmax
+    args = (x2, words, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
+            w.offset if nested else dummy, bias if bias is not None else dummy, dst,
+            m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), rows)  # fmt: skip
+    constexprs = {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
+                  "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
+                  "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm, "SPLIT": ws is not None,
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+    options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 1)}
+    if not use_asm:
+        options["enable_fp_fusion"] = False
+    grid = (m_blocks, triton.cdiv(n, rows), split)
+    fn = _linear_4bit_gemv2_kernel
+    if kernel_wrap is not None:
+        if not use_asm:
+            raise ValueError("a wrapped (triton_op) launch takes no compile options: it needs use_asm=True")
+        options.pop("enable_fp_fusion", None)
+        kernel_wrap(fn)[grid](*args, **constexprs, **options)
+    else:
+        _LAUNCHERS[fn](grid, args, constexprs, options, device)
+    if ws is not None:
+        _reduce_splits(ws, bias, out, out_bf16_manual, kernel_wrap)
+
+
+_LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemv2_kernel,
+                                                 _linear_4bit_gemm_kernel, _splitk_reduce_kernel)}  # fmt: skip
 
 
 def matmul_dequantized(x2: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
