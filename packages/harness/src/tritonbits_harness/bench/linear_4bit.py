@@ -15,7 +15,7 @@ from .registry import Benchmark, register
 SHAPES = [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (4096, 28672), (8192, 28672)]
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-QUICK_MS = (1, 16, 256, 4096)
+QUICK_MS = (1, 4, 16, 256, 4096)
 QUICK_SHAPES = ((4096, 14336), (14336, 4096))
 BLOCKSIZE = 64
 
