@@ -27,8 +27,8 @@ MODES = {"graph": "CUDA-graph replay (launch gaps removed)", "launch": "do_bench
 def latest_by_device(recs: list[dict]) -> dict[str, dict]:
     """device -> {"bench": {benchmark: (record, rows)}, "tests": {session: record}, "runs": [record]}.
 
-    A benchmark shows the newest of its most complete runs (a --quick run never hides a full sweep);
-    every other run is listed with its summary."""
+    A benchmark shows its newest run, a --quick one included: the kernels change between runs, and an older full
+    sweep would show a kernel that no longer ships. Every other run is listed with its summary."""
     out: dict[str, dict] = defaultdict(lambda: {"bench": {}, "tests": {}, "runs": [], "e2e": None})
     for rec in sorted(recs, key=lambda r: r["environment"]["date"]):
         dev = rec["environment"]["device"]
@@ -38,8 +38,7 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
             out[dev]["runs"].append(rec)
             for name in rec.get("benchmarks", {}):
                 rows = [r for r in rec["rows"] if r["benchmark"] == name]
-                best = out[dev]["bench"].get(name)
-                if rows and (best is None or len(rows) >= len(best[1])):
+                if rows:
                     out[dev]["bench"][name] = (rec, rows)
         elif rec["kind"] == "tests":
             out[dev]["tests"][rec["name"]] = rec

@@ -1,0 +1,12 @@
+def test_report_shows_the_newest_run_even_when_quick():
+    """An older full sweep measured an older kernel: the newest run (here a --quick one) is the one shown."""
+    from tritonbits_harness import report
+
+    def rec(date, n_rows, quick):
+        return {"kind": "bench", "quick": quick, "environment": {"date": date, "device": "GPU"},
+                "benchmarks": {"op": {}}, "rows": [{"benchmark": "op"}] * n_rows}  # fmt: skip
+
+    full, quick = rec("2026-11-22T00:00:00Z", 40, False), rec("2026-11-23T00:00:00Z", 5, True)
+    shown = report.latest_by_device([quick, full])["GPU"]
+    assert shown["bench"]["op"][0] is quick
+    assert shown["runs"] == [full, quick]
