@@ -254,8 +254,12 @@ def _is_dynamic_code(code: torch.Tensor) -> bool:
         return False
     equal = bool(torch.equal(code, formats.code_table("dynamic", code.device)))
     ident = id(code)
-    _dynamic_codes[ident] = (weakref.ref(code, lambda _, ident=ident: _dynamic_codes.pop(ident, None)), *key, equal)
+    _dynamic_codes[ident] = (weakref.ref(code, functools.partial(_forget_code, ident)), *key, equal)
     return equal
+
+
+def _forget_code(ident: int, _ref: object) -> None:
+    _dynamic_codes.pop(ident, None)
 
 
 class _BlockwiseState(NamedTuple):
