@@ -584,6 +584,13 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     if not use_asm:
         options["enable_fp_fusion"] = False
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    _launch(fn, grid, args, constexprs, options, device, kernel_wrap, use_asm)
+    if ws is not None:
+        _reduce_splits(ws, bias, out, out_bf16_manual, kernel_wrap)
+
+
+def _launch(fn, grid, args, constexprs, options, device, kernel_wrap, use_asm: bool) -> None:
+    """One fused-kernel launch: through the triton_op's wrapper (`kernel_wrap`), else the cached launcher."""
     if kernel_wrap is not None:
         if not use_asm:
             raise ValueError("a wrapped (triton_op) launch takes no compile options: it needs use_asm=True")
@@ -591,8 +598,6 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
         kernel_wrap(fn)[grid](*args, **constexprs, **options)
     else:
         _LAUNCHERS[fn](grid, args, constexprs, options, device)
-    if ws is not None:
-        _reduce_splits(ws, bias, out, out_bf16_manual, kernel_wrap)
 
 
 def _reduce_splits(ws, bias, out, out_bf16_manual: bool, kernel_wrap) -> None:
@@ -639,13 +644,7 @@ def _launch_gemv2(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int, k
         options["enable_fp_fusion"] = False
     grid = (m_blocks, triton.cdiv(n, rows), split)
     fn = _linear_4bit_gemv2_kernel
-    if kernel_wrap is not None:
-        if not use_asm:
-            raise ValueError("a wrapped (triton_op) launch takes no compile options: it needs use_asm=True")
-        options.pop("enable_fp_fusion", None)
-        kernel_wrap(fn)[grid](*args, **constexprs, **options)
-    else:
-        _LAUNCHERS[fn](grid, args, constexprs, options, device)
+    _launch(fn, grid, args, constexprs, options, device, kernel_wrap, use_asm)
     if ws is not None:
         _reduce_splits(ws, bias, out, out_bf16_manual, kernel_wrap)
 
