@@ -479,3 +479,19 @@ def test_module_moves_and_compiles(device, gen):
     x = fresh_x((5, K), torch.bfloat16, gen, device)
     torch._dynamo.reset()
     assert_exact(torch.compile(module, fullgraph=True)(x), module(x))
+
+
+def test_words_need_an_aligned_address():
+    """gemv2 reads the packed bytes as int32 words only where their address is 4-byte aligned: a storage that
+    itself starts off alignment (a buffer from outside torch's allocator) has storage offset 0 but is refused."""
+    from types import SimpleNamespace
+
+    buf = bytearray(4 * 64 + 1)
+    odd = torch.frombuffer(buf, dtype=torch.uint8, offset=1)
+    if odd.data_ptr() % 4 == 0:  # the buffer itself started at an odd address: one byte further is aligned
+        odd = torch.frombuffer(buf, dtype=torch.uint8, offset=0, count=4 * 64)
+    assert odd.storage_offset() == 0 and odd.data_ptr() % 4
+    assert L.words_of(SimpleNamespace(A=odd)) is None
+    aligned = torch.empty(4 * 64, dtype=torch.uint8)
+    assert L.words_of(SimpleNamespace(A=aligned)) is not None
+    assert L.words_of(SimpleNamespace(A=aligned[1:65])) is None

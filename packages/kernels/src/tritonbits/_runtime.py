@@ -86,6 +86,15 @@ def gpu_family(device: torch.device) -> str:
     return _family(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def address_aligned(t: torch.Tensor, nbytes: int) -> bool | None:
+    """Whether t's first element sits at an address that is a multiple of nbytes; None for a tensor without an
+    address (torch.compile traces a triton_op's body with fake tensors)."""
+    try:
+        return t.data_ptr() % nbytes == 0
+    except RuntimeError:
+        return None
+
+
 def _span(t: torch.Tensor) -> tuple[int, int] | None:
     """The byte interval [first, last + 1) that a tensor's elements occupy (None when empty)."""
     if t.numel() == 0:

@@ -518,11 +518,14 @@ def fused_ok(cfg: dict, blocksize: int, k: int) -> bool:
 
 
 def words_of(w: PreparedWeight) -> torch.Tensor | None:
-    """The packed bytes as int32 words (gemv2), or None where they are not 4-byte aligned. NOTE: the storage
-    offset, not data_ptr(): a triton_op's body is traced with fake tensors, which have no data pointer
-    (storages themselves are allocated aligned)."""
+    """The packed bytes as int32 words (gemv2), or None where they are not 4-byte aligned: by address; for a
+    traced tensor (a triton_op's body under torch.compile: fake, no address) by its storage offset, the
+    storage taken as allocated aligned."""
     flat = w.A.reshape(-1)
-    if flat.storage_offset() % 4 or flat.numel() % 4 or not flat.is_contiguous():
+    aligned = _runtime.address_aligned(flat, 4)
+    if aligned is None:
+        aligned = bool(flat.storage_offset() % 4 == 0)
+    if not aligned or flat.numel() % 4 or not flat.is_contiguous():
         return None
     return flat.view(torch.int32)
 

@@ -266,15 +266,6 @@ def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
     return -(-((n + 1) // 2) // size) * size
 
 
-def _aligned(x: torch.Tensor, nbytes: int) -> bool:
-    """Whether x's first element sits on an nbytes boundary. A traced tensor (torch.compile's fake tensors,
-    triton_op) has no address: False there, so the compiled kernel reads elements, right at any alignment."""
-    try:
-        return x.data_ptr() % nbytes == 0
-    except RuntimeError:
-        return False
-
-
 def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | None = None,
          num_warps: int | None = None, rcp: str | None = None, pairs: bool | None = None):  # fmt: skip
     """(grid, args, constexprs, options) of one launch; `x` flat contiguous, `packed` uint8 bytes.
@@ -291,7 +282,8 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
     n_bytes_alloc = packed.numel()
     assert n_bytes_alloc <= grid[0] * rows * blocksize // 2 + (blocksize // 2 if n == 0 else 0)
     word = {2: torch.int32, 4: torch.int64}[x.element_size()]
-    can_pair = n % 2 == 0 and _aligned(x, torch.empty((), dtype=word).element_size())
+    # a traced x (no address): element reads, right at any alignment
+    can_pair = n % 2 == 0 and _runtime.address_aligned(x, torch.empty((), dtype=word).element_size()) is True
     if pairs and not can_pair:
         raise ValueError("pairs=True needs an even element count and an input aligned to two elements")
     pairs = can_pair if pairs is None else pairs
