@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import tritonbits
 import tritonbits_reference as R
+from tritonbits_harness.pytest_plugin import examples
 from tritonbits_harness.tolerance import assert_dequant_bias, assert_exact
 from tritonbits_reference.bnb import to_bnb_quant_state
 
@@ -21,7 +22,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
     seed=st.integers(min_value=0, max_value=2**31 - 1),
 )
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 def test_dequantize_any_size_any_format_equals_the_oracle(n, blocksize, quant_type, nested, dtype, seed):
     """Any element count (tail blocks, odd counts), format and dtype: kernel == oracle, bit for bit."""
     w = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -38,7 +39,7 @@ def test_dequantize_any_size_any_format_equals_the_oracle(n, blocksize, quant_ty
     with_bias=st.booleans(),
     seed=st.integers(min_value=0, max_value=2**31 - 1),
 )
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 def test_dequant_bias_any_shape_within_policy(m, n, acc_dtype, out_dtype, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     if acc_dtype == torch.int32:

@@ -12,6 +12,7 @@ import tritonbits_reference as R
 from tritonbits import formats
 from tritonbits.ops import quantize_4bit as q4
 from tritonbits_harness import tolerance
+from tritonbits_harness.pytest_plugin import examples
 from tritonbits_harness.tolerance import assert_exact
 
 SHAPES_CPU = [(64,), (5,), (33, 7), (3, 1025)]
@@ -366,7 +367,7 @@ hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
 
-@hypothesis.settings(max_examples=15, deadline=None)
+@hypothesis.settings(max_examples=examples(15), deadline=None)
 @hypothesis.given(
     n=st.integers(1, 700),
     blocksize=st.sampled_from(R.BLOCKSIZES_4BIT),

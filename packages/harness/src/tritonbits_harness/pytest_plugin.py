@@ -27,8 +27,19 @@ try:  # hypothesis profiles: the tests that leave max_examples to the profile (k
     _hypothesis_settings.register_profile("tritonbits-ci", max_examples=12, deadline=None)
     _hypothesis_settings.register_profile("tritonbits-long", max_examples=300, deadline=None)
     _hypothesis_settings.load_profile("tritonbits-ci")  # `--hypothesis-profile=NAME` overrides it
+    _HYPOTHESIS = True
 except ImportError:  # hypothesis is a dev dependency
-    pass
+    _HYPOTHESIS = False
+
+
+def examples(at_least: int) -> int:
+    """max_examples for a property test that needs more than the CI profile gives: `at_least`, or the loaded
+    profile's count when that is larger (GPU sessions load `tritonbits-long`). Read at import, after pytest
+    loaded the profile named by `--hypothesis-profile`."""
+    if not _HYPOTHESIS:
+        return at_least
+    loaded = _hypothesis_settings.default
+    return at_least if loaded is None else max(at_least, loaded.max_examples)
 
 
 def pytest_addoption(parser):
