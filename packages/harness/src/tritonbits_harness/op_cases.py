@@ -762,9 +762,10 @@ CASES: dict[str, OpCase] = {
             make_dequantize_4bit,
             lambda r: (r,),
             {
-                "nf4-nested-bs64": {},
+                # "nested" spelled out: the nested-only rows (`_nested`) read it from the variant
+                "nf4-nested-bs64": {"nested": True},
                 "fp4-plain-bs128": {"quant_type": "fp4", "nested": False, "blocksize": 128},
-                "nf4-nested-bs256-out": {"blocksize": 256, "out": True},
+                "nf4-nested-bs256-out": {"blocksize": 256, "nested": True, "out": True},
             },
             DEQUANTIZE_4BIT_BAD,
         ),
