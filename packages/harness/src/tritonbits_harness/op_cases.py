@@ -146,15 +146,19 @@ SHAPE_4BIT = (33, 70)  # 2310 values: a tail block for every blocksize, an even 
 
 
 def make_dequantize_4bit(
-    device, gen, dtype, *, quant_type="nf4", blocksize=64, nested=True, out=False, shape=SHAPE_4BIT
+    device, gen, dtype, *, quant_type="nf4", blocksize=64, nested=True, out=False, shape=SHAPE_4BIT, tb_state=False
 ) -> Call:
-    """A bnb QuantState (the object users pass) of a fresh weight, quantized by the oracle."""
+    """A bnb QuantState (the object users pass) of a fresh weight, quantized by the oracle; `tb_state`: the same
+    fields in a tritonbits QuantState (which QuantState.from_any returns as it is, not read field by field)."""
     import tritonbits_reference as R
     from tritonbits_reference.bnb import to_bnb_quant_state
 
     w = (torch.randn(shape, generator=gen) * 3).to(dtype)
     q, state = R.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-    call: Call = {"A": q.to(device), "quant_state": to_bnb_quant_state(state, device)}
+    quant_state: Any = to_bnb_quant_state(state, device)
+    if tb_state:
+        quant_state = tritonbits.QuantState.from_any(quant_state)
+    call: Call = {"A": q.to(device), "quant_state": quant_state}
     if out:
         call["out"] = torch.full(shape, float("nan"), dtype=dtype, device=device)
     return call
@@ -193,6 +197,13 @@ DEQUANTIZE_4BIT_BAD = (
     Bad("blocksize-7", _state("blocksize", lambda kw, d: 7), ValueError, "quant_state.blocksize"),
     Bad("blocksize-8192", _state("blocksize", lambda kw, d: 8192), ValueError, "quant_state.blocksize"),
     Bad("blocksize-None", _state("blocksize", lambda kw, d: None), TypeError, "quant_state.blocksize"),
+    # its own value as a float: equal to the cached int, but refused by a fresh check (and a crash in the kernel)
+    Bad(
+        "blocksize-float",
+        _state("blocksize", lambda kw, d: float(_qs(kw, "blocksize"))),
+        TypeError,
+        "quant_state.blocksize",
+    ),
     Bad("quant_type", _state("quant_type", lambda kw, d: "int4"), ValueError, "quant_state.quant_type"),
     Bad("dtype-int8", _state("dtype", lambda kw, d: torch.int8), TypeError, "quant_state.dtype"),
     Bad("dtype-str", _state("dtype", lambda kw, d: "bfloat16"), TypeError, "quant_state.dtype"),
@@ -200,6 +211,12 @@ DEQUANTIZE_4BIT_BAD = (
     Bad("shape-str", _state("shape", lambda kw, d: "33x70"), TypeError, "quant_state.shape"),
     Bad("shape-negative", _state("shape", lambda kw, d: (-33, -70)), TypeError, "quant_state.shape"),
     Bad("shape-None", _state("shape", lambda kw, d: None), TypeError, "quant_state.shape"),
+    Bad(
+        "shape-float-dims",
+        _state("shape", lambda kw, d: tuple(float(n) for n in _qs(kw, "shape"))),
+        TypeError,
+        "quant_state.shape",
+    ),
     Bad("absmax-f16", _state("absmax", lambda kw, d: _qs(kw, "absmax").half()), TypeError, "quant_state.absmax"),
     Bad("absmax-short", _state("absmax", lambda kw, d: _qs(kw, "absmax")[:-1]), ValueError, "quant_state.absmax"),
     Bad("absmax-strided", _state("absmax", lambda kw, d: strided(_qs(kw, "absmax"))), ValueError, "quant_state.absmax"),
@@ -249,6 +266,13 @@ DEQUANTIZE_4BIT_BAD = (
         "state2.blocksize",
         _state("state2.blocksize", lambda kw, d: 3),
         ValueError,
+        "quant_state.state2.blocksize",
+        _nested,
+    ),
+    Bad(
+        "state2.blocksize-float",
+        _state("state2.blocksize", lambda kw, d: float(_qs(kw, "state2.blocksize"))),
+        TypeError,
         "quant_state.state2.blocksize",
         _nested,
     ),
@@ -747,6 +771,7 @@ LINEAR_4BIT_BAD = (
     Bad("x-K-mismatch", _set("x", lambda kw, d: kw["x"][:, :-2]), ValueError, "x"),
     Bad("x-device", _set("x", lambda kw, d: kw["x"].to(elsewhere(d))), ValueError, "x"),
     Bad("quant_state-missing", _set("quant_state", lambda kw, d: None), ValueError, "quant_state"),
+    Bad("blocksize-float", _state("blocksize", lambda kw, d: float(_qs(kw, "blocksize"))), TypeError, "blocksize"),
     Bad("bias-long", _set("bias", lambda kw, d: torch.cat([_lin_bias(kw), _lin_bias(kw)[:1]])), ValueError, "bias"),
     Bad("bias-int", _set("bias", lambda kw, d: _lin_bias(kw).to(torch.int32)), TypeError, "bias"),
     Bad("bias-device", _set("bias", lambda kw, d: _lin_bias(kw).to(elsewhere(d))), ValueError, "bias"),
@@ -766,6 +791,7 @@ CASES: dict[str, OpCase] = {
                 "nf4-nested-bs64": {"nested": True},
                 "fp4-plain-bs128": {"quant_type": "fp4", "nested": False, "blocksize": 128},
                 "nf4-nested-bs256-out": {"blocksize": 256, "nested": True, "out": True},
+                "nf4-nested-bs64-tb-state": {"nested": True, "tb_state": True},
             },
             DEQUANTIZE_4BIT_BAD,
         ),
