@@ -111,6 +111,13 @@ class QuantState:
         if len(packed) == 1:
             items.update(json.loads(bytes(items.pop(packed[0]).cpu().tolist()).decode("utf-8")))
         d = {k.split(".")[-1]: v for k, v in items.items()}
+        required = ["absmax", "shape", "dtype", "blocksize", "quant_type"]
+        if "nested_absmax" in d:
+            required += ["nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"qs_dict has no {', '.join(missing)} (keys of bnb's QuantState.as_dict()); keys: "
+                             f"{sorted(items)}")  # fmt: skip
         to = (lambda t: t.to(device)) if device is not None else (lambda t: t)
         state2, offset = None, None
         if "nested_absmax" in d:
@@ -119,14 +126,14 @@ class QuantState:
             state2 = NestedState(
                 absmax=nested_absmax,
                 code=to(d["nested_quant_map"]),
-                blocksize=int(d["nested_blocksize"]),
-                dtype=getattr(torch, d["nested_dtype"]),
+                blocksize=_int("qs_dict['nested_blocksize']", d["nested_blocksize"]),
+                dtype=_dtype_named("qs_dict['nested_dtype']", d["nested_dtype"]),
             )
         return cls(
             absmax=to(d["absmax"]),
             shape=torch.Size(d["shape"]),
-            dtype=getattr(torch, d["dtype"]),
-            blocksize=int(d["blocksize"]),
+            dtype=_dtype_named("qs_dict['dtype']", d["dtype"]),
+            blocksize=_int("qs_dict['blocksize']", d["blocksize"]),
             quant_type=d["quant_type"],
             offset=offset,
             state2=state2,
@@ -187,6 +194,15 @@ def _int(name: str, value) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def _dtype_named(name: str, text) -> torch.dtype:
+    """A dtype as bnb serializes it ("bfloat16"), refused by name when it names none (getattr(torch, "nope")
+    raised AttributeError, and "Tensor" gave a class)."""
+    dtype = getattr(torch, text, None) if isinstance(text, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name} must name a torch dtype (bnb writes e.g. 'bfloat16'), got {text!r}")
+    return dtype
 
 
 def _check_shape(shape) -> None:
