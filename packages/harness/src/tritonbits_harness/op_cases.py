@@ -174,6 +174,13 @@ def _zero_d_A(kw: Call, device) -> None:
     kw.pop("out", None)
 
 
+def _row_A_3d_shape(kw: Call, device) -> None:
+    """A in bnb's transposed [1, n/2] layout (its result is transposed back) with a 3-D shape of the same numel."""
+    kw["A"] = kw["A"].reshape(1, -1)
+    kw["quant_state"].shape = (3, 11, 70)  # SHAPE_4BIT's 2310 values
+    kw.pop("out", None)
+
+
 def _out_over_A(kw: Call, device) -> None:
     qs = kw["quant_state"]
     kw["A"], kw["out"] = overlapping(kw["A"], qs.shape, qs.dtype)
@@ -191,6 +198,7 @@ DEQUANTIZE_4BIT_BAD = (
     Bad("A-strided", _set("A", lambda kw, d: strided(kw["A"])), ValueError, "A"),
     Bad("A-device", _set("A", lambda kw, d: kw["A"].to(elsewhere(d))), ValueError, "A"),
     Bad("A-0d", _zero_d_A, ValueError, "A"),
+    Bad("A-row-with-3d-shape", _row_A_3d_shape, ValueError, "A"),
     Bad("quant_state-missing", _pop("quant_state"), ValueError, "quant_state"),
     Bad("quant_state-dict", _set("quant_state", lambda kw, d: {"absmax": _qs(kw, "absmax")}), TypeError, "quant_state"),
     Bad("quant_state-no-fields", _set("quant_state", lambda kw, d: _NoFields()), TypeError, "quant_state"),
