@@ -1,5 +1,8 @@
 """tritonbits.dequantize_4bit: bit-exact with bitsandbytes (CUDA) and with the numpy oracle (interpreter)."""
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -551,6 +554,36 @@ def test_bnb_serialized_form_round_trips(packed_form, device, gen, quantize):
     theirs = F.QuantState.from_dict(ours.as_dict(packed=packed_form), device)
     assert_exact(tritonbits.dequantize_4bit(q, theirs), want)
     assert theirs.shape == state.shape and theirs.dtype == state.dtype and theirs.blocksize == state.blocksize
+
+
+@pytest.mark.parametrize("packed_form", [False, True], ids=["as_dict", "as_dict-packed"])
+def test_bnb_serialized_form_with_a_bad_field_is_refused_by_name(packed_form, device, gen, quantize):
+    """from_dict names what is wrong with a serialized state: a missing key (was KeyError), a dtype name that is
+    no dtype (was AttributeError, or a class for "Tensor"), a fractional blocksize (was truncated by int())."""
+    w = torch.randn(64, 96, generator=gen).to(torch.bfloat16)
+    _, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    edits = {
+        **{f"no-{k}": (k, None) for k in ("absmax", "shape", "dtype", "blocksize", "nested_offset", "nested_dtype")},
+        "dtype-nope": ("dtype", "nope"),
+        "dtype-Tensor": ("dtype", "Tensor"),
+        "nested_dtype-nope": ("nested_dtype", "nope"),
+        "blocksize-64.5": ("blocksize", 64.5),
+        "nested_blocksize-None": ("nested_blocksize", None),
+    }
+    packed_key = "quant_state.bitsandbytes__nf4"
+    for what, (key, value) in edits.items():
+        d = tritonbits.QuantState.from_any(state).as_dict(packed=packed_form)
+        # the packed form keeps the non-tensor fields as JSON in one uint8 tensor: edit them there
+        text = json.loads(bytes(d.pop(packed_key).tolist())) if packed_form else d
+        fields = text if key in text else d
+        if what.startswith("no-"):
+            del fields[key]
+        else:
+            fields[key] = value
+        if packed_form:
+            d[packed_key] = torch.tensor(list(json.dumps(text).encode()), dtype=torch.uint8)
+        with pytest.raises((ValueError, TypeError), match=re.escape(key)):
+            tritonbits.QuantState.from_dict(d, device)
 
 
 @pytest.mark.gpu

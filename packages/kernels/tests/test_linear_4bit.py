@@ -148,6 +148,24 @@ def test_leading_dims_and_strided_x(out_dtype, device, gen, quantize, bnb_dequan
         assert_matmul(tritonbits.linear_4bit(x, q, state, bias), x, w, bias)
 
 
+@pytest.mark.parametrize("path", FORCED)
+def test_strided_and_expanded_bias(path, out_dtype, device, gen, quantize, monkeypatch):
+    """A bias view with any strides (every other element of a wider buffer; one value expanded to N, stride 0)
+    gives the bytes of its contiguous copy on every path; the fused kernels read N contiguous values, so a
+    strided bias reaching them as-is read the wrong elements (and an expanded one past its storage)."""
+    monkeypatch.setattr(L, "config_for", lambda *args: FORCED[path])
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    x = fresh_x((5, K), out_dtype, gen, device)
+    wide = fresh_x((2 * N,), out_dtype, gen, device)
+    for bias in (wide[::2], wide[:1].expand(N)):
+        assert not bias.is_contiguous()
+        expected = tritonbits.linear_4bit(x, q, state, bias.contiguous())
+        assert torch.equal(tritonbits.linear_4bit(x, q, state, bias), expected)
+    leaf = fresh_x((2 * N,), out_dtype, gen, device).requires_grad_()
+    tritonbits.linear_4bit(x, q, state, leaf[::2]).sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad[1::2], torch.zeros_like(leaf.grad[1::2]))
+
+
 def test_empty_rows(out_dtype, device, gen, quantize):
     q, state = weight_of((N, K), out_dtype, gen, quantize)
     out = tritonbits.linear_4bit(torch.empty(0, K, dtype=out_dtype, device=device), q, state)

@@ -146,15 +146,19 @@ SHAPE_4BIT = (33, 70)  # 2310 values: a tail block for every blocksize, an even 
 
 
 def make_dequantize_4bit(
-    device, gen, dtype, *, quant_type="nf4", blocksize=64, nested=True, out=False, shape=SHAPE_4BIT
+    device, gen, dtype, *, quant_type="nf4", blocksize=64, nested=True, out=False, shape=SHAPE_4BIT, tb_state=False
 ) -> Call:
-    """A bnb QuantState (the object users pass) of a fresh weight, quantized by the oracle."""
+    """A bnb QuantState (the object users pass) of a fresh weight, quantized by the oracle; `tb_state`: the same
+    fields in a tritonbits QuantState (which QuantState.from_any returns as it is, not read field by field)."""
     import tritonbits_reference as R
     from tritonbits_reference.bnb import to_bnb_quant_state
 
     w = (torch.randn(shape, generator=gen) * 3).to(dtype)
     q, state = R.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-    call: Call = {"A": q.to(device), "quant_state": to_bnb_quant_state(state, device)}
+    quant_state: Any = to_bnb_quant_state(state, device)
+    if tb_state:
+        quant_state = tritonbits.QuantState.from_any(quant_state)
+    call: Call = {"A": q.to(device), "quant_state": quant_state}
     if out:
         call["out"] = torch.full(shape, float("nan"), dtype=dtype, device=device)
     return call
@@ -167,6 +171,13 @@ def _zero_d_A(kw: Call, device) -> None:
     kw["quant_state"] = tritonbits.QuantState(
         absmax=torch.ones(1, device=device), shape=torch.Size([2]), dtype=dtype, blocksize=64, quant_type="nf4"
     )
+    kw.pop("out", None)
+
+
+def _row_A_3d_shape(kw: Call, device) -> None:
+    """A in bnb's transposed [1, n/2] layout (its result is transposed back) with a 3-D shape of the same numel."""
+    kw["A"] = kw["A"].reshape(1, -1)
+    kw["quant_state"].shape = (3, 11, 70)  # SHAPE_4BIT's 2310 values
     kw.pop("out", None)
 
 
@@ -187,12 +198,20 @@ DEQUANTIZE_4BIT_BAD = (
     Bad("A-strided", _set("A", lambda kw, d: strided(kw["A"])), ValueError, "A"),
     Bad("A-device", _set("A", lambda kw, d: kw["A"].to(elsewhere(d))), ValueError, "A"),
     Bad("A-0d", _zero_d_A, ValueError, "A"),
+    Bad("A-row-with-3d-shape", _row_A_3d_shape, ValueError, "A"),
     Bad("quant_state-missing", _pop("quant_state"), ValueError, "quant_state"),
     Bad("quant_state-dict", _set("quant_state", lambda kw, d: {"absmax": _qs(kw, "absmax")}), TypeError, "quant_state"),
     Bad("quant_state-no-fields", _set("quant_state", lambda kw, d: _NoFields()), TypeError, "quant_state"),
     Bad("blocksize-7", _state("blocksize", lambda kw, d: 7), ValueError, "quant_state.blocksize"),
     Bad("blocksize-8192", _state("blocksize", lambda kw, d: 8192), ValueError, "quant_state.blocksize"),
     Bad("blocksize-None", _state("blocksize", lambda kw, d: None), TypeError, "quant_state.blocksize"),
+    # its own value as a float: equal to the cached int, but refused by a fresh check (and a crash in the kernel)
+    Bad(
+        "blocksize-float",
+        _state("blocksize", lambda kw, d: float(_qs(kw, "blocksize"))),
+        TypeError,
+        "quant_state.blocksize",
+    ),
     Bad("quant_type", _state("quant_type", lambda kw, d: "int4"), ValueError, "quant_state.quant_type"),
     Bad("dtype-int8", _state("dtype", lambda kw, d: torch.int8), TypeError, "quant_state.dtype"),
     Bad("dtype-str", _state("dtype", lambda kw, d: "bfloat16"), TypeError, "quant_state.dtype"),
@@ -200,6 +219,12 @@ DEQUANTIZE_4BIT_BAD = (
     Bad("shape-str", _state("shape", lambda kw, d: "33x70"), TypeError, "quant_state.shape"),
     Bad("shape-negative", _state("shape", lambda kw, d: (-33, -70)), TypeError, "quant_state.shape"),
     Bad("shape-None", _state("shape", lambda kw, d: None), TypeError, "quant_state.shape"),
+    Bad(
+        "shape-float-dims",
+        _state("shape", lambda kw, d: tuple(float(n) for n in _qs(kw, "shape"))),
+        TypeError,
+        "quant_state.shape",
+    ),
     Bad("absmax-f16", _state("absmax", lambda kw, d: _qs(kw, "absmax").half()), TypeError, "quant_state.absmax"),
     Bad("absmax-short", _state("absmax", lambda kw, d: _qs(kw, "absmax")[:-1]), ValueError, "quant_state.absmax"),
     Bad("absmax-strided", _state("absmax", lambda kw, d: strided(_qs(kw, "absmax"))), ValueError, "quant_state.absmax"),
@@ -249,6 +274,13 @@ DEQUANTIZE_4BIT_BAD = (
         "state2.blocksize",
         _state("state2.blocksize", lambda kw, d: 3),
         ValueError,
+        "quant_state.state2.blocksize",
+        _nested,
+    ),
+    Bad(
+        "state2.blocksize-float",
+        _state("state2.blocksize", lambda kw, d: float(_qs(kw, "state2.blocksize"))),
+        TypeError,
         "quant_state.state2.blocksize",
         _nested,
     ),
@@ -685,6 +717,27 @@ DEQUANTIZE_BLOCKWISE_BAD = (
         "quant_state.state2.absmax",
         lambda v: _state_form(v) and _nested(v),
     ),
+    Bad(
+        "quant_state.state2.blocksize-64.5",
+        _state("state2.blocksize", lambda kw, d: _qs(kw, "state2.blocksize") + 0.5),
+        TypeError,
+        "quant_state.state2.blocksize",
+        lambda v: _state_form(v) and _nested(v),
+    ),
+    Bad(
+        "quant_state.state2.blocksize-None",
+        _state("state2.blocksize", lambda kw, d: None),
+        TypeError,
+        "quant_state.state2.blocksize",
+        lambda v: _state_form(v) and _nested(v),
+    ),
+    Bad(
+        "quant_state.state2-no-fields",
+        _state("state2", lambda kw, d: _NoFields()),
+        TypeError,
+        "quant_state.state2",
+        lambda v: _state_form(v) and _nested(v),
+    ),
     Bad("absmax-f16", _set("absmax", lambda kw, d: kw["absmax"].half()), TypeError, "absmax", _absmax_form),
     Bad("absmax-short", _set("absmax", lambda kw, d: kw["absmax"][:-1]), ValueError, "absmax", _absmax_form),
     Bad("code-255", _set("code", lambda kw, d: kw["code"][:255]), ValueError, "code", _absmax_form),
@@ -747,6 +800,7 @@ LINEAR_4BIT_BAD = (
     Bad("x-K-mismatch", _set("x", lambda kw, d: kw["x"][:, :-2]), ValueError, "x"),
     Bad("x-device", _set("x", lambda kw, d: kw["x"].to(elsewhere(d))), ValueError, "x"),
     Bad("quant_state-missing", _set("quant_state", lambda kw, d: None), ValueError, "quant_state"),
+    Bad("blocksize-float", _state("blocksize", lambda kw, d: float(_qs(kw, "blocksize"))), TypeError, "blocksize"),
     Bad("bias-long", _set("bias", lambda kw, d: torch.cat([_lin_bias(kw), _lin_bias(kw)[:1]])), ValueError, "bias"),
     Bad("bias-int", _set("bias", lambda kw, d: _lin_bias(kw).to(torch.int32)), TypeError, "bias"),
     Bad("bias-device", _set("bias", lambda kw, d: _lin_bias(kw).to(elsewhere(d))), ValueError, "bias"),
@@ -762,9 +816,11 @@ CASES: dict[str, OpCase] = {
             make_dequantize_4bit,
             lambda r: (r,),
             {
-                "nf4-nested-bs64": {},
+                # "nested" spelled out: the nested-only rows (`_nested`) read it from the variant
+                "nf4-nested-bs64": {"nested": True},
                 "fp4-plain-bs128": {"quant_type": "fp4", "nested": False, "blocksize": 128},
-                "nf4-nested-bs256-out": {"blocksize": 256, "out": True},
+                "nf4-nested-bs256-out": {"blocksize": 256, "nested": True, "out": True},
+                "nf4-nested-bs64-tb-state": {"nested": True, "tb_state": True},
             },
             DEQUANTIZE_4BIT_BAD,
         ),

@@ -58,7 +58,19 @@ class QuantState:
     def from_any(cls, obj) -> QuantState:
         """Read bnb's fields off `obj` (bnb QuantState, tritonbits QuantState or a look-alike)."""
         if isinstance(obj, QuantState):
-            return obj
+            s2 = obj.state2
+            if type(obj.blocksize) is int and (s2 is None or type(s2.blocksize) is int):
+                return obj
+            # an integer field held as a float, a numpy or a 0-d tensor: read by name as a look-alike's (64.0
+            # refused, np.int64(64) taken as 64), in a copy: the kernels take plain ints as constexprs
+            _check_shape(obj.shape)
+            state = copy.copy(obj)
+            state.shape = torch.Size(obj.shape)
+            state.blocksize = _int("quant_state.blocksize", obj.blocksize)
+            if s2 is not None:
+                state.state2 = NestedState(absmax=s2.absmax, code=s2.code, dtype=getattr(s2, "dtype", torch.float32),
+                                           blocksize=_int("quant_state.state2.blocksize", s2.blocksize))  # fmt: skip
+            return state
         if isinstance(obj, dict):
             raise TypeError("quant_state is a dict; if it is bnb's serialized form (QuantState.as_dict()), load it "
                             "with tritonbits.QuantState.from_dict(d, device)")  # fmt: skip
@@ -99,6 +111,13 @@ class QuantState:
         if len(packed) == 1:
             items.update(json.loads(bytes(items.pop(packed[0]).cpu().tolist()).decode("utf-8")))
         d = {k.split(".")[-1]: v for k, v in items.items()}
+        required = ["absmax", "shape", "dtype", "blocksize", "quant_type"]
+        if "nested_absmax" in d:
+            required += ["nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"qs_dict has no {', '.join(missing)} (keys of bnb's QuantState.as_dict()); keys: "
+                             f"{sorted(items)}")  # fmt: skip
         to = (lambda t: t.to(device)) if device is not None else (lambda t: t)
         state2, offset = None, None
         if "nested_absmax" in d:
@@ -107,14 +126,14 @@ class QuantState:
             state2 = NestedState(
                 absmax=nested_absmax,
                 code=to(d["nested_quant_map"]),
-                blocksize=int(d["nested_blocksize"]),
-                dtype=getattr(torch, d["nested_dtype"]),
+                blocksize=_int("qs_dict['nested_blocksize']", d["nested_blocksize"]),
+                dtype=_dtype_named("qs_dict['nested_dtype']", d["nested_dtype"]),
             )
         return cls(
             absmax=to(d["absmax"]),
             shape=torch.Size(d["shape"]),
-            dtype=getattr(torch, d["dtype"]),
-            blocksize=int(d["blocksize"]),
+            dtype=_dtype_named("qs_dict['dtype']", d["dtype"]),
+            blocksize=_int("qs_dict['blocksize']", d["blocksize"]),
             quant_type=d["quant_type"],
             offset=offset,
             state2=state2,
@@ -175,6 +194,15 @@ def _int(name: str, value) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def _dtype_named(name: str, text) -> torch.dtype:
+    """A dtype as bnb serializes it ("bfloat16"), refused by name when it names none (getattr(torch, "nope")
+    raised AttributeError, and "Tensor" gave a class)."""
+    dtype = getattr(torch, text, None) if isinstance(text, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name} must name a torch dtype (bnb writes e.g. 'bfloat16'), got {text!r}")
+    return dtype
 
 
 def _check_shape(shape) -> None:
@@ -263,15 +291,24 @@ def _signature(t) -> tuple:
     return (type(t), t) if isinstance(t, (int, float, type(None))) else (type(t), id(t))
 
 
+def _typed(value) -> tuple:
+    """An integer field with its type: 64.0 or np.int64(64) equals 64 but is not read as 64 by a fresh check
+    (refused, or normalized), so it must not match a cached 64. A tensor never matches (its value can change
+    in place at the same address)."""
+    return (type(value), object() if isinstance(value, torch.Tensor) else value)
+
+
 def _identity(A: torch.Tensor, qs) -> tuple:
-    """What must not have changed for a cached validation to hold: every input `validate` reads. Shape is
-    copied into a tuple (a list shape changed in place must not compare equal to itself)."""
+    """What must not have changed for a cached validation to hold: every input `validate` reads, integer fields
+    with their types. Shape is copied into a tuple (a list shape changed in place must not compare equal to
+    itself)."""
     s2 = getattr(qs, "state2", None)
     nested = None
     if s2 is not None:
-        nested = (id(s2), _signature(s2.absmax), _signature(s2.code), s2.blocksize, _signature(qs.offset))
-    return (_signature(A), _signature(qs.absmax), qs.blocksize, qs.quant_type, qs.dtype,
-            tuple(qs.shape) if qs.shape is not None else None, nested)  # fmt: skip
+        nested = (id(s2), _signature(s2.absmax), _signature(s2.code), _typed(s2.blocksize), _signature(qs.offset))
+    shape = None if qs.shape is None else tuple(map(_typed, qs.shape))
+    return (_signature(A), _signature(qs.absmax), _typed(qs.blocksize), qs.quant_type, qs.dtype, shape,
+            nested)  # fmt: skip
 
 
 # id(quant_state) -> PreparedWeight; an entry dies with its quant_state

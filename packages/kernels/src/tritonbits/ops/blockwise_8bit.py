@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
 from .._triton_helpers import reciprocal, store_float
-from ..quant_state import NestedState, QuantState, check_tensor
+from ..quant_state import NestedState, QuantState, _int, check_tensor
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32, exact
@@ -488,14 +488,20 @@ def dequantize_blockwise(
         _runtime.check_out(out, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
     if state2 is not None:
         check_tensor("quant_state.absmax", absmax, (torch.uint8,), blocks, device)
-        check_blocksize(int(state2.blocksize), formats.BLOCKSIZES)
-        check_tensor("quant_state.state2.absmax", state2.absmax, (torch.float32,),
-                     -(-blocks // int(state2.blocksize)), device)  # fmt: skip
+        missing = [f for f in ("absmax", "code", "blocksize") if not hasattr(state2, f)]
+        if missing:
+            raise TypeError(
+                f"quant_state.state2 has no {', '.join(missing)}: pass a QuantState from quantize_blockwise"
+            )
+        blocksize2 = _int("quant_state.state2.blocksize", state2.blocksize)  # int() would truncate 64.5
+        if blocksize2 not in formats.BLOCKSIZES:
+            raise ValueError(f"quant_state.state2.blocksize must be one of {formats.BLOCKSIZES}, got {blocksize2}")
+        check_tensor("quant_state.state2.absmax", state2.absmax, (torch.float32,), -(-blocks // blocksize2), device)
         check_tensor("quant_state.state2.code", state2.code, (torch.float32,), 256, device)
         if not isinstance(offset, torch.Tensor) or offset.dtype != torch.float32 or offset.numel() != 1:
             raise TypeError(f"quant_state.offset must be a float32 tensor of one element, got {offset!r}")
         _runtime.check_device("quant_state.offset", offset, device)
-        absmax = _dequantize(absmax, state2.absmax, state2.code, int(state2.blocksize), torch.float32)
+        absmax = _dequantize(absmax, state2.absmax, state2.code, blocksize2, torch.float32)
         absmax += offset
     else:
         check_tensor("absmax" if quant_state is None else "quant_state.absmax", absmax, (torch.float32,), blocks,

@@ -217,10 +217,19 @@ def _dequantize_4bit_triton_op(
     return out
 
 
+def _check_transposable(A: torch.Tensor, state: QuantState) -> None:
+    """A [1, n/2] A gets its result transposed back (bnb's shim): a result of more than 2 dims has no .t()."""
+    if A.shape[0] == 1 and len(state.shape) > 2:
+        raise ValueError(f"A has shape {tuple(A.shape)} (bnb's transposed [1, n/2] layout, whose result is "
+                         f"transposed back) but quant_state.shape {tuple(state.shape)} has more than 2 dims: pass A "
+                         "as [(n + 1) // 2, 1] or 1-D")  # fmt: skip
+
+
 def _compiled_call(A: torch.Tensor, quant_state, out: torch.Tensor | None) -> torch.Tensor:
     """Under torch.compile: validate on the traced values (no cache), then call a registered op."""
     state = QuantState.from_any(quant_state)
     device = validate(A, state)
+    _check_transposable(A, state)
     w = PreparedWeight.build(A, state)
     fields = (w.A, w.absmax, w.code2, w.absmax2, w.offset, state.blocksize, w.blocksize2, state.quant_type)
     if out is not None:
@@ -280,6 +289,7 @@ def dequantize_4bit(
 def _eager(A: torch.Tensor, quant_state, out: torch.Tensor | None) -> torch.Tensor:
     w = prepare(A, quant_state)
     state = w.state
+    _check_transposable(A, state)
     if out is not None:
         inputs = {"A": A, "quant_state.absmax": w.absmax, "quant_state.state2.absmax": w.absmax2,
                   "quant_state.state2.code": w.code2, "quant_state.offset": w.offset}  # fmt: skip

@@ -673,6 +673,8 @@ def forward_2d(x2: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None, *
     n = state.shape[0]
     cfg = config or config_for(x2.device, x2.dtype, m, n, k)
     if fused_ok(cfg, state.blocksize, k):
+        if bias is not None and bias.stride(0) != 1:  # the kernels read bias[n] at bias_ptr + n
+            bias = bias.contiguous()
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
         launch_fused(x2, w, bias, out, cfg, kernel_wrap=kernel_wrap, use_asm=True if kernel_wrap else None)
         return out
