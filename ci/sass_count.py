@@ -1,0 +1,342 @@
+"""SASS instruction counts of tritonbits kernels, compiled OFFLINE for a CUDA target (default sm90, H100) on a
+machine without a GPU. Instruction counts only: they say nothing measured about speed.
+
+    python ci/sass_count.py [--json] [--only SUBSTR] [--arch 90] [--shape 4096x4096] [--rcp MODE]
+                            [--num-warps N] [--dump DIR]
+
+Each config is planned by the op's own plan function (quantize_4bit.plan, blockwise_8bit.plan_quantize,
+dequantize_4bit.plan) or recorded from its launch function (blockwise_8bit.launch_dequantize, through the
+`kernel=` hook), on CPU tensors of the launch's shape, with the device-dependent choices made as on a CUDA
+sm80+ device (the reciprocal mode RCP_GPU, native bf16 conversion). Triton's own argument binder then turns the
+launch into the signature, constexprs and specialization attributes (16-byte pointer alignment, integer
+divisibility) that `kernel[grid](...)` would compile, and `triton.compile` builds the cubin for the target;
+nvdisasm (bundled with Triton) disassembles it.
+
+Counted: every SASS instruction but NOPs and the trailing `BRA` to itself after the last EXIT (padding).
+`loop` is the instructions inside backward branches (none for these straight-line kernels: "-"); `per value`
+is the count divided by the values one thread processes (values a program / (warps * 32)). `--dump DIR` writes
+each config's .sass and .ptx.
+
+The figures quoted in docs/kernels/quantize_4bit.md at 0a70d90 (NF4 round+pairs 304 / 19, FP4 344 / 21.5) were
+compiled with `--rcp plain --num-warps 8` (the CPU's reciprocal mode, 16 values a thread); the launch the op
+makes on a GPU uses rcp.approx and 4 warps for a 4096-value tile. Needs no TRITON_INTERPRET (it is switched
+off here) and no CUDA device; uses Triton's binder internals (triton.runtime.jit), checked with triton 3.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton and tritonbits are imported: compile, don't interpret
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from tritonbits import _runtime, formats
+
+# TRITON_DEFAULT_FP_FUSION unset: a launch gets the same default (fusion on in triton 3.9); the warning is noise
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+from tritonbits.ops import blockwise_8bit as b8  # noqa: E402
+from tritonbits.ops import dequantize_4bit as d4  # noqa: E402
+from tritonbits.ops import quantize_4bit as q4  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+LABEL = re.compile(r"^(\.L_x_\d+):")
+
+
+@dataclass
+class Launch:
+    """One launch as the op makes it: the jitted kernel, grid, positional args, constexprs, options."""
+
+    name: str
+    fn: Any
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    options: dict
+    values: int  # values one program processes (input elements for quantize, output elements for dequantize)
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def as_cuda(rcp: str | None):
+    """Make the ops' device-dependent choices as on a CUDA sm80+ device while they plan on CPU tensors."""
+    saved = (_runtime.native_bf16_conversion, b8.rcp_mode)
+    gpu_rcp = rcp or b8.RCP_GPU
+    _runtime.native_bf16_conversion = lambda device: True  # type: ignore[assignment]
+    b8.rcp_mode = lambda device, rcp=None: rcp or gpu_rcp  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _runtime.native_bf16_conversion, b8.rcp_mode = saved  # type: ignore[assignment]
+
+
+class Recorder:
+    """Stands in for a wrap_triton'd kernel (`kernel=`): records kernel[grid](*args, **kwargs)."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, []
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+
+        return call
+
+
+def _split(kwargs: dict) -> tuple[dict, dict]:
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")}
+    return {k: v for k, v in kwargs.items() if k not in options}, options
+
+
+def _apply_warps(options: dict, num_warps: int | None) -> dict:
+    return {**options, "num_warps": num_warps} if num_warps is not None else options
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The configs
+
+
+def quantize_4bit_launches(n: int, rcp, num_warps, encoders) -> list[Launch]:
+    out = []
+    for qt in ("nf4", "fp4"):
+        for dt, dtype in DTYPES.items():
+            for enc in encoders:
+                for pairs in (True, False):
+                    x = torch.empty(n, dtype=dtype)
+                    packed = torch.empty(q4.packed_bytes(n, torch.uint8), dtype=torch.uint8)
+                    absmax = torch.empty(-(-n // 64), dtype=torch.float32)
+                    with as_cuda(rcp):
+                        grid, args, cx, opts = q4.plan(x, packed, absmax, 64, qt, encoder=enc, pairs=pairs)
+                    opts = _apply_warps(opts, num_warps)
+                    out.append(Launch(f"quantize_4bit {qt} {dt} bs64 {enc} {'pairs' if pairs else 'split'}",
+                                      q4._quantize_4bit_kernel, grid, args, cx, opts,
+                                      cx["ROWS"] * cx["BLOCKSIZE"]))  # fmt: skip
+    return out
+
+
+def quantize_blockwise_launches(n: int, rcp, num_warps, encoders) -> list[Launch]:
+    out = []
+    code = formats.code_table("dynamic", torch.device("cpu"))
+    for dt in ("bf16", "fp16", "fp32"):
+        for bs in (4096, 256):
+            for enc in encoders:
+                x = torch.empty(n, dtype=DTYPES[dt])
+                q = torch.empty(n, dtype=torch.uint8)
+                absmax = torch.empty(-(-n // bs), dtype=torch.float32)
+                with as_cuda(rcp):
+                    grid, args, cx, opts = b8.plan_quantize(x, code, q, absmax, bs, encoder=enc)
+                opts = _apply_warps(opts, num_warps)
+                out.append(Launch(f"quantize_blockwise {dt} bs{bs} {enc}", b8._quantize_blockwise_kernel, grid,
+                                  args, cx, opts, cx["ROWS"] * cx["BLOCKSIZE"]))  # fmt: skip
+    return out
+
+
+def dequantize_4bit_launches(n: int, num_warps) -> list[Launch]:
+    out = []
+    for qt in ("nf4", "fp4"):
+        for dt in ("bf16", "fp16", "fp32"):
+            for nested in (True, False):
+                if qt == "fp4" and (nested is False or dt != "bf16"):
+                    continue  # the nibble decode is a table load for both types: one fp4 row is enough
+                A = torch.empty((n + 1) // 2, dtype=torch.uint8)
+                blocks = -(-n // 64)
+                absmax = torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32)
+                code2 = formats.code_table("dynamic", torch.device("cpu")) if nested else None
+                absmax2 = torch.empty(-(-blocks // 256), dtype=torch.float32) if nested else None
+                offset = torch.empty((), dtype=torch.float32) if nested else None
+                y = torch.empty(n, dtype=DTYPES[dt])
+                with as_cuda(None):
+                    grid, args, cx, opts = d4.plan(A, absmax, code2, absmax2, offset, y, 64, 256, qt)
+                opts = _apply_warps(opts, num_warps)
+                out.append(Launch(f"dequantize_4bit {qt} {dt} bs64 {'nested' if nested else 'plain'}",
+                                  d4._dequantize_4bit_kernel, grid, args, cx, opts,
+                                  2 * cx["ROWS"] * cx["COLS"]))  # fmt: skip
+    return out
+
+
+def dequantize_blockwise_launches(n: int, num_warps) -> list[Launch]:
+    out = []
+    code = formats.code_table("dynamic", torch.device("cpu"))
+    for dt in ("bf16", "fp16", "fp32"):
+        q = torch.empty(n, dtype=torch.uint8)
+        absmax = torch.empty(-(-n // 4096), dtype=torch.float32)
+        y = torch.empty(n, dtype=DTYPES[dt])
+        rec = Recorder(b8._dequantize_blockwise_kernel)
+        with as_cuda(None):
+            b8.launch_dequantize(q, absmax, code, y, 4096, kernel=rec)
+        ((grid, args, kwargs),) = rec.launches
+        cx, opts = _split(kwargs)
+        opts = _apply_warps(opts, num_warps)
+        out.append(Launch(f"dequantize_blockwise {dt} bs4096", b8._dequantize_blockwise_kernel, grid, args, cx,
+                          opts, cx["TILE_"]))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile and count
+
+
+def compile_launch(launch: Launch, target: GPUTarget):
+    """triton.compile of exactly what `fn[grid](*args, **constexprs, **options)` would compile on `target`."""
+    backend = make_backend(target)
+    fn = launch.fn
+    kwargs = {**launch.constexprs, **launch.options, "debug": False, "instrumentation_mode": "",
+              "fpsan_homomorphic_casts": False}  # fmt: skip
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def tool_path(name: str) -> str:
+    """A CUDA binary tool bundled with Triton (nvdisasm, cuobjdump)."""
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def disassemble(cubin: bytes) -> tuple[str, dict[str, int]]:
+    """(nvdisasm's listing, cuobjdump's resource usage: REG, SHARED, LOCAL, ...) of a one-kernel cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.check_output([tool_path("nvdisasm"), "-c", f.name], text=True)
+        res = subprocess.check_output([tool_path("cuobjdump"), "-res-usage", f.name], text=True)
+    usage = {k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", res.split("Function", 1)[-1])}
+    return sass, usage
+
+
+def count(sass: str) -> dict:
+    """Instruction counts of one kernel's disassembly (see the module doc for what is counted)."""
+    instrs: list[tuple[int, str, str]] = []  # (address, opcode, operands)
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    for line in sass.splitlines():
+        m = LABEL.match(line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = INSTR.match(line)
+        if not m:
+            continue
+        addr, op, rest = int(m.group(1), 16), m.group(3), m.group(4)
+        for lab in pending:
+            labels[lab] = addr
+        pending = []
+        instrs.append((addr, op, rest))
+    last_exit = max((a for a, op, _ in instrs if op == "EXIT"), default=-1)
+    body = [(a, op, rest) for a, op, rest in instrs if op != "NOP"]
+    # the trailing self-branch after the last EXIT is padding, not code
+    body = [(a, op, rest) for a, op, rest in body if not (op == "BRA" and a > last_exit)]
+    loop_addrs: set[int] = set()
+    for a, op, rest in body:
+        if op == "BRA":
+            m = re.search(r"\((\.L_x_\d+)\)", rest)
+            if m and labels.get(m.group(1), a + 1) <= a:
+                loop_addrs.update(x for x, _, _ in body if labels[m.group(1)] <= x <= a)
+    ops = Counter(op.split(".")[0] for _, op, _ in body)
+    return {"total": len(body), "loop": len(loop_addrs) or None, "opcodes": dict(ops.most_common())}
+
+
+CLASSES = {"LDG": "ldg", "STG": "stg", "LDS": "lds", "STS": "sts", "BAR": "bar", "SHFL": "shfl",
+           "F2I": "cvt", "I2F": "cvt", "F2F": "cvt", "F2FP": "cvt", "MUFU": "mufu"}  # fmt: skip
+
+
+def measure(launch: Launch, target: GPUTarget, dump: Path | None) -> dict:
+    kernel = compile_launch(launch, target)
+    sass, usage = disassemble(kernel.asm["cubin"])
+    c = count(sass)
+    warps = launch.options.get("num_warps", 4)
+    per_thread = launch.values / (warps * 32)
+    classes: Counter = Counter()
+    for op, k in c["opcodes"].items():
+        if op in CLASSES:
+            classes[CLASSES[op]] += k
+    if dump is not None:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", launch.name)
+        (dump / f"{stem}.sass").write_text(sass)
+        (dump / f"{stem}.ptx").write_text(kernel.asm["ptx"])
+    return {"name": launch.name, "kernel": launch.fn.__name__, "total": c["total"], "loop": c["loop"],
+            "per_value": c["total"] / per_thread, "values_per_program": launch.values, "num_warps": warps,
+            "values_per_thread": per_thread, "registers": usage.get("REG"), "local_bytes": usage.get("LOCAL"),
+            "shared_bytes": usage.get("SHARED"),
+            "classes": dict(classes), "opcodes": c["opcodes"], "grid": list(launch.grid),
+            "constexprs": {k: v for k, v in launch.constexprs.items()}, **launch.extra}  # fmt: skip
+
+
+def parse_shape(s: str) -> int:
+    n = 1
+    for part in s.lower().split("x"):
+        n *= int(part)
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout instead of the table")
+    parser.add_argument("--only", action="append", default=[], help="keep configs whose name contains this "
+                        "(all given substrings, space-separated words each)")  # fmt: skip
+    parser.add_argument("--arch", type=int, default=90, help="CUDA capability as an int (90: sm90)")
+    parser.add_argument("--shape", default="4096x4096", help="4-bit launches' element count (default 4096x4096)")
+    parser.add_argument("--shape-8bit", default=str(1 << 26), help="8-bit launches' element count (default 2^26)")
+    parser.add_argument("--rcp", choices=b8.RCP_MODES, help=f"quantizers' reciprocal (default {b8.RCP_GPU!r})")
+    parser.add_argument("--num-warps", type=int, help="override every launch's warps")
+    parser.add_argument("--dump", type=Path, help="write each config's .sass and .ptx here")
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        print("note: a CUDA device is present; compiling offline for the --arch target anyway", file=sys.stderr)
+    target = GPUTarget("cuda", args.arch, 32)
+    n4, n8 = parse_shape(args.shape), parse_shape(args.shape_8bit)
+    warps = args.num_warps
+    launches = quantize_4bit_launches(n4, args.rcp, warps, q4.ENCODERS)
+    launches += quantize_blockwise_launches(n8, args.rcp, warps, getattr(b8, "ENCODERS", ("table", "search")))
+    launches += dequantize_4bit_launches(n4, warps) + dequantize_blockwise_launches(n8, warps)
+    words = [w for o in args.only for w in o.split()]
+    launches = [la for la in launches if all(w in la.name for w in words)]
+    if args.dump is not None:
+        args.dump.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for la in launches:
+        try:
+            rows.append(measure(la, target, args.dump))
+        except Exception as exc:  # one config failing to compile must not hide the others
+            rows.append({"name": la.name, "error": f"{type(exc).__name__}: {exc}"})
+        if not args.json:
+            r = rows[-1]
+            if "error" in r:
+                print(f"{r['name']:<52} ERROR {r['error']}", flush=True)
+                continue
+            if len(rows) == 1:
+                print(f"{'config (sm' + str(args.arch) + ')':<52} {'instr':>6} {'loop':>5} {'/value':>7} "
+                      f"{'val/thr':>7} {'warps':>5} {'regs':>4}  ldg/stg/lds/sts/bar/shfl/cvt/mufu")  # fmt: skip
+            cl = r["classes"]
+            mix = "/".join(str(cl.get(k, 0)) for k in ("ldg", "stg", "lds", "sts", "bar", "shfl", "cvt", "mufu"))
+            print(f"{r['name']:<52} {r['total']:>6} {r['loop'] or '-':>5} {r['per_value']:>7.2f} "
+                  f"{r['values_per_thread']:>7g} {r['num_warps']:>5} {r['registers']:>4}  {mix}",
+                  flush=True)  # fmt: skip
+    if args.json:
+        meta = {"arch": f"sm{args.arch}", "triton": triton.__version__, "torch": torch.__version__,
+                "shape_4bit": n4, "shape_8bit": n8, "rcp": args.rcp or b8.RCP_GPU,
+                "num_warps": args.num_warps}  # fmt: skip
+        json.dump({"meta": meta, "configs": rows}, sys.stdout, indent=1)
+        print()
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
