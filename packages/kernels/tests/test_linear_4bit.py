@@ -479,6 +479,26 @@ def test_module_state_dict_is_bnb_format(device, gen):
                                                                        "bias": theirs["bias"]})  # fmt: skip
 
 
+def test_module_load_checks_shape_and_takes_the_checkpoint_format(device, gen):
+    """A checkpoint of another shape (or a packed weight too short for this one) is refused as torch refuses a
+    size mismatch; one of another format (fp4, blocksize 128, not nested) loads, and the layer then says so."""
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16).to(device)
+    theirs = tritonbits.nn.Linear4bit.from_linear(linear, quant_type="fp4", blocksize=128,
+                                                  compress_statistics=False).state_dict()  # fmt: skip
+    layer = tritonbits.nn.Linear4bit(K, N, dtype=torch.bfloat16, device=device)
+    layer.load_state_dict(theirs)
+    assert (layer.quant_type, layer.blocksize, layer.compress_statistics) == ("fp4", 128, False)
+    assert "quant_type=fp4, blocksize=128, nested=False" in repr(layer)
+    x = fresh_x((3, K), torch.bfloat16, gen, device)
+    assert_exact(layer(x), tritonbits.nn.Linear4bit.from_linear(linear, quant_type="fp4", blocksize=128,
+                                                                compress_statistics=False)(x))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: .*quant_state.shape is \(%d, %d\)" % (N, K)):
+        tritonbits.nn.Linear4bit(N, K, dtype=torch.bfloat16, device=device).load_state_dict(theirs)
+    short = dict(theirs, weight=theirs["weight"][: theirs["weight"].shape[0] // 2])
+    with pytest.raises(RuntimeError, match="size mismatch for weight: the packed weight holds"):
+        tritonbits.nn.Linear4bit(K, N, dtype=torch.bfloat16, device=device).load_state_dict(short)
+
+
 def test_module_grads_and_frozen_weight(device, gen):
     linear = torch.nn.Linear(K, N, dtype=torch.bfloat16).to(device)
     module = tritonbits.nn.Linear4bit.from_linear(linear)

@@ -110,9 +110,31 @@ class Linear4bit(torch.nn.Module):
                                       error_msgs)  # fmt: skip
         unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(head)]  # the quant state: consumed here
         if quant:
-            self.quant_state = QuantState.from_dict(quant, device=self.weight.device)
+            state = QuantState.from_dict(quant, device=self.weight.device)
+            problem = self._mismatch(state, weight)
+            if problem:  # torch's convention for a size mismatch: an error message, raised by load_state_dict
+                error_msgs.append(f"size mismatch for {prefix}weight: {problem}")
+                return
+            # the checkpoint's format wins, as in bnb (its quant state carries quant_type, blocksize, nesting)
+            self.quant_state = state
+            self.quant_type, self.blocksize, self.compress_statistics = state.quant_type, state.blocksize, state.nested
+            self.quant_storage, self.dtype = self.weight.dtype, state.dtype
         elif strict:
             missing_keys.append(prefix + "weight.quant_state.bitsandbytes__<quant_type>")
+
+    def _mismatch(self, state: QuantState, weight: torch.Tensor | None) -> str | None:
+        """Why a loaded quant state does not fit this layer, or None: its shape must be [out_features,
+        in_features], and the packed weight must hold (n + 1) // 2 bytes."""
+        expected = (self.out_features, self.in_features)
+        if tuple(state.shape) != expected:
+            return (f"the checkpoint's quant_state.shape is {tuple(state.shape)}, this layer's [out_features, "
+                    f"in_features] is {list(expected)}")  # fmt: skip
+        if weight is not None:
+            needed = (self.out_features * self.in_features + 1) // 2
+            have = weight.numel() * weight.element_size()
+            if have < needed:
+                return f"the packed weight holds {have} bytes, a {list(expected)} weight needs {needed}"
+        return None
 
     def _apply(self, fn, recurse=True):
         """.to(device) / .cuda() move the quant state's tensors with the weight (never a dtype cast of them)."""
