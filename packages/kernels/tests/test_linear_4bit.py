@@ -492,7 +492,7 @@ def test_module_load_checks_shape_and_takes_the_checkpoint_format(device, gen):
     x = fresh_x((3, K), torch.bfloat16, gen, device)
     assert_exact(layer(x), tritonbits.nn.Linear4bit.from_linear(linear, quant_type="fp4", blocksize=128,
                                                                 compress_statistics=False)(x))  # fmt: skip
-    with pytest.raises(RuntimeError, match=r"size mismatch for weight: .*quant_state.shape is \(%d, %d\)" % (N, K)):
+    with pytest.raises(RuntimeError, match=rf"size mismatch for weight: .*quant_state.shape is \({N}, {K}\)"):
         tritonbits.nn.Linear4bit(N, K, dtype=torch.bfloat16, device=device).load_state_dict(theirs)
     short = dict(theirs, weight=theirs["weight"][: theirs["weight"].shape[0] // 2])
     with pytest.raises(RuntimeError, match="size mismatch for weight: the packed weight holds"):
