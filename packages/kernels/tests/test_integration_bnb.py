@@ -184,6 +184,13 @@ def test_bad_devices(devices):
         tb_bnb.enable(devices)
 
 
+@pytest.mark.parametrize("devices", [None, 3, {"cuda": 1}])
+def test_devices_of_another_type(devices):
+    with pytest.raises(TypeError, match="devices"):
+        tb_bnb.enable(devices)
+    assert not tb_bnb.is_enabled()
+
+
 def test_cpu_needs_the_interpreter(monkeypatch):
     from tritonbits import _runtime
 

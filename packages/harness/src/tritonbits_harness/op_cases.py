@@ -575,6 +575,7 @@ QUANTIZE_BLOCKWISE_BAD = (
     Bad("A-device", _set("A", lambda kw, d: kw["A"].to(elsewhere(d))), ValueError, "A"),
     Bad("blocksize-32", _set("blocksize", lambda kw, d: 32), ValueError, "blocksize"),
     Bad("blocksize-None", _set("blocksize", lambda kw, d: None), ValueError, "blocksize"),
+    Bad("nested-int", _set("nested", lambda kw, d: 1), TypeError, "nested"),
     Bad("code-f16", _set("code", lambda kw, d: tritonbits.formats.dynamic_code().half().to(d)), TypeError, "code"),
     Bad("code-255", _set("code", lambda kw, d: tritonbits.formats.dynamic_code()[:255].to(d)), ValueError, "code"),
     Bad("code-list", _set("code", lambda kw, d: tritonbits.formats.dynamic_code().tolist()), TypeError, "code"),

@@ -475,6 +475,8 @@ def _require_active() -> _Enabled:
 def _check_devices(devices) -> tuple[str, ...]:
     if isinstance(devices, str):
         devices = (devices,)
+    if not isinstance(devices, (tuple, list)):
+        raise TypeError(f"devices must be a device name or a sequence of them, got {type(devices).__name__}")
     devices = tuple(devices)
     bad = [d for d in devices if d not in DEVICES]
     if bad or not devices:

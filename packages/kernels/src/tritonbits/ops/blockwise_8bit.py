@@ -417,6 +417,8 @@ def quantize_blockwise(
     block's absmax, quantized to code index 0. One launch (nested: two, with a torch mean between)."""
     device = check_input(A)
     check_blocksize(blocksize, formats.BLOCKSIZES_8BIT)
+    if not isinstance(nested, bool):  # as quantize_4bit's compress_statistics
+        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
     code = check_code(code, device)
     n = A.numel()
     blocks = -(-n // blocksize)
