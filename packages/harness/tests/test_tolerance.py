@@ -26,6 +26,13 @@ def test_assert_exact_reports_first_mismatch():
         tolerance.assert_exact(a, a.double())
 
 
+def test_assert_exact_takes_nan_at_the_same_index_as_equal():
+    a = torch.tensor([1.0, float("nan"), -0.0])
+    tolerance.assert_exact(a, torch.tensor([1.0, float("nan"), 0.0]))  # torch.equal: -0.0 == 0.0
+    with pytest.raises(AssertionError, match=r"(?s)2 of 3 elements differ.*at \(0,\)"):
+        tolerance.assert_exact(a, torch.tensor([float("nan"), 1.0, -0.0]))
+
+
 def test_ulp():
     assert tolerance.ulp(torch.tensor([1.0]), torch.bfloat16).item() == 2.0**-7
     assert tolerance.ulp(torch.tensor([1.5]), torch.float16).item() == 2.0**-10

@@ -494,9 +494,17 @@ def test_module_load_checks_shape_and_takes_the_checkpoint_format(device, gen):
                                                                 compress_statistics=False)(x))  # fmt: skip
     with pytest.raises(RuntimeError, match=rf"size mismatch for weight: .*quant_state.shape is \({N}, {K}\)"):
         tritonbits.nn.Linear4bit(N, K, dtype=torch.bfloat16, device=device).load_state_dict(theirs)
-    short = dict(theirs, weight=theirs["weight"][: theirs["weight"].shape[0] // 2])
-    with pytest.raises(RuntimeError, match="size mismatch for weight: the packed weight holds"):
-        tritonbits.nn.Linear4bit(K, N, dtype=torch.bfloat16, device=device).load_state_dict(short)
+    for packed in (theirs["weight"][: theirs["weight"].shape[0] // 2], torch.cat([theirs["weight"]] * 2)):
+        with pytest.raises(RuntimeError, match="size mismatch for weight: the packed weight holds"):
+            layer.load_state_dict(dict(theirs, weight=packed))
+    # a refused load leaves the layer as it was (torch leaves a mismatched parameter untouched)
+    assert_exact(layer(x), tritonbits.nn.Linear4bit.from_linear(linear, quant_type="fp4", blocksize=128,
+                                                                compress_statistics=False)(x))  # fmt: skip
+    nf4 = tritonbits.nn.Linear4bit.from_linear(linear).state_dict()
+    transposed = tritonbits.nn.Linear4bit.from_linear(torch.nn.Linear(N, K, dtype=torch.bfloat16).to(device))
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        layer.load_state_dict(dict(transposed.state_dict(), bias=nf4["bias"]))  # same packed bytes, [K, N]
+    assert layer.quant_type == "fp4" and tuple(layer.quant_state.shape) == (N, K)
 
 
 def test_module_grads_and_frozen_weight(device, gen):

@@ -285,6 +285,7 @@ DEQUANTIZE_4BIT_BAD = (
         _nested,
     ),
     Bad("offset-None", _state("offset", lambda kw, d: None), ValueError, "quant_state.offset", _nested),
+    Bad("state2-no-fields", _state("state2", lambda kw, d: _NoFields()), TypeError, "quant_state.state2", _nested),
     Bad(
         "offset-f64",
         _state("offset", lambda kw, d: _qs(kw, "offset").double()),
@@ -839,7 +840,7 @@ CASES: dict[str, OpCase] = {
             make_quantize_4bit,
             quantize_outputs,
             {
-                "nf4-nested-bs64": {},
+                "nf4-nested-bs64": {"nested": True},  # spelled out: the _nested/_plain filters read this dict
                 "fp4-plain-bs128-out": {"quant_type": "fp4", "nested": False, "blocksize": 128, "out": True},
             },
             QUANTIZE_4BIT_BAD,
@@ -869,7 +870,10 @@ CASES: dict[str, OpCase] = {
             tritonbits.linear_4bit,
             make_linear_4bit,
             lambda r: (r,),
-            {"nf4-nested-bias": {}, "fp4-plain-nobias": {"quant_type": "fp4", "nested": False, "bias": False}},
+            {
+                "nf4-nested-bias": {"nested": True},
+                "fp4-plain-nobias": {"quant_type": "fp4", "nested": False, "bias": False},
+            },
             LINEAR_4BIT_BAD,
         ),
     )

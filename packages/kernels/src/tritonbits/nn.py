@@ -103,18 +103,20 @@ class Linear4bit(torch.nn.Module):
         head = prefix + "weight."
         quant = {k[len(head) :]: v for k, v in state_dict.items() if k.startswith(head)}
         weight = state_dict.get(prefix + "weight")
+        device = self.weight.device
+        if device.type == "meta" and weight is not None:
+            device = weight.device
+        state = QuantState.from_dict(quant, device=device) if quant else None
+        problem = self._mismatch(state, weight) if state is not None else None
+        if problem:  # torch's convention for a size mismatch: a message load_state_dict raises; nothing loaded
+            error_msgs.append(f"size mismatch for {prefix}weight: {problem}")
+            return
         if weight is not None:  # the packed shape/dtype of the checkpoint, on this layer's device
-            device = self.weight.device if self.weight.device.type != "meta" else weight.device
             self.weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
         unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(head)]  # the quant state: consumed here
-        if quant:
-            state = QuantState.from_dict(quant, device=self.weight.device)
-            problem = self._mismatch(state, weight)
-            if problem:  # torch's convention for a size mismatch: an error message, raised by load_state_dict
-                error_msgs.append(f"size mismatch for {prefix}weight: {problem}")
-                return
+        if state is not None:
             # the checkpoint's format wins, as in bnb (its quant state carries quant_type, blocksize, nesting)
             self.quant_state = state
             self.quant_type, self.blocksize, self.compress_statistics = state.quant_type, state.blocksize, state.nested
@@ -124,7 +126,8 @@ class Linear4bit(torch.nn.Module):
 
     def _mismatch(self, state: QuantState, weight: torch.Tensor | None) -> str | None:
         """Why a loaded quant state does not fit this layer, or None: its shape must be [out_features,
-        in_features], and the packed weight must hold (n + 1) // 2 bytes."""
+        in_features], and the packed weight must hold (n + 1) // 2 bytes (rounded up to whole storage
+        elements, as validation requires)."""
         expected = (self.out_features, self.in_features)
         if tuple(state.shape) != expected:
             return (f"the checkpoint's quant_state.shape is {tuple(state.shape)}, this layer's [out_features, "
@@ -132,7 +135,7 @@ class Linear4bit(torch.nn.Module):
         if weight is not None:
             needed = (self.out_features * self.in_features + 1) // 2
             have = weight.numel() * weight.element_size()
-            if have < needed:
+            if not needed <= have < needed + weight.element_size():
                 return f"the packed weight holds {have} bytes, a {list(expected)} weight needs {needed}"
         return None
 

@@ -59,6 +59,7 @@ class QuantState:
         """Read bnb's fields off `obj` (bnb QuantState, tritonbits QuantState or a look-alike)."""
         if isinstance(obj, QuantState):
             s2 = obj.state2
+            _check_state2_fields(s2)
             if type(obj.blocksize) is int and (s2 is None or type(s2.blocksize) is int):
                 return obj
             # an integer field held as a float, a numpy or a 0-d tensor: read by name as a look-alike's (64.0
@@ -81,6 +82,7 @@ class QuantState:
         _check_shape(obj.shape)
         state2 = None
         s2 = getattr(obj, "state2", None)
+        _check_state2_fields(s2)
         if s2 is not None:
             state2 = NestedState(absmax=s2.absmax, code=s2.code, blocksize=_int("quant_state.state2.blocksize",
                                                                                  s2.blocksize))  # fmt: skip
@@ -196,6 +198,16 @@ def _int(name: str, value) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}") from None
 
 
+def _check_state2_fields(s2) -> None:
+    """A nested state's state2 must carry bnb's fields (read next by name)."""
+    if s2 is None:
+        return
+    missing = [f for f in ("absmax", "code", "blocksize") if not hasattr(s2, f)]
+    if missing:
+        raise TypeError(f"quant_state.state2 has no {', '.join(missing)}: pass a nested QuantState (bnb's or "
+                        "tritonbits') whose state2 has absmax, code and blocksize")  # fmt: skip
+
+
 def _dtype_named(name: str, text) -> torch.dtype:
     """A dtype as bnb serializes it ("bfloat16"), refused by name when it names none (getattr(torch, "nope")
     raised AttributeError, and "Tensor" gave a class)."""
@@ -301,14 +313,21 @@ def _typed(value) -> tuple:
 def _identity(A: torch.Tensor, qs) -> tuple:
     """What must not have changed for a cached validation to hold: every input `validate` reads, integer fields
     with their types. Shape is copied into a tuple (a list shape changed in place must not compare equal to
-    itself)."""
+    itself), with its dims' types (torch.Size keeps an np.int64 dim, which equals an int); a tensor dim never
+    passes validation, so it is never cached. Plain ints skip _typed (the common case, every eager call)."""
     s2 = getattr(qs, "state2", None)
     nested = None
     if s2 is not None:
-        nested = (id(s2), _signature(s2.absmax), _signature(s2.code), _typed(s2.blocksize), _signature(qs.offset))
-    shape = None if qs.shape is None else tuple(map(_typed, qs.shape))
-    return (_signature(A), _signature(qs.absmax), _typed(qs.blocksize), qs.quant_type, qs.dtype, shape,
-            nested)  # fmt: skip
+        b2 = s2.blocksize
+        nested = (id(s2), _signature(s2.absmax), _signature(s2.code), b2 if type(b2) is int else _typed(b2),
+                  _signature(qs.offset))  # fmt: skip
+    shape = qs.shape
+    if shape is not None:
+        shape = tuple(shape)
+        shape = (shape, tuple(map(type, shape)))
+    b = qs.blocksize
+    return (_signature(A), _signature(qs.absmax), b if type(b) is int else _typed(b), qs.quant_type, qs.dtype,
+            shape, nested)  # fmt: skip
 
 
 # id(quant_state) -> PreparedWeight; an entry dies with its quant_state

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
 from .._triton_helpers import reciprocal, store_float
-from ..quant_state import NestedState, QuantState, _int, check_tensor
+from ..quant_state import NestedState, QuantState, _check_state2_fields, _int, check_tensor
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32, exact
@@ -274,9 +274,9 @@ def check_input(A, name: str = "A") -> torch.device:
     return _runtime.check_device(name, A)
 
 
-def check_blocksize(blocksize, allowed: tuple[int, ...]) -> int:
+def check_blocksize(blocksize, allowed: tuple[int, ...], name: str = "blocksize") -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in allowed:
-        raise ValueError(f"blocksize must be one of {allowed}, got {blocksize!r}")
+        raise ValueError(f"{name} must be one of {allowed}, got {blocksize!r}")
     return blocksize
 
 
@@ -470,11 +470,12 @@ def dequantize_blockwise(
         missing = [f for f in ("absmax", "code", "blocksize", "dtype") if not hasattr(quant_state, f)]
         if missing:
             raise TypeError(f"quant_state has no {', '.join(missing)}: pass a QuantState from quantize_blockwise")
-        absmax, blocksize, dtype = quant_state.absmax, quant_state.blocksize, quant_state.dtype
+        absmax, dtype = quant_state.absmax, quant_state.dtype
+        blocksize = _int("quant_state.blocksize", quant_state.blocksize)  # as state2.blocksize and the 4-bit ops
         code = quant_state.code
         check_tensor("quant_state.code", code, (torch.float32,), 256, device)
         offset, state2 = getattr(quant_state, "offset", None), getattr(quant_state, "state2", None)
-    check_blocksize(blocksize, formats.BLOCKSIZES)
+    check_blocksize(blocksize, formats.BLOCKSIZES, "blocksize" if quant_state is None else "quant_state.blocksize")
     if dtype not in formats.FLOAT_DTYPES:
         raise TypeError(f"quant_state.dtype must be float16, bfloat16 or float32, got {dtype}")
     blocks = -(-A.numel() // blocksize)
@@ -490,11 +491,7 @@ def dequantize_blockwise(
         _runtime.check_out(out, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
     if state2 is not None:
         check_tensor("quant_state.absmax", absmax, (torch.uint8,), blocks, device)
-        missing = [f for f in ("absmax", "code", "blocksize") if not hasattr(state2, f)]
-        if missing:
-            raise TypeError(
-                f"quant_state.state2 has no {', '.join(missing)}: pass a QuantState from quantize_blockwise"
-            )
+        _check_state2_fields(state2)
         blocksize2 = _int("quant_state.state2.blocksize", state2.blocksize)  # int() would truncate 64.5
         if blocksize2 not in formats.BLOCKSIZES:
             raise ValueError(f"quant_state.state2.blocksize must be one of {formats.BLOCKSIZES}, got {blocksize2}")
