@@ -586,6 +586,19 @@ def test_bnb_serialized_form_with_a_bad_field_is_refused_by_name(packed_form, de
             tritonbits.QuantState.from_dict(d, device)
 
 
+def test_packed_quant_state_that_is_not_json_is_refused_by_name(device, gen, quantize):
+    """The packed form's one uint8 tensor must hold bnb's UTF-8 JSON dict (was JSONDecodeError /
+    UnicodeDecodeError / AttributeError from a JSON list)."""
+    w = torch.randn(64, 96, generator=gen).to(torch.bfloat16)
+    _, state = quantize(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed_key = "quant_state.bitsandbytes__nf4"
+    for raw in (b"{not json", b"\xff\xfe", b"[1, 2]"):
+        d = tritonbits.QuantState.from_any(state).as_dict(packed=True)
+        d[packed_key] = torch.tensor(list(raw), dtype=torch.uint8)
+        with pytest.raises(ValueError, match=re.escape(packed_key)):
+            tritonbits.QuantState.from_dict(d, device)
+
+
 @pytest.mark.gpu
 def test_direct_launch_failure_falls_back_once_with_a_log(device, gen, quantize, caplog, monkeypatch):
     """If Triton's internals change under the fast path, launches take Triton's own path (still exact) and

@@ -111,7 +111,16 @@ class QuantState:
             raise ValueError("qs_dict holds neither bnb's unpacked quant-state keys nor exactly one packed "
                                  f"'quant_state.bitsandbytes__<nf4|fp4>' tensor; keys: {sorted(items)}")  # fmt: skip
         if len(packed) == 1:
-            items.update(json.loads(bytes(items.pop(packed[0]).cpu().tolist()).decode("utf-8")))
+            key = packed[0]
+            try:
+                meta = json.loads(bytes(items.pop(key).cpu().tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"qs_dict[{key!r}] is not bnb's packed quant state (UTF-8 JSON bytes): {exc}"
+                ) from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"qs_dict[{key!r}] holds JSON {type(meta).__name__}, not bnb's dict of fields")
+            items.update(meta)
         d = {k.split(".")[-1]: v for k, v in items.items()}
         required = ["absmax", "shape", "dtype", "blocksize", "quant_type"]
         if "nested_absmax" in d:
