@@ -236,11 +236,14 @@ def test_opcheck(device, gen):
     q = torch.empty(4, 300, dtype=torch.uint8, device=device)
     absmax = torch.empty(5, device=device)
     torch.library.opcheck(torch.ops.tritonbits.quantize_blockwise.out, (x, code, 256, q, absmax))
+    # opcheck runs the op on copies: q and absmax stay unwritten (NaN there fails opcheck's comparisons)
+    q, absmax = tritonbits.quantize_blockwise(x, code=code, blocksize=256)[0], torch.rand(5, generator=gen).to(device)
     torch.library.opcheck(
         torch.ops.tritonbits.dequantize_blockwise.default, (q, absmax.abs(), code, 256, torch.bfloat16)
     )
     out = torch.empty(4, 300, device=device)
     torch.library.opcheck(torch.ops.tritonbits.dequantize_blockwise.out, (q, absmax.abs(), code, 256, out))
+    torch.library.opcheck(torch.ops.tritonbits.absmax_mean.default, (absmax.abs(),))
     if device.type == "cuda":
         torch.library.opcheck(torch.ops.tritonbits.quantize_blockwise_triton_op.default, (x, code, 256))
         torch.library.opcheck(torch.ops.tritonbits.dequantize_blockwise_triton_op.default,
@@ -256,6 +259,24 @@ def test_compiles_fullgraph_cpu_ops(device, gen):
     x = torch.randn(8, 300, generator=gen).to(device)
     torch._dynamo.reset()
     assert_exact(torch.compile(_round_trip, fullgraph=True, backend="aot_eager")(x), _round_trip(x))
+
+
+def _nested(x):
+    q, state = tritonbits.quantize_blockwise(x, blocksize=64, nested=True)
+    return q, state.absmax, state.offset, state.state2.absmax
+
+
+def test_compiled_nested_offset_is_bnbs_mean(device, gen):
+    """Nested: the offset is torch's eager absmax.mean() as bnb computes it, also under torch.compile (Inductor
+    summed the mean in its own order: offsets 1 ulp off in about half of these sizes, and absmax2 with them)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_nested, fullgraph=True, dynamic=False)
+    for blocks in (18, 21, 27, 33, 48, 60, 69, 72):
+        x = torch.randn(blocks * 64, generator=gen).to(device)
+        got = compiled(x)
+        q, absmax, _, offset, absmax2 = expected_quantize(x, device, 64, nested=True)
+        for g, e in zip(got, (q, absmax, offset, absmax2), strict=True):
+            assert_exact(g.reshape(-1), e.reshape(-1).to(g.device))
 
 
 @pytest.mark.gpu

@@ -516,6 +516,32 @@ def test_module_grads_and_frozen_weight(device, gen):
     assert x.grad is not None and module.bias.grad is not None
 
 
+CASTS = {
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float": torch.float32,
+    "double": torch.float64,
+    "to": torch.float16,
+}
+
+
+@pytest.mark.parametrize("quant_storage", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_module_dtype_cast_keeps_packed_weight(quant_storage, cast, device, gen, bnb_dequantize):
+    """A module dtype cast (.half(), .to(dtype), ...) casts the bias, never the packed bytes, also in a float
+    quant_storage (they were converted value by value: a wrong forward with no error, or a refused size)."""
+    linear = torch.nn.Linear(K, N, dtype=torch.bfloat16).to(device)
+    module = tritonbits.nn.Linear4bit.from_linear(linear, quant_storage=quant_storage)
+    packed, state = module.weight.clone(), module.quant_state
+    module = module.to(torch.float16) if cast == "to" else getattr(module, cast)()
+    assert module.weight.dtype == quant_storage and module.quant_state is state
+    assert_exact(module.weight.view(torch.uint8), packed.view(torch.uint8))
+    assert module.bias is not None and module.bias.dtype == CASTS[cast]
+    x = fresh_x((3, K), torch.float16, gen, device)
+    w = exact_weight(packed, state, bnb_dequantize).to(torch.float16)
+    assert_matmul(module(x), x, w, module.bias.to(torch.float16))
+
+
 @pytest.mark.gpu
 def test_module_moves_and_compiles(device, gen):
     """.to() moves the quant state with the weight; torch.compile(fullgraph=True) of the module matches eager."""

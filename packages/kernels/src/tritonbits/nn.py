@@ -15,6 +15,9 @@ from .ops.linear_4bit import linear_4bit
 from .ops.quantize_4bit import quantize_4bit
 from .quant_state import QuantState
 
+# an integer dtype of each float quant_storage's element size: what a module dtype cast leaves alone
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+
 
 class Linear4bit(torch.nn.Module):
     """y = x @ dequant(weight).T + bias with the dequantization fused (see tritonbits.linear_4bit)."""
@@ -140,8 +143,17 @@ class Linear4bit(torch.nn.Module):
         return None
 
     def _apply(self, fn, recurse=True):
-        """.to(device) / .cuda() move the quant state's tensors with the weight (never a dtype cast of them)."""
-        super()._apply(fn, recurse)
+        """.to(device) / .cuda() move the quant state's tensors with the weight; a dtype cast (.half(), .to(dtype))
+        casts the bias only: never the quant state, nor the packed bytes, also in a float quant_storage (torch
+        casts floating buffers: they are passed as an integer view of the same element size, viewed back)."""
+        storage = self.weight.dtype
+        if storage.is_floating_point:
+            self.weight = self.weight.view(_INT_OF_SIZE[storage.itemsize])
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if self.weight.dtype != storage:
+                self.weight = self.weight.view(storage)
         qs = self.quant_state
         if qs is not None and qs.absmax.device != self.weight.device:
             device = self.weight.device
