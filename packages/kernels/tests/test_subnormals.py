@@ -1,22 +1,14 @@
-"""Subnormal inputs, products and outputs against bitsandbytes CUDA (GPU sessions only).
+"""Subnormal inputs, products and outputs against bitsandbytes CUDA (GPU sessions only), and the interpreter
+against the oracle on the same cases (CPU runs).
 
 bnb's CUDA library is built with --use_fast_math, so its fp32 multiplies are `mul.ftz.f32`: subnormal operands
-and subnormal results are flushed to a zero of the same sign. The cases below put that flush where it changes a
-byte, if the kernel's multiply does not flush:
-- "mixed": subnormal values (both signs) among normal ones. FP4: a negative subnormal scales to -0.0 in bnb (no
-  sign bit, code 0b0000); unflushed it scales to a tiny negative (0b1000). 8-bit: the blocks with absmax below
-  ~4e-32 (x / absmax above the dynamic code's first midpoint, 2.75e-7) change codes too.
-- "tiny-absmax": blocks whose absmax is normal but tiny (1e-37 .. 2**-126) with subnormal members: bnb scales
-  them to 0, unflushed they scale to up to ~1 (every format changes), and a block of subnormals only (absmax 0
-  in bnb).
-- "underflow": normal values whose product with 1 / absmax is subnormal (absmax 2**100 .. 3e38, members down
-  to 2**-60): FP4 sign bits of the negative ones.
-- "boundary" (fp32): products at the edge of the normal range (exactly 2**-126 - 2**-150, which rounds to the
-  normal 2**-126 in IEEE arithmetic): shows where the hardware's flush decides tininess.
-- dequantize with tiny absmax: code * absmax below 2**-126 is 0 in bnb; bf16 and fp32 outputs hold subnormals.
+and subnormal results are flushed to a zero of the same sign. The cases (tritonbits_harness.subnormal_cases,
+shared with packages/reference/tests/test_subnormals_cuda.py; its docstring says what each holds) put that flush
+where it changes a byte or an output's sign of zero, if the kernel's multiply does not flush.
 
-Every comparison is torch.equal (`assert_exact`); a test runs all of its comparisons and reports each
-mismatch with the count of differing elements and the first few, so one GPU session shows the whole picture.
+Every comparison is of bit patterns (`subnormal_cases.assert_bits_equal`: -0.0 is not +0.0); a test runs all of
+its comparisons and reports each mismatch with the count of differing elements and the first few, so one GPU
+session shows the whole picture. The GPU tests run once, in a session that tests bf16 (`bf16_session_only`).
 """
 
 import pytest
@@ -26,93 +18,28 @@ import tritonbits
 from tritonbits import formats
 from tritonbits.ops import blockwise_8bit as b8
 from tritonbits.ops import quantize_4bit as q4
-from tritonbits_harness.tolerance import assert_exact
-
-FLT_MIN = 2.0**-126
-BLOCK = 64
-
-
-def subnormals(shape, dtype, gen) -> torch.Tensor:
-    """Random subnormal values of `dtype` (bf16: 7 mantissa bits, fp32: 23), random signs, as exact fp32."""
-    bits = 7 if dtype == torch.bfloat16 else 23
-    m = torch.randint(1, 1 << bits, shape, generator=gen, dtype=torch.int64)
-    sign = torch.randint(0, 2, shape, generator=gen) * 2 - 1
-    return (m.double() * 2.0 ** (-126 - bits) * sign).float()
-
-
-def in_dtype(x: torch.Tensor, dtype) -> torch.Tensor:
-    """fp32 values rounded to `dtype` and back: exact in both."""
-    return x.to(dtype).float()
-
-
-def subnormal_cases(dtype, gen) -> dict[str, torch.Tensor]:
-    """name -> fp32 values [blocks, 64], exact in `dtype` (bf16 or fp32); blocks of 64 values."""
-    bits = 7 if dtype == torch.bfloat16 else 23
-    extremes = torch.tensor([1.0, -1.0, 2.0**bits - 1, -(2.0**bits - 1)], dtype=torch.float64) * 2.0 ** (-126 - bits)
-    cases = {}
-
-    scales = torch.tensor([1.0, 1e-3, 1e-10, 1e-20, 1e-30, 1e-33, 1e-35, 1e-36]).repeat(2)
-    x = in_dtype(torch.randn(scales.numel(), BLOCK, generator=gen) * scales[:, None], dtype)
-    sub = torch.rand(x.shape, generator=gen) < 0.3
-    x = torch.where(sub, subnormals(x.shape, dtype, gen), x)
-    x[:, 0] = in_dtype(scales * 2.5, dtype)  # a normal absmax
-    x[:, 1:5] = extremes.float()
-    cases["mixed"] = x
-
-    tiny = torch.tensor([3e-37, 1e-37, 5e-38, 2e-38, 1.5e-38, 1.2e-38, FLT_MIN, 0.0])
-    x = subnormals((tiny.numel(), BLOCK), dtype, gen)
-    a = in_dtype(tiny, dtype)
-    x[:, 0], x[:, 1] = a, -a  # the last block has subnormals only (bnb: absmax 0)
-    x[:, 2:8] = in_dtype(a[:, None] * (torch.rand(tiny.numel(), 6, generator=gen) * 2 - 1), dtype)
-    x[:, 8:12] = extremes.float()
-    x[:, 12] = 0.0
-    cases["tiny-absmax"] = x
-
-    huge = torch.tensor([1e30, 2.0**100, 2.0**120, 2.0**126, 2.0**127, 3e38])
-    x = in_dtype(2.0 ** (torch.rand(huge.numel(), BLOCK, generator=gen) * -60), dtype)
-    x = x * (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1)
-    x[:, 0] = in_dtype(huge, dtype)
-    x[:, 1:9] = torch.tensor([-1.0, 1.0, -(2.0**-30), -(2.0**-27), -1e-10, 1e-10, -1e-20, -(2.0**-40)])
-    x[:, 1:9] = in_dtype(x[:, 1:9], dtype)
-    x[:, 9:13] = extremes.float()
-    cases["underflow"] = x
-
-    if dtype == torch.float32:
-        e = 2.0**-26  # times 1 / 2**100: products around 2**-126
-        near = torch.tensor([-(1 - 2.0**-24) * e, (1 - 2.0**-24) * e, -e, -(1 - 2.0**-23) * e, -(1 + 2.0**-23) * e,
-                             -(1 - 2.0**-22) * e], dtype=torch.float64).float()  # fmt: skip
-        x = torch.zeros(2, BLOCK)
-        x[0, 0], x[1, 0] = 2.0**100, 2.0**101
-        x[0, 1 : 1 + near.numel()] = near
-        x[1, 1 : 1 + near.numel()] = near * 2
-        cases["boundary"] = x
-    return cases
-
-
-CASES = [(name, dtype) for dtype in (torch.bfloat16, torch.float32)
-         for name in ("mixed", "tiny-absmax", "underflow", "boundary")
-         if name != "boundary" or dtype == torch.float32]  # fmt: skip
-CASE_IDS = [f"{name}-{'bf16' if dtype == torch.bfloat16 else 'fp32'}" for name, dtype in CASES]
-
-
-def check(report: list[str], label: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    """assert_exact, collecting the failure (count of differing elements, first ones) instead of raising."""
-    try:
-        assert_exact(got.cpu(), want.cpu())
-    except AssertionError as e:
-        report.append(f"{label}: {e}")
-
-
-def finish(report: list[str]) -> None:
-    for line in report:
-        print(line)
-    assert not report, "\n".join(report)
+from tritonbits_harness.subnormal_cases import (
+    BLOCK,
+    CASE_IDS,
+    CASES,
+    INF_OFFSET_CASES,
+    OUT_DTYPES,
+    OUT_IDS,
+    TINY_ABSMAX,
+    assert_subnormal_products,
+    bf16_session_only,
+    check,
+    finish,
+    subnormal_cases,
+)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("case", "dtype"), CASES, ids=CASE_IDS)
-def test_quantize_4bit_subnormals_match_bnb(case, dtype, device, gen):
+def test_quantize_4bit_subnormals_match_bnb(case, dtype, device, gen, test_dtypes):
     import bitsandbytes.functional as F
+
+    bf16_session_only(test_dtypes)
 
     x = subnormal_cases(dtype, gen)[case].to(dtype).to(device)
     report: list[str] = []
@@ -126,17 +53,20 @@ def test_quantize_4bit_subnormals_match_bnb(case, dtype, device, gen):
             check(report, f"{quant_type} pairs={pairs} absmax", absmax, want.absmax)
         packed, state = tritonbits.quantize_4bit(x, blocksize=BLOCK, quant_type=quant_type, compress_statistics=True)
         want_packed, want = F.quantize_4bit(x, blocksize=BLOCK, quant_type=quant_type, compress_statistics=True)
-        check(report, f"{quant_type} nested packed bytes", packed, want_packed)
-        check(report, f"{quant_type} nested absmax codes", state.absmax, want.absmax)
-        check(report, f"{quant_type} nested offset", state.offset.reshape(()), want.offset.reshape(()))
-        check(report, f"{quant_type} nested state2.absmax", state.state2.absmax, want.state2.absmax)
+        nested = f"{quant_type} nested{' (inf offset)' if case in INF_OFFSET_CASES else ''}"
+        check(report, f"{nested} packed bytes", packed, want_packed)
+        check(report, f"{nested} absmax codes", state.absmax, want.absmax)
+        check(report, f"{nested} offset", state.offset.reshape(()), want.offset.reshape(()))
+        check(report, f"{nested} state2.absmax", state.state2.absmax, want.state2.absmax)
     finish(report)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("case", "dtype"), CASES, ids=CASE_IDS)
-def test_quantize_blockwise_subnormals_match_bnb(case, dtype, device, gen):
+def test_quantize_blockwise_subnormals_match_bnb(case, dtype, device, gen, test_dtypes):
     import bitsandbytes.functional as F
+
+    bf16_session_only(test_dtypes)
 
     x = subnormal_cases(dtype, gen)[case].to(dtype).to(device)
     report: list[str] = []
@@ -156,17 +86,14 @@ def test_quantize_blockwise_subnormals_match_bnb(case, dtype, device, gen):
     finish(report)
 
 
-TINY_ABSMAX = [1.0, 3e-37, 1e-37, 5e-38, 2e-38, 1.5e-38, 1.2e-38, FLT_MIN, 1e-39, -1e-37]
-OUT_DTYPES = [torch.bfloat16, torch.float32, torch.float16]
-OUT_IDS = ["bf16", "fp32", "fp16"]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_out", OUT_DTYPES, ids=OUT_IDS)
-def test_dequantize_4bit_tiny_absmax_matches_bnb(dtype_out, device):
+def test_dequantize_4bit_tiny_absmax_matches_bnb(dtype_out, device, test_dtypes):
     """Every packed byte value under each absmax (1.0 a control; 1e-39 is subnormal and -1e-37 negative, which
     no quantizer stores, but a state can hold): code * absmax below 2**-126 is a signed 0 in bnb."""
     import bitsandbytes.functional as F
+
+    bf16_session_only(test_dtypes)
 
     report: list[str] = []
     absmax = torch.tensor(TINY_ABSMAX).repeat_interleave(8).to(device)  # 8 blocks of 32 bytes: all 256 bytes
@@ -176,16 +103,19 @@ def test_dequantize_4bit_tiny_absmax_matches_bnb(dtype_out, device):
     for quant_type in ("nf4", "fp4"):
         state = F.QuantState(absmax=absmax, shape=shape, code=F.get_4bit_type(quant_type, device=device),
                              blocksize=BLOCK, quant_type=quant_type, dtype=dtype_out)  # fmt: skip
+        assert_subnormal_products(state.code, absmax)
         check(report, f"{quant_type}", tritonbits.dequantize_4bit(packed, state), F.dequantize_4bit(packed, state))
     finish(report)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_out", OUT_DTYPES, ids=OUT_IDS)
-def test_dequantize_4bit_nested_tiny_absmax_matches_bnb(dtype_out, device):
+def test_dequantize_4bit_nested_tiny_absmax_matches_bnb(dtype_out, device, test_dtypes):
     """Nested absmax code2 * absmax2 below 2**-126 (bnb's dequantize_blockwise flushes it, then adds the offset
     in torch), then the 4-bit product."""
     import bitsandbytes.functional as F
+
+    bf16_session_only(test_dtypes)
 
     report: list[str] = []
     blocks = 256 * 3
@@ -198,6 +128,7 @@ def test_dequantize_4bit_nested_tiny_absmax_matches_bnb(dtype_out, device):
         for quant_type in ("nf4", "fp4"):
             state2 = F.QuantState(absmax=absmax2, code=F.create_dynamic_map().to(device), blocksize=256,
                                   dtype=torch.float32)  # fmt: skip
+            assert_subnormal_products(state2.code, absmax2)
             state = F.QuantState(absmax=absmax_u8, shape=shape, blocksize=BLOCK, quant_type=quant_type,
                                  code=F.get_4bit_type(quant_type, device=device), dtype=dtype_out,
                                  offset=torch.tensor(offset, device=device), state2=state2)  # fmt: skip
@@ -208,14 +139,17 @@ def test_dequantize_4bit_nested_tiny_absmax_matches_bnb(dtype_out, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_out", OUT_DTYPES, ids=OUT_IDS)
-def test_dequantize_blockwise_tiny_absmax_matches_bnb(dtype_out, device):
+def test_dequantize_blockwise_tiny_absmax_matches_bnb(dtype_out, device, test_dtypes):
     import bitsandbytes.functional as F
+
+    bf16_session_only(test_dtypes)
 
     report: list[str] = []
     absmax = torch.tensor(TINY_ABSMAX).repeat_interleave(4).to(device)  # 4 blocks of 64: all 256 codes
     q = torch.arange(256, dtype=torch.uint8).repeat(len(TINY_ABSMAX)).to(device)
     code = F.create_dynamic_map().to(device)
     state = F.QuantState(absmax=absmax, code=code, blocksize=BLOCK, dtype=dtype_out)
+    assert_subnormal_products(code, absmax)
     check(report, "dequantize_blockwise", tritonbits.dequantize_blockwise(q, state), F.dequantize_blockwise(q, state))
     finish(report)
 
@@ -274,9 +208,11 @@ def test_interpreter_equals_oracle_on_subnormals(device, gen):
             want_packed, want = R.quantize_4bit_cuda(
                 x, blocksize=BLOCK, quant_type=quant_type, compress_statistics=True
             )
-            check(report, f"{label} {quant_type} nested bytes", packed, want_packed)
-            check(report, f"{label} {quant_type} nested absmax", state.absmax, want.absmax)
-            check(report, f"{label} {quant_type} nested state2.absmax", state.state2.absmax, want.state2.absmax)
+            nested = f"{label} {quant_type} nested{' (inf offset)' if name in INF_OFFSET_CASES else ''}"
+            check(report, f"{nested} bytes", packed, want_packed)
+            check(report, f"{nested} absmax", state.absmax, want.absmax)
+            check(report, f"{nested} offset", state.offset.reshape(()), want.offset.reshape(()))
+            check(report, f"{nested} state2.absmax", state.state2.absmax, want.state2.absmax)
         want_q, want8 = R.quantize_blockwise_cuda(x, blocksize=BLOCK)
         for encoder in ("table", "search"):
             q = torch.empty(x.numel(), dtype=torch.uint8, device=device)
