@@ -7,10 +7,10 @@ machine without a GPU. Instruction counts only: they say nothing measured about 
 Each config is planned by the op's own plan function (quantize_4bit.plan, blockwise_8bit.plan_quantize,
 dequantize_4bit.plan) or recorded from its launch function (blockwise_8bit.launch_dequantize, through the
 `kernel=` hook), on CPU tensors of the launch's shape, with the device-dependent choices made as on a CUDA
-sm80+ device (the reciprocal mode RCP_GPU, native bf16 conversion). Triton's own argument binder then turns the
-launch into the signature, constexprs and specialization attributes (16-byte pointer alignment, integer
-divisibility) that `kernel[grid](...)` would compile, and `triton.compile` builds the cubin for the target;
-nvdisasm (bundled with Triton) disassembles it.
+sm80+ device (the reciprocal mode RCP_GPU, the flushing multiply in PTX, native bf16 conversion). Triton's own
+argument binder then turns the launch into the signature, constexprs and specialization attributes (16-byte
+pointer alignment, integer divisibility) that `kernel[grid](...)` would compile, and `triton.compile` builds the
+cubin for the target; nvdisasm (bundled with Triton) disassembles it.
 
 Counted: every SASS instruction but NOPs and the trailing `BRA` to itself after the last EXIT (padding).
 `loop` is the instructions inside backward branches (none for these straight-line kernels: "-"); `per value`
@@ -77,14 +77,15 @@ class Launch:
 @contextlib.contextmanager
 def as_cuda(rcp: str | None):
     """Make the ops' device-dependent choices as on a CUDA sm80+ device while they plan on CPU tensors."""
-    saved = (_runtime.native_bf16_conversion, b8.rcp_mode)
+    saved = (_runtime.native_bf16_conversion, b8.rcp_mode, _runtime.ftz_mode)
     gpu_rcp = rcp or b8.RCP_GPU
     _runtime.native_bf16_conversion = lambda device: True  # type: ignore[assignment]
     b8.rcp_mode = lambda device, rcp=None: rcp or gpu_rcp  # type: ignore[assignment]
+    _runtime.ftz_mode = lambda device: "ptx"  # type: ignore[assignment]
     try:
         yield
     finally:
-        _runtime.native_bf16_conversion, b8.rcp_mode = saved  # type: ignore[assignment]
+        _runtime.native_bf16_conversion, b8.rcp_mode, _runtime.ftz_mode = saved  # type: ignore[assignment]
 
 
 class Recorder:

@@ -375,7 +375,7 @@ def test_cached_launcher_bookkeeping(device):
     tritonbits.dequantize_4bit(q, st)
     dq_module._launcher.check_order(9, dict.fromkeys(
         ["BYTES_PER_QBLOCK", "BLOCKSIZE2", "NESTED", "ROWS", "COLS", "MANUAL_BF16", "USE_ASM",
-         "STREAM", "TABLE"]))  # fmt: skip
+         "STREAM", "TABLE", "FTZ"]))  # fmt: skip
     db_module._launcher.check_order(12, dict.fromkeys(["HAS_BIAS", "MANUAL_BF16", "BLOCK_M", "BLOCK_N"]))
     with pytest.raises(AssertionError, match="constexprs"):
         db_module._launcher.check_order(12, dict.fromkeys(["MANUAL_BF16", "HAS_BIAS", "BLOCK_M", "BLOCK_N"]))

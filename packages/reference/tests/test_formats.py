@@ -1,7 +1,9 @@
 import bitsandbytes.functional as F
 import numpy as np
 import pytest
+import torch
 
+import tritonbits_reference as R
 from tritonbits_reference import formats
 
 
@@ -17,3 +19,33 @@ def test_dynamic_code_equals_bnb():
 def test_unknown_quant_type_is_refused():
     with pytest.raises(ValueError, match="quant_type"):
         formats.code_4bit("int4")
+
+
+def test_mul_ftz_flushes_subnormal_operands_and_products():
+    """formats.mul_ftz, bnb CUDA's fast-math multiply: subnormal operands and results are zeros of their sign."""
+    from tritonbits_reference.formats import flush, mul_ftz
+
+    f = np.float32
+    sub = f(1e-39)
+    flushed = flush(np.array([sub, -sub, f(2.0**-126), -f(0.0)]))
+    assert flushed.tobytes() == np.array([0.0, -0.0, 2.0**-126, -0.0], dtype=f).tobytes()
+    a = np.array([-sub, sub, -1.0, -(2.0**-30), 2.0**-26, np.inf, np.nan], dtype=f)
+    b = np.array([1e30, -1e30, 2.0**-127, 2.0**-100, 2.0**-100, 1e-39, 1.0], dtype=f)
+    got = mul_ftz(a, b)
+    want = np.array([-0.0, -0.0, -0.0, -0.0, 2.0**-126, np.nan, np.nan], dtype=f)
+    assert np.array_equal(np.signbit(got[:5]), np.signbit(want[:5]))
+    assert np.array_equal(got, want, equal_nan=True)
+
+
+def test_cuda_oracle_flushes_like_fast_math():
+    """A negative subnormal in a normal block scales to -0.0 (FP4 code 0, no sign bit); a block of subnormals has
+    absmax 0 in the 8-bit quantizer too (every index 0); an underflowing product is -0.0 as well."""
+    x = torch.zeros(3, 64)
+    x[0, 0], x[0, 1] = 1.0, -1e-39
+    x[1, :] = 1e-39  # subnormals only
+    x[2, 0], x[2, 1] = 2.0**100, -(2.0**-30)
+    packed, state = R.quantize_4bit_cuda(x, blocksize=64, quant_type="fp4")
+    assert packed[0, 0].item() == 0x30 and packed[64, 0].item() == 0x30  # 1.0 -> 0b0011, then 0b0000
+    assert state.absmax[1].item() == 0.0
+    q, s = R.quantize_blockwise_cuda(x, blocksize=64)
+    assert s["absmax"][1].item() == 0.0 and (q[1] == 0).all()

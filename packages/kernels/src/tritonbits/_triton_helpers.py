@@ -1,5 +1,6 @@
 """Small @triton.jit helpers shared by the ops: the bf16 store, the nibble decode, the two-rounding
-multiply-add of the nested absmax (docs/format.md)."""
+multiply-add of the nested absmax, and bnb's fast-math arithmetic (its reciprocal and its flushing multiply;
+docs/format.md)."""
 
 import triton
 import triton.language as tl
@@ -32,6 +33,40 @@ def decode_nibbles(packed, code_ptr, eviction_policy: tl.constexpr):
     return hi, lo
 
 
+FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # 2**-126, the smallest normal float32 (exact)
+
+
+@triton.jit
+def flush_subnormal(v):
+    """fp32 subnormals to a zero of the same sign (v * 0.0); NaN and Inf kept (|NaN| < FLT_MIN is false)."""
+    return tl.where(tl.abs(v) < FLT_MIN, v * 0.0, v)
+
+
+@triton.jit
+def mul_ftz(a, b, FTZ: tl.constexpr):
+    """fp32 a * b as bnb's --use_fast_math build computes it (`mul.ftz.f32`): subnormal operands and a subnormal
+    product are zeros of the same sign. FTZ="ptx": mul.rn.ftz.f32, one instruction (FMUL.FTZ; .rn so that it
+    is never contracted into an FMA); "emulate" (the interpreter, which runs no PTX): the operands and the
+    correctly rounded product flushed by hand (_runtime.ftz_mode picks). a and b broadcast as in a * b."""
+    if FTZ == "ptx":
+        return tl.inline_asm_elementwise(
+            "mul.rn.ftz.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return flush_subnormal(flush_subnormal(a) * flush_subnormal(b))
+
+
+@triton.jit
+def abs_f32(x, FTZ: tl.constexpr):
+    """|x| (fp32). FTZ="ptx": abs.f32 in PTX, which ptxas folds into its consumer as an operand modifier; LLVM
+    would turn |x| of a value it sees as a bitcast integer (an unpacked bf16 pair, mul_ftz's result) into an
+    integer AND, one more instruction a value. Otherwise tl.abs."""
+    if FTZ == "ptx":
+        return tl.inline_asm_elementwise("abs.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.abs(x)
+
+
 @triton.jit
 def mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
     """fl(fl(a * b) + c): two roundings, never one FMA (bnb rounds the nested absmax product and sum apart).
@@ -45,6 +80,21 @@ def mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
         )  # fmt: skip
     else:
         return a * b + c
+
+
+@triton.jit
+def mul_ftz_add_rn(a, b, c, USE_ASM: tl.constexpr, FTZ: tl.constexpr):
+    """fl(ftz(fl(a * b)) + c): mul_add_rn with bnb's flushing product. bnb's nested absmax is its
+    dequantize_blockwise kernel's product (mul.ftz) plus the offset added by torch (no flush). USE_ASM: both in
+    PTX; otherwise mul_ftz (in PTX where FTZ="ptx", so never contracted) and a plain add, in a kernel compiled
+    with enable_fp_fusion=False."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 t; mul.rn.ftz.f32 t, $1, $2; add.rn.f32 $0, t, $3; }",
+            "=r,r,r,r", [a, b, c], dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return mul_ftz(a, b, FTZ) + c
 
 
 @triton.jit

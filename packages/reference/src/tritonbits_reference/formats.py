@@ -37,6 +37,24 @@ def code_4bit(quant_type: str) -> np.ndarray:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}") from None
 
 
+FLT_MIN = np.float32(2.0**-126)  # the smallest normal float32
+
+
+def flush(x: np.ndarray) -> np.ndarray:
+    """float32 subnormals to a zero of the same sign (NaN and Inf kept): what bnb's CUDA build (--use_fast_math,
+    so every fp32 operation has .ftz) does to the operands and the result of each multiply."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.where(np.abs(x) < FLT_MIN, x * np.float32(0.0), x).astype(np.float32)
+
+
+def mul_ftz(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bnb CUDA's fp32 `a * b` (`mul.ftz.f32`): subnormal operands flushed, the product rounded to nearest even
+    (subnormal range included), then a subnormal product flushed. Where the hardware decides tininess for a
+    product that rounds up to 2**-126 is measured on the GPU (tests/test_subnormals_cuda.py, "boundary")."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return flush((flush(a) * flush(b)).astype(np.float32))
+
+
 def dynamic_code(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
     """bnb's 8-bit "dynamic" code (Dettmers 2015): sign, a run of zero bits as the exponent, a linear fraction.
 

@@ -3,7 +3,10 @@ dQuantize, kDequantizeBlockwise for 8-bit), written from bnb's algorithm (docs/f
 
 - absmax per block: fmaxf over |x| starting from -FLT_MAX (fmaxf drops NaN, so an all-NaN block stays at
   -FLT_MAX); a tail block also sees the zero padding its load fills in.
-- scaled = fl(x * fl(1 / absmax)) in float32.
+- fast math (--use_fast_math): fabsf/fmaxf and the multiplies flush subnormal operands and results to a zero of
+  the same sign (`formats.mul_ftz`): an absmax below 2**-126 is stored as 0, a subnormal x scales to +-0, and so
+  does a product x * r below 2**-126 (r = 1 / absmax itself flushes to 0 for absmax above 2**126).
+- scaled = fl(x * fl(1 / absmax)) in float32, with that flush.
 - 4-bit: bnb's decision trees, literally (nested comparisons against its decimal literals in float32).
 - 8-bit: bnb's 7-step binary search from pivot 127 and its fp32 midpoint rule.
 - nested: offset = absmax.mean() (torch float32, as bnb); quantize_blockwise(absmax - offset, 256).
@@ -14,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .formats import code_4bit, dynamic_code
+from .formats import FLT_MIN, code_4bit, dynamic_code, mul_ftz
 from .quant_state import NestedState, ReferenceQuantState
 
 F32 = np.float32
@@ -26,13 +29,20 @@ def _absmax(x: np.ndarray, blocksize: int) -> np.ndarray:
     padded = np.zeros(blocks * blocksize, dtype=np.float32)
     padded[: x.size] = np.abs(x)
     padded[: x.size][np.isnan(x)] = -FLT_MAX
-    return np.maximum(padded.reshape(blocks, blocksize).max(axis=1, initial=-FLT_MAX), -FLT_MAX).astype(F32)
+    absmax = np.maximum(padded.reshape(blocks, blocksize).max(axis=1, initial=-FLT_MAX), -FLT_MAX).astype(F32)
+    # fabsf/fmaxf flush subnormals (fast math): a block whose absmax is below 2**-126 has absmax 0
+    return np.where((absmax > 0) & (absmax < FLT_MIN), F32(0.0), absmax).astype(F32)
+
+
+def _reciprocal(absmax: np.ndarray) -> np.ndarray:
+    """1 / absmax in float32, correctly rounded (bnb's rcp.approx.ftz differs in the last bit for some absmax:
+    see tritonbits' ops/blockwise_8bit.py); absmax 0 gives inf, and with it 0 * inf = NaN: code 0."""
+    with np.errstate(divide="ignore"):
+        return (F32(1.0) / absmax).astype(F32)
 
 
 def _scaled(x: np.ndarray, absmax: np.ndarray, blocksize: int) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        reciprocal = (F32(1.0) / absmax).astype(F32)
-        return (x * reciprocal[np.arange(x.size) // blocksize]).astype(F32)
+    return mul_ftz(x, _reciprocal(absmax)[np.arange(x.size) // blocksize])
 
 
 def _tree(x, t, above, below):
@@ -121,10 +131,11 @@ def _blockwise(x: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_blockwise_cuda(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Oracle of bnb CUDA kDequantizeBlockwise (8-bit): code[q] * absmax in fp32, one rounding to dtype."""
+    """Oracle of bnb CUDA kDequantizeBlockwise (8-bit): code[q] * absmax in fp32 (mul.ftz: a product below 2**-126
+    is a signed 0), one rounding to dtype."""
     qn = q.reshape(-1).cpu().numpy().astype(np.int64)
     a = absmax.cpu().numpy().astype(F32)
-    values = (code.cpu().numpy().astype(F32)[qn] * a[np.arange(qn.size) // blocksize]).astype(F32)
+    values = mul_ftz(code.cpu().numpy().astype(F32)[qn], a[np.arange(qn.size) // blocksize])
     return torch.from_numpy(values).to(dtype).reshape(q.shape)
 
 
@@ -136,16 +147,12 @@ def quantize_4bit_cuda(
 ) -> tuple[torch.Tensor, ReferenceQuantState]:
     """Oracle of bnb CUDA quantize_4bit: (packed uint8 [(n + 1) // 2, 1], state)."""
     x = _flat32(A)
+    # an absmax below 2**-126 is stored as 0 (_absmax), and its block's values (flushed to 0) times 1/0 are all
+    # NaN, as an all-zero block's are: code 0
     absmax = _absmax(x, blocksize)
-    # fast math flushes subnormals: an absmax below 2**-126 is stored as 0, and its block's values (flushed to
-    # 0) times 1/0 are all NaN, as an all-zero block's are
-    absmax = np.where((absmax > 0) & (absmax < np.finfo(np.float32).tiny), F32(0.0), absmax).astype(F32)
     scaled = _scaled(x, absmax, blocksize)
-    scaled[(absmax == 0)[np.arange(x.size) // blocksize]] = np.nan
     if scaled.size % 2:  # the load pads with 0; the pad is scaled by the last block's reciprocal
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            pad = (F32(0.0) * (F32(1.0) / absmax[-1])).astype(F32)
-        scaled = np.append(scaled, pad)
+        scaled = np.append(scaled, mul_ftz(F32(0.0), _reciprocal(absmax[-1:])))
     codes = (nf4_tree if quant_type == "nf4" else fp4_tree)(scaled).astype(np.uint8)
     packed = torch.from_numpy(((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)).unsqueeze(1)
     state = ReferenceQuantState(absmax=torch.from_numpy(absmax), shape=A.shape, dtype=A.dtype, blocksize=blocksize,

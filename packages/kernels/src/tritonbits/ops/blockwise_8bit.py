@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
-from .._triton_helpers import reciprocal, store_float
+from .._triton_helpers import mul_ftz, reciprocal, store_float
 from ..quant_state import NestedState, QuantState, _check_state2_fields, _int, check_tensor
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
@@ -92,6 +92,7 @@ def _quantize_blockwise_kernel(
     x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
     TABLE: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr,
+    FTZ: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks of BLOCKSIZE values (int64 base, int32 within the tile).
     SUB_OFFSET: quantize fl(x - offset[0]) instead of x (the nested step's `absmax - mean`, one fp32 rounding
@@ -106,9 +107,12 @@ def _quantize_blockwise_kernel(
     if SUB_OFFSET:
         x = tl.where(mask, x - tl.load(offset_ptr), 0.0)
     absmax = block_absmax(x)
+    # fast math (bnb): fabsf/fmaxf flush subnormals, so an absmax below 2**-126 is 0; x * r is mul.ftz, so such a
+    # block's values are 0 * inf = NaN (index 0), and a subnormal x or product scales to a signed zero
+    absmax = tl.where((absmax > 0) & (absmax < FLT_MIN), 0.0, absmax)
     block = tl.program_id(0).to(tl.int64) * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
-    scaled = x * reciprocal(absmax, RCP)[:, None]
+    scaled = mul_ftz(x, reciprocal(absmax, RCP)[:, None], FTZ)
     q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG) if TABLE else dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
 
@@ -116,15 +120,16 @@ def _quantize_blockwise_kernel(
 @triton.jit
 def _dequantize_blockwise_kernel(
     q_ptr, absmax_ptr, code_ptr, out_ptr, n_elements,
-    BLOCKSIZE: tl.constexpr, TILE_: tl.constexpr, MANUAL_BF16: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, TILE_: tl.constexpr, MANUAL_BF16: tl.constexpr, FTZ: tl.constexpr,
 ):  # fmt: skip
-    """out[i] = code[q[i]] * absmax[i // BLOCKSIZE], one fp32 product, then one rounding to out's dtype."""
+    """out[i] = code[q[i]] * absmax[i // BLOCKSIZE], one fp32 product (bnb's mul.ftz: below 2**-126 a signed
+    zero), then one rounding to out's dtype."""
     base = tl.program_id(0).to(tl.int64) * TILE_
     local = tl.arange(0, TILE_)
     mask = local < tl.minimum(n_elements - base, TILE_).to(tl.int32)
     q = tl.load(q_ptr + base + local, mask=mask, other=0).to(tl.int32)
     absmax = tl.load(absmax_ptr + (base + local) // BLOCKSIZE, mask=mask, other=0.0)
-    store_float(out_ptr + base + local, tl.load(code_ptr + q) * absmax, mask, MANUAL_BF16, "")
+    store_float(out_ptr + base + local, mul_ftz(tl.load(code_ptr + q), absmax, FTZ), mask, MANUAL_BF16, "")
 
 
 # NOTE: the block reciprocal 1/absmax, as bnb's --use_fast_math build computes it (rcp.approx.ftz.f32): with
@@ -228,7 +233,7 @@ def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | 
             triton.cdiv(n, blocksize))  # fmt: skip
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
                   "RCP": rcp_mode(x.device, rcp), "TABLE": table is not None, "LO": TABLE_LO, "HI": TABLE_HI,
-                  "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG}  # fmt: skip
+                  "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
     tile = rows * blocksize
     return grid, args, constexprs, {"num_warps": 2 if tile <= 1024 else 4 if tile <= 4096 else 8}
 
@@ -254,7 +259,8 @@ def launch_dequantize(q, absmax, code, out, blocksize: int, *, kernel=None) -> N
     manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(out.device)
     grid = (triton.cdiv(n, DEQUANT_TILE), 1, 1)
     args = (q, absmax, code, out.view(torch.int16) if manual_bf16 else out, n)
-    constexprs = {"BLOCKSIZE": blocksize, "TILE_": DEQUANT_TILE, "MANUAL_BF16": manual_bf16}
+    constexprs = {"BLOCKSIZE": blocksize, "TILE_": DEQUANT_TILE, "MANUAL_BF16": manual_bf16,
+                  "FTZ": _runtime.ftz_mode(out.device)}  # fmt: skip
     if kernel is not None:
         kernel[grid](*args, **constexprs, num_warps=4)
     else:

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
-from .._triton_helpers import decode_nibbles, mul_add_rn, store_float
+from .._triton_helpers import decode_nibbles, mul_ftz, mul_ftz_add_rn, store_float
 from ..quant_state import PreparedWeight, QuantState, check_tensor, prepare, validate
 
 # NOTE: a tile is `tile_for(n_bytes)` packed bytes, laid out as rows of at most MAX_COLS bytes so that every
@@ -54,7 +54,7 @@ def _dequantize_4bit_kernel(
     n_elements, n_bytes,
     BYTES_PER_QBLOCK: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    STREAM: tl.constexpr, TABLE: tl.constexpr,
+    STREAM: tl.constexpr, TABLE: tl.constexpr, FTZ: tl.constexpr,
 ):  # fmt: skip
     """One program dequantizes ROWS x COLS packed bytes into 2 x ROWS x COLS outputs.
 
@@ -76,12 +76,13 @@ def _dequantize_4bit_kernel(
         q = tl.load(absmax_ptr + qblock, mask=row_ok, other=0, eviction_policy=TABLE).to(tl.int32)
         c2 = tl.load(code2_ptr + q, eviction_policy=TABLE)
         a2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=row_ok, other=0.0, eviction_policy=TABLE)
-        absmax = mul_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM)
+        absmax = mul_ftz_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM, FTZ)
     else:
         absmax = tl.load(absmax_ptr + qblock, mask=row_ok, other=0.0, eviction_policy=TABLE)
 
     hi, lo = decode_nibbles(packed, code_ptr, TABLE)
-    values = tl.interleave(hi * absmax[:, None], lo * absmax[:, None])  # element 2j, then 2j+1
+    # bnb's products are mul.ftz (fast math): below 2**-126 a signed zero
+    values = tl.interleave(mul_ftz(hi, absmax[:, None], FTZ), mul_ftz(lo, absmax[:, None], FTZ))  # 2j, then 2j+1
 
     out_local = rows[:, None] * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
     elements_left = tl.minimum(n_elements - 2 * byte_base, 2 * BYTES).to(tl.int32)
@@ -147,7 +148,8 @@ def plan(A, absmax, code2, absmax2, offset, out, blocksize: int, blocksize2: int
             n, n_bytes)  # fmt: skip
     constexprs = {"BYTES_PER_QBLOCK": blocksize // 2, "BLOCKSIZE2": blocksize2, "NESTED": nested, "ROWS": rows,
                   "COLS": cols, "MANUAL_BF16": manual_bf16, "USE_ASM": use_asm,
-                  "STREAM": "evict_first" if evict else "", "TABLE": "evict_last" if evict else ""}  # fmt: skip
+                  "STREAM": "evict_first" if evict else "", "TABLE": "evict_last" if evict else "",
+                  "FTZ": _runtime.ftz_mode(device)}  # fmt: skip
     options = {"num_warps": num_warps, **({} if use_asm else {"enable_fp_fusion": False})}
     if maxnreg is not None:  # a register cap (more resident programs per SM), for sweeps
         options["maxnreg"] = maxnreg

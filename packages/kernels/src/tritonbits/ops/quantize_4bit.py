@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
-from .._triton_helpers import reciprocal
+from .._triton_helpers import abs_f32, mul_ftz, reciprocal
 from ..quant_state import NestedState, QuantState, check_tensor
 from . import blockwise_8bit as b8
 from .blockwise_8bit import FLT_MAX, FLT_MIN, block_absmax
@@ -64,11 +64,11 @@ MAGIC_BITS: tl.constexpr = tl.constexpr(ROUND_MAGIC_BITS)
 
 @triton.jit
 def encode_4bit(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr, N_THR: tl.constexpr,
-                K: tl.constexpr, NB: tl.constexpr):  # fmt: skip
+                K: tl.constexpr, NB: tl.constexpr, FTZ: tl.constexpr):  # fmt: skip
     """4-bit codes (int32) of fp32 scaled values s: bnb's dQuantizeNF4 / dQuantizeFP4 (see the module doc).
     "bucket": thr_ptr/codes_ptr are the NB-entry bucket tables; "compare": the N_THR sorted thresholds and
-    the rank -> code table."""
-    a = tl.abs(s) if FP4 else s
+    the rank -> code table. FTZ: how |s| is spelled (abs_f32)."""
+    a = abs_f32(s, FTZ) if FP4 else s
     if ENCODER == "bucket":
         u = a * K if FP4 else (a + 1.0) * K
         u = tl.where(u != u, 0.0, u)
@@ -87,13 +87,14 @@ def encode_4bit(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr,
 
 
 @triton.jit
-def encode_4bit_round(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr):
+def encode_4bit_round(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr,
+                      FTZ: tl.constexpr):  # fmt: skip
     """4-bit codes (int32) of fp32 scaled values s with the int64 "round" table (round_table): the scalar
     base tab_ptr - MAGIC_BITS is indexed by the rounded float's bit pattern directly. Entry e:
     low 32 bits the bucket's threshold (fp32; +inf if none), high 32 bits the code pair (not above | above << 8).
     The clamps run min first: NaN -> the last bucket (s = -1, whose lower code is 0) and s = +inf (an fp32
-    absmax below 2**-126, flushed by rcp.approx) -> bucket 0 (s = +1)."""
-    a = tl.abs(s) if FP4 else s
+    absmax below 2**-126, flushed by rcp.approx) -> bucket 0 (s = +1). FTZ: how |s| is spelled (abs_f32)."""
+    a = abs_f32(s, FTZ) if FP4 else s
     v = tl.maximum(tl.minimum(MAGIC + K - a * K, MAGIC + NB - 1.0), MAGIC)
     e = tl.load((tab_ptr - MAGIC_BITS) + v.to(tl.int32, bitcast=True))
     thr = e.to(tl.int32).to(tl.float32, bitcast=True)
@@ -106,11 +107,11 @@ def encode_4bit_round(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.con
 
 @triton.jit
 def encode_any(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr, N_THR: tl.constexpr,
-               K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
+               K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr, FTZ: tl.constexpr):  # fmt: skip
     if ENCODER == "round":
-        return encode_4bit_round(s, thr_ptr, FP4, K, NB, MAGIC)
+        return encode_4bit_round(s, thr_ptr, FP4, K, NB, MAGIC, FTZ)
     else:
-        return encode_4bit(s, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB)
+        return encode_4bit(s, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, FTZ)
 
 
 @triton.jit
@@ -119,7 +120,7 @@ def _quantize_4bit_kernel(
     n_elements, n_bytes, n_bytes_alloc, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, ENCODER: tl.constexpr,
     N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, RCP: tl.constexpr, PAIRS: tl.constexpr,
-    IN_BF16: tl.constexpr, MAGIC: tl.constexpr,
+    IN_BF16: tl.constexpr, MAGIC: tl.constexpr, FTZ: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks: ROWS x BLOCKSIZE values in, ROWS x BLOCKSIZE/2 bytes and ROWS
     absmax out. int64 base per program, int32 within the tile. Bytes in [n_bytes, n_bytes_alloc) (the
@@ -150,7 +151,7 @@ def _quantize_4bit_kernel(
             odd = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         # NaN ignored by max (maxnum on the GPU, nanmax in the interpreter); a row of NaN only gives NaN,
         # which the outer maximum turns into -FLT_MAX (bnb's starting value)
-        absmax = tl.maximum(tl.max(tl.maximum(tl.abs(even), tl.abs(odd)), axis=1), -FLT_MAX)
+        absmax = tl.maximum(tl.max(tl.maximum(abs_f32(even, FTZ), abs_f32(odd, FTZ)), axis=1), -FLT_MAX)
     else:
         base = pid * (ROWS * BLOCKSIZE)
         local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -166,8 +167,9 @@ def _quantize_4bit_kernel(
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
 
     r = tl.where(absmax == 0, float("nan"), reciprocal(absmax, RCP))[:, None]
-    hi = encode_any(even * r, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC)
-    lo = encode_any(odd * r, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC)
+    # bnb's x * r is mul.ftz (fast math): a subnormal x, or a product below 2**-126, scales to a signed zero
+    hi = encode_any(mul_ftz(even, r, FTZ), thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC, FTZ)
+    lo = encode_any(mul_ftz(odd, r, FTZ), thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC, FTZ)
     packed = ((hi << 4) | lo).to(tl.uint8)
 
     packed = tl.where(byte_local < tl.minimum(n_bytes - byte_base, ROWS * HALF).to(tl.int32), packed, 0)
@@ -294,7 +296,7 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
                   "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
                   "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder in ("bucket", "round") else 1,
                   "RCP": b8.rcp_mode(x.device, rcp), "PAIRS": pairs, "IN_BF16": x.dtype == torch.bfloat16,
-                  "MAGIC": ROUND_MAGIC}  # fmt: skip
+                  "MAGIC": ROUND_MAGIC, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
     options = {"num_warps": num_warps if num_warps is not None else (4 if rows * blocksize <= 4096 else 8)}
     return grid, args, constexprs, options
 
