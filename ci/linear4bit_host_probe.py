@@ -127,6 +127,10 @@ def pieces(x: torch.Tensor, A: torch.Tensor, qs: QuantState, bias, number: int) 
     t("out.reshape to x's leading dims", lambda: out2.reshape(*x.shape[:-1], n))
     for i, launch in enumerate(capture_launches(lambda: tritonbits.linear_4bit(x, A, qs, bias))):
         launch_pieces(t, i, *launch)
+    if hasattr(L, "_plan_key"):  # the eager plans (after git ca751b0)
+        t("_plan_key", lambda: L._plan_key(x, bias))
+        plan = w.launches["linear_4bit"][L._plan_key(x, bias)]
+        t("plan.run (allocations + bound launches)", lambda: plan.run(x, bias))
     t("forward_2d (the unplanned launch path)", lambda: L.forward_2d(x2, w, bias))
     t("tritonbits.linear_4bit (whole eager call)", lambda: tritonbits.linear_4bit(x, A, qs, bias))
     return out
