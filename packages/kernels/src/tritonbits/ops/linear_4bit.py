@@ -893,8 +893,11 @@ def _plan_key(x, bias) -> tuple | None:
     if not isinstance(x, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)):
         return None
     grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    b = None if bias is None else (bias.dtype, bias.shape, bias.stride(), bias.device, bias.data_ptr() % 16 == 0)
-    return (type(x), x.dtype, x.shape, x.stride(), x.device, x.data_ptr() % 16 == 0, b, grad)
+    try:
+        b = None if bias is None else (bias.dtype, bias.shape, bias.stride(), bias.device, bias.data_ptr() % 16 == 0)
+        return (type(x), x.dtype, x.shape, x.stride(), x.device, x.data_ptr() % 16 == 0, b, grad)
+    except RuntimeError:  # no strides or no storage (a sparse tensor, say): validated and run unplanned
+        return None
 
 
 def _plan_for(x, bias, w: PreparedWeight, key: tuple | None) -> _Plan | None:
