@@ -1,16 +1,20 @@
 """Where the host time of one eager call goes (run on a GPU machine): synchronize alone, a bare Triton
 launch, tritonbits.dequantize_4bit piece by piece next to the Unsloth-style and bnb calls, dequant_bias,
-and a cProfile of the dequantize calls. Run it with the three `src/` trees on PYTHONPATH."""
+tritonbits.linear_4bit at decode (M=1 and M=16, x [M, 1, 4096], W 14336x4096 nf4 nested bs64) next to
+bnb.matmul_4bit on the same weight, and a cProfile of the dequantize and linear_4bit calls. Run it with the
+three `src/` trees on PYTHONPATH. (The CPU-only Python cost of linear_4bit's pieces: ci/linear4bit_host_probe.py.)"""
 
 import cProfile
 import pstats
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
 import triton
 
 import tritonbits
 from tritonbits.ops import dequantize_4bit as dq
+from tritonbits.ops import linear_4bit as L
 from tritonbits.quant_state import prepare
 from tritonbits_harness import timing
 from tritonbits_reference import baselines
@@ -54,7 +58,22 @@ calls = {
     "tritonbits.dequant_bias M=128 +bias": lambda: tritonbits.dequant_bias(acc128, sa128, sb, bias),
     "tritonbits.dequant_bias M=128 +bias out=": lambda: tritonbits.dequant_bias(acc128, sa128, sb, bias, out=out128),
 }
-for name in ("tritonbits.dequantize_4bit", "unsloth-style fast_dequantize", "bnb dequantize_4bit"):
+# linear_4bit at decode: the eager plan (ops/linear_4bit.py, eager plans) is made on the first call and bound on
+# the second; from then on a call is the key, the allocations and the bound launches
+wl = RB.params4bit(torch.randn(14336, 4096).to(torch.bfloat16), device="cuda")
+linear_names = []
+for m in (1, 16):
+    xm = torch.randn(m, 1, 4096, device="cuda").to(torch.bfloat16)
+    tritonbits.linear_4bit(xm, wl)  # compiles, plans
+    tritonbits.linear_4bit(xm, wl)  # binds
+    plans = L._prepare(wl.data, wl.quant_state).launches.get("linear_4bit", {})
+    bound = [step.bound is not None for plan in plans.values() for step in plan.steps]
+    print(f"linear_4bit M={m}: {len(plans)} plan(s) on the weight, steps bound: {bound}")
+    ours, theirs = f"tritonbits.linear_4bit M={m}", f"bnb.matmul_4bit M={m}"
+    calls[ours] = lambda xm=xm: tritonbits.linear_4bit(xm, wl)
+    calls[theirs] = lambda xm=xm: bnb.matmul_4bit(xm, wl.t(), quant_state=wl.quant_state)
+    linear_names += [ours, theirs]
+for name in ("tritonbits.dequantize_4bit", "unsloth-style fast_dequantize", "bnb dequantize_4bit", *linear_names):
     calls[f"{name} + sync"] = synced(calls[name])
 host = {}
 for name, fn in calls.items():
@@ -67,6 +86,17 @@ prof = cProfile.Profile()
 prof.enable()
 for _ in range(3000):
     tritonbits.dequantize_4bit(A, qs)
+prof.disable()
+torch.cuda.synchronize()
+pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+for m in (1, 16):
+    print(f"tritonbits.linear_4bit M={m} / bnb.matmul_4bit M={m}: "
+          f"{host[f'tritonbits.linear_4bit M={m}'] / host[f'bnb.matmul_4bit M={m}']:.2f}x host time")  # fmt: skip
+x1 = torch.randn(1, 1, 4096, device="cuda").to(torch.bfloat16)
+prof = cProfile.Profile()
+prof.enable()
+for _ in range(3000):
+    tritonbits.linear_4bit(x1, wl)
 prof.disable()
 torch.cuda.synchronize()
 pstats.Stats(prof).sort_stats("tottime").print_stats(14)

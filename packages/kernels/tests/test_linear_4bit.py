@@ -166,6 +166,24 @@ def test_strided_and_expanded_bias(path, out_dtype, device, gen, quantize, monke
     assert leaf.grad is not None and torch.equal(leaf.grad[1::2], torch.zeros_like(leaf.grad[1::2]))
 
 
+def test_strided_bias(out_dtype, device, gen, quantize, bnb_dequantize):
+    """A bias view with a stride (every other element of a buffer; one value expanded) is read by element, on
+    every path."""
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    w = exact_weight(q, state, bnb_dequantize)
+    strided = fresh_x((2 * N,), out_dtype, gen, device)[::2]
+    expanded = fresh_x((1,), out_dtype, gen, device).expand(N)
+    assert strided.stride() == (2,) and expanded.stride() == (0,)
+    prepared = L._prepare(q, state)
+    for bias in (strided, expanded):
+        for m in (1, 3, 33):
+            x = fresh_x((m, K), out_dtype, gen, device)
+            assert_matmul(tritonbits.linear_4bit(x, q, state, bias), x, w, bias)
+        x = fresh_x((5, K), out_dtype, gen, device)
+        for path in ("gemv", "gemv2", "gemm-split2"):
+            assert_matmul(L.forward_2d(x, prepared, bias, config=FORCED[path]), x, w, bias)
+
+
 def test_empty_rows(out_dtype, device, gen, quantize):
     q, state = weight_of((N, K), out_dtype, gen, quantize)
     out = tritonbits.linear_4bit(torch.empty(0, K, dtype=out_dtype, device=device), q, state)

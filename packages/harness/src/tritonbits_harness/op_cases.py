@@ -806,6 +806,39 @@ LINEAR_4BIT_BAD = (
     Bad("bias-long", _set("bias", lambda kw, d: torch.cat([_lin_bias(kw), _lin_bias(kw)[:1]])), ValueError, "bias"),
     Bad("bias-int", _set("bias", lambda kw, d: _lin_bias(kw).to(torch.int32)), TypeError, "bias"),
     Bad("bias-device", _set("bias", lambda kw, d: _lin_bias(kw).to(elsewhere(d))), ValueError, "bias"),
+    # what the eager plan cache keys on (x's shape, bias's dtype and shape; the prepared weight's fields): each
+    # row also runs after a good call planned these very objects
+    Bad("x-0d", _set("x", lambda kw, d: kw["x"][0, 0]), ValueError, "x"),
+    Bad("x-3d-K-mismatch", _set("x", lambda kw, d: kw["x"].unsqueeze(0)[..., :-2]), ValueError, "x"),
+    Bad("bias-2d", _set("bias", lambda kw, d: _lin_bias(kw).reshape(1, -1)), ValueError, "bias"),
+    Bad("bias-fp32", _set("bias", lambda kw, d: _lin_bias(kw).float()), TypeError, "bias"),
+    Bad("x-fp16-bias-bf16", _set("x", lambda kw, d: kw["x"].half()), TypeError, "bias", lambda v: v.get("bias", True)),
+    Bad(
+        "weight-requires-grad",
+        _set("weight", lambda kw, d: torch.nn.Parameter(kw["weight"].float())),
+        ValueError,
+        "weight",
+    ),
+    Bad("weight-short", _set("weight", lambda kw, d: kw["weight"][:-1]), ValueError, "weight"),
+    Bad(
+        "quant_state.shape-1d",
+        _state("shape", lambda kw, d: torch.Size([_qs(kw, "shape").numel()])),
+        ValueError,
+        "quant_state.shape",
+    ),
+    Bad(
+        "quant_state.shape-transposed",
+        _state("shape", lambda kw, d: torch.Size(tuple(_qs(kw, "shape"))[::-1])),
+        ValueError,
+        "x",
+    ),
+    Bad("quant_state.dtype-int8", _state("dtype", lambda kw, d: torch.int8), TypeError, "quant_state.dtype"),
+    Bad(
+        "quant_state.absmax-f16",
+        _state("absmax", lambda kw, d: _qs(kw, "absmax").half()),
+        TypeError,
+        "quant_state.absmax",
+    ),
 )
 
 

@@ -28,14 +28,16 @@ Autograd: d x = grad @ dequant(W) (dequantize + matmul), d bias = grad summed ov
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _runtime, configs, formats
-from .._launcher import CachedLauncher
+from .._launcher import BoundLaunch, CachedLauncher
 from .._triton_helpers import mul_add_rn, store_float
 from ..quant_state import PreparedWeight, QuantState, prepare, validate
 from . import dequantize_4bit as dq
@@ -536,24 +538,47 @@ def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
     return 0  # fp32 operands, exact products; the interpreter's dot has no bf16 arithmetic
 
 
+class Launch(NamedTuple):
+    """One kernel launch on validated arguments. `slots`: (position in args, name) of each argument that is a
+    per-call tensor ("x", "bias", "out", "out16": out's int16 view, "ws": the split-K workspace, "wd", "wd16":
+    the dequantized weight buffer and its int16 view), which the eager plans pass anew on every call."""
+
+    fn: Any
+    grid: tuple[int, int, int]
+    args: tuple
+    constexprs: dict
+    options: dict
+    slots: tuple[tuple[int, str], ...]
+
+
 def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=None, use_asm: bool | None = None) -> None:
-    """Launch the gemv or gemm kernel (and the split-K reduction) on a validated x2 [M, K] and prepared weight.
-    kernel_wrap: torch.library.wrap_triton under a triton_op."""
-    m, k = x2.shape
-    state = w.state
-    n = state.shape[0]
-    if m == 0 or n == 0:
+    """Launch the gemv, gemv2 or gemm kernel (and the split-K reduction) on a validated x2 [M, K] and prepared
+    weight. kernel_wrap: torch.library.wrap_triton under a triton_op."""
+    m = x2.shape[0]
+    if m == 0 or w.state.shape[0] == 0:
         return
-    device = x2.device
     use_asm = USE_ASM_DEFAULT if use_asm is None else use_asm
     if use_asm and _runtime.INTERPRET:
         raise ValueError("use_asm=True needs a GPU: the Triton interpreter cannot run inline PTX")
+    launches, _ws = fused_launches(x2, w, bias, out, cfg, use_asm)
+    for launch in launches:
+        _launch(launch, x2.device, kernel_wrap, use_asm)
+
+
+def fused_launches(
+    x2, w: PreparedWeight, bias, out, cfg: dict, use_asm: bool
+) -> tuple[list[Launch], torch.Tensor | None]:
+    """The launches of a fused path (M, N > 0; `fused_ok`), and the split-K workspace they use (allocated
+    here), without launching anything."""
+    m, k = x2.shape
+    state = w.state
+    n = state.shape[0]
+    device = x2.device
     bk = effective_bk(cfg, state.blocksize, k)
     if cfg["path"] == "gemv2":
         words = words_of(w)
         if words is not None:
-            _launch_gemv2(x2, w, words, bias, out, cfg, bk, kernel_wrap, use_asm)
-            return
+            return _gemv2_launches(x2, w, words, bias, out, cfg, bk, use_asm)
         cfg = heuristic_gemv_config(x2.dtype, m, n, k, _sm_count(device))
         bk = effective_bk(cfg, state.blocksize, k)
     bm, bn = cfg["bm"], cfg["bn"]
@@ -587,36 +612,46 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     if not use_asm:
         options["enable_fp_fusion"] = False
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _launch(fn, grid, args, constexprs, options, device, kernel_wrap, use_asm)
+    slots = _fused_slots(bias, ws, out_bf16_manual)
+    launches = [Launch(fn, grid, args, constexprs, options, slots)]
     if ws is not None:
-        _reduce_splits(ws, bias, out, out_bf16_manual, kernel_wrap)
+        launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
+    return launches, ws
 
 
-def _launch(fn, grid, args, constexprs, options, device, kernel_wrap, use_asm: bool) -> None:
-    """One fused-kernel launch: through the triton_op's wrapper (`kernel_wrap`), else the cached launcher."""
+X_SLOT, BIAS_SLOT, DST_SLOT = 0, 7, 8  # the fused kernels' x, bias and out/workspace arguments
+
+
+def _fused_slots(bias, ws, out_bf16_manual: bool) -> tuple[tuple[int, str], ...]:
+    dst = "ws" if ws is not None else ("out16" if out_bf16_manual else "out")
+    return ((X_SLOT, "x"),) + (((BIAS_SLOT, "bias"),) if bias is not None else ()) + ((DST_SLOT, dst),)
+
+
+def _launch(launch: Launch, device: torch.device, kernel_wrap, use_asm: bool) -> None:
+    """One launch: through the triton_op's wrapper (`kernel_wrap`), else the kernel's cached launcher."""
     if kernel_wrap is not None:
-        if not use_asm:
+        options = dict(launch.options)
+        if not use_asm and launch.fn is not _splitk_reduce_kernel:
             raise ValueError("a wrapped (triton_op) launch takes no compile options: it needs use_asm=True")
         options.pop("enable_fp_fusion", None)
-        kernel_wrap(fn)[grid](*args, **constexprs, **options)
+        kernel_wrap(launch.fn)[launch.grid](*launch.args, **launch.constexprs, **options)
     else:
-        _LAUNCHERS[fn](grid, args, constexprs, options, device)
+        _LAUNCHERS[launch.fn](launch.grid, launch.args, launch.constexprs, launch.options, device)
 
 
-def _reduce_splits(ws, bias, out, out_bf16_manual: bool, kernel_wrap) -> None:
+def _reduce_launch(ws, bias, out, out_bf16_manual: bool) -> Launch:
     """out = round(sum of the split partials ws [S, M, N] in split order + bias)."""
     split, m, n = ws.shape
     block = 1024
     r_args = (ws, bias if bias is not None else ws, out.view(torch.int16) if out_bf16_manual else out, m, n)
     r_const = {"SPLIT_K": split, "HAS_BIAS": bias is not None, "MANUAL_BF16": out_bf16_manual, "BLOCK": block}
     r_grid = (triton.cdiv(m * n, block), 1, 1)
-    if kernel_wrap is not None:
-        kernel_wrap(_splitk_reduce_kernel)[r_grid](*r_args, **r_const, num_warps=4)
-    else:
-        _LAUNCHERS[_splitk_reduce_kernel](r_grid, r_args, r_const, {"num_warps": 4}, ws.device)
+    slots = ((0, "ws"), (1, "bias" if bias is not None else "ws"), (2, "out16" if out_bf16_manual else "out"))
+    return Launch(_splitk_reduce_kernel, r_grid, r_args, r_const, {"num_warps": 4}, slots)
 
 
-def _launch_gemv2(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int, kernel_wrap, use_asm: bool) -> None:
+def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
+                    use_asm: bool) -> tuple[list[Launch], torch.Tensor | None]:  # fmt: skip
     """gemv2: one program per (M block, row range, K chunk of bk columns); K chunks > 1 go through the split-K
     workspace and _splitk_reduce_kernel (split order 0..S-1)."""
     m, k = x2.shape
@@ -646,10 +681,11 @@ def _launch_gemv2(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int, k
     if not use_asm:
         options["enable_fp_fusion"] = False
     grid = (m_blocks, triton.cdiv(n, rows), split)
-    fn = _linear_4bit_gemv2_kernel
-    _launch(fn, grid, args, constexprs, options, device, kernel_wrap, use_asm)
+    launches = [Launch(_linear_4bit_gemv2_kernel, grid, args, constexprs, options,
+                       _fused_slots(bias, ws, out_bf16_manual))]  # fmt: skip
     if ws is not None:
-        _reduce_splits(ws, bias, out, out_bf16_manual, kernel_wrap)
+        launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
+    return launches, ws
 
 
 _LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemv2_kernel,
@@ -745,6 +781,140 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Eager plans. NOTE: at decode (M = 1..16) a call's GPU time is ~10-30 us on an H100 and its host time was
+# ~80 us: per call the eager path re-derived the config, the words view, the argument tuples and the
+# launcher's cache key over every argument, for an answer that depends only on the prepared weight and the
+# call's x/bias metadata. A plan holds that answer: the launches with their config, grid, fixed arguments and
+# BoundLaunches, plus the shapes to allocate; per call only the key, the allocations and the bound launches
+# remain. Plans live on the PreparedWeight (`w.launches["linear_4bit"]`, PLANS_PER_WEIGHT of them, oldest
+# dropped first), so whatever makes `prepare` build a new entry (a quant-state field reassigned, another packed
+# tensor, dtype, shape...) also drops them. The key holds everything `_check_x_bias` and the planning read of
+# the call (x's type, dtype, shape, strides, device and 16-byte alignment; bias's presence, dtype, shape,
+# strides, device and alignment; whether autograd records the call): a call whose key matches a plan's passed
+# that validation with the same values, so a hit skips it; any other call is validated first. The fresh
+# out/workspace tensors are taken as 16-byte aligned (a fresh allocation: what dequantize_4bit's bound launch
+# takes too). Where binding is unavailable (the interpreter, a launch hook, Triton's launcher refused the
+# direct call) a plan's launch goes through the kernel's CachedLauncher with the same arguments.
+
+PLANS_PER_WEIGHT = 16
+_VALUE_NAMES = ("x", "bias", "out", "out16", "ws", "wd", "wd16")  # the per-call values, in `values` order
+_VALUE_INDEX = {name: i for i, name in enumerate(_VALUE_NAMES)}
+
+
+def _launcher_of(fn) -> CachedLauncher:
+    return dq._launcher if fn is dq._dequantize_4bit_kernel else _LAUNCHERS[fn]
+
+
+class _Step:
+    """One launch of a plan: fixed arguments (the per-call slots emptied: the plan keeps no call's tensors),
+    the slot positions, which per-call value goes in each, and its BoundLaunch once the kernel is compiled."""
+
+    __slots__ = ("args", "bound", "constexprs", "device", "grid", "launcher", "options", "picks", "slots")
+
+    def __init__(self, launch: Launch, device: torch.device):
+        self.launcher = _launcher_of(launch.fn)
+        self.grid, self.constexprs, self.options, self.device = launch.grid, launch.constexprs, launch.options, device
+        self.slots = tuple(i for i, _ in launch.slots)
+        self.picks = tuple(_VALUE_INDEX[name] for _, name in launch.slots)
+        args = list(launch.args)
+        for i in self.slots:
+            args[i] = None
+        self.args = tuple(args)
+        self.bound: BoundLaunch | None = None
+
+    def __call__(self, values: tuple) -> None:
+        picked = [values[i] for i in self.picks]
+        bound = self.bound
+        if bound is not None and bound(*picked):
+            return
+        args = list(self.args)
+        for slot, value in zip(self.slots, picked, strict=True):
+            args[slot] = value
+        self.launcher(self.grid, tuple(args), self.constexprs, self.options, self.device)
+        if bound is None:
+            self.bound = self.launcher.bind(self.grid, tuple(args), self.constexprs, self.options, self.device,
+                                            self.slots)  # fmt: skip
+
+
+class _Plan:
+    """Everything an eager call with one key needs besides its tensors (see the NOTE above)."""
+
+    __slots__ = ("bias_copy", "dequant", "device", "dtype", "out_shape", "steps", "view16", "wd_dtype",
+                 "work_shape", "x2_shape")  # fmt: skip
+
+    def __init__(self, x: torch.Tensor, bias, w: PreparedWeight):
+        state = w.state
+        n, k = state.shape
+        device = x.device
+        x2 = _flatten(x)
+        m = x2.shape[0]
+        self.device, self.dtype = device, x.dtype
+        self.x2_shape = None if x.dim() == 2 else (m, k)  # None: x is passed as it is
+        self.out_shape = (*x.shape[:-1], n)
+        cfg = config_for(device, x.dtype, m, n, k)
+        self.dequant = not fused_ok(cfg, state.blocksize, k)
+        self.bias_copy = not self.dequant and bias is not None and bias.stride(0) != 1
+        self.wd_dtype = state.dtype
+        if self.dequant:
+            wd = torch.empty(tuple(state.shape), dtype=state.dtype, device=device)
+            grid, args, constexprs, options = dq.plan(w.A, w.absmax, w.code2, w.absmax2, w.offset, wd,
+                                                      state.blocksize, w.blocksize2, state.quant_type)  # fmt: skip
+            name = "wd" if args[dq.OUT_SLOT] is wd else "wd16"
+            launches = [Launch(dq._dequantize_4bit_kernel, grid, args, constexprs, options, ((dq.OUT_SLOT, name),))]
+            self.work_shape: tuple | None = tuple(state.shape)
+        else:
+            out = torch.empty(self.out_shape, dtype=x.dtype, device=device)
+            b = bias.contiguous() if self.bias_copy else bias
+            launches, ws = fused_launches(x2, w, b, out.view(m, n), cfg, USE_ASM_DEFAULT)
+            self.work_shape = None if ws is None else tuple(ws.shape)
+        names = {name for launch in launches for _, name in launch.slots}
+        self.view16 = bool(names & {"out16", "wd16"})
+        self.steps = tuple(_Step(launch, device) for launch in launches)
+
+    def run(self, x: torch.Tensor, bias) -> torch.Tensor:
+        x2 = x if self.x2_shape is None else x.reshape(self.x2_shape)
+        device = self.device
+        if self.dequant:
+            wd = torch.empty(self.work_shape or (), dtype=self.wd_dtype, device=device)  # the [N, K] buffer
+            self.steps[0]((x2, bias, None, None, None, wd, wd.view(torch.int16) if self.view16 else wd))
+            return matmul_dequantized(x2, wd, bias).reshape(self.out_shape)
+        if self.bias_copy and bias is not None:
+            bias = bias.contiguous()
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        ws = None if self.work_shape is None else torch.empty(self.work_shape, dtype=torch.float32, device=device)
+        values = (x2, bias, out, out.view(torch.int16) if self.view16 else out, ws, None, None)
+        for step in self.steps:
+            step(values)
+        return out
+
+
+def _plan_key(x, bias) -> tuple | None:
+    """The plan key of a call (see the NOTE above); None where x or bias is no tensor (validation refuses it)."""
+    if not isinstance(x, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)):
+        return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    try:
+        b = None if bias is None else (bias.dtype, bias.shape, bias.stride(), bias.device, bias.data_ptr() % 16 == 0)
+        return (type(x), x.dtype, x.shape, x.stride(), x.device, x.data_ptr() % 16 == 0, b, grad)
+    except RuntimeError:  # no strides or no storage (a sparse tensor, say): validated and run unplanned
+        return None
+
+
+def _plan_for(x, bias, w: PreparedWeight, key: tuple | None) -> _Plan | None:
+    """The plan of a validated call, made and kept under `key`; None for an empty problem (or no key)."""
+    n, k = w.state.shape
+    if key is None or x.numel() == 0 or n == 0 or k == 0:
+        return None
+    plan = _Plan(x, bias, w)
+    plans = w.launches.setdefault("linear_4bit", {})
+    if len(plans) >= PLANS_PER_WEIGHT:
+        with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # another thread may be evicting too
+            del plans[next(iter(plans))]
+    plans[key] = plan
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
 # Autograd (eager): the 4-bit weight is frozen; grads for x and bias.
 
 
@@ -757,12 +927,11 @@ def _grad_x(grad2: torch.Tensor, wd: torch.Tensor, x_dtype: torch.dtype) -> torc
 
 class _Linear4bitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, w: PreparedWeight):
+    def forward(ctx, x, bias, w: PreparedWeight, plan: _Plan | None):
         ctx.w = w
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        out = forward_2d(_flatten(x), w, bias)
-        return out.reshape(*x.shape[:-1], w.state.shape[0])
+        return _forward(x, bias, w, plan)
 
     @staticmethod
     def backward(ctx, grad):
@@ -776,7 +945,7 @@ class _Linear4bitFunction(torch.autograd.Function):
             grad_x = _grad_x(grad2, wd, grad.dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_bias = grad2.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_bias, None
+        return grad_x, grad_bias, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -873,9 +1042,20 @@ def linear_4bit(x: torch.Tensor, weight, quant_state=None, bias: torch.Tensor | 
     if torch.compiler.is_compiling():
         return _compiled_call(x, weight, quant_state, bias)
     w = _prepare(weight, quant_state)
-    _check_x_bias(x, bias, w.state, weight.device)
+    key = _plan_key(x, bias)
+    plans = w.launches.get("linear_4bit")
+    plan = plans.get(key) if plans is not None and key is not None else None
+    if plan is None:  # a call no plan has seen: validated, then planned (see the NOTE on eager plans)
+        _check_x_bias(x, bias, w.state, weight.device)
+        plan = _plan_for(x, bias, w, key)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
-        return _Linear4bitFunction.apply(x, bias, w)
-    out = forward_2d(_flatten(x), w, bias)
-    return out.reshape(*x.shape[:-1], w.state.shape[0])
+        return _Linear4bitFunction.apply(x, bias, w, plan)
+    return _forward(x, bias, w, plan)
+
+
+def _forward(x: torch.Tensor, bias, w: PreparedWeight, plan: _Plan | None) -> torch.Tensor:
+    """The eager forward of a validated call: its plan, or (no plan: an empty problem) the unplanned path."""
+    if plan is not None:
+        return plan.run(x, bias)
+    return forward_2d(_flatten(x), w, bias).reshape(*x.shape[:-1], w.state.shape[0])
