@@ -8,8 +8,9 @@ between calls) for tritonbits, bnb and a device copy of the same bytes (read + w
 do_bench_cudagraph for tritonbits and the copy (bnb's quantizers cannot be graph-captured: bnb launches them
 through ctypes on a stream the capture does not see / copies its code table from the host). Prints GB/s (the
 docs' bytes model), % of copy and x bnb; the variants (encoders, pair reads, the nested path's steps) are
-timed too. Every case is wrapped: a failure is logged and the probe goes on; it stops before a case when the
-budget is spent. Writes DIR/quantize_probe.log and DIR/quantize_probe.jsonl.
+timed too (4-bit: the round and lean encoders, pairs and split). Every case is wrapped: a failure is logged
+and the probe goes on; it stops before a case when the budget is spent. Writes DIR/quantize_probe.log and
+DIR/quantize_probe.jsonl.
 
 --dry: tiny shapes, no timing, no bnb (the numpy oracles instead): a CPU smoke run under TRITON_INTERPRET=1.
 """
@@ -241,7 +242,7 @@ def q4_case(p: Probe, shape: tuple[int, int], qt: str, dtype: torch.dtype = torc
              {"op": "quantize_4bit", "nested": True, "quant_type": qt, "shape": list(shape)})  # fmt: skip
     # the nested path's steps and the 4-bit pass's variants (plain bytes model for the 4-bit kernel alone)
     steps: dict[str, dict[str, float | None]] = {}
-    for enc in q4.ENCODERS[:2]:
+    for enc in ("round", "lean"):  # the default and its leaner variant (same codes; docs/kernels/quantize_4bit.md)
         for pairs in (True, False):
             fn = lambda enc=enc, pairs=pairs: q4.launch(flat, pk, am32, 64, qt, encoder=enc, pairs=pairs)
             fn()

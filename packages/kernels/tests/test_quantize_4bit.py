@@ -105,6 +105,72 @@ def test_encoders_on_thresholds(encoder, quant_type, in_dtype, pairs, device):
     assert_exact(packed.cpu(), want_packed.reshape(-1))
 
 
+def _blocks_of_absmax_one(values: torch.Tensor) -> torch.Tensor:
+    """Blocks of 64: 1.0, then 63 of `values` (zero-padded): absmax 1, so each scaled value is the value."""
+    per_block = 63
+    blocks = -(-values.numel() // per_block)
+    padded = torch.cat([values, values.new_zeros(blocks * per_block - values.numel())]).reshape(blocks, per_block)
+    return torch.cat([values.new_ones(blocks, 1), padded], dim=1).reshape(-1)
+
+
+def sweep_values() -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32, bf16) scaled values for the encoder sweep. bf16: every bit pattern of magnitude <= 1 and every NaN
+    pattern, both signs (exhaustive for 16-bit input at absmax 1). fp32: those as fp32, every 4099th fp32 bit
+    pattern of [0, 1] with both signs, the bucket edges of round/lean (s = 1 - (b + 1/2) / 16) with 4 fp32
+    neighbours each side, and NaN bit patterns of both signs."""
+    bf = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    bf = torch.cat([bf[bf.float().abs() <= 1], _nan_apart(bf[bf.isnan()])])
+    dense = torch.arange(0, 0x3F800001, 4099, dtype=torch.int32).view(torch.float32)
+    edges = 1.0 - (torch.arange(-1, 34, dtype=torch.float32) + 0.5) / q4.BUCKETS_PER_UNIT
+    near = [edges]
+    for direction in (2.0, -2.0):
+        e = edges
+        for _ in range(4):
+            e = torch.nextafter(e, torch.tensor(direction))
+            near.append(e)
+    edges = torch.cat(near)
+    edges = edges[edges.abs() <= 1]
+    nans = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, -0x400000, -0x7FFFFF, -1], dtype=torch.int32)
+    fp32 = torch.cat([bf.float(), dense, -dense, edges, _nan_apart(nans.view(torch.float32))])
+    return fp32, bf
+
+
+def _nan_apart(nans: torch.Tensor) -> torch.Tensor:
+    """Each NaN followed by 0.5: no element pair is two NaN. (The interpreter's tl.max propagates NaN where the
+    GPU's ignores it, so a pair read of two NaN would give the block absmax NaN there; the encoder is the
+    subject here.)"""
+    return torch.stack([nans, torch.full_like(nans, 0.5)], dim=1).reshape(-1)
+
+
+@pytest.mark.parametrize("quant_type", R.QUANT_TYPES)
+def test_lean_encoder_sweep(quant_type, device):
+    """The "lean" encoder against the oracle on a dense sweep of scaled values (sweep_values), fp32 and bf16
+    input read as pairs. (Split reads run the same encoder function; not swept: the interpreter's bf16 -> fp32
+    conversion flushes subnormals, the pairs' bit shifts do not, for every encoder.)"""
+    fp32, bf = sweep_values()
+    for x in (fp32, bf):
+        x = _blocks_of_absmax_one(x).to(device)
+        n = x.numel()
+        packed = torch.full(((n + 1) // 2,), 0xAB, dtype=torch.uint8, device=device)
+        absmax = torch.empty(n // 64, device=device)
+        q4.launch(x, packed, absmax, 64, quant_type, encoder="lean", pairs=True)
+        want_packed, want = R.quantize_4bit_cuda(x.cpu(), blocksize=64, quant_type=quant_type)
+        assert (want.absmax == 1).all()
+        assert_exact(packed.cpu(), want_packed.reshape(-1))
+
+
+def test_lean_table():
+    """lean_table: NF4 is round's table; FP4 is round's with bit 3 ("sign allowed") in both codes, then one
+    NaN-only bucket (threshold +inf, codes 0)."""
+    assert torch.equal(q4.lean_table("nf4"), q4.round_table("nf4"))
+    lean, table = q4.lean_table("fp4"), q4.round_table("fp4")
+    assert lean.numel() == table.numel() + 1 == q4.BUCKETS_PER_UNIT + 2
+    assert torch.equal(lean[:-1] & 0xFFFFFFFF, table & 0xFFFFFFFF)
+    assert torch.equal((lean[:-1] >> 32) & ~0x0808, table >> 32)
+    assert ((lean[:-1] >> 32) & 0x0808 == 0x0808).all()
+    assert lean[-1].item() == 0x7F800000  # +inf, codes 0
+
+
 def test_round_table_holds_one_threshold_each():
     for quant_type in R.QUANT_TYPES:
         table = q4.round_table(quant_type)

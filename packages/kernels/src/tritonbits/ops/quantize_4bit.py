@@ -15,6 +15,8 @@ Encoders (constexpr ENCODER, all exact, all tested equal). "round" (default): th
 v = fl(1.5 * 2**23 + K - K * s) (FP4: of |s|), an fp32 whose ulp is 1, so the add itself rounds to an
 integer bucket with no float->int conversion, clamped (min first, so NaN lands in the lowest-code bucket);
 one int64 entry per bucket holds its threshold and the code pair: one 8-byte load, one compare, one select.
+"lean": round's buckets and codes with one clamp and, for FP4, the sign from the bit pattern of fl(s + 0.0)
+(encode_4bit_lean, lean_table; selectable, not the default until measured on the GPU).
 "compare" counts thresholds with 15 (NF4) or 7
 (FP4) compares per value; "bucket" looks the count up: b = clamp(floor(fl(s + 1) * 16)) (NF4; FP4 uses
 floor(|s| * 16)), then count = base[b] + (s > thr[b]), where the host table (built once per device from the
@@ -51,7 +53,7 @@ TILE = 4096
 # NOTE: "round" (one 8-byte table entry a value, no float->int conversion) compiles to ~half the SASS of
 # "bucket" for bf16 NF4 (sm90 offline compile, counts in docs/kernels/quantize_4bit.md); GPU: ci/quantize_probe.py.
 ENCODER_DEFAULT = "round"
-ENCODERS = ("round", "bucket", "compare")
+ENCODERS = ("round", "lean", "bucket", "compare")
 BUCKETS_PER_UNIT = 16  # K: a power of two, so fl(s + 1) * K is exact; bucket width 1/16 < every threshold gap
 # "round": v = fl(MAGIC + K * (1 - s)) (FP4: of |s|, MAGIC + K - K * |s|); fl() rounds to an integer because
 # MAGIC = 1.5 * 2**23 (ulp 1), so v's bit pattern minus MAGIC's is round(K * (1 - s)) + K0, monotone
@@ -106,10 +108,34 @@ def encode_4bit_round(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.con
 
 
 @triton.jit
+def encode_4bit_lean(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr,
+                     FTZ: tl.constexpr):  # fmt: skip
+    """ "round" with fewer instructions a value, the same codes (lean_table; docs/kernels/quantize_4bit.md):
+    - one clamp (min: NaN -> the last bucket). The max clamp of "round" never acts: |s| <= |x| * fl(1/absmax)
+      (1 + 2**-23) <= 1 + 2**-21 (rcp.approx is within 2**-22 of 1/absmax), so K - K * |s| > -0.5 rounds to 0.
+    - FP4: the sign from s's bit pattern, no compare: fl(s + 0.0) is s except that -0.0 becomes +0.0, whose
+      sign bit is clear as `s < 0` is false, so bit 31 is `s < 0` for every non-NaN s. The table's codes carry
+      bit 3 ("sign allowed") in every bucket but the NaN-only bucket NB - 1 (K + 1: |s| <= 1 + 2**-21 never
+      rounds there), so `code & (bits >> 28 | 7)` adds the sign bit and NaN keeps code 0 whatever its sign."""
+    if FP4:
+        s = s + 0.0
+    a = abs_f32(s, FTZ) if FP4 else s
+    v = tl.minimum(MAGIC + K - a * K, MAGIC + NB - 1.0)
+    e = tl.load((tab_ptr - MAGIC_BITS) + v.to(tl.int32, bitcast=True))
+    thr = e.to(tl.int32).to(tl.float32, bitcast=True)
+    pair = (e >> 32).to(tl.int32)
+    code = tl.where(a > thr, pair >> 8, pair)
+    keep = ((s.to(tl.uint32, bitcast=True) >> 28) | 7).to(tl.int32) if FP4 else 0xF  # FP4: 15 if s < 0, else 7
+    return code & keep
+
+
+@triton.jit
 def encode_any(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr, N_THR: tl.constexpr,
                K: tl.constexpr, NB: tl.constexpr, MAGIC: tl.constexpr, FTZ: tl.constexpr):  # fmt: skip
     if ENCODER == "round":
         return encode_4bit_round(s, thr_ptr, FP4, K, NB, MAGIC, FTZ)
+    elif ENCODER == "lean":
+        return encode_4bit_lean(s, thr_ptr, FP4, K, NB, MAGIC, FTZ)
     else:
         return encode_4bit(s, thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, FTZ)
 
@@ -120,11 +146,12 @@ def _quantize_4bit_kernel(
     n_elements, n_bytes, n_bytes_alloc, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, ENCODER: tl.constexpr,
     N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, RCP: tl.constexpr, PAIRS: tl.constexpr,
-    IN_BF16: tl.constexpr, MAGIC: tl.constexpr, FTZ: tl.constexpr,
+    IN_BF16: tl.constexpr, MAGIC: tl.constexpr, FTZ: tl.constexpr, ZERO_PAD: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks: ROWS x BLOCKSIZE values in, ROWS x BLOCKSIZE/2 bytes and ROWS
     absmax out. int64 base per program, int32 within the tile. Bytes in [n_bytes, n_bytes_alloc) (the
-    padding of a quant_storage wider than a byte) are written as 0.
+    padding of a quant_storage wider than a byte) are written as 0; ZERO_PAD: whether there are any (else the
+    store mask alone is right and the per-byte select is left out).
     PAIRS: x_ptr is an integer view of the input with one element pair (2j, 2j+1) a word (n even, aligned),
     so that each thread's words map to its output bytes without a layout change; IN_BF16 / fp16 / fp32 by the
     word width. Else x_ptr is the float input (any n) and the pairs are split from a [ROWS, HALF, 2] tile."""
@@ -172,7 +199,8 @@ def _quantize_4bit_kernel(
     lo = encode_any(mul_ftz(odd, r, FTZ), thr_ptr, codes_ptr, FP4, ENCODER, N_THR, K, NB, MAGIC, FTZ)
     packed = ((hi << 4) | lo).to(tl.uint8)
 
-    packed = tl.where(byte_local < tl.minimum(n_bytes - byte_base, ROWS * HALF).to(tl.int32), packed, 0)
+    if ZERO_PAD:
+        packed = tl.where(byte_local < tl.minimum(n_bytes - byte_base, ROWS * HALF).to(tl.int32), packed, 0)
     alloc_left = tl.minimum(n_bytes_alloc - byte_base, ROWS * HALF).to(tl.int32)
     tl.store(packed_ptr + byte_base + byte_local, packed, mask=byte_local < alloc_left)
 
@@ -240,13 +268,26 @@ def round_table(quant_type: str) -> torch.Tensor:
     return (thr.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) | (pair << 32)
 
 
+def lean_table(quant_type: str) -> torch.Tensor:
+    """int64 table of encode_4bit_lean: NF4, round_table's; FP4, round_table's 17 entries with bit 3 set in both
+    codes ("sign allowed"), then a NaN-only bucket (threshold +inf, codes 0)."""
+    table = round_table(quant_type)
+    if quant_type != "fp4":
+        return table
+    sign_ok = (0x8 | 0x8 << 8) << 32
+    nan_only = torch.tensor([0x7F800000], dtype=torch.int64)
+    return torch.cat([table | sign_ok, nan_only])
+
+
 def encoder_tables(quant_type: str, encoder: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(thr, codes) kernel arguments; for "round" both are the one int64 table."""
+    """(thr, codes) kernel arguments; for "round" and "lean" both are the one int64 table."""
     key = (quant_type, encoder, device)
     tables = _TABLES.get(key)
     if tables is None:
         if encoder == "round":
             thr = codes = round_table(quant_type)
+        elif encoder == "lean":
+            thr = codes = lean_table(quant_type)
         elif encoder == "bucket":
             thr, codes = bucket_tables(quant_type)
         else:
@@ -254,7 +295,7 @@ def encoder_tables(quant_type: str, encoder: str, device: torch.device) -> tuple
             thr = torch.tensor(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS, dtype=torch.float32)
             codes = torch.tensor(formats.FP4_RANK_CODES if fp4 else range(16), dtype=torch.int32)
         thr = thr.to(device)
-        tables = _TABLES[key] = (thr, thr if encoder == "round" else codes.to(device))
+        tables = _TABLES[key] = (thr, thr if encoder in ("round", "lean") else codes.to(device))
     return tables
 
 
@@ -294,9 +335,10 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
     fp4 = quant_type == "fp4"
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "FP4": fp4, "ENCODER": encoder,
                   "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
-                  "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder in ("bucket", "round") else 1,
+                  "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder in ("bucket", "round", "lean") else 1,
                   "RCP": b8.rcp_mode(x.device, rcp), "PAIRS": pairs, "IN_BF16": x.dtype == torch.bfloat16,
-                  "MAGIC": ROUND_MAGIC, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
+                  "MAGIC": ROUND_MAGIC, "FTZ": _runtime.ftz_mode(x.device),
+                  "ZERO_PAD": n_bytes_alloc != (n + 1) // 2}  # fmt: skip
     options = {"num_warps": num_warps if num_warps is not None else (4 if rows * blocksize <= 4096 else 8)}
     return grid, args, constexprs, options
 
