@@ -68,8 +68,8 @@ for m in (1, 16):
     tritonbits.linear_4bit(xm, wl)  # binds
     if hasattr(L, "_prepare"):  # eager plans (absent in trees before them: the script also times those)
         plans = L._prepare(wl.data, wl.quant_state).launches.get("linear_4bit", {})
-        bound = [step.bound is not None for plan in plans.values() for step in plan.steps]
-        print(f"linear_4bit M={m}: {len(plans)} plan(s) on the weight, steps bound: {bound}")
+        steps_bound = [step.bound is not None for plan in plans.values() for step in plan.steps]
+        print(f"linear_4bit M={m}: {len(plans)} plan(s) on the weight, steps bound: {steps_bound}")
     ours, theirs = f"tritonbits.linear_4bit M={m}", f"bnb.matmul_4bit M={m}"
     calls[ours] = lambda xm=xm: tritonbits.linear_4bit(xm, wl)
     calls[theirs] = lambda xm=xm: bnb.matmul_4bit(xm, wl.t(), quant_state=wl.quant_state)
