@@ -696,6 +696,8 @@ def matmul_dequantized(x2: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | 
     """x2 @ wd.T + bias in x's dtype with fp32 accumulation: cuBLAS in x's dtype when W has it (an exact
     operand), else in fp32 (fp16 x with a bf16 W, say: neither converts exactly into the other)."""
     if wd.dtype == x2.dtype and x2.device.type == "cuda":
+        if bias is not None and bias.stride(0) != 1:  # else not cuBLAS's one-rounding bias epilogue: 1 ulp off
+            bias = bias.contiguous()
         return torch.nn.functional.linear(x2, wd, bias)
     y = torch.nn.functional.linear(x2.float(), wd.float(), None if bias is None else bias.float())
     return y.to(x2.dtype)
