@@ -37,6 +37,19 @@ def test_mul_ftz_flushes_subnormal_operands_and_products():
     assert np.array_equal(got, want, equal_nan=True)
 
 
+def test_mul_ftz_decides_tininess_before_rounding():
+    """(1 - 2**-24) * 2**-126 = 2**-126 - 2**-150 exactly, which rounds to the normal 2**-126 but is flushed by
+    the H100's mul.ftz.f32 (bnb CUDA's FP4 code for such a negative product was 0b0000, the oracle's 0b1000
+    while it flushed after rounding); 2**-126 itself and (1 + 2**-23) * 2**-126 stay."""
+    from tritonbits_reference.formats import mul_ftz
+
+    f = np.float32
+    a = np.array([1 - 2.0**-24, -(1 - 2.0**-24), 1.0, 1 + 2.0**-23, -(1 + 2.0**-23)], dtype=f)
+    got = mul_ftz(a, np.full(5, 2.0**-126, dtype=f))
+    want = np.array([0.0, -0.0, 2.0**-126, (1 + 2.0**-23) * 2.0**-126, -(1 + 2.0**-23) * 2.0**-126], dtype=f)
+    assert got.tobytes() == want.tobytes()
+
+
 def test_cuda_oracle_flushes_like_fast_math():
     """A negative subnormal in a normal block scales to -0.0 (FP4 code 0, no sign bit); a block of subnormals has
     absmax 0 in the 8-bit quantizer too (every index 0); an underflowing product is -0.0 as well."""

@@ -46,14 +46,17 @@ def flush_subnormal(v):
 def mul_ftz(a, b, FTZ: tl.constexpr):
     """fp32 a * b as bnb's --use_fast_math build computes it (`mul.ftz.f32`): subnormal operands and a subnormal
     product are zeros of the same sign. FTZ="ptx": mul.rn.ftz.f32, one instruction (FMUL.FTZ; .rn so that it
-    is never contracted into an FMA); "emulate" (the interpreter, which runs no PTX): the operands and the
-    correctly rounded product flushed by hand (_runtime.ftz_mode picks). a and b broadcast as in a * b."""
+    is never contracted into an FMA); "emulate" (the interpreter, which runs no PTX): the operands flushed by
+    hand, the product formed exactly in fp64 and flushed where it is below 2**-126 before rounding, as the
+    hardware decides tininess (2**-126 - 2**-150 is flushed, though it rounds to 2**-126), else rounded to fp32
+    (_runtime.ftz_mode picks). a and b broadcast as in a * b."""
     if FTZ == "ptx":
         return tl.inline_asm_elementwise(
             "mul.rn.ftz.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
         )
     else:
-        return flush_subnormal(flush_subnormal(a) * flush_subnormal(b))
+        exact = flush_subnormal(a).to(tl.float64) * flush_subnormal(b).to(tl.float64)
+        return tl.where(tl.abs(exact) < FLT_MIN, exact * 0.0, exact).to(tl.float32)
 
 
 @triton.jit
