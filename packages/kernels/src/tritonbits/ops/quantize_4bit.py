@@ -11,12 +11,12 @@ CUDA: NaN gets code 0 (every comparison is false); a zero block has absmax 0, r 
 all its codes are 0 (NF4 code 0 is -1.0: it dequantizes to -0.0); an Inf makes r = 0, its own code 0 (inf * 0
 = NaN) and the rest of its block the code of 0 (-0.0 gets no FP4 sign bit: -0.0 < 0 is false).
 
-Encoders (constexpr ENCODER, all exact, all tested equal). "round" (default): the bucket is the bit pattern of
+Encoders (constexpr ENCODER, all exact, all tested equal). "round": the bucket is the bit pattern of
 v = fl(1.5 * 2**23 + K - K * s) (FP4: of |s|), an fp32 whose ulp is 1, so the add itself rounds to an
 integer bucket with no float->int conversion, clamped (min first, so NaN lands in the lowest-code bucket);
 one int64 entry per bucket holds its threshold and the code pair: one 8-byte load, one compare, one select.
-"lean": round's buckets and codes with one clamp and, for FP4, the sign from the bit pattern of fl(s + 0.0)
-(encode_4bit_lean, lean_table; selectable, not the default until measured on the GPU).
+"lean" (default): round's buckets and codes with one clamp and, for FP4, the sign from the bit pattern of
+fl(s + 0.0) (encode_4bit_lean, lean_table); H100: FP4 1.7-4.2% faster than round, NF4 the same.
 "compare" counts thresholds with 15 (NF4) or 7
 (FP4) compares per value; "bucket" looks the count up: b = clamp(floor(fl(s + 1) * 16)) (NF4; FP4 uses
 floor(|s| * 16)), then count = base[b] + (s > thr[b]), where the host table (built once per device from the
@@ -51,8 +51,9 @@ from .blockwise_8bit import FLT_MAX, FLT_MIN, block_absmax
 # bf16 plain, 83% for fp32; TILE, warps and the compare encoder were not swept.
 TILE = 4096
 # NOTE: "round" (one 8-byte table entry a value, no float->int conversion) compiles to ~half the SASS of
-# "bucket" for bf16 NF4 (sm90 offline compile, counts in docs/kernels/quantize_4bit.md); GPU: ci/quantize_probe.py.
-ENCODER_DEFAULT = "round"
+# "bucket" for bf16 NF4 (sm90 offline compile, counts in docs/kernels/quantize_4bit.md); "lean" (round with fewer
+# instructions) measured 1.7-4.2% faster for FP4 and the same for NF4 (H100, ci/quantize_probe.py, log 1630Z).
+ENCODER_DEFAULT = "lean"
 ENCODERS = ("round", "lean", "bucket", "compare")
 BUCKETS_PER_UNIT = 16  # K: a power of two, so fl(s + 1) * K is exact; bucket width 1/16 < every threshold gap
 # "round": v = fl(MAGIC + K * (1 - s)) (FP4: of |s|, MAGIC + K - K * |s|); fl() rounds to an integer because
