@@ -1,0 +1,33 @@
+"""Host time of eager tritonbits.quantize_4bit on a GPU machine, for the tree on PYTHONPATH (run it once per tree,
+interleaved, to compare two commits on one machine): per case the unsynced host time of one call
+(timing.host_us), the do_bench launch-mode and CUDA-graph medians, then a cProfile of 2000 plain NF4 calls.
+
+    PYTHONPATH=/tmp/site:<kernels src>:packages/reference/src:packages/harness/src python3 ci/quantize_host_probe.py
+"""
+
+import cProfile, pstats, sys, torch
+import tritonbits
+from tritonbits_harness import timing
+
+print("tritonbits from", tritonbits.__file__)
+x = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
+x14 = torch.randn(14336, 4096, device="cuda").to(torch.bfloat16)
+for name, xx in (("4096", x), ("14336", x14)):
+    for qt, nested in (("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)):
+        f = lambda: tritonbits.quantize_4bit(xx, blocksize=64, quant_type=qt, compress_statistics=nested)
+        f()
+        f()
+        torch.cuda.synchronize()
+        h = timing.host_us(f, n=1000)
+        torch.cuda.synchronize()
+        lm = timing.bench(f, rep=20) * 1000
+        gm = timing.bench_graph(f, rep=20) * 1000
+        print(f"{name} {qt} nested={nested}: host {h:.1f} us, launch {lm:.1f} us, graph {gm:.1f} us")
+f = lambda: tritonbits.quantize_4bit(x, blocksize=64, quant_type="nf4")
+p = cProfile.Profile()
+p.enable()
+for _ in range(2000):
+    f()
+p.disable()
+torch.cuda.synchronize()
+pstats.Stats(p).sort_stats("tottime").print_stats(12)
