@@ -5,7 +5,11 @@ interleaved, to compare two commits on one machine): per case the unsynced host 
     PYTHONPATH=/tmp/site:<kernels src>:packages/reference/src:packages/harness/src python3 ci/quantize_host_probe.py
 """
 
-import cProfile, pstats, sys, torch
+import cProfile
+import pstats
+
+import torch
+
 import tritonbits
 from tritonbits_harness import timing
 
@@ -14,7 +18,9 @@ x = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
 x14 = torch.randn(14336, 4096, device="cuda").to(torch.bfloat16)
 for name, xx in (("4096", x), ("14336", x14)):
     for qt, nested in (("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)):
-        f = lambda: tritonbits.quantize_4bit(xx, blocksize=64, quant_type=qt, compress_statistics=nested)
+        f = lambda xx=xx, qt=qt, nested=nested: tritonbits.quantize_4bit(
+            xx, blocksize=64, quant_type=qt, compress_statistics=nested
+        )
         f()
         f()
         torch.cuda.synchronize()
