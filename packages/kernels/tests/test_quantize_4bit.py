@@ -373,6 +373,23 @@ def test_compiles_fullgraph(device, gen):
     assert_exact(got, _quantize_dequantize(x))
 
 
+def _nested_state(x):
+    packed, state = tritonbits.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    return packed, state.absmax, state.offset, state.state2.absmax
+
+
+def test_compiled_nested_offset_is_eager_mean(device, gen):
+    """Nested under torch.compile(fullgraph=True): the offset is eager torch's absmax.mean() (bnb's), so the
+    codes, offset and state2.absmax equal eager's for every size; on CUDA the triton_op's body is traced by
+    Inductor, which summed the mean in its own order before the mean became the opaque tritonbits::absmax_mean."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_nested_state, fullgraph=True, dynamic=False)
+    for blocks in (18, 27, 33, 60, 69, 3000):
+        x = torch.randn(blocks * 64, generator=gen).to(torch.bfloat16).to(device)
+        for got, want in zip(compiled(x), _nested_state(x), strict=True):
+            assert_exact(got.reshape(-1), want.reshape(-1))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("encoder", q4.ENCODERS)
 def test_both_encoders_equal_bnb_on_large_inputs(encoder, device, gen):

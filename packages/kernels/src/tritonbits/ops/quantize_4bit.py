@@ -357,9 +357,12 @@ def launch(x, packed, absmax, blocksize: int, quant_type: str, *, kernel=None, *
 
 
 def _nested(absmax: torch.Tensor, qabsmax: torch.Tensor, kernel=None):
-    """bnb's double quantization of the fp32 absmax: (offset, absmax2), qabsmax written."""
+    """bnb's double quantization of the fp32 absmax: (offset, absmax2), qabsmax written. `kernel` (the
+    wrap_triton'd 8-bit kernel) is given in the triton_op's body, which Inductor traces: there the mean is the
+    opaque tritonbits::absmax_mean, as Inductor would sum it in its own order (1 ulp off bnb's eager mean for
+    some sizes; see quantize_blockwise)."""
     blocks = absmax.numel()
-    offset = absmax.mean()
+    offset = b8._absmax_mean_op(absmax) if kernel is not None else absmax.mean()
     absmax2 = torch.empty(-(-blocks // formats.NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
     code2 = formats.code_table("dynamic", absmax.device)
     b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel=kernel)
