@@ -95,6 +95,19 @@ def gpu_family(device: torch.device) -> str:
     return _family(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def outside_fake(fn, *args):
+    """fn(*args) with every active dispatch mode (fake, proxy, functional) set aside. For the per-device tables
+    the kernels read (code tables, encoder tables): each triton_op body builds the ones it uses through this
+    before anything else, since torch.compile runs the body under FakeTensorMode when it traces the op (and
+    under proxy/functional modes when it decomposes it), where a table built for the first time would fail (a
+    data-dependent step of its construction), be fake and then be cached, or be recorded into the graph. Only
+    ever called in triton_op bodies, which dynamo does not trace (they run as Python under those modes)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return fn(*args)
+
+
 def address_aligned(t: torch.Tensor, nbytes: int) -> bool | None:
     """Whether t's first element sits at an address that is a multiple of nbytes; None for a tensor without an
     address (torch.compile traces a triton_op's body with fake tensors)."""

@@ -213,6 +213,7 @@ def _dequantize_4bit_triton_op(
 ) -> torch.Tensor:  # fmt: skip
     """The same kernel as a triton_op (CUDA only). The PTX path keeps the nested absmax exact, since
     wrap_triton takes no compile options (no enable_fp_fusion=False)."""
+    _runtime.outside_fake(formats.code_table, quant_type, A.device)
     out = torch.empty(shape, dtype=dtype, device=A.device)
     launch(A, absmax, code2, absmax2, offset, out, blocksize, blocksize2, quant_type, use_asm=True,
            kernel=torch.library.wrap_triton(_dequantize_4bit_kernel))  # fmt: skip

@@ -976,6 +976,12 @@ def _(x, A, absmax, code2, absmax2, offset, bias, blocksize, blocksize2, quant_t
     return x.new_empty((x.shape[0], n))
 
 
+def _real_tables(quant_type: str, device: torch.device) -> None:
+    """Every table the fused and dequantize paths read on `device`, built (see _runtime.outside_fake)."""
+    formats.code_table(quant_type, device)
+    pair_table(quant_type, device)
+
+
 @torch.library.triton_op("tritonbits::linear_4bit_triton_op", mutates_args=())
 def _linear_4bit_triton_op(
     x: torch.Tensor, A: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor | None, absmax2: torch.Tensor | None,
@@ -983,6 +989,7 @@ def _linear_4bit_triton_op(
     n: int, k: int, w_dtype: torch.dtype,
 ) -> torch.Tensor:  # fmt: skip
     """The same on CUDA as a triton_op (Inductor launches the kernels; PTX keeps the nested absmax exact)."""
+    _runtime.outside_fake(_real_tables, quant_type, x.device)
     w = _weight_from_fields(A, absmax, code2, absmax2, offset, blocksize, blocksize2, quant_type, n, k, w_dtype)
     return forward_2d(x, w, bias, kernel_wrap=torch.library.wrap_triton)
 

@@ -439,10 +439,18 @@ def _(A, blocksize, quant_type, out, absmax, absmax2, offset):
     return None
 
 
+def _real_tables(quant_type: str, device: torch.device) -> None:
+    """Every table the op reads on `device`, built (see _runtime.outside_fake)."""
+    encoder_tables(quant_type, ENCODER_DEFAULT, device)
+    b8.table_for(formats.code_table("dynamic", device), device)
+    formats.code_table(quant_type, device)
+
+
 @torch.library.triton_op("tritonbits::quantize_4bit_triton_op", mutates_args=())
 def _quantize_4bit_triton_op(
     A: torch.Tensor, blocksize: int, quant_type: str, nested: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _runtime.outside_fake(_real_tables, quant_type, A.device)
     packed, absmax = _outputs(A, blocksize, nested)
     absmax2, offset = _run(A, blocksize, quant_type, nested, packed, absmax,
                            kernel=torch.library.wrap_triton(_quantize_4bit_kernel),

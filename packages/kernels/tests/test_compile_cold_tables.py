@@ -1,0 +1,99 @@
+"""A first call that is compiled: torch.compile runs each triton_op's body under FakeTensorMode when it traces the
+op, so a per-device table (code tables, quantize encoder tables, linear_4bit's pair table) built there for the
+first time failed (the 8-bit bucket table's construction is data-dependent: "unhashable type: non-nested SymInt"
+on the H100) or came out fake (aten.to of the constant: "Please convert all Tensors to FakeTensors first").
+The GPU sessions hid it: an eager test had built every table before the compiled ones ran.
+
+Each body now builds what it reads through `_runtime.outside_fake` first. Here, on any device: the caches are
+emptied, the op runs under FakeTensorMode with its kernel launch replaced by a no-op (the interpreter cannot run
+a kernel on fake tensors; on CUDA, tracing never launches), and every table it reads must then be cached as a
+real tensor equal to the eagerly built one.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+import tritonbits
+from tritonbits import formats
+from tritonbits.ops import blockwise_8bit as b8
+from tritonbits.ops import dequantize_4bit as dq
+from tritonbits.ops import linear_4bit as L
+from tritonbits.ops import quantize_4bit as q4
+
+
+@contextlib.contextmanager
+def cold_caches():
+    """Every per-device table cache emptied for the block, restored after (other tests hold the old objects)."""
+    saved = (dict(formats._tables), dict(q4._TABLES), dict(b8._TABLES))
+    for cache in (formats._tables, q4._TABLES, b8._TABLES):
+        cache.clear()
+    L.pair_table.cache_clear()
+    try:
+        yield
+    finally:
+        for cache, old in zip((formats._tables, q4._TABLES, b8._TABLES), saved, strict=True):
+            cache.clear()
+            cache.update(old)
+        L.pair_table.cache_clear()
+
+
+def assert_real(name, got, want):
+    assert got is not None, f"{name} was not built by the op's body"
+    assert not isinstance(got, FakeTensor), f"{name} was cached as a FakeTensor"
+    assert torch.equal(got.cpu(), want.cpu()), f"{name} differs from the eagerly built table"
+
+
+def eager_tables(device, quant_type):
+    with cold_caches():
+        return {
+            "code": formats.code_table(quant_type, device).clone(),
+            "dynamic": formats.code_table("dynamic", device).clone(),
+            "encoder": q4.encoder_tables(quant_type, q4.ENCODER_DEFAULT, device)[0].clone(),
+            "bucket8": b8.table_for(formats.code_table("dynamic", device), device).clone(),
+            "pair": L.pair_table(quant_type, device).clone(),
+        }
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_triton_op_bodies_build_real_tables_under_fake_mode(quant_type, device, gen, monkeypatch):
+    x = torch.randn(18, 64, generator=gen).to(torch.bfloat16).to(device)
+    device = x.device  # the caches' key: "cuda" is "cuda:<current>"
+    want = eager_tables(device, quant_type)
+    packed, state = tritonbits.quantize_4bit(x, quant_type=quant_type, compress_statistics=True)
+    s2 = state.state2
+    code8, xf = formats._VALUES["dynamic"].clone().to(device), x.float()
+    w16 = torch.randn(1, 64, generator=gen).to(torch.bfloat16).to(device)
+    for module, name in ((q4, "launch"), (b8, "launch_quantize"), (dq, "launch")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(L, "forward_2d", lambda x2, w, bias, **kwargs: x2.new_empty(x2.shape[0], w.state.shape[0]))
+    ops = torch.ops.tritonbits
+    with cold_caches():
+        with FakeTensorMode() as mode:
+            f = mode.from_tensor
+            ops.quantize_4bit_triton_op(f(x), 64, quant_type, True)
+        assert_real("encoder table", q4._TABLES.get((quant_type, q4.ENCODER_DEFAULT, device), (None,))[0],
+                    want["encoder"])  # fmt: skip
+        assert_real("8-bit bucket table", b8._TABLES.get(device), want["bucket8"])
+        assert_real("dynamic code", formats._tables.get(("dynamic", device)), want["dynamic"])
+    with cold_caches():
+        with FakeTensorMode() as mode:
+            f = mode.from_tensor
+            ops.quantize_blockwise_triton_op(f(xf), f(code8), 256)
+        assert_real("dynamic code", formats._tables.get(("dynamic", device)), want["dynamic"])
+    with cold_caches():
+        with FakeTensorMode() as mode:
+            f = mode.from_tensor
+            ops.dequantize_4bit_triton_op(f(packed), f(state.absmax), f(s2.code), f(s2.absmax), f(state.offset), 64,
+                                          s2.blocksize, quant_type, list(state.shape), torch.bfloat16)  # fmt: skip
+        assert_real(f"{quant_type} code", formats._tables.get((quant_type, device)), want["code"])
+    with cold_caches():
+        with FakeTensorMode() as mode:
+            f = mode.from_tensor
+            ops.linear_4bit_triton_op(f(w16), f(packed), f(state.absmax), f(s2.code), f(s2.absmax), f(state.offset),
+                                      None, 64, s2.blocksize, quant_type, 18, 64, torch.bfloat16)  # fmt: skip
+        assert_real(f"{quant_type} code", formats._tables.get((quant_type, device)), want["code"])
+        assert L.pair_table.cache_info().currsize == 1, "the pair table was not built by the op's body"
+        assert_real("pair table", L.pair_table(quant_type, device), want["pair"])
