@@ -22,6 +22,7 @@ from tritonbits.ops import blockwise_8bit as b8
 from tritonbits.ops import dequantize_4bit as dq
 from tritonbits.ops import linear_4bit as L
 from tritonbits.ops import quantize_4bit as q4
+from tritonbits_harness.tolerance import assert_exact
 
 
 @contextlib.contextmanager
@@ -97,3 +98,30 @@ def test_triton_op_bodies_build_real_tables_under_fake_mode(quant_type, device, 
         assert_real(f"{quant_type} code", formats._tables.get((quant_type, device)), want["code"])
         assert L.pair_table.cache_info().currsize == 1, "the pair table was not built by the op's body"
         assert_real("pair table", L.pair_table(quant_type, device), want["pair"])
+
+
+def _quantize_dequantize(x):
+    packed, state = tritonbits.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    q, state8 = tritonbits.quantize_blockwise(x, blocksize=256)
+    return tritonbits.dequantize_4bit(packed, state), tritonbits.dequantize_blockwise(q, state8)
+
+
+def _linear(x, packed, state):
+    return tritonbits.linear_4bit(x, packed, state)
+
+
+@pytest.mark.gpu
+def test_first_call_compiled_on_cuda(device, gen):
+    """The real thing on CUDA: with every table cache empty, the first calls are compiled (fullgraph); the
+    quantizers equal eager calls made afterwards byte for byte, linear_4bit as the other compile tests judge it."""
+    x = torch.randn(96, 256, generator=gen).to(torch.bfloat16).to(device)
+    xl = torch.randn(3, 256, generator=gen).to(torch.bfloat16).to(device)
+    packed, state = tritonbits.quantize_4bit(torch.randn(64, 256, generator=gen).to(torch.bfloat16).to(device),
+                                             quant_type="nf4", compress_statistics=True)  # fmt: skip
+    with cold_caches():
+        torch._dynamo.reset()
+        got = torch.compile(_quantize_dequantize, fullgraph=True)(x)
+        got_linear = torch.compile(_linear, fullgraph=True)(xl, packed, state)
+    for g, want in zip(got, _quantize_dequantize(x), strict=True):
+        assert_exact(g, want)
+    torch.testing.assert_close(got_linear, _linear(xl, packed, state))  # as test_linear_4bit's compile test
