@@ -31,7 +31,7 @@ class Linear4bit(torch.nn.Module):
         self.quant_storage, self.dtype = quant_storage, dtype
         # an empty layer has no quant state until one is loaded or quantized (forward refuses it until then)
         n_bytes = (in_features * out_features + 1) // 2
-        size = torch.empty((), dtype=quant_storage).element_size()
+        size = quant_storage.itemsize
         self.register_buffer("weight", torch.zeros((-(-n_bytes // size), 1), dtype=quant_storage, device=device))
         self.quant_state: QuantState | None = None
         self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None

@@ -306,7 +306,7 @@ def encoder_tables(quant_type: str, encoder: str, device: torch.device) -> tuple
 
 def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
     """Bytes allocated for n values: (n + 1) // 2, rounded up to whole quant_storage elements."""
-    size = torch.empty((), dtype=quant_storage).element_size()
+    size = quant_storage.itemsize
     return -(-((n + 1) // 2) // size) * size
 
 
@@ -327,7 +327,7 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
     assert n_bytes_alloc <= grid[0] * rows * blocksize // 2 + (blocksize // 2 if n == 0 else 0)
     word = {2: torch.int32, 4: torch.int64}[x.element_size()]
     # a traced x (no address): element reads, right at any alignment
-    can_pair = n % 2 == 0 and _runtime.address_aligned(x, torch.empty((), dtype=word).element_size()) is True
+    can_pair = n % 2 == 0 and _runtime.address_aligned(x, word.itemsize) is True
     if pairs and not can_pair:
         raise ValueError("pairs=True needs an even element count and an input aligned to two elements")
     pairs = can_pair if pairs is None else pairs
@@ -371,11 +371,11 @@ def _nested(absmax: torch.Tensor, qabsmax: torch.Tensor, kernel=None):
 
 def _run(A, blocksize, quant_type, nested, packed, absmax, kernel=None, kernel8=None):
     """Everything the op does on validated arguments; packed (uint8 bytes) and absmax (fp32, or uint8 when
-    nested) are written. Returns (absmax2, offset), or empty tensors when not nested."""
+    nested) are written. Returns (absmax2, offset), or None when not nested."""
     x = b8._flat(A)
     if not nested:
         launch(x, packed, absmax, blocksize, quant_type, kernel=kernel)
-        return absmax.new_empty(0, dtype=torch.float32), absmax.new_empty(0, dtype=torch.float32)
+        return None, None
     absmax32 = torch.empty(absmax.numel(), dtype=torch.float32, device=A.device)
     launch(x, packed, absmax32, blocksize, quant_type, kernel=kernel)
     offset, absmax2 = _nested(absmax32, absmax, kernel=kernel8)
@@ -394,6 +394,13 @@ def _outputs(A: torch.Tensor, blocksize: int, nested: bool) -> tuple[torch.Tenso
     return packed, absmax
 
 
+def _none_as_empty(like: torch.Tensor, absmax2, offset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ops' (absmax2, offset) outputs: empty fp32 tensors when not nested (an op returns tensors)."""
+    if absmax2 is None:
+        return like.new_empty(0, dtype=torch.float32), like.new_empty(0, dtype=torch.float32)
+    return absmax2, offset
+
+
 @torch.library.custom_op("tritonbits::quantize_4bit", mutates_args=())
 def _quantize_4bit_op(
     A: torch.Tensor, blocksize: int, quant_type: str, nested: bool
@@ -401,7 +408,7 @@ def _quantize_4bit_op(
     """(packed uint8 bytes, absmax, absmax2, offset); absmax2 and offset are empty when not nested."""
     packed, absmax = _outputs(A, blocksize, nested)
     absmax2, offset = _run(A, blocksize, quant_type, nested, packed, absmax)
-    return packed, absmax, absmax2, offset
+    return packed, absmax, *_none_as_empty(absmax, absmax2, offset)
 
 
 @_quantize_4bit_op.register_fake
@@ -455,7 +462,7 @@ def _quantize_4bit_triton_op(
     absmax2, offset = _run(A, blocksize, quant_type, nested, packed, absmax,
                            kernel=torch.library.wrap_triton(_quantize_4bit_kernel),
                            kernel8=torch.library.wrap_triton(b8._quantize_blockwise_kernel))  # fmt: skip
-    return packed, absmax, absmax2, offset
+    return packed, absmax, *_none_as_empty(absmax, absmax2, offset)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -474,7 +481,7 @@ def _check_args(A, absmax, out, blocksize, compress_statistics, quant_type, quan
                         f"got {quant_storage!r}")  # fmt: skip
     n = A.numel()
     if out is not None:
-        size = torch.empty((), dtype=quant_storage).element_size()
+        size = quant_storage.itemsize
         check_tensor("out", out, (quant_storage,), packed_bytes(n, quant_storage) // size, device)
         _runtime.check_out(out, {"A": A})
     if absmax is not None:
@@ -506,7 +513,7 @@ def quantize_4bit(
     device = _check_args(A, absmax, out, blocksize, compress_statistics, quant_type, quant_storage)
     n = A.numel()
     nested = compress_statistics
-    size = torch.empty((), dtype=quant_storage).element_size()
+    size = quant_storage.itemsize
     if torch.compiler.is_compiling():
         op = _quantize_4bit_triton_op if A.device.type == "cuda" else _quantize_4bit_op
         packed_u8, am, absmax2, offset = op(A, blocksize, quant_type, nested)
