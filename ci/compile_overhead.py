@@ -2,9 +2,6 @@
 MLP (three bnb NF4 layers dequantized + matmuls), eager vs torch.compile(fullgraph=True), per-call host
 time, and a cProfile of the compiled calls. Run it with the three `src/` trees on PYTHONPATH."""
 
-import cProfile
-import pstats
-
 import torch
 
 from tritonbits_harness import timing
@@ -15,12 +12,4 @@ thunks = bench.mlp_setup(case, torch.device("cuda"))
 compiled = thunks["compile"]  # the triton_op (Inductor launches the kernel)
 print(f"eager: {timing.host_us(thunks['eager'], n=500):.1f} us per call")
 print(f"compiled: {timing.host_us(compiled, n=500):.1f} us per call")
-prof = cProfile.Profile()
-prof.enable()
-for _ in range(300):
-    compiled()
-prof.disable()
-torch.cuda.synchronize()
-stats = pstats.Stats(prof)
-stats.sort_stats("tottime").print_stats(25)
-stats.sort_stats("cumulative").print_stats(25)
+timing.print_profile(compiled, 300, 25).sort_stats("cumulative").print_stats(25)

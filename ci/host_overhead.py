@@ -4,9 +4,6 @@ tritonbits.linear_4bit at decode (M=1 and M=16, x [M, 1, 4096], W 14336x4096 nf4
 bnb.matmul_4bit on the same weight, and a cProfile of the dequantize and linear_4bit calls. Run it with the
 three `src/` trees on PYTHONPATH. (The CPU-only Python cost of linear_4bit's pieces: ci/linear4bit_host_probe.py.)"""
 
-import cProfile
-import pstats
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
@@ -83,21 +80,9 @@ for name, fn in calls.items():
 bare = host["empty triton launch (JITFunction)"]
 for name in [n for n in host if n.startswith("tritonbits.dequant_bias")]:  # issue 15: <= 1.3x, same run
     print(f"{name} / empty triton launch: {host[name] / bare:.2f}x (target <= 1.3x)")
-prof = cProfile.Profile()
-prof.enable()
-for _ in range(3000):
-    tritonbits.dequantize_4bit(A, qs)
-prof.disable()
-torch.cuda.synchronize()
-pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+timing.print_profile(lambda: tritonbits.dequantize_4bit(A, qs), 3000, 14)
 for m in (1, 16):
     print(f"tritonbits.linear_4bit M={m} / bnb.matmul_4bit M={m}: "
           f"{host[f'tritonbits.linear_4bit M={m}'] / host[f'bnb.matmul_4bit M={m}']:.2f}x host time")  # fmt: skip
 x1 = torch.randn(1, 1, 4096, device="cuda").to(torch.bfloat16)
-prof = cProfile.Profile()
-prof.enable()
-for _ in range(3000):
-    tritonbits.linear_4bit(x1, wl)
-prof.disable()
-torch.cuda.synchronize()
-pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+timing.print_profile(lambda: tritonbits.linear_4bit(x1, wl), 3000, 14)

@@ -5,9 +5,6 @@ interleaved, to compare two commits on one machine): per case the unsynced host 
     PYTHONPATH=/tmp/site:<kernels src>:packages/reference/src:packages/harness/src python3 ci/quantize_host_probe.py
 """
 
-import cProfile
-import pstats
-
 import torch
 
 import tritonbits
@@ -30,10 +27,4 @@ for name, xx in (("4096", x), ("14336", x14)):
         gm = timing.bench_graph(f, rep=20) * 1000
         print(f"{name} {qt} nested={nested}: host {h:.1f} us, launch {lm:.1f} us, graph {gm:.1f} us")
 f = lambda: tritonbits.quantize_4bit(x, blocksize=64, quant_type="nf4")
-p = cProfile.Profile()
-p.enable()
-for _ in range(2000):
-    f()
-p.disable()
-torch.cuda.synchronize()
-pstats.Stats(p).sort_stats("tottime").print_stats(12)
+timing.print_profile(f, 2000, 12)

@@ -6,10 +6,13 @@
   the benchmark records keep (p50 is the median the other two return).
 - `copy_gbps`: a device-to-device copy, counting bytes read plus bytes written: the roofline.
 - `host_us`: wall time per call of calls issued back to back (host cost when the GPU keeps up).
+- `print_profile`: a cProfile of n calls, the functions with the most own time printed (the host-cost probes).
 """
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import time
 from collections.abc import Callable
 
@@ -95,3 +98,18 @@ def host_us(fn: Callable[[], object], n: int = 2000, warmup: int = 50) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / n * 1e6
+
+
+def print_profile(fn: Callable[[], object], n: int, top: int) -> pstats.Stats:
+    """cProfile n calls of fn() (then a device sync where there is a GPU) and print the `top` functions by own
+    time; the stats are returned for more. cProfile's own overhead inflates every figure."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(top)
+    return stats
