@@ -246,7 +246,7 @@ def test_a_launch_hook_sends_bound_launches_through_triton(out_dtype, gen, devic
         assert (log.jit, log.raw) == (4, 2)
 
 
-def test_a_refused_direct_launch_falls_back(out_dtype, gen, device, quantize, bnb_dequantize, monkeypatch):
+def test_a_refused_direct_launch_falls_back(out_dtype, gen, device, quantize, bnb_dequantize):
     """A CompiledKernel that refuses the direct call (another Triton): the launcher falls back to Triton's own
     path for good, the plan's bound launches step aside, the answer is right."""
     if device.type == "cuda":
@@ -259,7 +259,9 @@ def test_a_refused_direct_launch_falls_back(out_dtype, gen, device, quantize, bn
             raise TypeError("launcher signature changed")
 
         checked(fresh((3, K), out_dtype, gen, device), q, state, w)
-        monkeypatch.setattr(_launcher, "_raw_launch", refuse)
+        # assigned, not monkeypatched: stubbed_launches restores the real _raw_launch on exit, and monkeypatch's
+        # teardown would put back the value it saw here, the stub's (leaking it into the worker's later tests)
+        _launcher._raw_launch = refuse  # type: ignore[assignment]
         checked(fresh((3, K), out_dtype, gen, device), q, state, w)
         assert not L._LAUNCHERS[L._linear_4bit_gemv2_kernel].enabled
         checked(fresh((3, K), out_dtype, gen, device), q, state, w)
