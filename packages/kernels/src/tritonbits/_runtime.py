@@ -47,9 +47,6 @@ def native_bf16_conversion(device: torch.device) -> bool:
     return capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 0)
 
 
-FTZ_MODES = ("ptx", "emulate")
-
-
 def ftz_mode(device: torch.device) -> str:
     """How a kernel spells bnb's fast-math multiply (`_triton_helpers.mul_ftz`): "ptx" (mul.rn.ftz.f32, one
     instruction) on a CUDA device, "emulate" (explicit flushes) in the interpreter, which runs no PTX."""

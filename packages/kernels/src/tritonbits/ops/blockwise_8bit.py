@@ -24,11 +24,10 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import CachedLauncher
-from .._triton_helpers import mul_ftz, reciprocal, store_float
+from .._triton_helpers import FLT_MIN, mul_ftz, reciprocal, store_float
 from ..quant_state import NestedState, QuantState, _check_state2_fields, _int, check_tensor
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
-FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32, exact
 
 # NOTE: a program quantizes max(1, TILE // blocksize) whole blocks (rows), so that every block's absmax is
 # one row reduction. Measured (H100, docs/kernels/quantize_4bit.md): quantize 15-25% of copy (the 7-step
