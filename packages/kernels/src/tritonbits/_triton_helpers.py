@@ -71,26 +71,11 @@ def abs_f32(x, FTZ: tl.constexpr):
 
 
 @triton.jit
-def mul_add_rn(a, b, c, USE_ASM: tl.constexpr):
-    """fl(fl(a * b) + c): two roundings, never one FMA (bnb rounds the nested absmax product and sum apart).
-
-    USE_ASM spells them in PTX (mul.rn / add.rn cannot be contracted); otherwise the kernel must be compiled
-    with enable_fp_fusion=False, which every launcher of a kernel calling this sets."""
-    if USE_ASM:
-        return tl.inline_asm_elementwise(
-            "{ .reg .f32 t; mul.rn.f32 t, $1, $2; add.rn.f32 $0, t, $3; }",
-            "=r,r,r,r", [a, b, c], dtype=tl.float32, is_pure=True, pack=1,
-        )  # fmt: skip
-    else:
-        return a * b + c
-
-
-@triton.jit
 def mul_ftz_add_rn(a, b, c, USE_ASM: tl.constexpr, FTZ: tl.constexpr):
-    """fl(ftz(fl(a * b)) + c): mul_add_rn with bnb's flushing product. bnb's nested absmax is its
-    dequantize_blockwise kernel's product (mul.ftz) plus the offset added by torch (no flush). USE_ASM: both in
-    PTX; otherwise mul_ftz (in PTX where FTZ="ptx", so never contracted) and a plain add, in a kernel compiled
-    with enable_fp_fusion=False."""
+    """fl(ftz(fl(a * b)) + c): two roundings, never one FMA, and bnb's flushing product. bnb's nested absmax
+    is its dequantize_blockwise kernel's product (mul.ftz) plus the offset added by torch (no flush). USE_ASM:
+    both in PTX (mul.rn / add.rn cannot be contracted); otherwise mul_ftz (in PTX where FTZ="ptx", so never
+    contracted) and a plain add, in a kernel compiled with enable_fp_fusion=False."""
     if USE_ASM:
         return tl.inline_asm_elementwise(
             "{ .reg .f32 t; mul.rn.ftz.f32 t, $1, $2; add.rn.f32 $0, t, $3; }",

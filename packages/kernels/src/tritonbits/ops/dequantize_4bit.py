@@ -33,7 +33,7 @@ def tile_for(n_bytes: int) -> tuple[int, int]:
     return 4096, 4
 
 
-# NOTE: the nested absmax is a product then a sum, each rounded (bnb's two fp32 roundings; mul_add_rn). By
+# NOTE: the nested absmax is a product then a sum, each rounded (bnb's two fp32 roundings; mul_ftz_add_rn). By
 # default the kernel is compiled with fp fusion off, so the compiler cannot contract them into one FMA; USE_ASM
 # instead keeps fusion on and spells the two roundings in PTX (mul.rn / add.rn cannot be contracted).
 USE_ASM_DEFAULT = False

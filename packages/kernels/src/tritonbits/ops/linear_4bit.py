@@ -1,11 +1,13 @@
 """The fused 4-bit linear: out = x @ dequant(W).T + bias, dequantizing inside the matmul.
 
-    w[n, k]   = to_wdtype(fl(code4[nibble(n*K + k)] * absmax[(n*K + k) // blocksize]))   (dequantize_4bit's value)
+    w[n, k]   = to_wdtype(ftz(fl(code4[nibble(n*K + k)] * absmax[(n*K + k) // blocksize])))  (dequantize_4bit's)
     out[m, n] = to_xdtype(sum_k fl32(x[m, k] * w[n, k]) + bias[n])                      fp32 accumulation
 
 W is bnb's packed [N, K] weight (row-major, two codes per byte, high nibble first: docs/format.md), its quant
 state read through `quant_state.prepare` as dequantize_4bit reads it; the nested absmax is decoded in the kernel
-with bnb's two fp32 roundings, so every weight the kernel multiplies equals dequantize_4bit's output bit for bit.
+with bnb's two fp32 roundings, and every product is flushed as bnb's fast-math multiply flushes it (a result
+below 2**-126 is a signed zero: `_triton_helpers.mul_ftz`), so every weight the kernel multiplies equals
+dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
 Four paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
@@ -15,7 +17,7 @@ H100 gemv up to M=4 and dequant above, the gemm losing to dequantize + cuBLAS: s
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
   once at the end;
 - "gemv2" (small M, the heuristic's choice up to M=4): x's K chunk held in registers while a program walks down W's
-  rows; W read as int32 words, each decoded by one PTX block (shuffle lookup, mul.rn, one rounding conversion);
+  rows; W read as int32 words, each decoded by one PTX block (shuffle lookup, mul.rn.ftz, one rounding conversion);
 - "gemm" (medium M): a [BLOCK_M, BLOCK_N] tile, the W tile dequantized inside the K loop and fed to tl.dot
   (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
 - "dequant" (large M, or K not a multiple of the K tile): dequantize_4bit + torch.matmul (cuBLAS).
@@ -38,14 +40,14 @@ import triton.language as tl
 
 from .. import _runtime, configs, formats
 from .._launcher import BoundLaunch, CachedLauncher
-from .._triton_helpers import mul_add_rn, store_float
+from .._triton_helpers import mul_ftz, mul_ftz_add_rn, store_float
 from ..quant_state import PreparedWeight, QuantState, prepare, validate
 from . import dequantize_4bit as dq
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _W_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # W_DTYPE / DOT_DTYPE constexprs
 
-# NOTE: the nested absmax needs two fp32 roundings (mul_add_rn). On a GPU the kernels spell them in PTX and
+# NOTE: the nested absmax needs two fp32 roundings (mul_ftz_add_rn). On a GPU the kernels spell them in PTX and
 # keep fp fusion ON: with fusion off every `acc += w * x` would become a multiply and an add (twice the
 # instructions in the GEMV's inner loop). The interpreter has no inline PTX: fusion off there (no effect).
 USE_ASM_DEFAULT = not _runtime.INTERPRET
@@ -85,13 +87,15 @@ def _decode(packed, table_ptr, PAIR: tl.constexpr):
 
 @triton.jit
 def _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, mask,
-                BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
-    """The fp32 absmax of blocks `qblock` (nested: fl(fl(code2[q] * absmax2) + offset), as bnb rounds it)."""
+                BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, USE_ASM: tl.constexpr,
+                FTZ: tl.constexpr):  # fmt: skip
+    """The fp32 absmax of blocks `qblock` (nested: fl(ftz(fl(code2[q] * absmax2)) + offset), as bnb rounds and
+    flushes it: dequantize_4bit's value)."""
     if NESTED:
         q = tl.load(absmax_ptr + qblock, mask=mask, other=0).to(tl.int32)
         c2 = tl.load(code2_ptr + q)
         a2 = tl.load(absmax2_ptr + qblock // BLOCKSIZE2, mask=mask, other=0.0)
-        return mul_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM)
+        return mul_ftz_add_rn(c2, a2, tl.load(offset_ptr), USE_ASM, FTZ)
     else:
         return tl.load(absmax_ptr + qblock, mask=mask, other=0.0)
 
@@ -99,8 +103,8 @@ def _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, mask,
 @triton.jit
 def _dequant_chunk(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_base, row_ok, kb0,
                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
-                   MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr, PAIR: tl.constexpr, NB: tl.constexpr,
-                   CB: tl.constexpr):  # fmt: skip
+                   MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr, FTZ: tl.constexpr, PAIR: tl.constexpr,
+                   NB: tl.constexpr, CB: tl.constexpr):  # fmt: skip
     """W[rows, k0 : k0 + 2*NB*CB] as (even columns, odd columns), each [BLOCK_N, NB, CB] fp32 holding W's dtype
     values: NB sub-chunks of CB packed bytes, each inside one quantization block (one absmax per row and
     sub-chunk). row_base: each row's first byte (int64); kb0: the chunk's first byte in the row, so column
@@ -112,10 +116,10 @@ def _dequant_chunk(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, of
     packed = tl.load(packed_ptr + byte, mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")
     qblock = (first[:, None] + (b * CB)[None, :]) // (BLOCKSIZE // 2)
     absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[:, None], BLOCKSIZE2,
-                         NESTED, USE_ASM)  # fmt: skip
+                         NESTED, USE_ASM, FTZ)  # fmt: skip
     hi, lo = _decode(packed, table_ptr, PAIR)
-    w_even = _round_weight(hi * absmax[:, :, None], W_DTYPE, MANUAL_BF16)
-    w_odd = _round_weight(lo * absmax[:, :, None], W_DTYPE, MANUAL_BF16)
+    w_even = _round_weight(mul_ftz(hi, absmax[:, :, None], FTZ), W_DTYPE, MANUAL_BF16)
+    w_odd = _round_weight(mul_ftz(lo, absmax[:, :, None], FTZ), W_DTYPE, MANUAL_BF16)
     return w_even, w_odd
 
 
@@ -140,7 +144,8 @@ def _linear_4bit_gemv_kernel(
     M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    PAIR: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FTZ: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (m, n, s): out rows ms = m*BLOCK_M.., W rows n*BLOCK_N.., K range [s*k_per_split, ...).
     Each packed byte of the range is loaded once per program; acc[BLOCK_M, BLOCK_N, NB, CB] += w * x
@@ -165,7 +170,7 @@ def _linear_4bit_gemv_kernel(
         kb0 = tl.multiple_of(kb0, BLOCK_K // 2)
         w_even, w_odd = _dequant_chunk(packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr,
                                        row_base, row_ok, kb0, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, MANUAL_BF16,
-                                       USE_ASM, PAIR, NB, CB)  # fmt: skip
+                                       USE_ASM, FTZ, PAIR, NB, CB)  # fmt: skip
         kk = (2 * kb0 + col2).to(tl.int64)[None, :, :] * stride_xk
         x_even = tl.load(x_rows + kk, mask=m_ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_rows + kk + stride_xk, mask=m_ok, other=0.0).to(tl.float32)
@@ -191,7 +196,7 @@ _LANE_CODE_ASM = tl.constexpr(
 
 def _word_decode_asm(w_dtype: int) -> str:
     """PTX: packed int32 word $8 (bytes little-endian; byte j holds elements 2j (high nibble) and 2j+1) into
-    its 8 weights $0..$7, each to_wdtype(fl32(code[q] * absmax $9)) as fp32 bits; $10: this lane's
+    its 8 weights $0..$7, each to_wdtype(ftz(fl32(code[q] * absmax $9))) as fp32 bits; $10: this lane's
     code[lane & 15] (_LANE_CODE_ASM). Every lane of the warp must execute it (shfl.sync with a full mask):
     Triton runs elementwise asm in all threads, replicated elements included, and the kernel has no
     divergent branch around it."""
@@ -204,11 +209,11 @@ def _word_decode_asm(w_dtype: int) -> str:
             src = "s"
         lines.append(f"shfl.sync.idx.b32 c, $10, {src}, 0x100f, -1;")
         if w_dtype == 2:
-            lines += ["mul.rn.f32 c, c, $9;", f"cvt.rn.bf16x2.f32 ${e}, c, z;"]
+            lines += ["mul.rn.ftz.f32 c, c, $9;", f"cvt.rn.bf16x2.f32 ${e}, c, z;"]
         elif w_dtype == 1:
-            lines += ["mul.rn.f32 c, c, $9;", "cvt.rn.f16.f32 h, c;", f"cvt.f32.f16 ${e}, h;"]
+            lines += ["mul.rn.ftz.f32 c, c, $9;", "cvt.rn.f16.f32 h, c;", f"cvt.f32.f16 ${e}, h;"]
         else:
-            lines.append(f"mul.rn.f32 ${e}, c, $9;")
+            lines.append(f"mul.rn.ftz.f32 ${e}, c, $9;")
     lines.append("}")
     return " ".join(lines)
 
@@ -239,7 +244,7 @@ def _word_asm(word, absmax, lane_code, ASM: tl.constexpr):
 
 @triton.jit
 def _decode_word(word, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
-                 LOOKUP_ASM: tl.constexpr):  # fmt: skip
+                 LOOKUP_ASM: tl.constexpr, FTZ: tl.constexpr):  # fmt: skip
     """The 8 weights of packed int32 words (elements 8i..8i+7 of the row) as fp32, each dequantize_4bit's
     to_wdtype(fl32(code[q] * absmax)). LOOKUP_ASM: one PTX block per word (_word_decode_asm); else table
     gathers and _round_weight (the interpreter, sm75)."""
@@ -251,14 +256,14 @@ def _decode_word(word, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MANU
         else:
             return _word_asm(word, absmax, lane_code, _WORD_ASM_F32)
     else:
-        w0 = _round_weight(tl.load(table_ptr + ((word >> 4) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
-        w1 = _round_weight(tl.load(table_ptr + (word & 15)) * absmax, W_DTYPE, MANUAL_BF16)
-        w2 = _round_weight(tl.load(table_ptr + ((word >> 12) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
-        w3 = _round_weight(tl.load(table_ptr + ((word >> 8) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
-        w4 = _round_weight(tl.load(table_ptr + ((word >> 20) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
-        w5 = _round_weight(tl.load(table_ptr + ((word >> 16) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
-        w6 = _round_weight(tl.load(table_ptr + ((word >> 28) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
-        w7 = _round_weight(tl.load(table_ptr + ((word >> 24) & 15)) * absmax, W_DTYPE, MANUAL_BF16)
+        w0 = _round_weight(mul_ftz(tl.load(table_ptr + ((word >> 4) & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
+        w1 = _round_weight(mul_ftz(tl.load(table_ptr + (word & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
+        w2 = _round_weight(mul_ftz(tl.load(table_ptr + ((word >> 12) & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
+        w3 = _round_weight(mul_ftz(tl.load(table_ptr + ((word >> 8) & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
+        w4 = _round_weight(mul_ftz(tl.load(table_ptr + ((word >> 20) & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
+        w5 = _round_weight(mul_ftz(tl.load(table_ptr + ((word >> 16) & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
+        w6 = _round_weight(mul_ftz(tl.load(table_ptr + ((word >> 28) & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
+        w7 = _round_weight(mul_ftz(tl.load(table_ptr + ((word >> 24) & 15)), absmax, FTZ), W_DTYPE, MANUAL_BF16)
         return w0, w1, w2, w3, w4, w5, w6, w7
 
 
@@ -274,7 +279,7 @@ def _linear_4bit_gemv2_kernel(
     M, N, K_WORDS, stride_xm, stride_xk, stride_om, rows_per_program,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FTZ: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """ "gemv2". Program (m, n, s): out rows ms = m*BLOCK_M.., the K chunk [s*BLOCK_K, (s+1)*BLOCK_K) (one chunk,
     no K loop), W rows [n*rows_per_program, ...) walked in steps of BLOCK_N. x's chunk is loaded once, as fp32,
@@ -318,9 +323,9 @@ def _linear_4bit_gemv2_kernel(
         # blocks run over the flattened weight (a row may start inside one); a sub-chunk never straddles two
         qblock = ((rows.to(tl.int64) * K_WORDS)[None, :, None] + sub[None, None, :]) // (BLOCKSIZE // 8)
         absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[None, :, None],
-                             BLOCKSIZE2, NESTED, USE_ASM)  # fmt: skip
+                             BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
         w0, w1, w2, w3, w4, w5, w6, w7 = _decode_word(words, absmax[:, :, :, None], table_ptr, lane_code, W_DTYPE,
-                                                      MANUAL_BF16, LOOKUP_ASM)  # fmt: skip
+                                                      MANUAL_BF16, LOOKUP_ASM, FTZ)  # fmt: skip
         # NOTE: one statement per element, each an FFMA into the word's running sum (fusion on)
         acc = w0 * x0
         acc += w1 * x1
@@ -340,7 +345,7 @@ def _linear_4bit_gemm_kernel(
     M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    PAIR: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    FTZ: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (m, n, s): a [BLOCK_M, BLOCK_N] tile over K range s. Per K chunk (inside one quantization
@@ -367,10 +372,10 @@ def _linear_4bit_gemm_kernel(
         packed = tl.load(packed_ptr + first[None, :] + j[:, None], mask=row_ok[None, :], other=0,
                          eviction_policy="evict_first")  # fmt: skip
         absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // (BLOCKSIZE // 2), row_ok,
-                             BLOCKSIZE2, NESTED, USE_ASM)  # fmt: skip
+                             BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
         hi, lo = _decode(packed, table_ptr, PAIR)
-        w_even = _round_weight(hi * absmax[None, :], W_DTYPE, MANUAL_BF16)  # [BLOCK_K/2, BLOCK_N]
-        w_odd = _round_weight(lo * absmax[None, :], W_DTYPE, MANUAL_BF16)
+        w_even = _round_weight(mul_ftz(hi, absmax[None, :], FTZ), W_DTYPE, MANUAL_BF16)  # [BLOCK_K/2, BLOCK_N]
+        w_odd = _round_weight(mul_ftz(lo, absmax[None, :], FTZ), W_DTYPE, MANUAL_BF16)
         kk = (2 * (kb0 + j)).to(tl.int64)[None, :] * stride_xk
         x_even = tl.load(x_rows + kk, mask=m_ok, other=0.0)
         x_odd = tl.load(x_rows + kk + stride_xk, mask=m_ok, other=0.0)
@@ -601,7 +606,8 @@ def fused_launches(
     constexprs = {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
                   "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
                   "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
-                  "PAIR": bool(cfg.get("pair", True)), "SPLIT": ws is not None}  # fmt: skip
+                  "FTZ": _runtime.ftz_mode(x2.device), "PAIR": bool(cfg.get("pair", True)),
+                  "SPLIT": ws is not None}  # fmt: skip
     if cfg["path"] == "gemm":
         fn = _linear_4bit_gemm_kernel
         constexprs["DOT_DTYPE"] = _dot_dtype(x2.dtype, state.dtype)
@@ -675,7 +681,8 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
             m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), rows)  # fmt: skip
     constexprs = {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
                   "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
-                  "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm, "SPLIT": ws is not None,
+                  "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
+                  "FTZ": _runtime.ftz_mode(x2.device), "SPLIT": ws is not None,
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
     options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 1)}
     if not use_asm:
