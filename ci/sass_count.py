@@ -144,8 +144,9 @@ def quantize_blockwise_launches(n: int, rcp, num_warps, encoders) -> list[Launch
                 with as_cuda(rcp):
                     grid, args, cx, opts = b8.plan_quantize(x, code, q, absmax, bs, encoder=enc)
                 opts = _apply_warps(opts, num_warps)
-                out.append(Launch(f"quantize_blockwise {dt} bs{bs} {enc}", b8._quantize_blockwise_kernel, grid,
-                                  args, cx, opts, cx["ROWS"] * cx["BLOCKSIZE"]))  # fmt: skip
+                fn = b8.quantize_kernel(enc) if hasattr(b8, "quantize_kernel") else b8._quantize_blockwise_kernel
+                out.append(Launch(f"quantize_blockwise {dt} bs{bs} {enc}", fn, grid, args, cx, opts,
+                                  cx["ROWS"] * cx["BLOCKSIZE"]))  # fmt: skip
     return out
 
 

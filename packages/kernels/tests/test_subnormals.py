@@ -73,7 +73,7 @@ def test_quantize_blockwise_subnormals_match_bnb(case, dtype, device, gen, test_
     report: list[str] = []
     want_q, want = F.quantize_blockwise(x, blocksize=BLOCK)
     code = formats.code_table("dynamic", device)
-    for encoder in ("table", "search"):
+    for encoder in b8.ENCODERS:
         q = torch.empty(x.numel(), dtype=torch.uint8, device=device)
         absmax = torch.empty(x.numel() // BLOCK, device=device)
         b8.launch_quantize(x.view(-1), code, q, absmax, BLOCK, encoder=encoder)
@@ -215,7 +215,7 @@ def test_interpreter_equals_oracle_on_subnormals(device, gen):
             check(report, f"{nested} offset", state.offset.reshape(()), want.offset.reshape(()))
             check(report, f"{nested} state2.absmax", state.state2.absmax, want.state2.absmax)
         want_q, want8 = R.quantize_blockwise_cuda(x, blocksize=BLOCK)
-        for encoder in ("table", "search"):
+        for encoder in b8.ENCODERS:
             q = torch.empty(x.numel(), dtype=torch.uint8, device=device)
             absmax = torch.empty(x.numel() // BLOCK, device=device)
             b8.launch_quantize(x.view(-1), code, q, absmax, BLOCK, encoder=encoder)

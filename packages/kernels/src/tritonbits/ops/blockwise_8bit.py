@@ -87,6 +87,21 @@ def encode_8bit_table(x, table_ptr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: t
 
 
 @triton.jit
+def encode_8bit_smem(x, table, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr):
+    """encode_8bit_table with the bucket table as a register tensor `table` (int32[TABLE_SIZE], 1-d) looked up by
+    tl.gather, which Triton lowers through shared memory when the table spans warps: each thread stores its part
+    of the table, a barrier, then one shared load a value. x: [ROWS, B] fp32; the same codes as
+    encode_8bit_table."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = (tl.minimum(tl.maximum(bits & 0x7FFFFFFF, LO), HI) - LO) ^ (bits >> 31)
+    bucket = (key >> SHIFT) + NEG
+    flat = tl.reshape(bucket, [x.shape[0] * x.shape[1]])  # tl.gather needs src's rank: the table is 1-d
+    entry = tl.reshape(tl.gather(table, flat, 0), [x.shape[0], x.shape[1]])
+    code = (entry & 0xFF) + ((key & ((1 << SHIFT) - 1)) > (entry >> 8)).to(tl.int32)
+    return tl.where(x != x, 0, code)
+
+
+@triton.jit
 def _quantize_blockwise_kernel(
     x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
@@ -114,6 +129,36 @@ def _quantize_blockwise_kernel(
     scaled = mul_ftz(x, reciprocal(absmax, RCP)[:, None], FTZ)
     q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG) if TABLE else dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _quantize_blockwise_smem_kernel(
+    x_ptr, offset_ptr, table_ptr, out_ptr, absmax_ptr, n_elements, n_blocks, n_tiles,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
+    TABLE_SIZE: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr,
+    FTZ: tl.constexpr,
+):  # fmt: skip
+    """_quantize_blockwise_kernel with the table encoder's lookups in shared memory (encode_8bit_smem), persistent:
+    a program loads the bucket table (int32[TABLE_SIZE], zero-padded to a power of two) once into registers, then
+    quantizes tiles pid, pid + programs, ... of ROWS whole blocks each (n_tiles in all)."""
+    table = tl.load(table_ptr + tl.arange(0, TABLE_SIZE))
+    rows = tl.arange(0, ROWS)
+    local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        tile64 = tl.cast(tile, tl.int64)  # tile.to(): the interpreter iterates Python ints
+        base = tile64 * (ROWS * BLOCKSIZE)
+        left = tl.minimum(n_elements - base, ROWS * BLOCKSIZE).to(tl.int32)
+        mask = local < left
+        x = tl.load(x_ptr + base + local, mask=mask, other=0.0).to(tl.float32)
+        if SUB_OFFSET:
+            x = tl.where(mask, x - tl.load(offset_ptr), 0.0)
+        absmax = block_absmax(x)
+        absmax = tl.where((absmax > 0) & (absmax < FLT_MIN), 0.0, absmax)  # bnb's flush: see the kernel above
+        block = tile64 * ROWS + rows
+        tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
+        scaled = mul_ftz(x, reciprocal(absmax, RCP)[:, None], FTZ)
+        q = encode_8bit_smem(scaled, table, LO, HI, SHIFT, NEG)
+        tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -211,13 +256,77 @@ def table_for(code: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     return table
 
 
+# ---------------------------------------------------------------------------------------------------
+# The shared-memory variant (encoder="smem", selectable, never the default): the same bucket table, looked up
+# with tl.gather from shared memory by a persistent kernel. NOTE: unmeasured on a GPU; the table encoder's
+# per-value gather from global memory is the suspected limit of the default kernel (1.35-1.4 TB/s for bf16 on
+# H100 and H200, fp32 only 19% fewer values a second for 40% more bytes; docs/kernels/quantize_4bit.md).
+# SMEM_TABLE_SIZE: 2 * TABLE_NEG = 2946 entries zero-padded to a power of two (a register tensor's length); a
+# program holds it in registers (32 a thread at 4 warps) and stores it to shared memory (16 KiB) every tile.
+# SMEM_PROGRAMS_PER_SM: grid = SMs * this (at most one program a tile). Every program must be resident at once,
+# or the last ones start when the first finish: sm90 offline (triton 3.9, ci/sass_count.py) the 4-warp kernel
+# takes 80-96 registers, 5 programs an SM; 4 leaves a margin for other compilers. SMEM_NUM_WARPS: 4 (a 4096-
+# value tile; 8 warps: 55-64 registers, 4 programs an SM, 25.2 instead of 24.0 loop instructions a value).
+# Neither is measured: ci/quantize_probe.py sweeps both on the headline cases.
+ENCODERS = ("table", "search", "smem")
+SMEM_TABLE_SIZE = 4096
+SMEM_PROGRAMS_PER_SM = 4
+SMEM_NUM_WARPS = 4
+
+_SMEM_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def smem_table_for(device: torch.device) -> torch.Tensor:
+    """dynamic_table() zero-padded to SMEM_TABLE_SIZE entries, on `device` (cached)."""
+    table = _SMEM_TABLES.get(device)
+    if table is None:
+        t = dynamic_table()
+        if t.numel() > SMEM_TABLE_SIZE:
+            raise AssertionError(f"the bucket table has {t.numel()} entries, more than SMEM_TABLE_SIZE")
+        padded = torch.zeros(SMEM_TABLE_SIZE, dtype=torch.int32)
+        padded[: t.numel()] = t
+        table = _SMEM_TABLES[device] = padded.to(device)
+    return table
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 _quantize_launcher = CachedLauncher(_quantize_blockwise_kernel)
+_quantize_smem_launcher = CachedLauncher(_quantize_blockwise_smem_kernel)
 _dequantize_launcher = CachedLauncher(_dequantize_blockwise_kernel)
+
+
+def quantize_kernel(encoder: str | None = None):
+    """The jitted kernel that plan_quantize's plan for `encoder` launches."""
+    return _quantize_blockwise_smem_kernel if encoder == "smem" else _quantize_blockwise_kernel
+
+
+def _plan_quantize_smem(x, code, out, absmax, blocksize: int, offset, rcp):
+    if code is not formats.code_table("dynamic", x.device):
+        raise ValueError("encoder='smem' needs the dynamic code (formats.code_table('dynamic', device))")
+    n = x.numel()
+    rows = max(TILE // blocksize, 1)
+    n_tiles = triton.cdiv(n, rows * blocksize)
+    grid = (min(n_tiles, sm_count(x.device) * SMEM_PROGRAMS_PER_SM), 1, 1)
+    args = (x, offset if offset is not None else absmax, smem_table_for(x.device), out, absmax, n,
+            triton.cdiv(n, blocksize), n_tiles)  # fmt: skip
+    constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
+                  "RCP": rcp_mode(x.device, rcp), "TABLE_SIZE": SMEM_TABLE_SIZE, "LO": TABLE_LO, "HI": TABLE_HI,
+                  "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
+    return grid, args, constexprs, {"num_warps": SMEM_NUM_WARPS}
 
 
 def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None,
                   encoder: str | None = None):  # fmt: skip
-    """encoder: "table" (the default where `code` is the dynamic code) or "search"."""
+    """encoder: "table" (the default where `code` is the dynamic code), "search", or "smem" (the table in shared
+    memory, a persistent kernel: launch quantize_kernel("smem"))."""
+    if encoder == "smem":
+        return _plan_quantize_smem(x, code, out, absmax, blocksize, offset, rcp)
     n = x.numel()
     rows = max(TILE // blocksize, 1)
     while rows > 1 and triton.cdiv(n, rows * blocksize) < MIN_PROGRAMS:
@@ -226,8 +335,8 @@ def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | 
     table = table_for(code, x.device) if encoder in (None, "table") else None
     if encoder == "table" and table is None:
         raise ValueError("encoder='table' needs the dynamic code (formats.code_table('dynamic', device))")
-    if encoder not in (None, "table", "search"):
-        raise ValueError(f"encoder must be 'table' or 'search', got {encoder!r}")
+    if encoder not in (None, *ENCODERS):
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     args = (x, offset if offset is not None else absmax, code if table is None else table, out, absmax, n,
             triton.cdiv(n, blocksize))  # fmt: skip
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
@@ -247,6 +356,8 @@ def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel
     grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset, rcp, encoder)
     if kernel is not None:
         kernel[grid](*args, **constexprs, **options)
+    elif encoder == "smem":
+        _quantize_smem_launcher(grid, args, constexprs, options, x.device)
     else:
         _quantize_launcher(grid, args, constexprs, options, x.device)
 
