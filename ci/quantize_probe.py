@@ -1,14 +1,15 @@
 """Issue 11 probe (GPU machine; the three src/ trees on PYTHONPATH): exactness against bnb CUDA and speed of
 tritonbits.quantize_blockwise (8-bit dynamic code) and of the nested bf16 tritonbits.quantize_4bit.
 
-    python ci/quantize_probe.py --out DIR [--budget-s 150] [--dry]
+    python ci/quantize_probe.py --out DIR [--budget-s 150] [--only b8|q4] [--dry]
 
 Per case: torch.equal of every output with bnb CUDA, then medians of triton.testing.do_bench (L2 flushed
 between calls) for tritonbits, bnb and a device copy of the same bytes (read + written), and
 do_bench_cudagraph for tritonbits and the copy (bnb's quantizers cannot be graph-captured: bnb launches them
 through ctypes on a stream the capture does not see / copies its code table from the host). Prints GB/s (the
 docs' bytes model), % of copy and x bnb; the variants (encoders, pair reads, the nested path's steps) are
-timed too (4-bit: the round and lean encoders, pairs and split). Every case is wrapped: a failure is logged
+timed too (4-bit: the round and lean encoders, pairs and split; 8-bit: every encoder, and the smem encoder's
+grid and warps, SMEM_VARIANTS). Every case is wrapped: a failure is logged
 and the probe goes on; it stops before a case when the budget is spent. Writes DIR/quantize_probe.log and
 DIR/quantize_probe.jsonl.
 
@@ -37,6 +38,7 @@ B8_CASES = [(dt, 1 << p, 4096) for p in (24, 25, 26) for dt in ("fp32", "bf16", 
 B8_CASES += [(dt, 1 << 26, bs) for bs in (256, 1024) for dt in ("bf16", "fp32")]
 Q4_SHAPES = [(4096, 4096), (14336, 4096), (28672, 8192)]
 Q4_CASES = [(shape, qt) for shape in Q4_SHAPES for qt in ("nf4", "fp4")]
+SMEM_VARIANTS = [(2, 4), (8, 4), (2, 8), (4, 8)]  # (programs per SM, warps) besides the module's default
 
 
 class Probe:
@@ -196,11 +198,22 @@ def blockwise_case(p: Probe, dt: str, n: int, bs: int) -> None:
     timings: dict[str, dict[str, float | None]] = {}
     public = lambda: tritonbits.quantize_blockwise(x, blocksize=bs)
     timings["tritonbits"] = {"launch": p.time_ms(public), "graph": p.time_ms(public, graph=True)}
-    for enc in ("table", "search"):
+    for enc in b8.ENCODERS:
         fn = lambda enc=enc: b8.launch_quantize(x, code, out, absmax, bs, encoder=enc)
         fn()
         equal(f"q[{enc}]", out, want_q)
         timings[f"kernel-{enc}"] = {"launch": p.time_ms(fn), "graph": p.time_ms(fn, graph=True)}
+    for per_sm, warps in SMEM_VARIANTS:  # the smem encoder's persistent grid and warps (module constants)
+        saved = b8.SMEM_PROGRAMS_PER_SM, b8.SMEM_NUM_WARPS
+        b8.SMEM_PROGRAMS_PER_SM, b8.SMEM_NUM_WARPS = per_sm, warps
+        try:
+            fn = lambda: b8.launch_quantize(x, code, out, absmax, bs, encoder="smem")
+            out.fill_(0xAB)
+            fn()
+            equal(f"q[smem {per_sm}/SM {warps}w]", out, want_q)
+            timings[f"kernel-smem-{per_sm}sm-{warps}w"] = {"launch": p.time_ms(fn), "graph": p.time_ms(fn, graph=True)}
+        finally:
+            b8.SMEM_PROGRAMS_PER_SM, b8.SMEM_NUM_WARPS = saved
     timings["bnb"] = {"launch": p.time_ms(lambda: F.quantize_blockwise(x, blocksize=bs))}
     timings["copy"] = {"launch": p.copy_ms(nbytes, False), "graph": p.copy_ms(nbytes, True)}
     p.report(f"quantize_blockwise {dt} n=2^{n.bit_length() - 1} bs={bs}", nbytes, timings,
@@ -262,6 +275,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "quantize_probe_out")))
     parser.add_argument("--budget-s", type=float, default=150.0)
     parser.add_argument("--dry", action="store_true", help="tiny shapes, no timing, oracles (CPU interpreter)")
+    parser.add_argument("--only", choices=("b8", "q4"), help="only the 8-bit or only the 4-bit cases")
     args = parser.parse_args()
     p = Probe(args.out, args.budget_s, args.dry)
     global _PROBE
@@ -282,6 +296,7 @@ def main() -> int:
         b8_cases = sorted(B8_CASES, key=lambda c: (c[1] != 1 << 26 or c[2] != 4096, c))
         q4_cases = Q4_CASES
     order = [("b8", c) for c in b8_cases[:3]] + [("q4", c) for c in q4_cases] + [("b8", c) for c in b8_cases[3:]]
+    order = [(kind, c) for kind, c in order if args.only in (None, kind)]
     for kind, c in order:
         if kind == "b8":
             dt, n, bs = c  # type: ignore[misc]
