@@ -28,14 +28,15 @@ from tritonbits_harness.tolerance import assert_exact
 @contextlib.contextmanager
 def cold_caches():
     """Every per-device table cache emptied for the block, restored after (other tests hold the old objects)."""
-    saved = (dict(formats._tables), dict(q4._TABLES), dict(b8._TABLES))
-    for cache in (formats._tables, q4._TABLES, b8._TABLES):
+    caches = (formats._tables, q4._TABLES, b8._TABLES, b8._SMEM_TABLES)
+    saved = tuple(dict(cache) for cache in caches)
+    for cache in caches:
         cache.clear()
     L.pair_table.cache_clear()
     try:
         yield
     finally:
-        for cache, old in zip((formats._tables, q4._TABLES, b8._TABLES), saved, strict=True):
+        for cache, old in zip(caches, saved, strict=True):
             cache.clear()
             cache.update(old)
         L.pair_table.cache_clear()
@@ -125,3 +126,30 @@ def test_first_call_compiled_on_cuda(device, gen):
     for g, want in zip(got, _quantize_dequantize(x), strict=True):
         assert_exact(g, want)
     torch.testing.assert_close(got_linear, _linear(xl, packed, state))  # as test_linear_4bit's compile test
+
+
+def test_a_wrapper_traced_by_dynamo_puts_no_guard_on_the_table_cache(device, gen):
+    """What failed on the H100 (a first quantize_blockwise compiled with fullgraph): dynamo traced the public
+    wrapper's code_table lookup into a guard "key not in formats._tables", then the triton_op body, compiled
+    before that guard was checked on the same frame, built the real table: "Guard failed on the same frame it
+    was created". Here a backend does what the body does (builds every table eagerly) while the graph compiles;
+    the compiled wrapper must run, give eager's bytes and add no recompile on the next call."""
+
+    def backend(gm, example_inputs):
+        for name in ("nf4", "fp4", "dynamic"):
+            formats._tables.setdefault((name, x.device), formats._VALUES[name].to(x.device))
+        return gm.forward
+
+    x = torch.randn(4, 256, generator=gen).to(device)
+    code8 = formats._VALUES["dynamic"].to(device)
+
+    def wrapper(x):  # the tables the public wrappers look up, and an op on their values
+        return x * formats.code_table("nf4", x.device)[3] + formats.code_table("dynamic", x.device)[200]
+
+    with cold_caches():
+        torch._dynamo.reset()
+        compiled = torch.compile(wrapper, fullgraph=True, backend=backend)
+        got = compiled(x)
+        assert_exact(compiled(x), got)
+        assert formats._tables[("dynamic", x.device)] is formats.code_table("dynamic", x.device)
+    assert_exact(got, x * formats._VALUES["nf4"][3].to(device) + code8[200])

@@ -97,8 +97,9 @@ def outside_fake(fn, *args):
     the kernels read (code tables, encoder tables): each triton_op body builds the ones it uses through this
     before anything else, since torch.compile runs the body under FakeTensorMode when it traces the op (and
     under proxy/functional modes when it decomposes it), where a table built for the first time would fail (a
-    data-dependent step of its construction), be fake and then be cached, or be recorded into the graph. Only
-    ever called in triton_op bodies, which dynamo does not trace (they run as Python under those modes)."""
+    data-dependent step of its construction), be fake and then be cached, or be recorded into the graph. Called
+    in triton_op bodies (which dynamo does not trace: they run as Python under those modes), by table builders
+    that a body may reach, and by formats.code_table's constant for dynamo (run eagerly while dynamo traces)."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes():

@@ -75,11 +75,29 @@ def code_table(name: str, device: torch.device) -> torch.Tensor:
     table-encoder check compares by identity)."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if torch.compiler.is_compiling():
+        return _code_table_constant(name, device)
+    return _cached_table(name, device)
+
+
+def _cached_table(name: str, device: torch.device) -> torch.Tensor:
     key = (name, device)
     table = _tables.get(key)
     if table is None:
         table = _tables[key] = _VALUES[name].to(device)
     return table
+
+
+@torch.compiler.assume_constant_result
+def _code_table_constant(name: str, device: torch.device) -> torch.Tensor:
+    """code_table as dynamo sees it: run once, eagerly, while dynamo traces the caller (a public wrapper), its
+    result a constant of the graph. Traced instead, the cache lookup put a guard "key not in _tables" on the
+    frame, and the triton_op bodies, which build the real table while the graph is compiled, broke that guard
+    before dynamo checked it on the same frame ("Guard failed on the same frame it was created": a first,
+    compiled quantize_blockwise on the H100, log 20261123T1800Z)."""
+    from ._runtime import outside_fake
+
+    return outside_fake(_cached_table, name, device)
 
 
 # Built at import, so that a first call inside torch.compile only copies them to the device (tracing
