@@ -137,13 +137,16 @@ def test_table_kernel_on_edges(device):
 
 
 def test_table_is_used_for_the_dynamic_code_only(device):
+    """The dynamic code (by identity) takes the smem encoder by default, any other code the search."""
     from tritonbits.ops import blockwise_8bit as b8
 
     x = torch.randn(300, device=device)
     out, absmax = torch.empty(300, dtype=torch.uint8, device=device), torch.empty(5, device=device)
     dyn = formats.code_table("dynamic", device)
-    assert b8.plan_quantize(x, dyn, out, absmax, 64)[2]["TABLE"]
+    assert b8.default_encoder(dyn, x.device) == "smem" and "TABLE_SIZE" in b8.plan_quantize(x, dyn, out, absmax, 64)[2]
+    assert b8.default_encoder(dyn.clone(), x.device) == "search"
     assert not b8.plan_quantize(x, dyn.clone(), out, absmax, 64)[2]["TABLE"]
+    assert b8.plan_quantize(x, dyn, out, absmax, 64, encoder="table")[2]["TABLE"]
     assert not b8.plan_quantize(x, dyn, out, absmax, 64, encoder="search")[2]["TABLE"]
     with pytest.raises(ValueError, match="encoder"):
         b8.plan_quantize(x, dyn.clone(), out, absmax, 64, encoder="table")

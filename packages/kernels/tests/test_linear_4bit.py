@@ -362,6 +362,21 @@ def test_table_entries_are_reachable_and_valid():
                 assert cfg["path"] == "gemv" or cfg["bm"] >= 16, (family, key)
 
 
+def test_a_family_without_a_table_takes_its_fallback(monkeypatch):
+    """configs.FALLBACK_FAMILY: the H200 reads the H100's linear_4bit entries (it has none of its own), a family
+    with its own table reads only that one (dequant_bias has an h200 table), an unknown family none."""
+    from tritonbits import _runtime
+
+    h100 = configs.table("linear_4bit")["h100"]
+    key = next(iter(h100))
+    assert "h200" not in configs.table("linear_4bit") and configs.FALLBACK_FAMILY["h200"] == "h100"
+    for family, want in (("h200", h100[key]), ("h100", h100[key]), ("t4", None)):
+        monkeypatch.setattr(_runtime, "gpu_family", lambda device, family=family: family)
+        assert configs.lookup("linear_4bit", torch.device("cuda", 0), key) == want, family
+    own = configs.table("dequant_bias")["h200"]
+    assert configs.family_table("dequant_bias", "h200") is own
+
+
 def test_heuristic_without_a_table(device):
     for m in (1, 3, 4, 5, 16, 100, 256, 257, 4096):
         cfg = L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132)

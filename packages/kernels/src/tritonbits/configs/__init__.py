@@ -41,9 +41,23 @@ def table(op: str) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+# A family without a table of its own for an op takes this family's table: the same architecture and SM count
+# (H200 and H100 SXM: sm90, 132 SMs; only the memory differs), so the tiles and split-K of its configs fit.
+# NOTE: linear_4bit on the H200 with the H100 table vs the heuristic: docs/kernels/linear_4bit.md (H200 bench).
+FALLBACK_FAMILY = {"h200": "h100"}
+
+
+def family_table(op: str, family: str) -> dict[str, Any]:
+    """`op`'s entries for `family`: its own, else FALLBACK_FAMILY's, else {}."""
+    tables = table(op)
+    if family in tables:
+        return tables[family]
+    return tables.get(FALLBACK_FAMILY.get(family, ""), {})
+
+
 def lookup(op: str, device: torch.device, key: str) -> Any | None:
-    """The tuned config of `op` for `key` on `device`'s GPU family, or None when the table has none."""
-    return table(op).get(_runtime.gpu_family(device), {}).get(key)
+    """The tuned config of `op` for `key` on `device`'s GPU family (or its FALLBACK_FAMILY), or None."""
+    return family_table(op, _runtime.gpu_family(device)).get(key)
 
 
 def write(op: str, family: str, entries: dict[str, Any], path: Path | None = None) -> Path:

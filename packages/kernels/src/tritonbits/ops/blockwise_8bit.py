@@ -138,7 +138,8 @@ def _quantize_blockwise_smem_kernel(
     TABLE_SIZE: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr,
     FTZ: tl.constexpr,
 ):  # fmt: skip
-    """_quantize_blockwise_kernel with the table encoder's lookups in shared memory (encode_8bit_smem), persistent:
+    """_quantize_blockwise_kernel with the table encoder's lookups in shared memory (encode_8bit_smem), persistent
+    (the default for the dynamic code: see SMEM_NUM_WARPS's NOTE):
     a program loads the bucket table (int32[TABLE_SIZE], zero-padded to a power of two) once into registers, then
     quantizes tiles pid, pid + programs, ... of ROWS whole blocks each (n_tiles in all)."""
     table = tl.load(table_ptr + tl.arange(0, TABLE_SIZE))
@@ -257,27 +258,37 @@ def table_for(code: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The shared-memory variant (encoder="smem", selectable, never the default): the same bucket table, looked up
-# with tl.gather from shared memory by a persistent kernel. NOTE: unmeasured on a GPU; the table encoder's
-# per-value gather from global memory is the suspected limit of the default kernel (1.35-1.4 TB/s for bf16 on
-# H100 and H200, fp32 only 19% fewer values a second for 40% more bytes; docs/kernels/quantize_4bit.md).
+# The shared-memory encoder ("smem", the default for the dynamic code): the table encoder's bucket table looked
+# up with tl.gather from shared memory by a persistent kernel, instead of one gather from global memory (L1/L2)
+# per value. NOTE, measured (H100, probe log docs/gpu-runs/logs/20261123T1752Z-nvidia-h100-quantize-probe-smem.txt,
+# do_bench with L2 flushed, % of a copy of the same bytes; launch / CUDA graph):
+#   2**26 values, blocksize 4096:  bf16 table 47.4 / 46.1%, smem (4 programs an SM, 8 warps) 67.7 / 67.1%;
+#                                  fp16 48.2 / 46.9% -> 69.5 / 68.5%; fp32 65.2 / 64.8% -> 92.5 / 94.8%;
+#   blocksizes 256 and 1024, 2**24 and 2**25 values: smem 67-72% (bf16/fp16), 84-96% (fp32), table 45-67%.
 # SMEM_TABLE_SIZE: 2 * TABLE_NEG = 2946 entries zero-padded to a power of two (a register tensor's length); a
-# program holds it in registers (32 a thread at 4 warps) and stores it to shared memory (16 KiB) every tile.
-# SMEM_PROGRAMS_PER_SM: grid = SMs * this (at most one program a tile). Every program must be resident at once,
-# or the last ones start when the first finish: sm90 offline (triton 3.9, ci/sass_count.py) the 4-warp kernel
-# takes 80-96 registers, 5 programs an SM; 4 leaves a margin for other compilers. SMEM_NUM_WARPS: 4 (a 4096-
-# value tile; 8 warps: 55-64 registers, 4 programs an SM, 25.2 instead of 24.0 loop instructions a value).
-# Neither is measured: ci/quantize_probe.py sweeps both on the headline cases.
+# program holds it in registers and stores it to shared memory (16 KiB) every tile.
+# SMEM_PROGRAMS_PER_SM, SMEM_NUM_WARPS: grid = SMs * this (at most one program a tile), every program resident
+# at once. Swept in the same run at 2**26: (programs an SM, warps) = (2, 4) 43.5-65.0%, (4, 4) 63.8-90.2%,
+# (8, 4) 65.8-80.3%, (2, 8) 52.8-78.2%, (4, 8) 67.1-94.8% (bf16 ... fp32): (4, 8) is the best at every case.
+# The 4-bit quantizer's nested step keeps "table" (quantize_4bit._nested: not measured with smem).
 ENCODERS = ("table", "search", "smem")
 SMEM_TABLE_SIZE = 4096
 SMEM_PROGRAMS_PER_SM = 4
-SMEM_NUM_WARPS = 4
+SMEM_NUM_WARPS = 8
 
 _SMEM_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def smem_table_for(device: torch.device) -> torch.Tensor:
-    """dynamic_table() zero-padded to SMEM_TABLE_SIZE entries, on `device` (cached)."""
+    """dynamic_table() zero-padded to SMEM_TABLE_SIZE entries, on `device` (cached; built with the dispatch modes
+    set aside, so that a first build inside a traced triton_op body is a real tensor)."""
+    table = _SMEM_TABLES.get(device)
+    if table is None:
+        return _runtime.outside_fake(_build_smem_table, device)
+    return table
+
+
+def _build_smem_table(device: torch.device) -> torch.Tensor:
     table = _SMEM_TABLES.get(device)
     if table is None:
         t = dynamic_table()
@@ -321,10 +332,17 @@ def _plan_quantize_smem(x, code, out, absmax, blocksize: int, offset, rcp):
     return grid, args, constexprs, {"num_warps": SMEM_NUM_WARPS}
 
 
+def default_encoder(code: torch.Tensor, device: torch.device) -> str:
+    """ "smem" for the dynamic code (formats.code_table's tensor, by identity: table_for), else "search"."""
+    return "smem" if table_for(code, device) is not None else "search"
+
+
 def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None,
                   encoder: str | None = None):  # fmt: skip
-    """encoder: "table" (the default where `code` is the dynamic code), "search", or "smem" (the table in shared
-    memory, a persistent kernel: launch quantize_kernel("smem"))."""
+    """encoder: "smem" (the bucket table in shared memory, a persistent kernel), "table" (the bucket table read
+    from global memory), "search" (any code), or None for default_encoder. The plan is for
+    quantize_kernel(encoder)."""
+    encoder = encoder or default_encoder(code, x.device)
     if encoder == "smem":
         return _plan_quantize_smem(x, code, out, absmax, blocksize, offset, rcp)
     n = x.numel()
@@ -332,10 +350,10 @@ def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | 
     while rows > 1 and triton.cdiv(n, rows * blocksize) < MIN_PROGRAMS:
         rows //= 2
     grid = (triton.cdiv(n, rows * blocksize), 1, 1)
-    table = table_for(code, x.device) if encoder in (None, "table") else None
+    table = table_for(code, x.device) if encoder == "table" else None
     if encoder == "table" and table is None:
         raise ValueError("encoder='table' needs the dynamic code (formats.code_table('dynamic', device))")
-    if encoder not in (None, *ENCODERS):
+    if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     args = (x, offset if offset is not None else absmax, code if table is None else table, out, absmax, n,
             triton.cdiv(n, blocksize))  # fmt: skip
@@ -346,16 +364,17 @@ def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | 
     return grid, args, constexprs, {"num_warps": 2 if tile <= 1024 else 4 if tile <= 4096 else 8}
 
 
-def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel=None, rcp=None,
+def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel_wrap=None, rcp=None,
                     encoder=None) -> None:  # fmt: skip
     """Quantize the flat contiguous `x` into `out` (uint8, x.numel()) and `absmax` (fp32, one per block):
-    validated arguments. `offset` (0-d fp32): quantize x - offset. `kernel`: the wrap_triton'd kernel.
-    `encoder`: see plan_quantize (for the probe and tests)."""
+    validated arguments. `offset` (0-d fp32): quantize x - offset. `kernel_wrap`: torch.library.wrap_triton in a
+    triton_op's body (applied to the plan's kernel). `encoder`: see plan_quantize."""
     if x.numel() == 0:
         return
+    encoder = encoder or default_encoder(code, x.device)
     grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset, rcp, encoder)
-    if kernel is not None:
-        kernel[grid](*args, **constexprs, **options)
+    if kernel_wrap is not None:
+        kernel_wrap(quantize_kernel(encoder))[grid](*args, **constexprs, **options)
     elif encoder == "smem":
         _quantize_smem_launcher(grid, args, constexprs, options, x.device)
     else:
@@ -447,7 +466,7 @@ def _quantize_blockwise_triton_op(
     x = _flat(A)
     out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(triton.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
-    launch_quantize(x, code, out, absmax, blocksize, kernel=torch.library.wrap_triton(_quantize_blockwise_kernel))
+    launch_quantize(x, code, out, absmax, blocksize, kernel_wrap=torch.library.wrap_triton)
     return out, absmax
 
 

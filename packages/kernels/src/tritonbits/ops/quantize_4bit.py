@@ -356,20 +356,22 @@ def launch(x, packed, absmax, blocksize: int, quant_type: str, *, kernel=None, *
         _launcher(grid, args, constexprs, options, x.device)
 
 
-def _nested(absmax: torch.Tensor, qabsmax: torch.Tensor, kernel=None):
-    """bnb's double quantization of the fp32 absmax: (offset, absmax2), qabsmax written. `kernel` (the
-    wrap_triton'd 8-bit kernel) is given in the triton_op's body, which Inductor traces: there the mean is the
+def _nested(absmax: torch.Tensor, qabsmax: torch.Tensor, kernel_wrap=None):
+    """bnb's double quantization of the fp32 absmax: (offset, absmax2), qabsmax written. `kernel_wrap`
+    (torch.library.wrap_triton) is given in the triton_op's body, which Inductor traces: there the mean is the
     opaque tritonbits::absmax_mean, as Inductor would sum it in its own order (1 ulp off bnb's eager mean for
-    some sizes; see quantize_blockwise)."""
+    some sizes; see quantize_blockwise). The 8-bit step takes the "table" encoder (global-memory bucket table):
+    the one measured for this step (docs/kernels/quantize_4bit.md); "smem" was timed on 2**24+ values only."""
     blocks = absmax.numel()
-    offset = b8._absmax_mean_op(absmax) if kernel is not None else absmax.mean()
+    offset = b8._absmax_mean_op(absmax) if kernel_wrap is not None else absmax.mean()
     absmax2 = torch.empty(-(-blocks // formats.NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
     code2 = formats.code_table("dynamic", absmax.device)
-    b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel=kernel)
+    b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel_wrap=kernel_wrap,
+                       encoder="table")  # fmt: skip
     return offset, absmax2
 
 
-def _run(A, blocksize, quant_type, nested, packed, absmax, kernel=None, kernel8=None):
+def _run(A, blocksize, quant_type, nested, packed, absmax, kernel=None, kernel8_wrap=None):
     """Everything the op does on validated arguments; packed (uint8 bytes) and absmax (fp32, or uint8 when
     nested) are written. Returns (absmax2, offset), or None when not nested."""
     x = b8._flat(A)
@@ -378,7 +380,7 @@ def _run(A, blocksize, quant_type, nested, packed, absmax, kernel=None, kernel8=
         return None, None
     absmax32 = torch.empty(absmax.numel(), dtype=torch.float32, device=A.device)
     launch(x, packed, absmax32, blocksize, quant_type, kernel=kernel)
-    offset, absmax2 = _nested(absmax32, absmax, kernel=kernel8)
+    offset, absmax2 = _nested(absmax32, absmax, kernel_wrap=kernel8_wrap)
     return absmax2, offset
 
 
@@ -461,7 +463,7 @@ def _quantize_4bit_triton_op(
     packed, absmax = _outputs(A, blocksize, nested)
     absmax2, offset = _run(A, blocksize, quant_type, nested, packed, absmax,
                            kernel=torch.library.wrap_triton(_quantize_4bit_kernel),
-                           kernel8=torch.library.wrap_triton(b8._quantize_blockwise_kernel))  # fmt: skip
+                           kernel8_wrap=torch.library.wrap_triton)  # fmt: skip
     return packed, absmax, *_none_as_empty(absmax, absmax2, offset)
 
 
