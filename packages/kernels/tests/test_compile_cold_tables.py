@@ -153,3 +153,14 @@ def test_a_wrapper_traced_by_dynamo_puts_no_guard_on_the_table_cache(device, gen
         assert_exact(compiled(x), got)
         assert formats._tables[("dynamic", x.device)] is formats.code_table("dynamic", x.device)
     assert_exact(got, x * formats._VALUES["nf4"][3].to(device) + code8[200])
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4", "dynamic"])
+def test_code_table_op(name, device):
+    """tritonbits::code_table, what code_table is while dynamo traces a caller: opcheck, and a copy of the cached
+    table (never the cached object: an op's output must not alias what it does not take)."""
+    torch.library.opcheck(torch.ops.tritonbits.code_table.default, (name, device))
+    got = torch.ops.tritonbits.code_table(name, device)
+    cached = formats.code_table(name, device)
+    assert_exact(got, cached)
+    assert got.data_ptr() != cached.data_ptr()

@@ -75,8 +75,8 @@ def code_table(name: str, device: torch.device) -> torch.Tensor:
     table-encoder check compares by identity)."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if torch.compiler.is_compiling():
-        return _code_table_constant(name, device)
+    if torch.compiler.is_dynamo_compiling():  # dynamo tracing a caller: see _code_table_op
+        return torch.ops.tritonbits.code_table(name, device)
     return _cached_table(name, device)
 
 
@@ -88,16 +88,24 @@ def _cached_table(name: str, device: torch.device) -> torch.Tensor:
     return table
 
 
-@torch.compiler.assume_constant_result
-def _code_table_constant(name: str, device: torch.device) -> torch.Tensor:
-    """code_table as dynamo sees it: run once, eagerly, while dynamo traces the caller (a public wrapper), its
-    result a constant of the graph. Traced instead, the cache lookup put a guard "key not in _tables" on the
-    frame, and the triton_op bodies, which build the real table while the graph is compiled, broke that guard
-    before dynamo checked it on the same frame ("Guard failed on the same frame it was created": a first,
-    compiled quantize_blockwise on the H100, log 20261123T1800Z)."""
+# NOTE: code_table as dynamo sees it (is_dynamo_compiling: true only while dynamo traces Python, not while a
+# triton_op body is traced, which reads the real cached tables): an opaque op returning a copy of the cached
+# table (at most 256 floats: one small device copy a call in a compiled graph). Traced instead, the cache lookup
+# put a guard "key not in _tables" on the frame, and the triton_op bodies, which build the real tables while the
+# graph is compiled, broke it before dynamo checked it on the same frame ("Guard failed on the same frame it was
+# created": a first, compiled quantize_blockwise, H100 record 20261123T174959Z). torch.compiler.
+# assume_constant_result, tried first, fails on torch 2.11 when a frame reads two tables (both constants get one
+# source name: "already in seen_sources", record 20261123T175940Z).
+@torch.library.custom_op("tritonbits::code_table", mutates_args=())
+def _code_table_op(name: str, device: torch.device) -> torch.Tensor:
     from ._runtime import outside_fake
 
-    return outside_fake(_cached_table, name, device)
+    return outside_fake(_cached_table, name, device).clone()
+
+
+@_code_table_op.register_fake
+def _(name: str, device: torch.device) -> torch.Tensor:
+    return torch.empty(_VALUES[name].numel(), dtype=torch.float32, device=device)
 
 
 # Built at import, so that a first call inside torch.compile only copies them to the device (tracing
