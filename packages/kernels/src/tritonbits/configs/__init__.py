@@ -43,7 +43,8 @@ def table(op: str) -> dict[str, dict[str, Any]]:
 
 # A family without a table of its own for an op takes this family's table: the same architecture and SM count
 # (H200 and H100 SXM: sm90, 132 SMs; only the memory differs), so the tiles and split-K of its configs fit.
-# NOTE: linear_4bit on the H200 with the H100 table vs the heuristic: docs/kernels/linear_4bit.md (H200 bench).
+# NOTE: not measured yet: linear_4bit on the H200 with the H100 table vs the heuristic (the last H200 bench,
+# docs/gpu-runs/20261123T165457Z, predates the fallback and ran the heuristic there).
 FALLBACK_FAMILY = {"h200": "h100"}
 
 
