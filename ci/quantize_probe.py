@@ -38,7 +38,7 @@ B8_CASES = [(dt, 1 << p, 4096) for p in (24, 25, 26) for dt in ("fp32", "bf16", 
 B8_CASES += [(dt, 1 << 26, bs) for bs in (256, 1024) for dt in ("bf16", "fp32")]
 Q4_SHAPES = [(4096, 4096), (14336, 4096), (28672, 8192)]
 Q4_CASES = [(shape, qt) for shape in Q4_SHAPES for qt in ("nf4", "fp4")]
-SMEM_VARIANTS = [(2, 4), (8, 4), (2, 8), (4, 8)]  # (programs per SM, warps) besides the module's default
+SMEM_VARIANTS = [(2, 4), (4, 4), (8, 4), (2, 8)]  # (programs per SM, warps) besides the module's default (4, 8)
 
 
 class Probe:

@@ -72,7 +72,9 @@ _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 def code_table(name: str, device: torch.device) -> torch.Tensor:
     """A code table ("nf4", "fp4" or "dynamic") as a float32 tensor on `device`, made once per device (a CUDA
     device without an index is the current one: one object for "cuda" and "cuda:0", which the 8-bit quantizer's
-    table-encoder check compares by identity)."""
+    bucket-table encoders' check compares by identity). While dynamo traces a caller it is a copy instead
+    (tritonbits::code_table, below): a compiled call never passes the cached object, so its 8-bit quantize takes
+    the binary search (the same bytes)."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if torch.compiler.is_dynamo_compiling():  # dynamo tracing a caller: see _code_table_op

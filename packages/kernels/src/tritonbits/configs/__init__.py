@@ -43,7 +43,9 @@ def table(op: str) -> dict[str, dict[str, Any]]:
 
 # A family without a table of its own for an op takes this family's table: the same architecture and SM count
 # (H200 and H100 SXM: sm90, 132 SMs; only the memory differs), so the tiles and split-K of its configs fit.
-# NOTE: linear_4bit on the H200 with the H100 table vs the heuristic: docs/kernels/linear_4bit.md (H200 bench).
+# NOTE: linear_4bit on the H200, H100 table vs heuristic side by side (ci/linear4bit_family_probe.py, log
+# docs/gpu-runs/logs/20261123T1811Z-nvidia-h200-linear4bit-family-probe.txt): the table 1.17-1.54x faster at
+# M = 1, 2, 4, equal elsewhere (docs/kernels/linear_4bit.md, "The H200").
 FALLBACK_FAMILY = {"h200": "h100"}
 
 

@@ -243,9 +243,9 @@ _dynamic_codes: dict[int, tuple] = {}
 
 def _is_dynamic_code(code: torch.Tensor) -> bool:
     """Whether `code` holds the dynamic 8-bit code. bnb passes its own tensor of that map, never tritonbits'
-    table object, and only for that object does quantize_blockwise take its table encoder (else the binary
-    search, ~3x the instructions per value): the values are compared once per tensor (a device sync), again
-    after an in-place change or a `.data` swap, never while a CUDA graph is being captured."""
+    table object, and only for that object does quantize_blockwise take its bucket-table encoder ("smem"; else
+    the binary search, ~3x the instructions per value): the values are compared once per tensor (a device sync),
+    again after an in-place change or a `.data` swap, never while a CUDA graph is being captured."""
     key = (code._version, code.data_ptr())
     hit = _dynamic_codes.get(id(code))
     if hit is not None and hit[0]() is code and hit[1:3] == key:

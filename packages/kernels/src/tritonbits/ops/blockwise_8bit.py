@@ -264,7 +264,8 @@ def table_for(code: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 # do_bench with L2 flushed, % of a copy of the same bytes; launch / CUDA graph):
 #   2**26 values, blocksize 4096:  bf16 table 47.4 / 46.1%, smem (4 programs an SM, 8 warps) 67.7 / 67.1%;
 #                                  fp16 48.2 / 46.9% -> 69.5 / 68.5%; fp32 65.2 / 64.8% -> 92.5 / 94.8%;
-#   blocksizes 256 and 1024, 2**24 and 2**25 values: smem 67-72% (bf16/fp16), 84-96% (fp32), table 45-67%.
+#   blocksizes 256 and 1024, 2**24 and 2**25 values: smem 59-72% (bf16/fp16; below 67% only 2**24 in graphs,
+#   59.3 / 60.6%), 84-96% (fp32), table 41-67%.
 # SMEM_TABLE_SIZE: 2 * TABLE_NEG = 2946 entries zero-padded to a power of two (a register tensor's length); a
 # program holds it in registers and stores it to shared memory (16 KiB) every tile.
 # SMEM_PROGRAMS_PER_SM, SMEM_NUM_WARPS: grid = SMs * this (at most one program a tile), every program resident

@@ -246,7 +246,7 @@ def _word_asm(word, absmax, lane_code, ASM: tl.constexpr):
 def _decode_word(word, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
                  LOOKUP_ASM: tl.constexpr, FTZ: tl.constexpr):  # fmt: skip
     """The 8 weights of packed int32 words (elements 8i..8i+7 of the row) as fp32, each dequantize_4bit's
-    to_wdtype(fl32(code[q] * absmax)). LOOKUP_ASM: one PTX block per word (_word_decode_asm); else table
+    to_wdtype(ftz(fl32(code[q] * absmax))). LOOKUP_ASM: one PTX block per word (_word_decode_asm); else table
     gathers and _round_weight (the interpreter, sm75)."""
     if LOOKUP_ASM:
         if W_DTYPE == 2:
