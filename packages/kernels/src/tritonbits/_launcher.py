@@ -24,14 +24,19 @@ except ImportError:  # triton < 3.4: no knobs, launch hooks live on CompiledKern
     _knobs = None
 
 
+def _hooked(hook) -> bool:
+    """Whether a launch-hook slot holds a hook (Triton >= 3.5 keeps an always-present, maybe empty HookChain)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooks_set() -> bool:
-    """Whether anyone registered a launch hook (Triton >= 3.5 keeps an always-present, empty HookChain)."""
+    """Whether anyone registered a launch hook. NOTE: read on every direct launch; this form measured 0.15 us on
+    the shared CPU against 0.27-0.5 us for the any() over a tuple it replaced (timeit, this venv's Triton knobs)."""
     if _knobs is not None:
-        hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
-    else:
-        ck = triton.compiler.CompiledKernel
-        hooks = (getattr(ck, "launch_enter_hook", None), getattr(ck, "launch_exit_hook", None))
-    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)
+        runtime = _knobs.runtime
+        return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
+    ck = triton.compiler.CompiledKernel
+    return _hooked(getattr(ck, "launch_enter_hook", None)) or _hooked(getattr(ck, "launch_exit_hook", None))
 
 
 def _arg_key(x):

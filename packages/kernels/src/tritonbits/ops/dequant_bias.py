@@ -299,9 +299,10 @@ _launcher_1d = CachedLauncher(_dequant_bias_1d_kernel)
 # bound (a GPU, or the CPU with tritonbits_harness.launch_stub): the interpreter validates every call.
 # NOTE: Python host cost per call on the CPU with the raw launch stubbed (ci/dequant_bias_host_probe.py --compare,
 # mins over 30 rounds, a shared 2-core CPU), the previous eager path (validate, then a plan lookup) -> this:
-# M=16 N=4096 9.4 -> 4.9 us, M=128 +bias 10.9 -> 5.2 us, M=128 +bias out= 17.1 -> 5.2 us (its span-summing
-# overlap check gone), out=acc 17.9 -> 5.2 us; 1.8-1.9x the floor (the plan's BoundLaunch + torch.empty), 2.2-2.35x
-# an empty kernel's CachedLauncher call.
+# M=16 N=4096 9.4 -> 4.6 us, M=128 +bias 10.9 -> 5.0 us, M=128 +bias out= 17.2 -> 4.6 us (its span-summing
+# overlap check gone), out=acc 18.1 -> 4.7 us; 1.75-1.9x the floor (the plan's BoundLaunch + torch.empty),
+# 2.1-2.3x an empty kernel's CachedLauncher call. Left per call: the key (~1.3 us: 20 attribute reads), its dict
+# lookup (~0.4 us), the BoundLaunch (~1.3 us), torch.empty (~1.2 us on the CPU; 5.3 us measured on the H100 host).
 
 PLAN_CACHE_MAX = 256
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # types whose attributes are the tensor's own (no torch_function)
@@ -356,16 +357,20 @@ def _plan_key(acc, scale_a, scale_b, bias, out_dtype, out) -> tuple | None:
 
 def _overlaps(p: EagerPlan, acc, scale_a, scale_b, bias, out) -> bool:
     """Whether out's bytes meet any input's, other than out being exactly acc (what `_runtime.check_out`
-    allows): the cached extents and this call's addresses."""
+    allows): the cached extents and this call's addresses (unrolled: this runs on every planned out= call)."""
+    e_acc, e_sa, e_sb, e_bias, e_out = p.extents
     lo = out.data_ptr()
-    hi = lo + p.extents[4]
+    hi = lo + e_out
     start = acc.data_ptr()
-    if start < hi and lo < start + p.extents[0] and not (start == lo and p.alias_ok):
+    if start < hi and lo < start + e_acc and not (start == lo and p.alias_ok):
         return True
-    for t, extent in zip((scale_a, scale_b, bias), p.extents[1:4], strict=True):
-        if t is not None and (start := t.data_ptr()) < hi and lo < start + extent:
-            return True
-    return False
+    start = scale_a.data_ptr()
+    if start < hi and lo < start + e_sa:
+        return True
+    start = scale_b.data_ptr()
+    if start < hi and lo < start + e_sb:
+        return True
+    return bias is not None and (start := bias.data_ptr()) < hi and lo < start + e_bias
 
 
 def _eager(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
@@ -457,6 +462,20 @@ def _compiled_call(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
     return op(acc, scale_a, scale_b, bias, out_dtype)
 
 
+def _any_requires_grad(acc, scale_a, scale_b, bias) -> bool:
+    """The grad check's common case in one expression (plain tensors, none requiring grad); anything else
+    (a list, an input that requires grad) is named by the loop in dequant_bias."""
+    try:
+        return (
+            acc.requires_grad
+            or scale_a.requires_grad
+            or scale_b.requires_grad
+            or (bias is not None and bias.requires_grad)
+        )
+    except AttributeError:
+        return True
+
+
 def dequant_bias(
     acc: torch.Tensor,
     scale_a: torch.Tensor,
@@ -485,7 +504,7 @@ def dequant_bias(
         out_dtype = out.dtype
     elif out_dtype is None:
         out_dtype = torch.bfloat16
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and _any_requires_grad(acc, scale_a, scale_b, bias):
         for name, t in (("acc", acc), ("scale_a", scale_a), ("scale_b", scale_b), ("bias", bias)):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise ValueError(f"dequant_bias is not differentiable, but {name} requires grad: detach it or "
