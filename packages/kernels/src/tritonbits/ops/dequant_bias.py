@@ -299,10 +299,11 @@ _launcher_1d = CachedLauncher(_dequant_bias_1d_kernel)
 # bound (a GPU, or the CPU with tritonbits_harness.launch_stub): the interpreter validates every call.
 # NOTE: Python host cost per call on the CPU with the raw launch stubbed (ci/dequant_bias_host_probe.py --compare,
 # mins over 30 rounds, a shared 2-core CPU), the previous eager path (validate, then a plan lookup) -> this:
-# M=16 N=4096 9.4 -> 4.6 us, M=128 +bias 10.9 -> 5.0 us, M=128 +bias out= 17.2 -> 4.6 us (its span-summing
-# overlap check gone), out=acc 18.1 -> 4.7 us; 1.75-1.9x the floor (the plan's BoundLaunch + torch.empty),
-# 2.1-2.3x an empty kernel's CachedLauncher call. Left per call: the key (~1.3 us: 20 attribute reads), its dict
-# lookup (~0.4 us), the BoundLaunch (~1.3 us), torch.empty (~1.2 us on the CPU; 5.3 us measured on the H100 host).
+# M=16 N=4096 9.5 -> 4.4 us, M=128 +bias 11.0 -> 4.8 us, M=128 +bias out= 17.3 -> 4.4 us (its span-summing
+# overlap check gone), out=acc 18.3 -> 4.4 us; 1.8-1.9x the floor (the plan's BoundLaunch + torch.empty),
+# 2.0-2.2x an empty kernel's CachedLauncher call (same run). Left per call: the key (~1.3 us: 20 attribute reads),
+# its dict lookup (~0.4 us), the BoundLaunch (~1.1 us), torch.empty (~1.2 us on the CPU; 5.3 us measured on the
+# H100 host, log 20261123T1652Z).
 
 PLAN_CACHE_MAX = 256
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # types whose attributes are the tensor's own (no torch_function)
