@@ -525,3 +525,16 @@ def test_tensor_subclasses_take_the_slow_path(stubbed, gen, device):
     for _ in range(2):
         check(tritonbits.dequant_bias(acc, sa, sb, param), acc, sa, sb, bias)
     assert (stubbed.validated, len(db_module._plans)) == (3, 1)
+
+
+def test_the_plan_cache_is_bounded(stubbed, gen, device, monkeypatch):
+    """PLAN_CACHE_MAX layouts at most; the oldest plan goes first, and a re-bound plan (a launch hook made the
+    call take the slow path) replaces its own entry without evicting another."""
+    monkeypatch.setattr(db_module, "PLAN_CACHE_MAX", 3)
+    calls = [operands(2, n, torch.float32, gen, device) for n in (8, 16, 24, 32)]
+    for args in calls:
+        tritonbits.dequant_bias(*args)
+    assert [k[2] for k in db_module._plans] == [(2, 16), (2, 24), (2, 32)]
+    monkeypatch.setattr(_launcher, "_hooks_set", lambda: True)
+    tritonbits.dequant_bias(*calls[1])
+    assert [k[2] for k in db_module._plans] == [(2, 16), (2, 24), (2, 32)]
