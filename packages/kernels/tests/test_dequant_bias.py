@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import tritonbits
+from tritonbits import _launcher
 from tritonbits.ops import dequant_bias as db_module
+from tritonbits_harness import op_cases
+from tritonbits_harness.launch_stub import stubbed_launches
 from tritonbits_harness.tolerance import assert_dequant_bias
 
 SHAPES_CPU = [(1, 1), (1, 37), (7, 130), (33, 64), (130, 257)]
@@ -377,3 +380,161 @@ def test_triton_op_opcheck_and_inductor(device, gen):
     torch._dynamo.reset()
     compiled = torch.compile(epilogue, fullgraph=True)
     assert torch.equal(compiled(acc, sa, sb, bias), epilogue(acc, sa, sb, bias))
+
+
+# --- the eager plan cache's fast path on the CPU (tritonbits_harness.launch_stub) --------------------------
+# Under the interpreter nothing is bound, so plans are made only on a GPU; `stubbed_launches(execute=True)` turns
+# the bound launches on here and runs each through the interpreter with exactly the arguments the raw launch
+# gets: `log.jit` counts slow-path launches (validate + plan), `log.raw` fast-path ones (a cached plan).
+
+LAUNCHERS = [db_module._launcher, db_module._launcher_1d]
+
+
+class Stubbed:
+    """The stub's launch log and how many calls went through `validate` (the slow path)."""
+
+    def __init__(self, log):
+        self.log, self.validated = log, 0
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """(slow-path calls, launches through the JIT entry, raw launches: bound or CachedLauncher-cached)."""
+        return self.validated, self.log.jit, self.log.raw
+
+
+@pytest.fixture
+def stubbed(device, monkeypatch):
+    if device.type == "cuda":
+        pytest.skip("the interpreter stands in for the raw launch (on a GPU the other tests run this path)")
+    monkeypatch.setattr(db_module, "_plans", {})
+    real_validate = db_module.validate
+    with stubbed_launches(LAUNCHERS, execute=True) as log:
+        state = Stubbed(log)
+
+        def counting_validate(*args, **kwargs):
+            state.validated += 1
+            return real_validate(*args, **kwargs)
+
+        monkeypatch.setattr(db_module, "validate", counting_validate)
+        yield state
+
+
+@pytest.mark.parametrize("form", ["alloc", "out", "in-place", "no-bias-scalar", "strided", "unaligned"])
+def test_plans_serve_new_tensors_of_a_seen_layout(form, stubbed, gen, device):
+    """After the first call (slow path: compiles, plans, binds), calls with fresh tensors of the same layout go
+    through the plan's bound launch only, with the right answer."""
+    for i in range(3):
+        sa_kind = "scalar" if form == "no-bias-scalar" else "col"
+        bias_kind = None if form == "no-bias-scalar" else "vec"
+        acc, sa, sb, bias = operands(9, 70, torch.float32, gen, device, sa_kind=sa_kind, bias_kind=bias_kind)
+        want = acc.clone()
+        out = None
+        if form == "out":
+            out = torch.full((9, 70), float("nan"), dtype=torch.float16, device=device)
+        elif form == "in-place":
+            out = acc
+        elif form == "strided":
+            acc = torch.cat([acc, acc], 1)[:, :70]
+            out = torch.full((9, 100), float("nan"), dtype=torch.bfloat16, device=device)[:, 30:]
+        elif form == "unaligned":  # acc one element into its buffer: 4-byte, not 16-byte aligned
+            acc = torch.cat([acc.new_zeros(1), acc.flatten()])[1:].view(9, 70)
+        got = tritonbits.dequant_bias(acc, sa, sb, bias, out=out, out_dtype=None if out is not None else torch.float32)
+        assert out is None or got is out
+        check(got, want if form == "in-place" else acc, sa, sb, bias)
+        assert stubbed.counts == (1, 1, i), "the first call plans, the later ones take the bound launch"
+    assert len(db_module._plans) == 1
+
+
+def test_plans_key_on_alignment(stubbed, gen, device):
+    """An address that is not 16-byte aligned where the plan's was: a new specialization (the slow path once)."""
+    acc, sa, sb, bias = operands(8, 64, torch.int32, gen, device)
+    tritonbits.dequant_bias(acc, sa, sb, bias)
+    shifted = torch.cat([acc.new_zeros(1), acc.flatten()])[1:].view(8, 64)
+    check(tritonbits.dequant_bias(shifted, sa, sb, bias), acc, sa, sb, bias)
+    tritonbits.dequant_bias(acc.clone(), sa, sb, bias)
+    assert (*stubbed.counts, len(db_module._plans)) == (2, 2, 1, 2)
+
+
+@pytest.mark.parametrize(("op", "variant", "row"), [r for r in op_cases.bad_rows() if r[0] == "dequant_bias"],
+                         ids=lambda r: getattr(r, "id", r))  # fmt: skip
+def test_a_cached_plan_refuses_every_bad_input(op, variant, row, stubbed, gen, device):
+    """op_cases' bad-input table after two good calls made and bound the plan of these very objects: each row is
+    refused with its error naming the argument, and nothing launches."""
+    kw = op_cases.make(op, variant, device, gen, torch.bfloat16)
+    op_cases.call(op, kw)
+    op_cases.call(op, kw)
+    assert (*stubbed.counts, len(db_module._plans)) == (1, 1, 1, 1)
+    row.edit(kw, device)
+    with pytest.raises(row.exc, match=row.name):
+        op_cases.call(op, kw)
+    assert stubbed.counts[1:] == (1, 1), f"{row.id}: reached a kernel launch"
+
+
+@pytest.mark.parametrize("victim", ["acc", "scale_a", "scale_b", "bias"])
+def test_a_cached_plan_refuses_an_out_that_overlaps_an_input(victim, stubbed, gen, device):
+    """The fast path's O(1) overlap check: the same layout as a planned out= call (so the key matches), the
+    out's memory now meets an input's: refused with check_out's message, nothing launched. Exactly out=acc
+    still runs on the fast path."""
+    m, n = 8, 16
+    buf = torch.zeros(4 * m * n, dtype=torch.float32, device=device)
+    acc, sa, sb, bias = operands(m, n, torch.float32, gen, device, sb_kind="vec", bias_kind="vec",
+                                 bias_dtype=torch.float32)  # fmt: skip
+    tritonbits.dequant_bias(acc, sa, sb, bias, out=buf[: m * n].view(m, n))  # plans the layout: out [8, 16] fp32
+    at = {"acc": 100, "scale_a": 64, "scale_b": 32, "bias": 48}[victim]  # element offsets, 16-byte aligned
+    out = buf[at : at + m * n].view(m, n)  # the overlapping out: same layout as the planned one
+    placed = {"acc": acc, "scale_a": sa, "scale_b": sb, "bias": bias}
+    source = buf[144 : 144 + placed[victim].numel()] if victim != "acc" else buf[: m * n]
+    placed[victim] = source.view(placed[victim].shape).copy_(placed[victim])
+    args = (placed["acc"], placed["scale_a"], placed["scale_b"], placed["bias"])
+    assert db_module._plan_key(*args, torch.float32, out) in db_module._plans, "the call must reach the fast path"
+    with pytest.raises(ValueError, match=f"out overlaps {victim} in memory"):
+        tritonbits.dequant_bias(*args, out=out)
+    assert stubbed.counts == (2, 1, 0)  # validate refused it, nothing launched
+    # exactly out=acc: acc and out have the planned call's layouts, so the fast path serves it (alias allowed)
+    for _ in range(2):
+        inplace = make_acc(m, n, torch.float32, gen).to(device)
+        want = inplace.clone()
+        assert tritonbits.dequant_bias(inplace, sa, sb, bias, out=inplace) is inplace
+        check(inplace, want, sa, sb, bias)
+    assert stubbed.counts == (2, 1, 2)
+
+
+def test_a_launch_hook_sends_a_planned_call_through_triton(stubbed, gen, device, monkeypatch):
+    """With a launch hook registered the bound launch steps aside: the call is validated and launched through
+    the CachedLauncher (Triton's own launcher then); still the right answer."""
+    acc, sa, sb, bias = operands(5, 40, torch.int32, gen, device)
+    tritonbits.dequant_bias(acc, sa, sb, bias)
+    monkeypatch.setattr(_launcher, "_hooks_set", lambda: True)
+    check(tritonbits.dequant_bias(acc, sa, sb, bias), acc, sa, sb, bias)
+    assert stubbed.counts == (2, 2, 0)
+
+
+def test_tensor_subclasses_take_the_slow_path(stubbed, gen, device):
+    """Only plain tensors (and Parameters) are keyed: a subclass is validated on every call."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    acc, sa, sb, bias = operands(5, 40, torch.int32, gen, device)
+    sub = sb.as_subclass(Sub)
+    assert db_module._plan_key(acc, sa, sub, bias, torch.bfloat16, None) is None
+    for _ in range(2):
+        check(tritonbits.dequant_bias(acc, sa, sub, bias).as_subclass(torch.Tensor), acc, sa, sb, bias)
+    assert (stubbed.validated, len(db_module._plans)) == (2, 0)
+    param = torch.nn.Parameter(bias, requires_grad=False)
+    for _ in range(2):
+        check(tritonbits.dequant_bias(acc, sa, sb, param), acc, sa, sb, bias)
+    assert (stubbed.validated, len(db_module._plans)) == (3, 1)
+
+
+def test_the_plan_cache_is_bounded(stubbed, gen, device, monkeypatch):
+    """PLAN_CACHE_MAX layouts at most; the oldest plan goes first, and a re-bound plan (a launch hook made the
+    call take the slow path) replaces its own entry without evicting another."""
+    monkeypatch.setattr(db_module, "PLAN_CACHE_MAX", 3)
+    calls = [operands(2, n, torch.float32, gen, device) for n in (8, 16, 24, 32)]
+    for args in calls:
+        tritonbits.dequant_bias(*args)
+    assert [k[2] for k in db_module._plans] == [(2, 16), (2, 24), (2, 32)]
+    monkeypatch.setattr(_launcher, "_hooks_set", lambda: True)
+    tritonbits.dequant_bias(*calls[1])
+    assert [k[2] for k in db_module._plans] == [(2, 16), (2, 24), (2, 32)]

@@ -287,41 +287,125 @@ _launcher = CachedLauncher(_dequant_bias_kernel)
 _launcher_1d = CachedLauncher(_dequant_bias_1d_kernel)
 
 # ---------------------------------------------------------------------------------------------------
-# Eager plans. NOTE: an eager call validates every argument (there is no state to cache validation on), then
-# looks its launch up here: keyed by everything `plan` reads and everything the compiled kernel is
-# specialized on (device, dtypes, M, N, row strides, vector strides, bias or not, 16-byte alignment of each
-# pointer), the value is a BoundLaunch taking the five tensors. Host time per call: to be measured
-# (ci/host_overhead.py prints it next to a bare Triton launch).
+# Eager plans. A call whose layout was validated and launched before skips `validate` and `plan`: its key is
+# everything they read that is not an address (the exact type, dtype, shape, strides and device of every
+# tensor, out's requires_grad, out_dtype), the 16-byte alignment of every address (what the compiled kernel is
+# specialized on) and bias/out given or not; the value holds the launch bound to the kernel (BoundLaunch, the
+# five tensors its slots) and, for out=, what the overlap check needs besides addresses (O(1): five data_ptr
+# reads and comparisons). A key is made only for plain tensors (torch.Tensor, nn.Parameter; anything else, a
+# subclass included, always takes the slow path); an argument the key cannot be read from, a key never seen, an
+# out= that overlaps an input other than by being exactly acc, or a launch hook (the BoundLaunch steps aside)
+# also go through `validate`, which refuses with its own message. Plans are made only where the launch can be
+# bound (a GPU, or the CPU with tritonbits_harness.launch_stub): the interpreter validates every call.
+# NOTE: Python host cost per call on the CPU with the raw launch stubbed (ci/dequant_bias_host_probe.py --compare,
+# mins over 30 rounds, a shared 2-core CPU), the previous eager path (validate, then a plan lookup) -> this:
+# M=16 N=4096 9.5 -> 4.4 us, M=128 +bias 11.0 -> 4.8 us, M=128 +bias out= 17.3 -> 4.4 us (its span-summing
+# overlap check gone), out=acc 18.3 -> 4.4 us; 1.8-1.9x the floor (the plan's BoundLaunch + torch.empty),
+# 2.0-2.2x an empty kernel's CachedLauncher call (same run). Left per call: the key (~1.3 us: 20 attribute reads),
+# its dict lookup (~0.4 us), the BoundLaunch (~1.1 us), torch.empty (~1.2 us on the CPU; 5.3 us measured on the
+# H100 host, log 20261123T1652Z).
 
 PLAN_CACHE_MAX = 256
-_plans: dict[tuple, BoundLaunch] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # types whose attributes are the tensor's own (no torch_function)
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0
+class EagerPlan(NamedTuple):
+    """A validated layout's launch: the bound kernel, the output's shape and device (out=None), and for out=
+    the byte extents of acc, scale_a, scale_b, bias (0 without) and out, and whether out may be exactly acc
+    (acc and out have one dtype, shape and strides)."""
+
+    bound: BoundLaunch
+    shape: tuple[int, int]
+    device: torch.device
+    extents: tuple[int, int, int, int, int]  # out= only (zeros where the call allocates out)
+    alias_ok: bool
+
+
+_plans: dict[tuple, EagerPlan] = {}
+
+
+def _extent(t: torch.Tensor | None) -> int:
+    span = _runtime._span(t) if t is not None else None
+    return 0 if span is None else span[1] - span[0]
+
+
+def _plan_key(acc, scale_a, scale_b, bias, out_dtype, out) -> tuple | None:
+    """The cache key of a call (see above), or None where an argument is not a plain tensor (or out_dtype not a
+    dtype: a list would not hash)."""
+    if type(out_dtype) is not torch.dtype or type(acc) not in _PLAIN or type(scale_a) not in _PLAIN:
+        return None
+    if type(scale_b) not in _PLAIN or not (bias is None or type(bias) in _PLAIN):
+        return None
+    if not (out is None or type(out) in _PLAIN):
+        return None
+    try:
+        key = (out_dtype, acc.dtype, acc.shape, acc.stride(), acc.device,
+               scale_a.dtype, scale_a.shape, scale_a.stride(), scale_a.device,
+               scale_b.dtype, scale_b.shape, scale_b.stride(), scale_b.device,
+               None if bias is None else (bias.dtype, bias.shape, bias.stride(), bias.device),
+               None if out is None else
+               (out.dtype, out.shape, out.stride(), out.device, out.requires_grad))  # fmt: skip
+        # a fresh out (torch.empty) is 16-byte aligned: CUDA's caching allocator aligns to 512 bytes
+        addresses = (acc.data_ptr() | scale_a.data_ptr() | scale_b.data_ptr()
+                     | (0 if bias is None else bias.data_ptr()) | (0 if out is None else out.data_ptr()))  # fmt: skip
+        if addresses % 16 == 0:
+            return key
+        # some address is not 16-byte aligned: which ones is part of the kernel's specialization
+        return (*key, *(t is None or t.data_ptr() % 16 == 0 for t in (acc, scale_a, scale_b, bias, out)))
+    except (AttributeError, RuntimeError):  # e.g. a sparse tensor has no strides: validate says what is wrong
+        return None
+
+
+def _overlaps(p: EagerPlan, acc, scale_a, scale_b, bias, out) -> bool:
+    """Whether out's bytes meet any input's, other than out being exactly acc (what `_runtime.check_out`
+    allows): the cached extents and this call's addresses (unrolled: this runs on every planned out= call)."""
+    e_acc, e_sa, e_sb, e_bias, e_out = p.extents
+    lo = out.data_ptr()
+    hi = lo + e_out
+    start = acc.data_ptr()
+    if start < hi and lo < start + e_acc and not (start == lo and p.alias_ok):
+        return True
+    start = scale_a.data_ptr()
+    if start < hi and lo < start + e_sa:
+        return True
+    start = scale_b.data_ptr()
+    if start < hi and lo < start + e_sb:
+        return True
+    return bias is not None and (start := bias.data_ptr()) < hi and lo < start + e_bias
 
 
 def _eager(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
+    key = _plan_key(acc, scale_a, scale_b, bias, out_dtype, out)
+    p = _plans.get(key) if key is not None else None
+    if p is not None:
+        bias_arg = scale_b if bias is None else bias
+        if out is None:
+            fresh = torch.empty(p.shape, dtype=out_dtype, device=p.device)
+            if p.bound(acc, scale_a, scale_b, bias_arg, fresh):
+                return fresh
+        elif not _overlaps(p, acc, scale_a, scale_b, bias, out) and p.bound(acc, scale_a, scale_b, bias_arg, out):
+            return out
     strides = validate(acc, scale_a, scale_b, bias, out_dtype, out)
     m, n = acc.shape
+    given = out
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=acc.device)
     if m == 0 or n == 0:
         return out
-    bias_arg = bias if bias is not None else scale_b
-    key = (acc.device, acc.dtype, scale_a.dtype, scale_b.dtype, None if bias is None else bias.dtype, out.dtype,
-           m, n, acc.stride(0), out.stride(0), *strides, _aligned(acc), _aligned(scale_a), _aligned(scale_b),
-           _aligned(bias_arg), _aligned(out))  # fmt: skip
-    bound = _plans.get(key)
-    if bound is not None and bound(acc, scale_a, scale_b, bias_arg, out):
+    launch_ = plan(acc, scale_a, scale_b, bias, out, *strides)
+    launch_.launcher(launch_.grid, launch_.args, launch_.constexprs, launch_.options, acc.device)
+    if key is None:
         return out
-    p = plan(acc, scale_a, scale_b, bias, out, *strides)
-    p.launcher(p.grid, p.args, p.constexprs, p.options, acc.device)
-    bound = p.launcher.bind(p.grid, p.args, p.constexprs, p.options, acc.device, slots=(0, 1, 2, 3, 4))
+    bound = launch_.launcher.bind(launch_.grid, launch_.args, launch_.constexprs, launch_.options, acc.device,
+                                  slots=(0, 1, 2, 3, 4))  # fmt: skip
     if bound is not None:
-        if len(_plans) >= PLAN_CACHE_MAX:
+        extents = (0, 0, 0, 0, 0)
+        if given is not None:
+            extents = (_extent(acc), _extent(scale_a), _extent(scale_b), _extent(bias), _extent(given))
+        alias_ok = given is not None and (acc.dtype, acc.shape, acc.stride()) == (out.dtype, out.shape, out.stride())
+        if key not in _plans and len(_plans) >= PLAN_CACHE_MAX:  # (a plan re-bound under a launch hook: same key)
             _plans.pop(next(iter(_plans)))  # the oldest plan
-        _plans[key] = bound
+        _plans[key] = EagerPlan(bound, (m, n), acc.device, extents, alias_ok)
     return out
 
 
@@ -379,6 +463,20 @@ def _compiled_call(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
     return op(acc, scale_a, scale_b, bias, out_dtype)
 
 
+def _any_requires_grad(acc, scale_a, scale_b, bias) -> bool:
+    """The grad check's common case in one expression (plain tensors, none requiring grad); anything else
+    (a list, an input that requires grad) is named by the loop in dequant_bias."""
+    try:
+        return (
+            acc.requires_grad
+            or scale_a.requires_grad
+            or scale_b.requires_grad
+            or (bias is not None and bias.requires_grad)
+        )
+    except AttributeError:
+        return True
+
+
 def dequant_bias(
     acc: torch.Tensor,
     scale_a: torch.Tensor,
@@ -407,7 +505,7 @@ def dequant_bias(
         out_dtype = out.dtype
     elif out_dtype is None:
         out_dtype = torch.bfloat16
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and _any_requires_grad(acc, scale_a, scale_b, bias):
         for name, t in (("acc", acc), ("scale_a", scale_a), ("scale_b", scale_b), ("bias", bias)):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise ValueError(f"dequant_bias is not differentiable, but {name} requires grad: detach it or "
