@@ -322,10 +322,10 @@ def _plan_quantize_smem(x, code, out, absmax, blocksize: int, offset, rcp):
         raise ValueError("encoder='smem' needs the dynamic code (formats.code_table('dynamic', device))")
     n = x.numel()
     rows = max(TILE // blocksize, 1)
-    n_tiles = triton.cdiv(n, rows * blocksize)
+    n_tiles = _runtime.cdiv(n, rows * blocksize)
     grid = (min(n_tiles, sm_count(x.device) * SMEM_PROGRAMS_PER_SM), 1, 1)
     args = (x, offset if offset is not None else absmax, smem_table_for(x.device), out, absmax, n,
-            triton.cdiv(n, blocksize), n_tiles)  # fmt: skip
+            _runtime.cdiv(n, blocksize), n_tiles)  # fmt: skip
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
                   "RCP": rcp_mode(x.device, rcp), "TABLE_SIZE": SMEM_TABLE_SIZE, "LO": TABLE_LO, "HI": TABLE_HI,
                   "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
@@ -347,16 +347,16 @@ def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | 
         return _plan_quantize_smem(x, code, out, absmax, blocksize, offset, rcp)
     n = x.numel()
     rows = max(TILE // blocksize, 1)
-    while rows > 1 and triton.cdiv(n, rows * blocksize) < MIN_PROGRAMS:
+    while rows > 1 and _runtime.cdiv(n, rows * blocksize) < MIN_PROGRAMS:
         rows //= 2
-    grid = (triton.cdiv(n, rows * blocksize), 1, 1)
+    grid = (_runtime.cdiv(n, rows * blocksize), 1, 1)
     table = table_for(code, x.device) if encoder == "table" else None
     if encoder == "table" and table is None:
         raise ValueError("encoder='table' needs the dynamic code (formats.code_table('dynamic', device))")
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     args = (x, offset if offset is not None else absmax, code if table is None else table, out, absmax, n,
-            triton.cdiv(n, blocksize))  # fmt: skip
+            _runtime.cdiv(n, blocksize))  # fmt: skip
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
                   "RCP": rcp_mode(x.device, rcp), "TABLE": table is not None, "LO": TABLE_LO, "HI": TABLE_HI,
                   "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
@@ -386,7 +386,7 @@ def launch_dequantize(q, absmax, code, out, blocksize: int, *, kernel=None) -> N
     if n == 0:
         return
     manual_bf16 = out.dtype == torch.bfloat16 and not _runtime.native_bf16_conversion(out.device)
-    grid = (triton.cdiv(n, DEQUANT_TILE), 1, 1)
+    grid = (_runtime.cdiv(n, DEQUANT_TILE), 1, 1)
     args = (q, absmax, code, out.view(torch.int16) if manual_bf16 else out, n)
     constexprs = {"BLOCKSIZE": blocksize, "TILE_": DEQUANT_TILE, "MANUAL_BF16": manual_bf16,
                   "FTZ": _runtime.ftz_mode(out.device)}  # fmt: skip
@@ -435,7 +435,7 @@ def _flat(A: torch.Tensor) -> torch.Tensor:
 def _quantize_blockwise_op(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = _flat(A)
     out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    absmax = torch.empty(triton.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
+    absmax = torch.empty(_runtime.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
     launch_quantize(x, code, out, absmax, blocksize)
     return out, absmax
 
@@ -465,7 +465,7 @@ def _quantize_blockwise_triton_op(
     _runtime.outside_fake(formats.code_table, "dynamic", A.device)  # table_for's identity check reads it
     x = _flat(A)
     out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    absmax = torch.empty(triton.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
+    absmax = torch.empty(_runtime.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
     launch_quantize(x, code, out, absmax, blocksize, kernel_wrap=torch.library.wrap_triton)
     return out, absmax
 
@@ -532,7 +532,7 @@ def _quantize(A, code, blocksize, out=None, absmax=None):
     if out is None:
         out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     if absmax is None:
-        absmax = torch.empty(triton.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
+        absmax = torch.empty(_runtime.cdiv(x.numel(), blocksize), dtype=torch.float32, device=A.device)
     launch_quantize(x, code, out, absmax, blocksize)
     return out, absmax
 

@@ -322,7 +322,7 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
     n = x.numel()
     rows = max(TILE // blocksize, 1)
     thr, codes = encoder_tables(quant_type, encoder, x.device)
-    grid = (triton.cdiv(n, rows * blocksize), 1, 1)
+    grid = (_runtime.cdiv(n, rows * blocksize), 1, 1)
     n_bytes_alloc = packed.numel()
     assert n_bytes_alloc <= grid[0] * rows * blocksize // 2 + (blocksize // 2 if n == 0 else 0)
     word = {2: torch.int32, 4: torch.int64}[x.element_size()]
@@ -332,7 +332,7 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
         raise ValueError("pairs=True needs an even element count and an input aligned to two elements")
     pairs = can_pair if pairs is None else pairs
     args = (x.view(word) if pairs else x, packed, absmax, thr, codes, n, (n + 1) // 2, n_bytes_alloc,
-            triton.cdiv(n, blocksize))  # fmt: skip
+            _runtime.cdiv(n, blocksize))  # fmt: skip
     fp4 = quant_type == "fp4"
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "FP4": fp4, "ENCODER": encoder,
                   "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
