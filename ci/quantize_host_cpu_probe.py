@@ -12,6 +12,11 @@ the CPU here, so the nested cases use a small weight (SHAPES) to keep that sum a
 quantize_blockwise case reports its mean-free plain path only. The interpreter's device is "cpu": the reciprocal
 mode is "plain", FTZ "emulate", the SM count 1 (one more constexpr value each, no other path).
 
+Timed as this process's CPU time (time.process_time), one torch thread, denormals flushed: on the shared 2-core
+machine wall time doubled whenever another process shared the core (bimodal runs, 14 or 28 us for one case), a
+parallel CPU mean waited for its second thread, and the mean of never-written memory (no kernel writes the
+absmax) ran up to ~1000x slower on denormal garbage. CPU time is stable to a few percent across runs.
+
 One tree (the one on PYTHONPATH, or this checkout):
 
     TRITON_INTERPRET=1 uv run python ci/quantize_host_cpu_probe.py [--profile CASE]
@@ -32,6 +37,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import time
 import timeit
 from pathlib import Path
 
@@ -75,6 +81,10 @@ def measure(number: int, repeat: int, only: str | None, profile: str | None) -> 
     import tritonbits
     from tritonbits_harness.launch_stub import stubbed_launches
 
+    # no kernel runs, so the nested path's absmax.mean() sums never-written memory: denormal garbage there slowed
+    # that CPU sum by up to ~1000x (7.9 ms a call at 1024x4096); flushed, the sum costs what it costs on any data
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)  # a parallel CPU sum waits for a second thread, seconds late on a loaded machine
     torch.manual_seed(0)
     xs = {k: torch.randn(*s).to(torch.bfloat16) for k, s in SHAPES.items()}
     result: dict[str, float] = {"_file": tritonbits.__file__}  # type: ignore[dict-item]
@@ -85,7 +95,7 @@ def measure(number: int, repeat: int, only: str | None, profile: str | None) -> 
             x = xs[shape]
             for _ in range(5):  # first calls: tables, the stand-in compile, binds
                 call(x)
-            runs = timeit.repeat(lambda call=call, x=x: call(x), number=number, repeat=repeat)
+            runs = timeit.repeat(lambda call=call, x=x: call(x), number=number, repeat=repeat, timer=time.process_time)
             result[name] = statistics.median(runs) / number * 1e6
             if profile and profile in name:
                 prof = cProfile.Profile()

@@ -135,9 +135,10 @@ class BoundLaunch:
                  device_index: int):  # fmt: skip
         self.owner, self.kernel, self.grid, self.device_index = owner, kernel, grid, device_index
         self.args, self.slots = list(args), tuple(slots)
+        self.compiled = owner.compiled  # a launcher whose cache was replaced (launch_stub) voids its binds
 
     def __call__(self, *values, grid: tuple | None = None) -> bool:
-        if not self.owner.enabled or _hooks_set():
+        if not self.owner.enabled or self.owner.compiled is not self.compiled or _hooks_set():
             return False
         if _other_device(self.device_index):
             with torch.cuda.device(self.device_index):
