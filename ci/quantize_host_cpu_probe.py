@@ -8,8 +8,8 @@ CachedLauncher of tritonbits.ops switched on by `tritonbits_harness.launch_stub.
 the first launch of a specialization caches a stand-in CompiledKernel instead of compiling, later launches take
 the direct path (or a bound launch) up to the raw launch, which returns at once. What differs from a GPU host:
 `torch.empty` is the CPU allocator, and the nested path's `absmax.mean()` (a launch on a GPU) sums its values on
-the CPU here, so the nested cases use a small weight (SHAPES) to keep that sum a few microseconds; the
-quantize_blockwise case reports its mean-free plain path only. The interpreter's device is "cpu": the reciprocal
+the CPU here, so the nested cases use a small weight (SHAPES) to keep that sum a few microseconds
+(quantize_blockwise's nested mean sums one value per 4096). The interpreter's device is "cpu": the reciprocal
 mode is "plain", FTZ "emulate", the SM count 1 (one more constexpr value each, no other path).
 
 Timed as this process's CPU time (time.process_time), one torch thread, denormals flushed: on the shared 2-core
@@ -61,6 +61,7 @@ def cases():
 
                 out.append((name, shape, call))
         out.append((f"q8 blockwise {shape}", shape, lambda x: tritonbits.quantize_blockwise(x)))
+        out.append((f"q8 blockwise nested {shape}", shape, lambda x: tritonbits.quantize_blockwise(x, nested=True)))
     return out
 
 

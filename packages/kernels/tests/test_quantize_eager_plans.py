@@ -176,7 +176,7 @@ def test_bad_input_after_a_primed_plan_is_refused(op, variant, row, gen, device,
         op_cases.call(op, kw)
     if "out" not in kw:
         (plans,) = (q4 if op == "quantize_4bit" else b8)._EAGER.values()  # primed and bound
-        assert plans and all(getattr(p, "q4" if op == "quantize_4bit" else "bound") for p in plans.values())
+        assert plans and all(p.q4 if op == "quantize_4bit" else p.first.bound for p in plans.values())
     row.edit(kw, device)
     raw, jit = stub.raw, stub.jit
     with pytest.raises(Exception) as info:
@@ -215,13 +215,18 @@ def test_cpu_tensor_refused_without_the_interpreter_after_priming(gen, device, s
 
 
 def checked8(x, **kwargs):
-    """quantize_blockwise(x, **kwargs), byte-equal with the oracle (codes, absmax, code)."""
+    """quantize_blockwise(x, **kwargs), byte-equal with the oracle (codes, absmax, code; nested: offset, state2)."""
     q, state = tritonbits.quantize_blockwise(x, **kwargs)
-    want_q, want = R.quantize_blockwise_cuda(x, blocksize=kwargs.get("blocksize", 4096))
+    nested = kwargs.get("nested", False)
+    want_q, want = R.quantize_blockwise_cuda(x, blocksize=kwargs.get("blocksize", 4096), nested=nested)
     assert_exact(q, want_q.to(x.device))
     assert_exact(state.absmax, want["absmax"].to(x.device))
     assert_exact(state.code, want["code"].to(x.device))
-    assert tuple(state.shape) == tuple(x.shape) and state.dtype == x.dtype and state.state2 is None
+    assert tuple(state.shape) == tuple(x.shape) and state.dtype == x.dtype and (state.state2 is None) != nested
+    if nested:
+        assert_exact(state.offset.reshape(()), want["offset"].reshape(()).to(x.device))
+        assert_exact(state.state2.absmax, want["absmax2"].to(x.device))
+        assert_exact(state.state2.code, want["code2"].to(x.device))
     return q, state
 
 
@@ -243,22 +248,30 @@ def counts8(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("blocksize", [256, 4096])
-def test_blockwise_seen_call_is_validated_and_planned_once(blocksize, gen, device, stub, counts8):
-    checked8(fresh((33, 70), gen, device), blocksize=blocksize)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", [64, 4096])
+def test_blockwise_seen_call_is_validated_and_planned_once(blocksize, nested, gen, device, stub, counts8):
+    checked8(fresh((33, 70), gen, device), blocksize=blocksize, nested=nested)
     assert counts8 == {"validated": 1, "planned": 1}
     (plans,) = b8._EAGER.values()
     (plan,) = plans.values()
-    assert plan.bound is not None
+    assert plan.first.bound is not None and (plan.second is not None and plan.second.bound is not None) == nested
     raw, jit = stub.raw, stub.jit
     for _ in range(3):
-        checked8(fresh((33, 70), gen, device), blocksize=blocksize)
-    assert counts8 == {"validated": 1, "planned": 1} and (stub.raw, stub.jit) == (raw + 3, jit)
+        checked8(fresh((33, 70), gen, device), blocksize=blocksize, nested=nested)
+    launches = 3 * (2 if nested else 1)
+    assert counts8 == {"validated": 1, "planned": 1} and (stub.raw, stub.jit) == (raw + launches, jit)
 
 
 @pytest.mark.parametrize(
     ("change", "validated"),
-    [({"blocksize": 64}, 2), ({"dtype": torch.float32}, 2), ({"shape": (5, 7)}, 1), ({"misaligned": True}, 1)],
+    [
+        ({"blocksize": 64}, 2),
+        ({"nested": True}, 2),
+        ({"dtype": torch.float32}, 2),
+        ({"shape": (5, 7)}, 1),
+        ({"misaligned": True}, 1),
+    ],
     ids=lambda v: str(v) if not isinstance(v, int) else "",
 )
 def test_blockwise_each_key_component_makes_a_new_plan(change, validated, gen, device, stub, counts8):
@@ -267,7 +280,7 @@ def test_blockwise_each_key_component_makes_a_new_plan(change, validated, gen, d
     if change.get("misaligned"):
         x = torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].reshape(x.shape)
     for _ in range(2):
-        checked8(x, blocksize=change.get("blocksize", 256))
+        checked8(x, blocksize=change.get("blocksize", 256), nested=change.get("nested", False))
     assert counts8 == {"validated": validated, "planned": 2}
 
 

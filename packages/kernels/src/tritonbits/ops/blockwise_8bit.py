@@ -564,13 +564,17 @@ def quantize_blockwise(
     nested: also quantize the absmax (minus its mean) with the same blocksize, as bnb does.
     Non-contiguous A is quantized in its logical order (bnb calls A.contiguous()). NaN: ignored by the
     block's absmax, quantized to code index 0. One launch (nested: two, with a torch mean between)."""
-    if code is None and absmax is None and out is None and nested is False and not torch.compiler.is_compiling():
-        return _eager(A, blocksize)
+    if code is None and absmax is None and out is None and not torch.compiler.is_compiling():
+        return _eager(A, blocksize, nested)
     device = check_input(A)
     check_blocksize(blocksize, formats.BLOCKSIZES_8BIT)
+    _check_nested(nested)
+    return _quantize_validated(A, check_code(code, device), absmax, out, blocksize, nested, device)
+
+
+def _check_nested(nested) -> None:
     if not isinstance(nested, bool):  # as quantize_4bit's compress_statistics
         raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
-    return _quantize_validated(A, check_code(code, device), absmax, out, blocksize, nested, device)
 
 
 def _quantize_validated(A, code, absmax, out, blocksize, nested, device) -> tuple[torch.Tensor, QuantState]:
@@ -597,61 +601,85 @@ def _quantize_validated(A, code, absmax, out, blocksize, nested, device) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------------
-# Eager quantize_blockwise(A[, blocksize]) (no code, absmax, out; not nested): validated once per argument
-# combination, launched through a bound launch. NOTE: as quantize_4bit's _EAGER (see there): _EAGER maps what the
-# checks read (A's type, dtype, device and _runtime.INTERPRET; blocksize with its type) to plans keyed by the
-# element count and x's address mod 16; out and absmax are fresh torch.empty tensors, bound as slots with x (the
-# kernel's input, offset stand-in, out, absmax). Measured host time, CPU under stubbed launches
-# (ci/quantize_host_cpu_probe.py --compare, 5 rounds, against c14eaf5; bf16 256x4096 and 1024x4096, bs4096):
-# 19.3-19.6 -> 7.1 us (0.36-0.37x). GPU host time: to be measured.
+# Eager quantize_blockwise(A, blocksize=..., nested=...) (no code, absmax or out): validated once per argument
+# combination, launched through bound launches. NOTE: as quantize_4bit's _EAGER (see there): _EAGER maps what the
+# checks read (A's type, dtype, device and _runtime.INTERPRET; blocksize and nested with their types) to plans
+# keyed by the element count and x's address mod 16; every other tensor is a fresh torch.empty, bound as a slot
+# with x (the kernel's input, offset stand-in, out, absmax; nested: the second launch's too). Measured host time,
+# CPU under stubbed launches (ci/quantize_host_cpu_probe.py --compare, 5 rounds, against c14eaf5; bf16 256x4096
+# and 1024x4096, bs4096): 19.5-19.7 -> 7.4 us (0.37-0.38x), nested 42 -> 15.2-15.3 us (0.36x). GPU host time: to
+# be measured (ci/quantize_host_probe.py).
 EAGER_MAX = 64  # argument combinations kept, each with at most EAGER_MAX plans (oldest dropped first)
 _EAGER: dict[tuple, dict[tuple, _EagerPlan]] = {}
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-class _EagerPlan:
-    """The launch of one validated quantize_blockwise call shape (see the NOTE above _EAGER)."""
+class _BoundQuantize:
+    """launch_quantize(x, the dynamic code, out, absmax, blocksize) of fresh out/absmax tensors: planned and bound
+    on its first launch, then the bound launch (input, offset stand-in, out, absmax: args 0, 1, 3, 4)."""
 
-    def __init__(self, n: int, blocksize: int, device: torch.device):
-        self.blocksize, self.device, self.blocks = blocksize, device, -(-n // blocksize)
-        self.bound: BoundLaunch | None = None  # once launched
-        self.code: torch.Tensor | None = None  # the code and table the bound launch reads (kept alive)
-        self.table: torch.Tensor | None = None
+    def __init__(self, blocksize: int, device: torch.device):
+        self.blocksize, self.device = blocksize, device
+        self.bound: BoundLaunch | None = None
+        self.table: torch.Tensor | None = None  # what the bound launch reads besides its slots (kept alive)
 
-    def run(self, A: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, QuantState]:
-        out = torch.empty(A.shape, dtype=torch.uint8, device=self.device)
-        absmax = torch.empty(self.blocks, dtype=torch.float32, device=self.device)
-        if self.bound is None or not self.bound(x, absmax, out, absmax):
-            self._launch(x, out, absmax)
-        assert self.code is not None
-        return out, QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=self.blocksize,
-                               quant_type=None, code=self.code.clone())  # type: ignore[arg-type]  # fmt: skip
-
-    def _launch(self, x, out, absmax) -> None:
-        """launch_quantize with the dynamic code, then bind it (input, offset stand-in, out, absmax: args 0, 1, 3,
-        4)."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor) -> None:
+        if self.bound is not None and self.bound(x, absmax, out, absmax):
+            return
         code = formats.code_table("dynamic", self.device)
         encoder = default_encoder(code, self.device)
         launcher = _quantize_smem_launcher if encoder == "smem" else _quantize_launcher
         grid, args, constexprs, options = plan_quantize(x, code, out, absmax, self.blocksize, None, None, encoder)
         launcher(grid, args, constexprs, options, self.device)
         self.bound = launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 3, 4))
-        self.code, self.table = code, args[2]
+        self.table = args[2]
 
 
-def _eager(A, blocksize) -> tuple[torch.Tensor, QuantState]:
-    """quantize_blockwise(A, blocksize=blocksize), eager (see the NOTE above _EAGER)."""
+class _EagerPlan:
+    """The launches of one validated quantize_blockwise call shape (see the NOTE above _EAGER), in
+    _quantize_validated's order: quantize; the state's code copy; nested: mean, subtraction, quantize, code copy."""
+
+    def __init__(self, n: int, blocksize: int, nested: bool, device: torch.device):
+        self.blocksize, self.nested, self.device = blocksize, nested, device
+        self.blocks = -(-n // blocksize)
+        self.blocks2 = -(-self.blocks // blocksize)
+        self.code = formats.code_table("dynamic", device)  # the states' copies are cloned from it
+        self.first = _BoundQuantize(blocksize, device)
+        self.second = _BoundQuantize(blocksize, device) if nested else None
+
+    def run(self, A: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, QuantState]:
+        device, blocksize = self.device, self.blocksize
+        out = torch.empty(A.shape, dtype=torch.uint8, device=device)
+        absmax = torch.empty(self.blocks, dtype=torch.float32, device=device)
+        self.first(x, out, absmax)
+        state_code = self.code.clone()
+        if self.second is None:
+            return out, QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
+                                   quant_type=None, code=state_code)  # type: ignore[arg-type]  # fmt: skip
+        offset = absmax.mean()
+        absmax -= offset
+        qabsmax = torch.empty(self.blocks, dtype=torch.uint8, device=device)
+        absmax2 = torch.empty(self.blocks2, dtype=torch.float32, device=device)
+        self.second(absmax, qabsmax, absmax2)
+        state2 = NestedState(absmax=absmax2, code=self.code.clone(), blocksize=blocksize)
+        return out, QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
+                               quant_type=None, code=state_code, offset=offset, state2=state2)  # type: ignore[arg-type]  # fmt: skip
+
+
+def _eager(A, blocksize, nested) -> tuple[torch.Tensor, QuantState]:
+    """quantize_blockwise(A, blocksize=blocksize, nested=nested), eager (see the NOTE above _EAGER)."""
     plans: dict | None = None
     key: tuple | None = None
     if type(A) in _TENSOR_TYPES:
-        key = (type(A), A.dtype, A.device, _runtime.INTERPRET, type(blocksize), blocksize)
+        key = (type(A), A.dtype, A.device, _runtime.INTERPRET, type(blocksize), blocksize, type(nested), nested)
         try:
             plans = _EAGER.get(key)
-        except TypeError:  # an unhashable blocksize: check_blocksize refuses it
+        except TypeError:  # an unhashable argument: the checks refuse it
             key = None
     if plans is None:
         check_input(A)
         check_blocksize(blocksize, formats.BLOCKSIZES_8BIT)
+        _check_nested(nested)
         plans = {}
         if key is not None:
             if len(_EAGER) >= EAGER_MAX:
@@ -661,13 +689,13 @@ def _eager(A, blocksize) -> tuple[torch.Tensor, QuantState]:
     x = _flat(A)
     n = x.numel()
     if n == 0:
-        return _quantize_validated(A, formats.code_table("dynamic", device), None, None, blocksize, False, device)
+        return _quantize_validated(A, formats.code_table("dynamic", device), None, None, blocksize, nested, device)
     shape_key = (n, x.data_ptr() % 16)
     p = plans.get(shape_key)
     if p is None:
         if len(plans) >= EAGER_MAX:
             plans.pop(next(iter(plans)))
-        p = plans[shape_key] = _EagerPlan(n, blocksize, device)
+        p = plans[shape_key] = _EagerPlan(n, blocksize, nested, device)
     return p.run(A, x)
 
 
