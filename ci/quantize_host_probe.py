@@ -1,6 +1,8 @@
-"""Host time of eager tritonbits.quantize_4bit on a GPU machine, for the tree on PYTHONPATH (run it once per tree,
-interleaved, to compare two commits on one machine): per case the unsynced host time of one call
-(timing.host_us), the do_bench launch-mode and CUDA-graph medians, then a cProfile of 2000 plain NF4 calls.
+"""Host time of eager tritonbits.quantize_4bit (and quantize_blockwise) on a GPU machine, for the tree on PYTHONPATH
+(run it once per tree, interleaved, to compare two commits on one machine): per case the unsynced host time of one
+call (timing.host_us), the do_bench launch-mode and CUDA-graph medians, then a cProfile of 2000 plain NF4 calls.
+The same calls' Python host cost on a machine without a GPU (stubbed launches, two trees compared in one run):
+ci/quantize_host_cpu_probe.py.
 
     PYTHONPATH=/tmp/site:<kernels src>:packages/reference/src:packages/harness/src python3 ci/quantize_host_probe.py
 """
@@ -26,5 +28,15 @@ for name, xx in (("4096", x), ("14336", x14)):
         lm = timing.bench(f, rep=20) * 1000
         gm = timing.bench_graph(f, rep=20) * 1000
         print(f"{name} {qt} nested={nested}: host {h:.1f} us, launch {lm:.1f} us, graph {gm:.1f} us")
+for name, xx in (("4096", x), ("14336", x14)):
+    f = lambda xx=xx: tritonbits.quantize_blockwise(xx)
+    f()
+    f()
+    torch.cuda.synchronize()
+    h = timing.host_us(f, n=1000)
+    torch.cuda.synchronize()
+    lm = timing.bench(f, rep=20) * 1000
+    gm = timing.bench_graph(f, rep=20) * 1000
+    print(f"{name} quantize_blockwise bs4096: host {h:.1f} us, launch {lm:.1f} us, graph {gm:.1f} us")
 f = lambda: tritonbits.quantize_4bit(x, blocksize=64, quant_type="nf4")
 timing.print_profile(f, 2000, 12)

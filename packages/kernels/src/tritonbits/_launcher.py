@@ -144,9 +144,10 @@ class BoundLaunch:
         # a copy and a loop. NOTE: 0.9 -> 0.7 us for five slots (CPU timeit of the argument building alone).
         leading = self.slots == tuple(range(len(self.slots)))
         self.tail = self.args[len(self.slots) :] if leading else None
+        self.compiled = owner.compiled  # a launcher whose cache was replaced (launch_stub) voids its binds
 
     def __call__(self, *values, grid: tuple | None = None) -> bool:
-        if not self.owner.enabled or _hooks_set():
+        if not self.owner.enabled or self.owner.compiled is not self.compiled or _hooks_set():
             return False
         if _other_device(self.device_index):
             with torch.cuda.device(self.device_index):

@@ -39,6 +39,13 @@ def capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints with b > 0: triton.cdiv's value, for host code. NOTE: triton.cdiv is a
+    constexpr_function since Triton 3.5 (argument unwrapping on every call): 2.2 us a call against 0.015 us for
+    this expression inline (CPU, timeit, Triton 3.9), and the nested quantize_4bit planned 8 of them a call."""
+    return -(-a // b)
+
+
 def native_bf16_conversion(device: torch.device) -> bool:
     """Whether Triton can round fp32 to bf16 itself: sm80+ (it does not compile on sm75) and not the
     interpreter (which truncates instead of rounding to nearest even)."""

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import _runtime, formats
-from .._launcher import CachedLauncher
+from .._launcher import BoundLaunch, CachedLauncher
 from .._triton_helpers import abs_f32, mul_ftz, reciprocal
 from ..quant_state import NestedState, QuantState, check_tensor
 from . import blockwise_8bit as b8
@@ -322,7 +322,7 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
     n = x.numel()
     rows = max(TILE // blocksize, 1)
     thr, codes = encoder_tables(quant_type, encoder, x.device)
-    grid = (triton.cdiv(n, rows * blocksize), 1, 1)
+    grid = (_runtime.cdiv(n, rows * blocksize), 1, 1)
     n_bytes_alloc = packed.numel()
     assert n_bytes_alloc <= grid[0] * rows * blocksize // 2 + (blocksize // 2 if n == 0 else 0)
     word = {2: torch.int32, 4: torch.int64}[x.element_size()]
@@ -332,7 +332,7 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
         raise ValueError("pairs=True needs an even element count and an input aligned to two elements")
     pairs = can_pair if pairs is None else pairs
     args = (x.view(word) if pairs else x, packed, absmax, thr, codes, n, (n + 1) // 2, n_bytes_alloc,
-            triton.cdiv(n, blocksize))  # fmt: skip
+            _runtime.cdiv(n, blocksize))  # fmt: skip
     fp4 = quant_type == "fp4"
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "FP4": fp4, "ENCODER": encoder,
                   "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
@@ -512,9 +512,15 @@ def quantize_4bit(
     Non-contiguous A is quantized in its logical order (bnb calls A.contiguous()). NaN/Inf: see the module
     docstring. One launch (compress_statistics: two and a torch mean)."""
     blocksize = 64 if blocksize is None else blocksize
+    if absmax is None and out is None and not torch.compiler.is_compiling():
+        return _eager(A, blocksize, compress_statistics, quant_type, quant_storage)
     device = _check_args(A, absmax, out, blocksize, compress_statistics, quant_type, quant_storage)
+    return _quantize(A, absmax, out, blocksize, compress_statistics, quant_type, quant_storage, device)
+
+
+def _quantize(A, absmax, out, blocksize, nested, quant_type, quant_storage, device) -> tuple[torch.Tensor, QuantState]:
+    """quantize_4bit on validated arguments, compiled or eager (without a plan: absmax/out given, or no values)."""
     n = A.numel()
-    nested = compress_statistics
     size = quant_storage.itemsize
     if torch.compiler.is_compiling():
         op = _quantize_4bit_triton_op if A.device.type == "cuda" else _quantize_4bit_op
@@ -540,3 +546,114 @@ def quantize_4bit(
         state.state2 = NestedState(absmax=absmax2, code=formats.code_table("dynamic", device).clone(),
                                    blocksize=formats.NESTED_BLOCKSIZE)  # fmt: skip
     return packed, state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eager calls without absmax/out (how models quantize): validated once per argument combination, launched
+# through bound launches. NOTE: _EAGER maps what _check_args reads (A's type, dtype and device, and whether CPU
+# tensors may run: _runtime.INTERPRET; every other argument with its type: 64.0, True or a str subclass is not 64
+# or "nf4") to the plans of the validated combination; a miss (any other value, an unhashable one included) runs
+# _check_args, which refuses what it refuses. A plan is keyed by what the launches depend on beyond that: the
+# element count and x's address mod 16 (Triton's 16-byte specialization, and whether the 4-bit kernel reads
+# element pairs as words); every other tensor of the call is a fresh torch.empty (16-byte aligned) or mean()
+# result, so the plan binds each launch with those tensors as its slots (the 4-bit kernel's x, packed, absmax;
+# the nested 8-bit kernel's input, offset, output, absmax2) and holds the tables the launches read.
+# Measured host time, CPU under stubbed launches (ci/quantize_host_cpu_probe.py --compare, 5 rounds, against
+# c14eaf5; bf16 256x4096 and 1024x4096, bs64): plain 19.0 -> 7.3 us (0.38x), nested 43-45 -> 15-16 us
+# (0.34-0.36x), nf4 and fp4 alike. GPU host time: to be measured (ci/quantize_host_probe.py).
+EAGER_MAX = 64  # argument combinations kept, each with at most EAGER_MAX plans (oldest dropped first)
+_EAGER: dict[tuple, dict[tuple, _EagerPlan]] = {}
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+class _EagerPlan:
+    """The launches of one validated eager call shape (see the NOTE above _EAGER)."""
+
+    def __init__(self, n: int, blocksize: int, quant_type: str, nested: bool, quant_storage: torch.dtype,
+                 device: torch.device):  # fmt: skip
+        self.blocksize, self.quant_type, self.nested, self.device = blocksize, quant_type, nested, device
+        self.blocks = -(-n // blocksize)
+        self.blocks2 = -(-self.blocks // formats.NESTED_BLOCKSIZE)
+        self.storage = quant_storage
+        self.packed_shape = (packed_bytes(n, quant_storage) // quant_storage.itemsize, 1)
+        self.code = formats.code_table(quant_type, device)  # the states' copies are cloned from these
+        self.code2 = formats.code_table("dynamic", device) if nested else None
+        self.word: torch.dtype | None = None  # the 4-bit kernel's view of x (element pairs), once planned
+        self.q4: BoundLaunch | None = None  # once launched
+        self.q8: BoundLaunch | None = None
+        self.tables4: tuple = ()  # what each bound launch reads besides its slots (kept alive)
+        self.tables8: tuple = ()
+
+    def run(self, A: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, QuantState]:
+        device, nested = self.device, self.nested
+        packed = torch.empty(self.packed_shape, dtype=self.storage, device=device)
+        packed_u8 = packed if self.storage is torch.uint8 else packed.view(torch.uint8)
+        absmax = torch.empty(self.blocks, dtype=torch.uint8 if nested else torch.float32, device=device)
+        absmax32 = torch.empty(self.blocks, dtype=torch.float32, device=device) if nested else absmax
+        xw = x if self.word is None else x.view(self.word)
+        if self.q4 is None or not self.q4(xw, packed_u8, absmax32):
+            self._launch_4bit(x, packed_u8, absmax32)
+        if nested:
+            offset = absmax32.mean()
+            absmax2 = torch.empty(self.blocks2, dtype=torch.float32, device=device)
+            if self.q8 is None or not self.q8(absmax32, offset, absmax, absmax2):
+                self._launch_8bit(absmax32, absmax, absmax2, offset)
+        # the states' code copies after the launches, as quantize_4bit's other path (the same stream order)
+        state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=self.blocksize,
+                           quant_type=self.quant_type, code=self.code.clone())  # fmt: skip
+        if nested:
+            assert self.code2 is not None
+            state.offset = offset
+            state.state2 = NestedState(absmax=absmax2, code=self.code2.clone(), blocksize=formats.NESTED_BLOCKSIZE)
+        return packed, state
+
+    def _launch_4bit(self, x, packed_u8, absmax32) -> None:
+        """launch(), then bind it (x, packed, absmax are args 0-2)."""
+        grid, args, constexprs, options = plan(x, packed_u8, absmax32, self.blocksize, self.quant_type)
+        _launcher(grid, args, constexprs, options, self.device)
+        self.word = args[0].dtype if constexprs["PAIRS"] else None
+        self.q4 = _launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 2))
+        self.tables4 = (args[3], args[4])
+
+    def _launch_8bit(self, absmax32, qabsmax, absmax2, offset) -> None:
+        """_nested's b8.launch_quantize (the "table" encoder), then bind it (input, offset, output, absmax2 are
+        args 0, 1, 3, 4)."""
+        code2 = formats.code_table("dynamic", self.device)  # as _nested: table_for checks it by identity
+        blocksize2 = formats.NESTED_BLOCKSIZE
+        grid, args, constexprs, options = b8.plan_quantize(absmax32, code2, qabsmax, absmax2, blocksize2, offset,
+                                                           encoder="table")  # fmt: skip
+        b8._quantize_launcher(grid, args, constexprs, options, self.device)
+        self.q8 = b8._quantize_launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 3, 4))
+        self.tables8 = (args[2],)
+
+
+def _eager(A, blocksize, compress_statistics, quant_type, quant_storage) -> tuple[torch.Tensor, QuantState]:
+    """quantize_4bit without absmax/out, eager (see the NOTE above _EAGER)."""
+    plans: dict | None = None
+    key: tuple | None = None
+    if type(A) in _TENSOR_TYPES:
+        key = (type(A), A.dtype, A.device, _runtime.INTERPRET, type(blocksize), blocksize, type(compress_statistics),
+               compress_statistics, type(quant_type), quant_type, type(quant_storage), quant_storage)  # fmt: skip
+        try:
+            plans = _EAGER.get(key)
+        except TypeError:  # an unhashable argument: _check_args refuses it
+            key = None
+    if plans is None:
+        _check_args(A, None, None, blocksize, compress_statistics, quant_type, quant_storage)
+        plans = {}
+        if key is not None:
+            if len(_EAGER) >= EAGER_MAX:
+                _EAGER.pop(next(iter(_EAGER)))
+            _EAGER[key] = plans
+    device = A.device
+    x = b8._flat(A)
+    n = x.numel()
+    if n == 0:
+        return _quantize(A, None, None, blocksize, compress_statistics, quant_type, quant_storage, device)
+    shape_key = (n, x.data_ptr() % 16)
+    p = plans.get(shape_key)
+    if p is None:
+        if len(plans) >= EAGER_MAX:
+            plans.pop(next(iter(plans)))
+        p = plans[shape_key] = _EagerPlan(n, blocksize, quant_type, compress_statistics, quant_storage, device)
+    return p.run(A, x)
