@@ -2,7 +2,8 @@
 ops/blockwise_8bit.py): a call is validated once per argument combination and launched through bound launches,
 planned once per (element count, x's address mod 16). `stubbed_launches(execute=True)` runs the bound-launch path
 on the CPU (everything but the raw launch: see tritonbits_harness.launch_stub), every result checked byte for byte
-against the oracle; bad inputs are refused by name after a good call primed the caches, with no launch."""
+against the oracle (against bnb CUDA in the GPU sessions); bad inputs are refused by name after a good call primed
+the caches, with no launch."""
 
 import pytest
 import torch
@@ -59,11 +60,17 @@ def empty_caches():
 
 
 def checked(x, **kwargs):
-    """quantize_4bit(x, **kwargs), byte-equal with the oracle (packed bytes, absmax, nested state)."""
+    """quantize_4bit(x, **kwargs), byte-equal with bnb CUDA on a GPU, with the oracle on the CPU (packed bytes,
+    absmax, nested state)."""
     packed, state = tritonbits.quantize_4bit(x, **kwargs)
     kwargs = {"blocksize": 64, "quant_type": "fp4", "compress_statistics": False, **kwargs}
     storage = kwargs.pop("quant_storage", torch.uint8)
-    want_packed, want = R.quantize_4bit_cuda(x, **kwargs)
+    if x.device.type == "cuda":  # the contract on a GPU is bnb CUDA's bytes (the oracle sums the mean in numpy)
+        import bitsandbytes.functional as F
+
+        want_packed, want = F.quantize_4bit(x, **kwargs)
+    else:
+        want_packed, want = R.quantize_4bit_cuda(x, **kwargs)
     assert packed.dtype == storage and packed.shape[1] == 1
     assert_exact(packed.reshape(-1).view(torch.uint8)[: want_packed.numel()], want_packed.reshape(-1).to(x.device))
     assert_exact(state.absmax, want.absmax.to(x.device))
@@ -215,10 +222,19 @@ def test_cpu_tensor_refused_without_the_interpreter_after_priming(gen, device, s
 
 
 def checked8(x, **kwargs):
-    """quantize_blockwise(x, **kwargs), byte-equal with the oracle (codes, absmax, code; nested: offset, state2)."""
+    """quantize_blockwise(x, **kwargs), byte-equal with bnb CUDA on a GPU, with the oracle on the CPU (codes,
+    absmax, code; nested: offset, state2)."""
     q, state = tritonbits.quantize_blockwise(x, **kwargs)
     nested = kwargs.get("nested", False)
-    want_q, want = R.quantize_blockwise_cuda(x, blocksize=kwargs.get("blocksize", 4096), nested=nested)
+    if x.device.type == "cuda":  # bnb CUDA's bytes on a GPU (the oracle's reciprocal and mean are not its own)
+        import bitsandbytes.functional as F
+
+        want_q, st = F.quantize_blockwise(x, blocksize=kwargs.get("blocksize", 4096), nested=nested)
+        want = {"absmax": st.absmax, "code": st.code}
+        if nested:
+            want.update(offset=st.offset, absmax2=st.state2.absmax, code2=st.state2.code)
+    else:
+        want_q, want = R.quantize_blockwise_cuda(x, blocksize=kwargs.get("blocksize", 4096), nested=nested)
     assert_exact(q, want_q.to(x.device))
     assert_exact(state.absmax, want["absmax"].to(x.device))
     assert_exact(state.code, want["code"].to(x.device))
