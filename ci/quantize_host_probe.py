@@ -15,21 +15,10 @@ from tritonbits_harness import timing
 print("tritonbits from", tritonbits.__file__)
 x = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
 x14 = torch.randn(14336, 4096, device="cuda").to(torch.bfloat16)
-for name, xx in (("4096", x), ("14336", x14)):
-    for qt, nested in (("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)):
-        f = lambda xx=xx, qt=qt, nested=nested: tritonbits.quantize_4bit(
-            xx, blocksize=64, quant_type=qt, compress_statistics=nested
-        )
-        f()
-        f()
-        torch.cuda.synchronize()
-        h = timing.host_us(f, n=1000)
-        torch.cuda.synchronize()
-        lm = timing.bench(f, rep=20) * 1000
-        gm = timing.bench_graph(f, rep=20) * 1000
-        print(f"{name} {qt} nested={nested}: host {h:.1f} us, launch {lm:.1f} us, graph {gm:.1f} us")
-for name, xx in (("4096", x), ("14336", x14)):
-    f = lambda xx=xx: tritonbits.quantize_blockwise(xx)
+
+
+def report(label: str, f) -> None:
+    """Host time of one unsynced call, then the launch-mode and CUDA-graph medians of f (warmed: planned, bound)."""
     f()
     f()
     torch.cuda.synchronize()
@@ -37,6 +26,18 @@ for name, xx in (("4096", x), ("14336", x14)):
     torch.cuda.synchronize()
     lm = timing.bench(f, rep=20) * 1000
     gm = timing.bench_graph(f, rep=20) * 1000
-    print(f"{name} quantize_blockwise bs4096: host {h:.1f} us, launch {lm:.1f} us, graph {gm:.1f} us")
+    print(f"{label}: host {h:.1f} us, launch {lm:.1f} us, graph {gm:.1f} us")
+
+
+for name, xx in (("4096", x), ("14336", x14)):
+    for qt, nested in (("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)):
+        report(
+            f"{name} {qt} nested={nested}",
+            lambda xx=xx, qt=qt, nested=nested: tritonbits.quantize_4bit(
+                xx, blocksize=64, quant_type=qt, compress_statistics=nested
+            ),
+        )
+for name, xx in (("4096", x), ("14336", x14)):
+    report(f"{name} quantize_blockwise bs4096", lambda xx=xx: tritonbits.quantize_blockwise(xx))
 f = lambda: tritonbits.quantize_4bit(x, blocksize=64, quant_type="nf4")
 timing.print_profile(f, 2000, 12)

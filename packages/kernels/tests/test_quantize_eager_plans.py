@@ -26,27 +26,24 @@ def stub():
         yield log
 
 
+def count_calls(monkeypatch, seen: dict, label: str, owner, name: str) -> None:
+    """Replace owner.name by a wrapper that adds 1 to seen[label] per call."""
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        seen[label] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
 @pytest.fixture
 def counts(monkeypatch):
     """How often quantize_4bit validated (_check_args), planned (_EagerPlan) and launched bound (BoundLaunch)."""
     seen = {"validated": 0, "planned": 0, "bound": 0}
-    check, plan_init, bound_call = q4._check_args, q4._EagerPlan.__init__, _launcher.BoundLaunch.__call__
-
-    def counted_check(*args):
-        seen["validated"] += 1
-        return check(*args)
-
-    def counted_plan(self, *args):
-        seen["planned"] += 1
-        return plan_init(self, *args)
-
-    def counted_bound(self, *args, **kwargs):
-        seen["bound"] += 1
-        return bound_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(q4, "_check_args", counted_check)
-    monkeypatch.setattr(q4._EagerPlan, "__init__", counted_plan)
-    monkeypatch.setattr(_launcher.BoundLaunch, "__call__", counted_bound)
+    count_calls(monkeypatch, seen, "validated", q4, "_check_args")
+    count_calls(monkeypatch, seen, "planned", q4._EagerPlan, "__init__")
+    count_calls(monkeypatch, seen, "bound", _launcher.BoundLaunch, "__call__")
     return seen
 
 
@@ -249,18 +246,8 @@ def checked8(x, **kwargs):
 @pytest.fixture
 def counts8(monkeypatch):
     seen = {"validated": 0, "planned": 0}
-    check, plan_init = b8.check_input, b8._EagerPlan.__init__
-
-    def counted_check(*args):
-        seen["validated"] += 1
-        return check(*args)
-
-    def counted_plan(self, *args):
-        seen["planned"] += 1
-        return plan_init(self, *args)
-
-    monkeypatch.setattr(b8, "check_input", counted_check)
-    monkeypatch.setattr(b8._EagerPlan, "__init__", counted_plan)
+    count_calls(monkeypatch, seen, "validated", b8, "check_input")
+    count_calls(monkeypatch, seen, "planned", b8._EagerPlan, "__init__")
     return seen
 
 

@@ -39,6 +39,15 @@ def capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def put_bounded(cache: dict, key, value, limit: int):
+    """cache[key] = value, first dropping the oldest entry (insertion order) when a new key would exceed `limit`;
+    returns value. For the eager plan caches, bounded so that a stream of new shapes cannot grow them."""
+    if key not in cache and len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints with b > 0: triton.cdiv's value, for host code. NOTE: triton.cdiv is a
     constexpr_function since Triton 3.5 (argument unwrapping on every call): 2.2 us a call against 0.015 us for

@@ -683,9 +683,7 @@ def _eager(A, blocksize, nested) -> tuple[torch.Tensor, QuantState]:
         _check_nested(nested)
         plans = {}
         if key is not None:
-            if len(_EAGER) >= EAGER_MAX:
-                _EAGER.pop(next(iter(_EAGER)))
-            _EAGER[key] = plans
+            _runtime.put_bounded(_EAGER, key, plans, EAGER_MAX)
     device = A.device
     x = _flat(A)
     n = x.numel()
@@ -694,9 +692,7 @@ def _eager(A, blocksize, nested) -> tuple[torch.Tensor, QuantState]:
     shape_key = (n, x.data_ptr() % 16)
     p = plans.get(shape_key)
     if p is None:
-        if len(plans) >= EAGER_MAX:
-            plans.pop(next(iter(plans)))
-        p = plans[shape_key] = _EagerPlan(n, blocksize, nested, device)
+        p = _runtime.put_bounded(plans, shape_key, _EagerPlan(n, blocksize, nested, device), EAGER_MAX)
     return p.run(A, x)
 
 

@@ -403,9 +403,8 @@ def _eager(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
         if given is not None:
             extents = (_extent(acc), _extent(scale_a), _extent(scale_b), _extent(bias), _extent(given))
         alias_ok = given is not None and (acc.dtype, acc.shape, acc.stride()) == (out.dtype, out.shape, out.stride())
-        if key not in _plans and len(_plans) >= PLAN_CACHE_MAX:  # (a plan re-bound under a launch hook: same key)
-            _plans.pop(next(iter(_plans)))  # the oldest plan
-        _plans[key] = EagerPlan(bound, (m, n), acc.device, extents, alias_ok)
+        # (a plan re-bound under a launch hook keeps its key: put_bounded evicts nothing then)
+        _runtime.put_bounded(_plans, key, EagerPlan(bound, (m, n), acc.device, extents, alias_ok), PLAN_CACHE_MAX)
     return out
 
 

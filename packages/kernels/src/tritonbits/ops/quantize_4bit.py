@@ -642,9 +642,7 @@ def _eager(A, blocksize, compress_statistics, quant_type, quant_storage) -> tupl
         _check_args(A, None, None, blocksize, compress_statistics, quant_type, quant_storage)
         plans = {}
         if key is not None:
-            if len(_EAGER) >= EAGER_MAX:
-                _EAGER.pop(next(iter(_EAGER)))
-            _EAGER[key] = plans
+            _runtime.put_bounded(_EAGER, key, plans, EAGER_MAX)
     device = A.device
     x = b8._flat(A)
     n = x.numel()
@@ -653,7 +651,6 @@ def _eager(A, blocksize, compress_statistics, quant_type, quant_storage) -> tupl
     shape_key = (n, x.data_ptr() % 16)
     p = plans.get(shape_key)
     if p is None:
-        if len(plans) >= EAGER_MAX:
-            plans.pop(next(iter(plans)))
-        p = plans[shape_key] = _EagerPlan(n, blocksize, quant_type, compress_statistics, quant_storage, device)
+        plan = _EagerPlan(n, blocksize, quant_type, compress_statistics, quant_storage, device)
+        p = _runtime.put_bounded(plans, shape_key, plan, EAGER_MAX)
     return p.run(A, x)
