@@ -34,6 +34,7 @@ FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exac
 # search is the limit), dequantize 91.6-97.1% at 2^26+ elements; not swept.
 TILE = 4096
 DEQUANT_TILE = 2048
+DEQUANT_WARPS = 4
 # NOTE: small launches (the nested absmax of quantize_4bit: 262K values at 4096x4096, blocksize 256) take
 # fewer rows a program until there are MIN_PROGRAMS programs (at 16 rows, 64 programs for 132 SMs). Not
 # measured yet: ci/quantize_probe.py times the nested path's steps.
@@ -168,12 +169,16 @@ def _dequantize_blockwise_kernel(
     BLOCKSIZE: tl.constexpr, TILE_: tl.constexpr, MANUAL_BF16: tl.constexpr, FTZ: tl.constexpr,
 ):  # fmt: skip
     """out[i] = code[q[i]] * absmax[i // BLOCKSIZE], one fp32 product (bnb's mul.ftz: below 2**-126 a signed
-    zero), then one rounding to out's dtype."""
+    zero), then one rounding to out's dtype. A tile inside one block (TILE_ divides BLOCKSIZE) loads its absmax
+    once, else one per element."""
     base = tl.program_id(0).to(tl.int64) * TILE_
     local = tl.arange(0, TILE_)
     mask = local < tl.minimum(n_elements - base, TILE_).to(tl.int32)
     q = tl.load(q_ptr + base + local, mask=mask, other=0).to(tl.int32)
-    absmax = tl.load(absmax_ptr + (base + local) // BLOCKSIZE, mask=mask, other=0.0)
+    if BLOCKSIZE % TILE_ == 0:
+        absmax = tl.load(absmax_ptr + base // BLOCKSIZE)
+    else:
+        absmax = tl.load(absmax_ptr + (base + local) // BLOCKSIZE, mask=mask, other=0.0)
     store_float(out_ptr + base + local, mul_ftz(tl.load(code_ptr + q), absmax, FTZ), mask, MANUAL_BF16, "")
 
 
@@ -392,9 +397,9 @@ def launch_dequantize(q, absmax, code, out, blocksize: int, *, kernel=None) -> N
     constexprs = {"BLOCKSIZE": blocksize, "TILE_": DEQUANT_TILE, "MANUAL_BF16": manual_bf16,
                   "FTZ": _runtime.ftz_mode(out.device)}  # fmt: skip
     if kernel is not None:
-        kernel[grid](*args, **constexprs, num_warps=4)
+        kernel[grid](*args, **constexprs, num_warps=DEQUANT_WARPS)
     else:
-        _dequantize_launcher(grid, args, constexprs, {"num_warps": 4}, out.device)
+        _dequantize_launcher(grid, args, constexprs, {"num_warps": DEQUANT_WARPS}, out.device)
 
 
 # ---------------------------------------------------------------------------------------------------
