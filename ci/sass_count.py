@@ -47,7 +47,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from tritonbits import _runtime, formats
+from tritonbits import _runtime, configs, formats
 
 # TRITON_DEFAULT_FP_FUSION unset: a launch gets the same default (fusion on in triton 3.9); the warning is noise
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
@@ -191,6 +191,41 @@ def dequantize_blockwise_launches(n: int, num_warps) -> list[Launch]:
     return out
 
 
+def linear_4bit_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
+    """The fused 4-bit linear's launches at M = 1, 2, 4 (the H100 table's configs, else the heuristic's: gemv2 and
+    its split-K reduction) on an nf4 nested bs64 bf16 weight [n_rows, k]."""
+    from tritonbits.ops import linear_4bit as l4
+    from tritonbits.quant_state import NestedState, QuantState, prepare
+
+    cpu = torch.device("cpu")
+    blocks = n_rows * k // 64
+    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=torch.Size((n_rows, k)),
+                       dtype=torch.bfloat16, blocksize=64, quant_type="nf4", offset=torch.zeros((), dtype=torch.float32),
+                       state2=NestedState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32),
+                                          code=formats.code_table("dynamic", cpu)),
+                       code=formats.code_table("nf4", cpu))  # fmt: skip
+    check_device = _runtime.check_device
+    _runtime.check_device = lambda name, t, *_: t.device  # type: ignore[assignment]  # CPU tensors, planned only
+    try:
+        w = prepare(torch.empty(n_rows * k // 2, 1, dtype=torch.uint8), state)
+    finally:
+        _runtime.check_device = check_device  # type: ignore[assignment]
+    out = []
+    for m in (1, 2, 4):
+        x2 = torch.empty(m, k, dtype=torch.bfloat16)
+        y = torch.empty(m, n_rows, dtype=torch.bfloat16)
+        key = l4.config_key(x2.dtype, m, n_rows, k)
+        cfg = configs.family_table("linear_4bit", "h100").get(key) or l4.heuristic_config(x2.dtype, m, n_rows, k, 132)
+        with as_cuda(None):
+            launches, _ws = l4.fused_launches(x2, w, None, y, cfg, use_asm=True)
+        for la in launches:
+            cx = la.constexprs
+            values = cx["BLOCK_N"] * cx["BLOCK_K"] if "BLOCK_N" in cx else cx["BLOCK"]
+            out.append(Launch(f"linear_4bit m{m} {la.fn.__name__}", la.fn, la.grid, la.args, cx,
+                              _apply_warps(la.options, num_warps), values))  # fmt: skip
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Compile and count
 
@@ -202,6 +237,8 @@ def compile_launch(launch: Launch, target: GPUTarget):
     kwargs = {**launch.constexprs, **launch.options, "debug": False, "instrumentation_mode": "",
               "fpsan_homomorphic_casts": False}  # fmt: skip
     binder = create_function_from_signature(fn.signature, fn.params, backend)
+    if not hasattr(triton.knobs.compilation, "fpsan_homomorphic_casts"):  # triton < 3.9 (the GPU machine's 3.6)
+        del kwargs["fpsan_homomorphic_casts"]
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
@@ -308,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     launches = quantize_4bit_launches(n4, args.rcp, warps, q4.ENCODERS)
     launches += quantize_blockwise_launches(n8, args.rcp, warps, getattr(b8, "ENCODERS", ("table", "search")))
     launches += dequantize_4bit_launches(n4, warps) + dequantize_blockwise_launches(n8, warps)
+    n_rows, k = (int(v) for v in args.shape.split("x")) if "x" in args.shape else (4096, 4096)
+    launches += linear_4bit_launches(n_rows, k, warps)
     words = [w for o in args.only for w in o.split()]
     launches = [la for la in launches if all(w in la.name for w in words)]
     if args.dump is not None:

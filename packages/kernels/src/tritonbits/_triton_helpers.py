@@ -71,6 +71,28 @@ def abs_f32(x, FTZ: tl.constexpr):
 
 
 @triton.jit
+def gather(ptrs, FTZ: tl.constexpr):
+    """The int32 or int64 values at `ptrs` (a table gather). FTZ="ptx" (a GPU, where PTX runs): one
+    `ld.global.nc` each in inline PTX, which keeps the operands' register layout. NOTE: Triton 3.6 (the GPU
+    machine's) gives a plain tl.load gather (pointers with no contiguity) a layout of its own, and the
+    conversions to and from it go through shared memory: 11 (NF4) / 19 (FP4) shared round trips a program in
+    the 4-bit quantizer with 64 / 112 registers, 42-50 in the 8-bit table encoder with 122-128 (sm90 SASS,
+    `ci/sass_count.py` under triton 3.6; with the PTX load 1 and 48-52 / ~75 registers, as triton 3.9
+    compiles tl.load). Else tl.load."""
+    if FTZ == "ptx":
+        if ptrs.dtype.element_ty == tl.int64:
+            return tl.inline_asm_elementwise(
+                "ld.global.nc.b64 $0, [$1];", "=l,l", [ptrs], dtype=tl.int64, is_pure=True, pack=1
+            )
+        else:
+            return tl.inline_asm_elementwise(
+                "ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=True, pack=1
+            )
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def mul_ftz_add_rn(a, b, c, USE_ASM: tl.constexpr, FTZ: tl.constexpr):
     """fl(ftz(fl(a * b)) + c): two roundings, never one FMA, and bnb's flushing product. bnb's nested absmax
     is its dequantize_blockwise kernel's product (mul.ftz) plus the offset added by torch (no flush). USE_ASM:

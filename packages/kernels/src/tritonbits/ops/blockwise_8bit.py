@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import BoundLaunch, CachedLauncher
-from .._triton_helpers import FLT_MIN, mul_ftz, reciprocal, store_float
+from .._triton_helpers import FLT_MIN, gather, mul_ftz, reciprocal, store_float
 from ..quant_state import NestedState, QuantState, _check_state2_fields, _int, check_tensor
 
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
@@ -75,14 +75,16 @@ def dquantize_8bit(x, code_ptr):
 
 
 @triton.jit
-def encode_8bit_table(x, table_ptr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr):
+def encode_8bit_table(x, table_ptr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr,
+                      FTZ: tl.constexpr):  # fmt: skip
     """dQuantize<0> with the dynamic code as one table load and one compare (table: dynamic_table below):
     key = clamp(|bits|, LO, HI) - LO, complemented for negative x (an int32 monotone in x); the entry of
     bucket key >> SHIFT holds the count of thresholds in lower buckets (low 8 bits) and the low SHIFT bits
-    of the bucket's one threshold key (2**SHIFT - 1 if none). NaN: index 0."""
+    of the bucket's one threshold key (2**SHIFT - 1 if none). NaN: index 0. FTZ: how the table is read
+    (_triton_helpers.gather)."""
     bits = x.to(tl.int32, bitcast=True)
     key = (tl.minimum(tl.maximum(bits & 0x7FFFFFFF, LO), HI) - LO) ^ (bits >> 31)
-    entry = tl.load(table_ptr + ((key >> SHIFT) + NEG))
+    entry = gather(table_ptr + ((key >> SHIFT) + NEG), FTZ)
     code = (entry & 0xFF) + ((key & ((1 << SHIFT) - 1)) > (entry >> 8)).to(tl.int32)
     return tl.where(x != x, 0, code)
 
@@ -128,7 +130,7 @@ def _quantize_blockwise_kernel(
     block = tl.program_id(0).to(tl.int64) * ROWS + rows
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
     scaled = mul_ftz(x, reciprocal(absmax, RCP)[:, None], FTZ)
-    q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG) if TABLE else dquantize_8bit(scaled, code_ptr)
+    q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG, FTZ) if TABLE else dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
 
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .. import _runtime, formats
 from .._launcher import BoundLaunch, CachedLauncher
-from .._triton_helpers import abs_f32, mul_ftz, reciprocal
+from .._triton_helpers import abs_f32, gather, mul_ftz, reciprocal
 from ..quant_state import NestedState, QuantState, check_tensor
 from . import blockwise_8bit as b8
 from .blockwise_8bit import FLT_MAX, FLT_MIN, block_absmax
@@ -99,7 +99,7 @@ def encode_4bit_round(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.con
     absmax below 2**-126, flushed by rcp.approx) -> bucket 0 (s = +1). FTZ: how |s| is spelled (abs_f32)."""
     a = abs_f32(s, FTZ) if FP4 else s
     v = tl.maximum(tl.minimum(MAGIC + K - a * K, MAGIC + NB - 1.0), MAGIC)
-    e = tl.load((tab_ptr - MAGIC_BITS) + v.to(tl.int32, bitcast=True))
+    e = gather((tab_ptr - MAGIC_BITS) + v.to(tl.int32, bitcast=True), FTZ)
     thr = e.to(tl.int32).to(tl.float32, bitcast=True)
     pair = (e >> 32).to(tl.int32)
     code = tl.where(a > thr, pair >> 8, pair) & 0xF
@@ -122,7 +122,7 @@ def encode_4bit_lean(s, tab_ptr, FP4: tl.constexpr, K: tl.constexpr, NB: tl.cons
         s = s + 0.0
     a = abs_f32(s, FTZ) if FP4 else s
     v = tl.minimum(MAGIC + K - a * K, MAGIC + NB - 1.0)
-    e = tl.load((tab_ptr - MAGIC_BITS) + v.to(tl.int32, bitcast=True))
+    e = gather((tab_ptr - MAGIC_BITS) + v.to(tl.int32, bitcast=True), FTZ)
     thr = e.to(tl.int32).to(tl.float32, bitcast=True)
     pair = (e >> 32).to(tl.int32)
     code = tl.where(a > thr, pair >> 8, pair)
