@@ -200,7 +200,7 @@ def linear_4bit_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     cpu = torch.device("cpu")
     blocks = n_rows * k // 64
     state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=torch.Size((n_rows, k)),
-                       dtype=torch.bfloat16, blocksize=64, quant_type="nf4", offset=torch.zeros((), dtype=torch.float32),
+                       dtype=torch.bfloat16, blocksize=64, quant_type="nf4", offset=torch.zeros(()),
                        state2=NestedState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32),
                                           code=formats.code_table("dynamic", cpu)),
                        code=formats.code_table("nf4", cpu))  # fmt: skip
