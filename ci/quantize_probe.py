@@ -8,10 +8,9 @@ between calls) for tritonbits, bnb and a device copy of the same bytes (read + w
 do_bench_cudagraph for tritonbits and the copy (bnb's quantizers cannot be graph-captured: bnb launches them
 through ctypes on a stream the capture does not see / copies its code table from the host). Prints GB/s (the
 docs' bytes model), % of copy and x bnb; the variants (encoders, pair reads, the nested path's steps) are
-timed too (4-bit: the round and lean encoders, pairs and split; 8-bit: every encoder, and the smem encoder's
-grid and warps, SMEM_VARIANTS). Every case is wrapped: a failure is logged
-and the probe goes on; it stops before a case when the budget is spent. Writes DIR/quantize_probe.log and
-DIR/quantize_probe.jsonl.
+timed too (4-bit: the round and lean encoders, pairs and split; 8-bit: every encoder). Every case is wrapped: a
+failure is logged and the probe goes on; it stops before a case when the budget is spent. Writes
+DIR/quantize_probe.log and DIR/quantize_probe.jsonl.
 
 --dry: tiny shapes, no timing, no bnb (the numpy oracles instead): a CPU smoke run under TRITON_INTERPRET=1.
 """
@@ -38,7 +37,6 @@ B8_CASES = [(dt, 1 << p, 4096) for p in (24, 25, 26) for dt in ("fp32", "bf16", 
 B8_CASES += [(dt, 1 << 26, bs) for bs in (256, 1024) for dt in ("bf16", "fp32")]
 Q4_SHAPES = [(4096, 4096), (14336, 4096), (28672, 8192)]
 Q4_CASES = [(shape, qt) for shape in Q4_SHAPES for qt in ("nf4", "fp4")]
-SMEM_VARIANTS = [(2, 4), (4, 4), (8, 4), (2, 8)]  # (programs per SM, warps) besides the module's default (4, 8)
 
 
 class Probe:
@@ -203,17 +201,6 @@ def blockwise_case(p: Probe, dt: str, n: int, bs: int) -> None:
         fn()
         equal(f"q[{enc}]", out, want_q)
         timings[f"kernel-{enc}"] = {"launch": p.time_ms(fn), "graph": p.time_ms(fn, graph=True)}
-    for per_sm, warps in SMEM_VARIANTS:  # the smem encoder's persistent grid and warps (module constants)
-        saved = b8.SMEM_PROGRAMS_PER_SM, b8.SMEM_NUM_WARPS
-        b8.SMEM_PROGRAMS_PER_SM, b8.SMEM_NUM_WARPS = per_sm, warps
-        try:
-            fn = lambda: b8.launch_quantize(x, code, out, absmax, bs, encoder="smem")
-            out.fill_(0xAB)
-            fn()
-            equal(f"q[smem {per_sm}/SM {warps}w]", out, want_q)
-            timings[f"kernel-smem-{per_sm}sm-{warps}w"] = {"launch": p.time_ms(fn), "graph": p.time_ms(fn, graph=True)}
-        finally:
-            b8.SMEM_PROGRAMS_PER_SM, b8.SMEM_NUM_WARPS = saved
     timings["bnb"] = {"launch": p.time_ms(lambda: F.quantize_blockwise(x, blocksize=bs))}
     timings["copy"] = {"launch": p.copy_ms(nbytes, False), "graph": p.copy_ms(nbytes, True)}
     p.report(f"quantize_blockwise {dt} n=2^{n.bit_length() - 1} bs={bs}", nbytes, timings,

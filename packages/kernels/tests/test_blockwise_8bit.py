@@ -115,9 +115,9 @@ def test_table_encoder_exhaustive_edges_and_dense_sample(gen):
 
 
 def test_table_kernel_on_edges(device):
-    """The kernel's table encoder (not the emulation), the search and the smem encoder on the thresholds and
-    bucket edges: absmax of every block is exactly 1 (its first value), so the scaled value is x (NaN and Inf left
-    out: they change the absmax)."""
+    """The kernel's table encoder (not the emulation) and the search on the thresholds and bucket edges: absmax
+    of every block is exactly 1 (its first value), so the scaled value is x (NaN and Inf left out: they change
+    the absmax)."""
     from tritonbits.ops import blockwise_8bit as b8
 
     values = _table_probe_values()
@@ -137,13 +137,13 @@ def test_table_kernel_on_edges(device):
 
 
 def test_table_is_used_for_the_dynamic_code_only(device):
-    """The dynamic code (by identity) takes the smem encoder by default, any other code the search."""
+    """The dynamic code (by identity) takes the table encoder by default, any other code the search."""
     from tritonbits.ops import blockwise_8bit as b8
 
     x = torch.randn(300, device=device)
     out, absmax = torch.empty(300, dtype=torch.uint8, device=device), torch.empty(5, device=device)
     dyn = formats.code_table("dynamic", device)
-    assert b8.default_encoder(dyn, x.device) == "smem" and "TABLE_SIZE" in b8.plan_quantize(x, dyn, out, absmax, 64)[2]
+    assert b8.default_encoder(dyn, x.device) == "table" and b8.plan_quantize(x, dyn, out, absmax, 64)[2]["TABLE"]
     assert b8.default_encoder(dyn.clone(), x.device) == "search"
     assert not b8.plan_quantize(x, dyn.clone(), out, absmax, 64)[2]["TABLE"]
     assert b8.plan_quantize(x, dyn, out, absmax, 64, encoder="table")[2]["TABLE"]
@@ -151,13 +151,13 @@ def test_table_is_used_for_the_dynamic_code_only(device):
     with pytest.raises(ValueError, match="encoder"):
         b8.plan_quantize(x, dyn.clone(), out, absmax, 64, encoder="table")
     with pytest.raises(ValueError, match="encoder"):
-        b8.plan_quantize(x, dyn.clone(), out, absmax, 64, encoder="smem")
+        b8.plan_quantize(x, dyn, out, absmax, 64, encoder="smem")  # removed (see ENCODERS)
     with pytest.raises(ValueError, match="encoder"):
         b8.plan_quantize(x, dyn, out, absmax, 64, encoder="shared")
 
 
 # ---------------------------------------------------------------------------------------------------
-# encoder="smem": the bucket table looked up in shared memory (tl.gather) by a persistent kernel
+# The table encoder against the search (bnb's algorithm) and the oracle on special values
 
 
 def _quantize_with(encoder, x, blocksize, offset=None):
@@ -171,8 +171,8 @@ def _quantize_with(encoder, x, blocksize, offset=None):
     return out, absmax
 
 
-def _smem_cases(gen, dtype):
-    """Inputs for the smem encoder: random magnitudes, tails, and blocks of zeros, NaN, Inf and subnormals."""
+def _special_cases(gen, dtype):
+    """Random magnitudes, tails, and blocks of zeros, NaN, Inf and subnormals."""
     n = 4096 * 5 + 777  # several 4096-value tiles a program and a partial last tile
     x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 30, (n,), generator=gen).float())
     x[:64] = 0.0  # a block of zeros (absmax 0: every code is NaN's, index 0)
@@ -190,57 +190,35 @@ def _smem_cases(gen, dtype):
 
 @pytest.mark.parametrize("blocksize", [64, 256, 1024, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_smem_encoder_equals_table_and_oracle(dtype, blocksize, device, gen, monkeypatch):
-    """encoder="smem" gives the table encoder's codes and absmax bit for bit, and the oracle's (bnb CUDA's on a
-    GPU), on random magnitudes over 2**-30..2**30 with tail blocks, zeros, NaN, Inf and subnormal blocks. The
-    interpreter counts one SM: 2 programs, each looping over 3 tiles (the last partial) of the largest case."""
-    from tritonbits.ops import blockwise_8bit as b8
-
-    monkeypatch.setattr(b8, "SMEM_PROGRAMS_PER_SM", 2)
-    for x in _smem_cases(gen, dtype).values():
+def test_table_encoder_equals_search_and_oracle(dtype, blocksize, device, gen):
+    """encoder="table" (on a GPU its gathers in inline PTX) gives the search's codes and absmax bit for bit, and
+    the oracle's (bnb CUDA's on a GPU), on random magnitudes over 2**-30..2**30 with tail blocks, zeros, NaN, Inf
+    and subnormal blocks."""
+    for x in _special_cases(gen, dtype).values():
         x = x.to(device)
-        got_q, got_absmax = _quantize_with("smem", x, blocksize)
-        table_q, table_absmax = _quantize_with("table", x, blocksize)
-        assert_exact(got_q, table_q)
-        assert_exact(got_absmax.view(torch.int32), table_absmax.view(torch.int32))  # NaN and -0.0 bits too
+        got_q, got_absmax = _quantize_with("table", x, blocksize)
+        search_q, search_absmax = _quantize_with("search", x, blocksize)
+        assert_exact(got_q, search_q)
+        assert_exact(got_absmax.view(torch.int32), search_absmax.view(torch.int32))  # NaN and -0.0 bits too
         want_q, want_absmax, *_ = expected_quantize(x, device, blocksize)
         assert_exact(got_q, want_q.reshape(-1).to(device))
         assert_exact(got_absmax, want_absmax.to(device))
 
 
-def test_smem_encoder_with_offset(device, gen):
-    """The nested step's form (x - offset[0], the 4-bit quantizer's absmax minus its mean) through the smem
-    kernel equals the default kernel's."""
+def test_table_encoder_with_offset(device, gen):
+    """The nested step's form (x - offset[0], the 4-bit quantizer's absmax minus its mean) through the table
+    encoder equals the search's."""
     from tritonbits.ops import blockwise_8bit as b8
 
     x = torch.rand(3 * 4096 + 100, generator=gen).to(device) * 3
     offset = x.mean()
-    want = _quantize_with("table", x, 256, offset)
-    got = _quantize_with("smem", x, 256, offset)
+    want = _quantize_with("search", x, 256, offset)
+    got = _quantize_with("table", x, 256, offset)
     assert_exact(got[0], want[0])
     assert_exact(got[1], want[1])
-    assert b8.plan_quantize(x, formats.code_table("dynamic", device), *want, 256, offset, encoder="smem")[2][
+    assert b8.plan_quantize(x, formats.code_table("dynamic", device), *want, 256, offset, encoder="table")[2][
         "SUB_OFFSET"
     ]
-
-
-def test_smem_grid_is_persistent(device):
-    """One program a tile up to SMs * SMEM_PROGRAMS_PER_SM, never more; the table is padded with zeros."""
-    from tritonbits.ops import blockwise_8bit as b8
-
-    code = formats.code_table("dynamic", device)
-    cap = b8.sm_count(device) * b8.SMEM_PROGRAMS_PER_SM
-    for n, bs in [(100, 64), (4096 * 3, 4096), (4096 * (cap + 5) + 1, 256)]:
-        x = torch.empty(n, device=device)
-        out, absmax = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(-(-n // bs), device=device)
-        grid, args, cx, _ = b8.plan_quantize(x, code, out, absmax, bs, encoder="smem")
-        tiles = -(-n // (cx["ROWS"] * bs))
-        assert grid == (min(tiles, cap), 1, 1) and args[-1] == tiles
-    table = b8.smem_table_for(device).cpu()
-    dense = b8.dynamic_table()
-    assert table.numel() == b8.SMEM_TABLE_SIZE
-    assert_exact(table[: dense.numel()], dense)
-    assert not table[dense.numel() :].any()
 
 
 def test_oracle_search_is_nearest_code():

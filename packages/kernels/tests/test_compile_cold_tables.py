@@ -28,7 +28,7 @@ from tritonbits_harness.tolerance import assert_exact
 @contextlib.contextmanager
 def cold_caches():
     """Every per-device table cache emptied for the block, restored after (other tests hold the old objects)."""
-    caches = (formats._tables, q4._TABLES, b8._TABLES, b8._SMEM_TABLES)
+    caches = (formats._tables, q4._TABLES, b8._TABLES)
     saved = tuple(dict(cache) for cache in caches)
     for cache in caches:
         cache.clear()

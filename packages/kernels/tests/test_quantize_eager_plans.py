@@ -17,7 +17,7 @@ from tritonbits_harness import op_cases
 from tritonbits_harness.launch_stub import stubbed_launches
 from tritonbits_harness.tolerance import assert_exact
 
-LAUNCHERS = [q4._launcher, b8._quantize_launcher, b8._quantize_smem_launcher]
+LAUNCHERS = [q4._launcher, b8._quantize_launcher]
 
 
 @pytest.fixture

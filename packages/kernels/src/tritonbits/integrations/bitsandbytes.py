@@ -243,7 +243,7 @@ _dynamic_codes: dict[int, tuple] = {}
 
 def _is_dynamic_code(code: torch.Tensor) -> bool:
     """Whether `code` holds the dynamic 8-bit code. bnb passes its own tensor of that map, never tritonbits'
-    table object, and only for that object does quantize_blockwise take its bucket-table encoder ("smem"; else
+    table object, and only for that object does quantize_blockwise take its bucket-table encoder ("table"; else
     the binary search, ~3x the instructions per value): the values are compared once per tensor (a device sync),
     again after an in-place change or a `.data` swap, never while a CUDA graph is being captured."""
     key = (code._version, code.data_ptr())

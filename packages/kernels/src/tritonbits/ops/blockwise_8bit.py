@@ -30,9 +30,14 @@ from ..quant_state import NestedState, QuantState, _check_state2_fields, _int, c
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # float32 max, exact
 
 # NOTE: a program quantizes max(1, TILE // blocksize) whole blocks (rows), so that every block's absmax is
-# one row reduction. Measured (H100, docs/kernels/quantize_4bit.md): quantize 15-25% of copy (the 7-step
-# search is the limit), dequantize 91.6-97.1% at 2^26+ elements; not swept.
+# one row reduction. The search encoder runs at 15-25% of a copy (its 7 steps are the limit); the table encoder
+# is measured below (ENCODERS).
 TILE = 4096
+# NOTE: dequantize: a program of DEQUANT_WARPS warps writes DEQUANT_TILE values; a tile inside one block loads
+# its absmax once (before: one load a value, bf16 2**26 at 88.6% of a copy, ci/kernel_breakdown.py). Swept with
+# that change on an H100 (ci/dequantize_blockwise_probe.py, log docs/gpu-runs/logs/20261123T1931Z-nvidia-h100-
+# dequantize-blockwise-probe.txt; tile 1024-8192 x 2/4/8 warps, CUDA graphs, blocksize 4096): (2048, 4) gives
+# bf16 95.5% / 97.5% of a copy at 2**26 / 2**28 and fp32 95.4% / 96.4%, within 0.5% of each case's best.
 DEQUANT_TILE = 2048
 DEQUANT_WARPS = 4
 # NOTE: small launches (the nested absmax of quantize_4bit: 262K values at 4096x4096, blocksize 256) take
@@ -90,21 +95,6 @@ def encode_8bit_table(x, table_ptr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: t
 
 
 @triton.jit
-def encode_8bit_smem(x, table, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr):
-    """encode_8bit_table with the bucket table as a register tensor `table` (int32[TABLE_SIZE], 1-d) looked up by
-    tl.gather, which Triton lowers through shared memory when the table spans warps: each thread stores its part
-    of the table, a barrier, then one shared load a value. x: [ROWS, B] fp32; the same codes as
-    encode_8bit_table."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = (tl.minimum(tl.maximum(bits & 0x7FFFFFFF, LO), HI) - LO) ^ (bits >> 31)
-    bucket = (key >> SHIFT) + NEG
-    flat = tl.reshape(bucket, [x.shape[0] * x.shape[1]])  # tl.gather needs src's rank: the table is 1-d
-    entry = tl.reshape(tl.gather(table, flat, 0), [x.shape[0], x.shape[1]])
-    code = (entry & 0xFF) + ((key & ((1 << SHIFT) - 1)) > (entry >> 8)).to(tl.int32)
-    return tl.where(x != x, 0, code)
-
-
-@triton.jit
 def _quantize_blockwise_kernel(
     x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
@@ -132,37 +122,6 @@ def _quantize_blockwise_kernel(
     scaled = mul_ftz(x, reciprocal(absmax, RCP)[:, None], FTZ)
     q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG, FTZ) if TABLE else dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
-
-
-@triton.jit
-def _quantize_blockwise_smem_kernel(
-    x_ptr, offset_ptr, table_ptr, out_ptr, absmax_ptr, n_elements, n_blocks, n_tiles,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
-    TABLE_SIZE: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr,
-    FTZ: tl.constexpr,
-):  # fmt: skip
-    """_quantize_blockwise_kernel with the table encoder's lookups in shared memory (encode_8bit_smem), persistent
-    (the default for the dynamic code: see SMEM_NUM_WARPS's NOTE):
-    a program loads the bucket table (int32[TABLE_SIZE], zero-padded to a power of two) once into registers, then
-    quantizes tiles pid, pid + programs, ... of ROWS whole blocks each (n_tiles in all)."""
-    table = tl.load(table_ptr + tl.arange(0, TABLE_SIZE))
-    rows = tl.arange(0, ROWS)
-    local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        tile64 = tl.cast(tile, tl.int64)  # tile.to(): the interpreter iterates Python ints
-        base = tile64 * (ROWS * BLOCKSIZE)
-        left = tl.minimum(n_elements - base, ROWS * BLOCKSIZE).to(tl.int32)
-        mask = local < left
-        x = tl.load(x_ptr + base + local, mask=mask, other=0.0).to(tl.float32)
-        if SUB_OFFSET:
-            x = tl.where(mask, x - tl.load(offset_ptr), 0.0)
-        absmax = block_absmax(x)
-        absmax = tl.where((absmax > 0) & (absmax < FLT_MIN), 0.0, absmax)  # bnb's flush: see the kernel above
-        block = tile64 * ROWS + rows
-        tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
-        scaled = mul_ftz(x, reciprocal(absmax, RCP)[:, None], FTZ)
-        q = encode_8bit_smem(scaled, table, LO, HI, SHIFT, NEG)
-        tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -265,94 +224,31 @@ def table_for(code: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The shared-memory encoder ("smem", the default for the dynamic code): the table encoder's bucket table looked
-# up with tl.gather from shared memory by a persistent kernel, instead of one gather from global memory (L1/L2)
-# per value. NOTE, measured (H100, probe log docs/gpu-runs/logs/20261123T1752Z-nvidia-h100-quantize-probe-smem.txt,
-# do_bench with L2 flushed, % of a copy of the same bytes; launch / CUDA graph):
-#   2**26 values, blocksize 4096:  bf16 table 47.4 / 46.1%, smem (4 programs an SM, 8 warps) 67.7 / 67.1%;
-#                                  fp16 48.2 / 46.9% -> 69.5 / 68.5%; fp32 65.2 / 64.8% -> 92.5 / 94.8%;
-#   blocksizes 256 and 1024, 2**24 and 2**25 values: smem 59-72% (bf16/fp16; below 67% only 2**24 in graphs,
-#   59.3 / 60.6%), 84-96% (fp32), table 41-67%.
-# SMEM_TABLE_SIZE: 2 * TABLE_NEG = 2946 entries zero-padded to a power of two (a register tensor's length); a
-# program holds it in registers and stores it to shared memory (16 KiB) every tile.
-# SMEM_PROGRAMS_PER_SM, SMEM_NUM_WARPS: grid = SMs * this (at most one program a tile), every program resident
-# at once. Swept in the same run at 2**26: (programs an SM, warps) = (2, 4) 43.5-65.0%, (4, 4) 63.8-90.2%,
-# (8, 4) 65.8-80.3%, (2, 8) 52.8-78.2%, (4, 8) 67.1-94.8% (bf16 ... fp32): (4, 8) is the best at every case.
-# The 4-bit quantizer's nested step keeps "table" (quantize_4bit._nested: not measured with smem).
-ENCODERS = ("table", "search", "smem")
-SMEM_TABLE_SIZE = 4096
-SMEM_PROGRAMS_PER_SM = 4
-SMEM_NUM_WARPS = 8
-
-_SMEM_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def smem_table_for(device: torch.device) -> torch.Tensor:
-    """dynamic_table() zero-padded to SMEM_TABLE_SIZE entries, on `device` (cached; built with the dispatch modes
-    set aside, so that a first build inside a traced triton_op body is a real tensor)."""
-    table = _SMEM_TABLES.get(device)
-    if table is None:
-        return _runtime.outside_fake(_build_smem_table, device)
-    return table
-
-
-def _build_smem_table(device: torch.device) -> torch.Tensor:
-    table = _SMEM_TABLES.get(device)
-    if table is None:
-        t = dynamic_table()
-        if t.numel() > SMEM_TABLE_SIZE:
-            raise AssertionError(f"the bucket table has {t.numel()} entries, more than SMEM_TABLE_SIZE")
-        padded = torch.zeros(SMEM_TABLE_SIZE, dtype=torch.int32)
-        padded[: t.numel()] = t
-        table = _SMEM_TABLES[device] = padded.to(device)
-    return table
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+# NOTE: the default for the dynamic code is "table" (one gather a value from the 11.5 KiB bucket table, L1-resident).
+# Until the table's gather went through inline PTX (_triton_helpers.gather) it lost to an "smem" encoder (the table
+# looked up with tl.gather from shared memory by a persistent kernel, 1.4-1.6x faster on the H100 and the H200):
+# triton 3.6 converted every value to and from the gather's own layout through shared memory (42-50 shared round
+# trips a program, 122-128 registers). With the PTX gather (76 registers, 1-2 round trips) the table encoder beat
+# smem in one run on an H100 (ci/quantize_probe.py, log docs/gpu-runs/logs/20261123T1947Z-nvidia-h100-quantize-
+# probe-gather.txt; 2**26 values, blocksize 4096, CUDA graphs): bf16 95.8 vs 102.1 us, fp16 93.7 vs 100.1, fp32
+# 114.8 vs 118.6 (71.4 / 72.8 / 97.9% of a copy), and smem was removed.
+ENCODERS = ("table", "search")
 
 
 _quantize_launcher = CachedLauncher(_quantize_blockwise_kernel)
-_quantize_smem_launcher = CachedLauncher(_quantize_blockwise_smem_kernel)
 _dequantize_launcher = CachedLauncher(_dequantize_blockwise_kernel)
 
 
-def quantize_kernel(encoder: str | None = None):
-    """The jitted kernel that plan_quantize's plan for `encoder` launches."""
-    return _quantize_blockwise_smem_kernel if encoder == "smem" else _quantize_blockwise_kernel
-
-
-def _plan_quantize_smem(x, code, out, absmax, blocksize: int, offset, rcp):
-    if code is not formats.code_table("dynamic", x.device):
-        raise ValueError("encoder='smem' needs the dynamic code (formats.code_table('dynamic', device))")
-    n = x.numel()
-    rows = max(TILE // blocksize, 1)
-    n_tiles = _runtime.cdiv(n, rows * blocksize)
-    grid = (min(n_tiles, sm_count(x.device) * SMEM_PROGRAMS_PER_SM), 1, 1)
-    args = (x, offset if offset is not None else absmax, smem_table_for(x.device), out, absmax, n,
-            _runtime.cdiv(n, blocksize), n_tiles)  # fmt: skip
-    constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
-                  "RCP": rcp_mode(x.device, rcp), "TABLE_SIZE": SMEM_TABLE_SIZE, "LO": TABLE_LO, "HI": TABLE_HI,
-                  "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
-    return grid, args, constexprs, {"num_warps": SMEM_NUM_WARPS}
-
-
 def default_encoder(code: torch.Tensor, device: torch.device) -> str:
-    """ "smem" for the dynamic code (formats.code_table's tensor, by identity: table_for), else "search"."""
-    return "smem" if table_for(code, device) is not None else "search"
+    """ "table" for the dynamic code (formats.code_table's tensor, by identity: table_for), else "search"."""
+    return "table" if table_for(code, device) is not None else "search"
 
 
 def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None,
                   encoder: str | None = None):  # fmt: skip
-    """encoder: "smem" (the bucket table in shared memory, a persistent kernel), "table" (the bucket table read
-    from global memory), "search" (any code), or None for default_encoder. The plan is for
-    quantize_kernel(encoder)."""
+    """encoder: "table" (the dynamic code's bucket table), "search" (any code), or None for default_encoder.
+    The plan is for _quantize_blockwise_kernel."""
     encoder = encoder or default_encoder(code, x.device)
-    if encoder == "smem":
-        return _plan_quantize_smem(x, code, out, absmax, blocksize, offset, rcp)
     n = x.numel()
     rows = max(TILE // blocksize, 1)
     while rows > 1 and _runtime.cdiv(n, rows * blocksize) < MIN_PROGRAMS:
@@ -382,9 +278,7 @@ def launch_quantize(x, code, out, absmax, blocksize: int, offset=None, *, kernel
     encoder = encoder or default_encoder(code, x.device)
     grid, args, constexprs, options = plan_quantize(x, code, out, absmax, blocksize, offset, rcp, encoder)
     if kernel_wrap is not None:
-        kernel_wrap(quantize_kernel(encoder))[grid](*args, **constexprs, **options)
-    elif encoder == "smem":
-        _quantize_smem_launcher(grid, args, constexprs, options, x.device)
+        kernel_wrap(_quantize_blockwise_kernel)[grid](*args, **constexprs, **options)
     else:
         _quantize_launcher(grid, args, constexprs, options, x.device)
 
@@ -635,11 +529,9 @@ class _BoundQuantize:
         if self.bound is not None and self.bound(x, absmax, out, absmax):
             return
         code = formats.code_table("dynamic", self.device)
-        encoder = default_encoder(code, self.device)
-        launcher = _quantize_smem_launcher if encoder == "smem" else _quantize_launcher
-        grid, args, constexprs, options = plan_quantize(x, code, out, absmax, self.blocksize, None, None, encoder)
-        launcher(grid, args, constexprs, options, self.device)
-        self.bound = launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 3, 4))
+        grid, args, constexprs, options = plan_quantize(x, code, out, absmax, self.blocksize, None, None)
+        _quantize_launcher(grid, args, constexprs, options, self.device)
+        self.bound = _quantize_launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 3, 4))
         self.table = args[2]
 
 

@@ -360,14 +360,13 @@ def _nested(absmax: torch.Tensor, qabsmax: torch.Tensor, kernel_wrap=None):
     """bnb's double quantization of the fp32 absmax: (offset, absmax2), qabsmax written. `kernel_wrap`
     (torch.library.wrap_triton) is given in the triton_op's body, which Inductor traces: there the mean is the
     opaque tritonbits::absmax_mean, as Inductor would sum it in its own order (1 ulp off bnb's eager mean for
-    some sizes; see quantize_blockwise). The 8-bit step takes the "table" encoder (global-memory bucket table):
-    the one measured for this step (docs/kernels/quantize_4bit.md); "smem" was timed on 2**24+ values only."""
+    some sizes; see quantize_blockwise). The 8-bit step takes the "table" encoder (the dynamic code's bucket
+    table), as quantize_blockwise does."""
     blocks = absmax.numel()
     offset = b8._absmax_mean_op(absmax) if kernel_wrap is not None else absmax.mean()
     absmax2 = torch.empty(-(-blocks // formats.NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
     code2 = formats.code_table("dynamic", absmax.device)
-    b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel_wrap=kernel_wrap,
-                       encoder="table")  # fmt: skip
+    b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel_wrap=kernel_wrap)
     return offset, absmax2
 
 
