@@ -102,6 +102,27 @@ def test_a_seen_call_is_validated_and_planned_once(quant_type, nested, gen, devi
     assert list(plans.values()) == [plan]
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_states_code_copies_are_fresh_tensors_written_by_the_kernels(quant_type, gen, device, stub):
+    """The bound launches write each state's code and state2.code (no clone): every call's are new tensors holding
+    the format's values, and a state's copy edited in place changes neither the tables nor the next call's."""
+    from tritonbits import formats
+
+    kw = {"blocksize": 64, "quant_type": quant_type, "compress_statistics": True}
+    tables = (formats.code_table(quant_type, device), formats.code_table("dynamic", device))
+    want = [t.clone() for t in tables]
+    _, first = checked(fresh((33, 64), gen, device), **kw)
+    first.code.fill_(7.0)
+    first.state2.code.fill_(7.0)
+    for _ in range(2):  # the second and third calls take the bound launches
+        _, state = checked(fresh((33, 64), gen, device), **kw)  # checked: the copies equal bnb's / the oracle's
+        for got, table, values in zip((state.code, state.state2.code), tables, want, strict=True):
+            assert got is not table and got.data_ptr() != table.data_ptr()
+            assert got.data_ptr() not in (first.code.data_ptr(), first.state2.code.data_ptr())
+            assert_exact(got, values)
+            assert_exact(table, values)
+
+
 @pytest.mark.parametrize(
     ("change", "validated"),
     [

@@ -96,10 +96,10 @@ def encode_8bit_table(x, table_ptr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: t
 
 @triton.jit
 def _quantize_blockwise_kernel(
-    x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks,
+    x_ptr, offset_ptr, code_ptr, out_ptr, absmax_ptr, n_elements, n_blocks, code_src_ptr, code_out_ptr,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, SUB_OFFSET: tl.constexpr, RCP: tl.constexpr,
     TABLE: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SHIFT: tl.constexpr, NEG: tl.constexpr,
-    FTZ: tl.constexpr,
+    FTZ: tl.constexpr, WRITE_CODE: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks of BLOCKSIZE values (int64 base, int32 within the tile).
     SUB_OFFSET: quantize fl(x - offset[0]) instead of x (the nested step's `absmax - mean`, one fp32 rounding
@@ -122,6 +122,10 @@ def _quantize_blockwise_kernel(
     scaled = mul_ftz(x, reciprocal(absmax, RCP)[:, None], FTZ)
     q = encode_8bit_table(scaled, code_ptr, LO, HI, SHIFT, NEG, FTZ) if TABLE else dquantize_8bit(scaled, code_ptr)
     tl.store(out_ptr + base + local, q.to(tl.uint8), mask=mask)
+    if WRITE_CODE:  # noqa: SIM102 (a constexpr branch around a runtime one) program 0 copies the code to the state
+        if tl.program_id(0) == 0:
+            c = tl.arange(0, 256)
+            tl.store(code_out_ptr + c, tl.load(code_src_ptr + c))
 
 
 @triton.jit
@@ -244,10 +248,14 @@ def default_encoder(code: torch.Tensor, device: torch.device) -> str:
     return "table" if table_for(code, device) is not None else "search"
 
 
+CODE_OUT_ARG = 8  # plan_quantize()'s args: the position of code_out
+
+
 def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None,
-                  encoder: str | None = None):  # fmt: skip
+                  encoder: str | None = None, code_out: torch.Tensor | None = None):  # fmt: skip
     """encoder: "table" (the dynamic code's bucket table), "search" (any code), or None for default_encoder.
-    The plan is for _quantize_blockwise_kernel."""
+    The plan is for _quantize_blockwise_kernel. code_out: fp32[256] that the launch fills with `code` (argument
+    CODE_OUT_ARG), or None."""
     encoder = encoder or default_encoder(code, x.device)
     n = x.numel()
     rows = max(TILE // blocksize, 1)
@@ -260,10 +268,11 @@ def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | 
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     args = (x, offset if offset is not None else absmax, code if table is None else table, out, absmax, n,
-            _runtime.cdiv(n, blocksize))  # fmt: skip
+            _runtime.cdiv(n, blocksize), code, code_out if code_out is not None else absmax)  # fmt: skip
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "SUB_OFFSET": offset is not None,
                   "RCP": rcp_mode(x.device, rcp), "TABLE": table is not None, "LO": TABLE_LO, "HI": TABLE_HI,
-                  "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG, "FTZ": _runtime.ftz_mode(x.device)}  # fmt: skip
+                  "SHIFT": TABLE_SHIFT, "NEG": TABLE_NEG, "FTZ": _runtime.ftz_mode(x.device),
+                  "WRITE_CODE": code_out is not None}  # fmt: skip
     tile = rows * blocksize
     return grid, args, constexprs, {"num_warps": 2 if tile <= 1024 else 4 if tile <= 4096 else 8}
 

@@ -144,10 +144,10 @@ def encode_any(s, thr_ptr, codes_ptr, FP4: tl.constexpr, ENCODER: tl.constexpr, 
 @triton.jit
 def _quantize_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, thr_ptr, codes_ptr,
-    n_elements, n_bytes, n_bytes_alloc, n_blocks,
+    n_elements, n_bytes, n_bytes_alloc, n_blocks, code_src_ptr, code_out_ptr,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, ENCODER: tl.constexpr,
     N_THR: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, RCP: tl.constexpr, PAIRS: tl.constexpr,
-    IN_BF16: tl.constexpr, MAGIC: tl.constexpr, FTZ: tl.constexpr, ZERO_PAD: tl.constexpr,
+    IN_BF16: tl.constexpr, MAGIC: tl.constexpr, FTZ: tl.constexpr, ZERO_PAD: tl.constexpr, WRITE_CODE: tl.constexpr,
 ):  # fmt: skip
     """One program quantizes ROWS whole blocks: ROWS x BLOCKSIZE values in, ROWS x BLOCKSIZE/2 bytes and ROWS
     absmax out. int64 base per program, int32 within the tile. Bytes in [n_bytes, n_bytes_alloc) (the
@@ -155,7 +155,9 @@ def _quantize_4bit_kernel(
     store mask alone is right and the per-byte select is left out).
     PAIRS: x_ptr is an integer view of the input with one element pair (2j, 2j+1) a word (n even, aligned),
     so that each thread's words map to its output bytes without a layout change; IN_BF16 / fp16 / fp32 by the
-    word width. Else x_ptr is the float input (any n) and the pairs are split from a [ROWS, HALF, 2] tile."""
+    word width. Else x_ptr is the float input (any n) and the pairs are split from a [ROWS, HALF, 2] tile.
+    WRITE_CODE: program 0 also copies the 16 code values (code_src_ptr) to code_out_ptr, the quant state's own
+    copy, which would otherwise take a launch of its own (a clone)."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, ROWS)
@@ -204,6 +206,10 @@ def _quantize_4bit_kernel(
         packed = tl.where(byte_local < tl.minimum(n_bytes - byte_base, ROWS * HALF).to(tl.int32), packed, 0)
     alloc_left = tl.minimum(n_bytes_alloc - byte_base, ROWS * HALF).to(tl.int32)
     tl.store(packed_ptr + byte_base + byte_local, packed, mask=byte_local < alloc_left)
+    if WRITE_CODE:  # noqa: SIM102 (a constexpr branch around a runtime one)
+        if tl.program_id(0) == 0:
+            c = tl.arange(0, 16)
+            tl.store(code_out_ptr + c, tl.load(code_src_ptr + c))
 
 
 _launcher = CachedLauncher(_quantize_4bit_kernel)
@@ -310,10 +316,15 @@ def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
     return -(-((n + 1) // 2) // size) * size
 
 
+CODE_OUT_ARG = 10  # plan()'s args: the position of code_out
+
+
 def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | None = None,
-         num_warps: int | None = None, rcp: str | None = None, pairs: bool | None = None):  # fmt: skip
+         num_warps: int | None = None, rcp: str | None = None, pairs: bool | None = None,
+         code_out: torch.Tensor | None = None):  # fmt: skip
     """(grid, args, constexprs, options) of one launch; `x` flat contiguous, `packed` uint8 bytes.
-    pairs: read element pairs as words (default: where n is even and x aligned); the probe and tests force it."""
+    pairs: read element pairs as words (default: where n is even and x aligned); the probe and tests force it.
+    code_out: fp32[16] that the launch fills with the format's code values (argument CODE_OUT_ARG), or None."""
     encoder = ENCODER_DEFAULT if encoder is None else encoder
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
@@ -332,14 +343,15 @@ def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | N
         raise ValueError("pairs=True needs an even element count and an input aligned to two elements")
     pairs = can_pair if pairs is None else pairs
     args = (x.view(word) if pairs else x, packed, absmax, thr, codes, n, (n + 1) // 2, n_bytes_alloc,
-            _runtime.cdiv(n, blocksize))  # fmt: skip
+            _runtime.cdiv(n, blocksize), formats.code_table(quant_type, x.device),
+            code_out if code_out is not None else absmax)  # fmt: skip
     fp4 = quant_type == "fp4"
     constexprs = {"BLOCKSIZE": blocksize, "ROWS": rows, "FP4": fp4, "ENCODER": encoder,
                   "N_THR": len(formats.FP4_THRESHOLDS if fp4 else formats.NF4_THRESHOLDS),
                   "K": BUCKETS_PER_UNIT, "NB": thr.numel() if encoder in ("bucket", "round", "lean") else 1,
                   "RCP": b8.rcp_mode(x.device, rcp), "PAIRS": pairs, "IN_BF16": x.dtype == torch.bfloat16,
                   "MAGIC": ROUND_MAGIC, "FTZ": _runtime.ftz_mode(x.device),
-                  "ZERO_PAD": n_bytes_alloc != (n + 1) // 2}  # fmt: skip
+                  "ZERO_PAD": n_bytes_alloc != (n + 1) // 2, "WRITE_CODE": code_out is not None}  # fmt: skip
     options = {"num_warps": num_warps if num_warps is not None else (4 if rows * blocksize <= 4096 else 8)}
     return grid, args, constexprs, options
 
@@ -556,10 +568,11 @@ def _quantize(A, absmax, out, blocksize, nested, quant_type, quant_storage, devi
 # element count and x's address mod 16 (Triton's 16-byte specialization, and whether the 4-bit kernel reads
 # element pairs as words); every other tensor of the call is a fresh torch.empty (16-byte aligned) or mean()
 # result, so the plan binds each launch with those tensors as its slots (the 4-bit kernel's x, packed, absmax;
-# the nested 8-bit kernel's input, offset, output, absmax2) and holds the tables the launches read.
-# Measured host time, CPU under stubbed launches (ci/quantize_host_cpu_probe.py --compare, 5 rounds, against
-# c14eaf5; bf16 256x4096 and 1024x4096, bs64): plain 19.0 -> 7.3 us (0.38x), nested 43-45 -> 15-16 us
-# (0.34-0.36x), nf4 and fp4 alike. GPU host time: to be measured (ci/quantize_host_probe.py).
+# the nested 8-bit kernel's input, offset, output, absmax2; each kernel's code_out, the state's code copy that
+# its program 0 writes, where the other path clones the table: two launches fewer) and holds the tables the
+# launches read. Measured host time, CPU under stubbed launches (ci/quantize_host_cpu_probe.py --compare, 5
+# rounds, against c14eaf5; bf16 256x4096 and 1024x4096, bs64): plain 19.0 -> 7.3 us (0.38x), nested 43-45 ->
+# 15-16 us (0.34-0.36x), nf4 and fp4 alike; on the GPU: docs/kernels/quantize_4bit.md, "Host time".
 EAGER_MAX = 64  # argument combinations kept, each with at most EAGER_MAX plans (oldest dropped first)
 _EAGER: dict[tuple, dict[tuple, _EagerPlan]] = {}
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -575,8 +588,6 @@ class _EagerPlan:
         self.blocks2 = -(-self.blocks // formats.NESTED_BLOCKSIZE)
         self.storage = quant_storage
         self.packed_shape = (packed_bytes(n, quant_storage) // quant_storage.itemsize, 1)
-        self.code = formats.code_table(quant_type, device)  # the states' copies are cloned from these
-        self.code2 = formats.code_table("dynamic", device) if nested else None
         self.word: torch.dtype | None = None  # the 4-bit kernel's view of x (element pairs), once planned
         self.q4: BoundLaunch | None = None  # once launched
         self.q8: BoundLaunch | None = None
@@ -590,40 +601,41 @@ class _EagerPlan:
         absmax = torch.empty(self.blocks, dtype=torch.uint8 if nested else torch.float32, device=device)
         absmax32 = torch.empty(self.blocks, dtype=torch.float32, device=device) if nested else absmax
         xw = x if self.word is None else x.view(self.word)
-        if self.q4 is None or not self.q4(xw, packed_u8, absmax32):
-            self._launch_4bit(x, packed_u8, absmax32)
+        code = torch.empty(16, dtype=torch.float32, device=device)  # the states' code copies: the kernels fill them
+        if self.q4 is None or not self.q4(xw, packed_u8, absmax32, code):
+            self._launch_4bit(x, packed_u8, absmax32, code)
+        state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=self.blocksize,
+                           quant_type=self.quant_type, code=code)  # fmt: skip
         if nested:
             offset = absmax32.mean()
             absmax2 = torch.empty(self.blocks2, dtype=torch.float32, device=device)
-            if self.q8 is None or not self.q8(absmax32, offset, absmax, absmax2):
-                self._launch_8bit(absmax32, absmax, absmax2, offset)
-        # the states' code copies after the launches, as quantize_4bit's other path (the same stream order)
-        state = QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=self.blocksize,
-                           quant_type=self.quant_type, code=self.code.clone())  # fmt: skip
-        if nested:
-            assert self.code2 is not None
+            code2 = torch.empty(256, dtype=torch.float32, device=device)
+            if self.q8 is None or not self.q8(absmax32, offset, absmax, absmax2, code2):
+                self._launch_8bit(absmax32, absmax, absmax2, offset, code2)
             state.offset = offset
-            state.state2 = NestedState(absmax=absmax2, code=self.code2.clone(), blocksize=formats.NESTED_BLOCKSIZE)
+            state.state2 = NestedState(absmax=absmax2, code=code2, blocksize=formats.NESTED_BLOCKSIZE)
         return packed, state
 
-    def _launch_4bit(self, x, packed_u8, absmax32) -> None:
-        """launch(), then bind it (x, packed, absmax are args 0-2)."""
-        grid, args, constexprs, options = plan(x, packed_u8, absmax32, self.blocksize, self.quant_type)
+    def _launch_4bit(self, x, packed_u8, absmax32, code) -> None:
+        """launch() writing the state's code copy, then bind it (x, packed, absmax, the code copy: args 0-2 and
+        CODE_OUT_ARG)."""
+        grid, args, constexprs, options = plan(x, packed_u8, absmax32, self.blocksize, self.quant_type, code_out=code)
         _launcher(grid, args, constexprs, options, self.device)
         self.word = args[0].dtype if constexprs["PAIRS"] else None
-        self.q4 = _launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 2))
-        self.tables4 = (args[3], args[4])
+        self.q4 = _launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 2, CODE_OUT_ARG))
+        self.tables4 = (args[3], args[4], args[CODE_OUT_ARG - 1])
 
-    def _launch_8bit(self, absmax32, qabsmax, absmax2, offset) -> None:
-        """_nested's b8.launch_quantize (the "table" encoder), then bind it (input, offset, output, absmax2 are
-        args 0, 1, 3, 4)."""
+    def _launch_8bit(self, absmax32, qabsmax, absmax2, offset, code2_out) -> None:
+        """_nested's b8.launch_quantize (the "table" encoder) writing state2's code copy, then bind it (input,
+        offset, output, absmax2, the code copy: args 0, 1, 3, 4 and b8.CODE_OUT_ARG)."""
         code2 = formats.code_table("dynamic", self.device)  # as _nested: table_for checks it by identity
         blocksize2 = formats.NESTED_BLOCKSIZE
         grid, args, constexprs, options = b8.plan_quantize(absmax32, code2, qabsmax, absmax2, blocksize2, offset,
-                                                           encoder="table")  # fmt: skip
+                                                           encoder="table", code_out=code2_out)  # fmt: skip
         b8._quantize_launcher(grid, args, constexprs, options, self.device)
-        self.q8 = b8._quantize_launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 3, 4))
-        self.tables8 = (args[2],)
+        slots = (0, 1, 3, 4, b8.CODE_OUT_ARG)
+        self.q8 = b8._quantize_launcher.bind(grid, args, constexprs, options, self.device, slots=slots)
+        self.tables8 = (args[2], args[b8.CODE_OUT_ARG - 1])
 
 
 def _eager(A, blocksize, compress_statistics, quant_type, quant_storage) -> tuple[torch.Tensor, QuantState]:
