@@ -4,6 +4,7 @@ only): the cases of packages/kernels/tests/test_subnormals.py, from tritonbits_h
 the same sign; these tests show whether the oracle models that. Comparisons are of bit patterns (-0.0 is not
 +0.0); the tests run once, in a session that tests bf16."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,9 +50,34 @@ def test_oracle_quantize_blockwise_subnormals_equal_bnb_cuda(case, dtype, gen, t
     report: list[str] = []
     q, state = quantize_blockwise_cuda(x, blocksize=S.BLOCK)
     want_q, want = F.quantize_blockwise(x.cuda(), blocksize=S.BLOCK)
-    S.check(report, "codes", q, want_q)
+    want_q = want_q.cpu()
+    # The oracle's reciprocal is correctly rounded, bnb's rcp.approx.ftz.f32 is within one ulp of it (docs/format.md):
+    # a code may differ where the scaled value sits on a threshold (seen once in ~30 random draws of "mixed", H100
+    # 2026-11-23, seed 1133792851). Such an element counts as equal only if the oracle with the block's reciprocal
+    # one ulp down or up gives bnb's code there.
+    lo, hi = _codes_with_reciprocal_one_ulp_off(x, S.BLOCK)
+    explained = (q != want_q) & ((lo.reshape(q.shape) == want_q) | (hi.reshape(q.shape) == want_q))
+    if explained.any():
+        print(f"{int(explained.sum())} code(s) differ by the reciprocal's last bit: {q[explained].tolist()} vs "
+              f"{want_q[explained].tolist()}")  # fmt: skip
+    S.check(report, "codes", torch.where(explained, want_q, q), want_q)
     S.check(report, "absmax", state["absmax"], want.absmax)
     S.finish(report)
+
+
+def _codes_with_reciprocal_one_ulp_off(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle's 8-bit codes of x with every finite, non-zero block reciprocal one ulp down, and one ulp up."""
+    from tritonbits_reference import quantize_cuda as Q
+
+    xf = Q._flat32(x)
+    r = Q._reciprocal(Q._absmax(xf, blocksize))
+    nudge = np.isfinite(r) & (r != 0)
+    block = np.arange(xf.size) // blocksize
+    out = []
+    for toward in (np.float32(0.0), np.float32(np.inf)):
+        rn = np.where(nudge, np.nextafter(r, toward), r).astype(np.float32)
+        out.append(torch.from_numpy(Q.dquantize(Q.dynamic_code(), Q.mul_ftz(xf, rn[block]))))
+    return out[0], out[1]
 
 
 @pytest.mark.gpu
