@@ -274,12 +274,32 @@ def _x_column(x_rows, col, m_ok, stride_xk, E: tl.constexpr):
 
 
 @triton.jit
+def _gemv2_step_inputs(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, row_end, K_WORDS, col, sub,
+                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                       USE_ASM: tl.constexpr, FTZ: tl.constexpr):  # fmt: skip
+    """One gemv2 row step's inputs: the int32 words of `rows` in the program's K chunk ([1, BLOCK_N, NB, CW]) and
+    the fp32 absmax of each row's sub-chunks ([1, BLOCK_N, NB]); rows at or past row_end read as 0."""
+    row_ok = rows < row_end
+    # NOTE: W's tile is [1, BLOCK_N, NB, CW] (4-D like x's columns) so that the words' load layout (16-byte
+    # vectors, warps along the rows) is the loop's only layout: a 3-D load broadcast against 4-D x went
+    # through shared memory every row step (72 bar.sync per step in the SASS).
+    words = tl.load(words_ptr + (rows.to(tl.int64) * K_WORDS)[None, :, None, None] + col[None, None, :, :],
+                    mask=row_ok[None, :, None, None], other=0, eviction_policy="evict_first")  # fmt: skip
+    # blocks run over the flattened weight (a row may start inside one); a sub-chunk never straddles two
+    qblock = ((rows.to(tl.int64) * K_WORDS)[None, :, None] + sub[None, None, :]) // (BLOCKSIZE // 8)
+    absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[None, :, None],
+                         BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
+    return words, absmax
+
+
+@triton.jit
 def _linear_4bit_gemv2_kernel(
     x_ptr, words_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
     M, N, K_WORDS, stride_xm, stride_xk, stride_om, rows_per_program,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
     FTZ: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """ "gemv2". Program (m, n, s): out rows ms = m*BLOCK_M.., the K chunk [s*BLOCK_K, (s+1)*BLOCK_K) (one chunk,
     no K loop), W rows [n*rows_per_program, ...) walked in steps of BLOCK_N. x's chunk is loaded once, as fp32,
@@ -312,18 +332,21 @@ def _linear_4bit_gemv2_kernel(
     row_lo = pid_n * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     lane_code = _lane_code(table_ptr, tl.zeros((1, BLOCK_N, NB, CW), tl.int32), LOOKUP_ASM)
+    if PREFETCH:  # the first row step's words and absmax, loaded before the loop (see _gemv2_step_inputs)
+        next_words, next_absmax = _gemv2_step_inputs(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                                                     row_lo + tl.arange(0, BLOCK_N), row_hi, K_WORDS, col, sub,
+                                                     BLOCKSIZE, BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
     for r0 in range(row_lo, row_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        # NOTE: W's tile is [1, BLOCK_N, NB, CW] (4-D like x's columns) so that the words' load layout (16-byte
-        # vectors, warps along the rows) is the loop's only layout: a 3-D load broadcast against 4-D x went
-        # through shared memory every row step (72 bar.sync per step in the SASS).
-        words = tl.load(words_ptr + (rows.to(tl.int64) * K_WORDS)[None, :, None, None] + col[None, None, :, :],
-                        mask=row_ok[None, :, None, None], other=0, eviction_policy="evict_first")  # fmt: skip
-        # blocks run over the flattened weight (a row may start inside one); a sub-chunk never straddles two
-        qblock = ((rows.to(tl.int64) * K_WORDS)[None, :, None] + sub[None, None, :]) // (BLOCKSIZE // 8)
-        absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[None, :, None],
-                             BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
+        if PREFETCH:  # this step's inputs were loaded by the step before; load the next step's now
+            words, absmax = next_words, next_absmax
+            next_words, next_absmax = _gemv2_step_inputs(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+                                                         rows + BLOCK_N, row_hi, K_WORDS, col, sub, BLOCKSIZE,
+                                                         BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
+        else:
+            words, absmax = _gemv2_step_inputs(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows,
+                                               N, K_WORDS, col, sub, BLOCKSIZE, BLOCKSIZE2, NESTED, USE_ASM,
+                                               FTZ)  # fmt: skip
         w0, w1, w2, w3, w4, w5, w6, w7 = _decode_word(words, absmax[:, :, :, None], table_ptr, lane_code, W_DTYPE,
                                                       MANUAL_BF16, LOOKUP_ASM, FTZ)  # fmt: skip
         # NOTE: one statement per element, each an FFMA into the word's running sum (fusion on)
@@ -454,6 +477,9 @@ HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  #
 # BLOCK_K=1024; bm=8 spills).
 HEURISTIC_GEMV2 = {1: (16, 1024, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
 GEMV2_PROGRAMS_PER_SM = 8  # row ranges: programs ~ 8 per SM over (row ranges x K chunks x M blocks)
+# NOTE: PREFETCH: a gemv2 program loads the next row step's words and absmax before it decodes the current one
+# (registers double-buffered by hand; the row loop has no other independent loads to hide their latency).
+GEMV2_PREFETCH = False
 
 
 def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int) -> int:
@@ -688,7 +714,8 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
                   "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
                   "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
                   "FTZ": _runtime.ftz_mode(x2.device), "SPLIT": ws is not None,
-                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}  # fmt: skip
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                  "PREFETCH": cfg.get("prefetch", GEMV2_PREFETCH)}  # fmt: skip
     options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 1)}
     if not use_asm:
         options["enable_fp_fusion"] = False
