@@ -81,7 +81,8 @@ GEMV2_CASES = [  # (quant_type, nested, blocksize, K, M, x dtype or None for W's
 def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
     """The gemv2 path forced: nf4/fp4, nested or not, blocksizes 32..4096 (sub-chunks per block, a block longer
     than the chunk), M across BLOCK_M (a partial last M block), x dtype unlike W's, bias, a partial last row step
-    (N=40 over BLOCK_N=16), several row ranges and K chunks (the split-K workspace), strided x."""
+    (N=40 over BLOCK_N=16), several row ranges and K chunks (the split-K workspace), strided x; with PREFETCH on,
+    the same bits as with it off (the same products in the same order)."""
     quant_type, nested, blocksize, k, m, x_dtype, with_bias = case
     n = 40
     q, state = weight_of((n, k), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
@@ -93,9 +94,10 @@ def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
     for cfg in ({"path": "gemv2", "bm": 4, "bn": 16, "bk": 64, "warps": 4, "rows": 16},
                 {"path": "gemv2", "bm": 2, "bn": 8, "bk": 1024, "warps": 2}):  # fmt: skip
         for x in (wide[:, :k], wide[:, ::2]):
-            out = L.forward_2d(x, prepared, bias, config=cfg)
+            out = L.forward_2d(x, prepared, bias, config={**cfg, "prefetch": False})
             assert out.dtype == x_dtype and out.shape == (m, n)
             assert_matmul(out, x, w, bias)
+            assert_exact(L.forward_2d(x, prepared, bias, config={**cfg, "prefetch": True}), out)
 
 
 def test_gemv2_unaligned_bytes_fall_back(out_dtype, device, gen, quantize, bnb_dequantize):
@@ -357,6 +359,7 @@ def test_table_entries_are_reachable_and_valid():
             assert cfg["path"] in ("gemv", "gemv2", "gemm", "dequant"), (family, key)
             if cfg["path"] == "gemv2":
                 assert {"bm", "bn", "bk", "warps"} <= set(cfg) and cfg["bm"] <= 4, (family, key)
+                assert cfg.get("prefetch", False) in (False, True), (family, key)
             elif cfg["path"] != "dequant":
                 assert {"bm", "bn", "bk", "split_k", "warps"} <= set(cfg), (family, key)
                 assert cfg["path"] == "gemv" or cfg["bm"] >= 16, (family, key)

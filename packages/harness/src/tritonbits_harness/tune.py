@@ -287,7 +287,9 @@ def gemv2_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
                 continue
             base = L.gemv2_rows(-(-m // bm), n, k // bk, bn, sms)
             for rows in sorted({base, max(bn, base // 2 // bn * bn), 2 * base}):
-                out.append({"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "rows": rows})
+                for prefetch in (False, True) if bm >= 2 else (False,):  # L.GEMV2_PREFETCH's NOTE
+                    out.append({"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1,
+                                "rows": rows, "prefetch": prefetch})  # fmt: skip
     return out
 
 

@@ -478,7 +478,12 @@ HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  #
 HEURISTIC_GEMV2 = {1: (16, 1024, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
 GEMV2_PROGRAMS_PER_SM = 8  # row ranges: programs ~ 8 per SM over (row ranges x K chunks x M blocks)
 # NOTE: PREFETCH: a gemv2 program loads the next row step's words and absmax before it decodes the current one
-# (registers double-buffered by hand; the row loop has no other independent loads to hide their latency).
+# (registers double-buffered by hand; the row loop has no other independent loads to hide their latency). Same
+# products in the same order (outputs torch.equal). Timed on an H100 with the table's configs, off / on, CUDA
+# graphs (ci/linear4bit_prefetch_probe.py, log docs/gpu-runs/logs/20261123T2026Z-nvidia-h100-linear4bit-prefetch-
+# probe.txt): M=4 1.07-1.11x faster at (K, N) = (4096, 14336), (14336, 4096), (8192, 28672), M=2 1.02-1.05x there;
+# M=1 0.98-1.03x (noise) and 4096x4096 M=2/4 0.96-0.98x. So: on in the table's M=2/4 entries of those shapes and
+# in the heuristic from M=2, off (this default) elsewhere; the tuner times both from M=2.
 GEMV2_PREFETCH = False
 
 
@@ -494,7 +499,7 @@ def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> 
         return {"path": "dequant"}
     bm = bucket(m)
     bn, bk, warps = HEURISTIC_GEMV2[bm]
-    return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1}
+    return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "prefetch": bm >= 2}
 
 
 def heuristic_gemv_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
