@@ -6,7 +6,8 @@ between kernels inside the graph.
     python ci/kernel_breakdown.py [--only quantize linear blockwise dequant_bias] [--reps 20]
 
 Cases: quantize_4bit nested nf4/fp4 (bf16, 14336x4096) and bnb's; linear_4bit at M=1 and bnb.matmul_4bit;
-dequantize_blockwise bf16/fp32 at 2**26; dequant_bias 128x28672 fp32 and its static-shape torch.compile.
+dequantize_blockwise bf16/fp32 at 2**26 and a copy of the same bytes; dequant_bias fp32 acc at 128, 4096 and 64
+x 28672 and its static-shape torch.compile.
 Prints one block per case: kernel name (truncated), calls per eager call, device us per call.
 """
 

@@ -20,7 +20,10 @@ each config's .sass and .ptx.
 The figures quoted in docs/kernels/quantize_4bit.md at 0a70d90 (NF4 round+pairs 304 / 19, FP4 344 / 21.5) were
 compiled with `--rcp plain --num-warps 8` (the CPU's reciprocal mode, 16 values a thread); the launch the op
 makes on a GPU uses rcp.approx and 4 warps for a 4096-value tile. Needs no TRITON_INTERPRET (it is switched
-off here) and no CUDA device; uses Triton's binder internals (triton.runtime.jit), checked with triton 3.9.
+off here) and no CUDA device; uses Triton's binder internals (triton.runtime.jit), checked with triton 3.9 and
+with the GPU machine's 3.6 (on PYTHONPATH ahead of the venv's: docs/gpu-sessions.md). Also counted: linear_4bit's
+launches at M = 1, 2, 4 on an nf4 nested bs64 bf16 weight of --shape's N x K (the H100 table's configs, planned
+for 132 SMs).
 """
 
 from __future__ import annotations
@@ -144,9 +147,8 @@ def quantize_blockwise_launches(n: int, rcp, num_warps, encoders) -> list[Launch
                 with as_cuda(rcp):
                     grid, args, cx, opts = b8.plan_quantize(x, code, q, absmax, bs, encoder=enc)
                 opts = _apply_warps(opts, num_warps)
-                fn = b8.quantize_kernel(enc) if hasattr(b8, "quantize_kernel") else b8._quantize_blockwise_kernel
-                out.append(Launch(f"quantize_blockwise {dt} bs{bs} {enc}", fn, grid, args, cx, opts,
-                                  cx["ROWS"] * cx["BLOCKSIZE"]))  # fmt: skip
+                out.append(Launch(f"quantize_blockwise {dt} bs{bs} {enc}", b8._quantize_blockwise_kernel, grid, args,
+                                  cx, opts, cx["ROWS"] * cx["BLOCKSIZE"]))  # fmt: skip
     return out
 
 
@@ -216,8 +218,13 @@ def linear_4bit_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
         y = torch.empty(m, n_rows, dtype=torch.bfloat16)
         key = l4.config_key(x2.dtype, m, n_rows, k)
         cfg = configs.family_table("linear_4bit", "h100").get(key) or l4.heuristic_config(x2.dtype, m, n_rows, k, 132)
-        with as_cuda(None):
-            launches, _ws = l4.fused_launches(x2, w, None, y, cfg, use_asm=True)
+        sm_count = l4._sm_count
+        l4._sm_count = lambda device: 132  # type: ignore[assignment]  # the split-K reduction's grid as on an H100
+        try:
+            with as_cuda(None):
+                launches, _ws = l4.fused_launches(x2, w, None, y, cfg, use_asm=True)
+        finally:
+            l4._sm_count = sm_count  # type: ignore[assignment]
         for la in launches:
             cx = la.constexprs
             values = cx["BLOCK_N"] * cx["BLOCK_K"] if "BLOCK_N" in cx else cx["BLOCK"]
@@ -343,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     n4, n8 = parse_shape(args.shape), parse_shape(args.shape_8bit)
     warps = args.num_warps
     launches = quantize_4bit_launches(n4, args.rcp, warps, q4.ENCODERS)
-    launches += quantize_blockwise_launches(n8, args.rcp, warps, getattr(b8, "ENCODERS", ("table", "search")))
+    launches += quantize_blockwise_launches(n8, args.rcp, warps, b8.ENCODERS)
     launches += dequantize_4bit_launches(n4, warps) + dequantize_blockwise_launches(n8, warps)
-    n_rows, k = (int(v) for v in args.shape.split("x")) if "x" in args.shape else (4096, 4096)
-    launches += linear_4bit_launches(n_rows, k, warps)
+    dims = [int(v) for v in args.shape.lower().split("x")]
+    if len(dims) == 2:  # linear_4bit's weight is N x K
+        launches += linear_4bit_launches(dims[0], dims[1], warps)
     words = [w for o in args.only for w in o.split()]
     launches = [la for la in launches if all(w in la.name for w in words)]
     if args.dump is not None:

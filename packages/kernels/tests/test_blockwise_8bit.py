@@ -173,7 +173,7 @@ def _quantize_with(encoder, x, blocksize, offset=None):
 
 def _special_cases(gen, dtype):
     """Random magnitudes, tails, and blocks of zeros, NaN, Inf and subnormals."""
-    n = 4096 * 5 + 777  # several 4096-value tiles a program and a partial last tile
+    n = 4096 * 5 + 777  # several 4096-value tiles and a partial last tile
     x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 30, (n,), generator=gen).float())
     x[:64] = 0.0  # a block of zeros (absmax 0: every code is NaN's, index 0)
     x[64:128] = float("nan")  # a block of NaN (absmax -FLT_MAX)

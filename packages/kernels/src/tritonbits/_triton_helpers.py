@@ -76,9 +76,9 @@ def gather(ptrs, FTZ: tl.constexpr):
     `ld.global.nc` each in inline PTX, which keeps the operands' register layout. NOTE: Triton 3.6 (the GPU
     machine's) gives a plain tl.load gather (pointers with no contiguity) a layout of its own, and the
     conversions to and from it go through shared memory: 11 (NF4) / 19 (FP4) shared round trips a program in
-    the 4-bit quantizer with 64 / 112 registers, 42-50 in the 8-bit table encoder with 122-128 (sm90 SASS,
-    `ci/sass_count.py` under triton 3.6; with the PTX load 1 and 48-52 / ~75 registers, as triton 3.9
-    compiles tl.load). Else tl.load."""
+    the 4-bit quantizer with 64 / 112 registers, 41-50 in the 8-bit table encoder with 122-128 (sm90 SASS,
+    `ci/sass_count.py` under triton 3.6, logs docs/gpu-runs/logs/*-offline-sm90-triton3.6-sass-count-*.txt;
+    with the PTX load 1-2 and 50-52 / 72-76 registers, as triton 3.9 compiles tl.load). Else tl.load."""
     if FTZ == "ptx":
         if ptrs.dtype.element_ty == tl.int64:
             return tl.inline_asm_elementwise(

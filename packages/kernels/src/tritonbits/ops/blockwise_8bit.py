@@ -37,7 +37,7 @@ TILE = 4096
 # its absmax once (before: one load a value, bf16 2**26 at 88.6% of a copy, ci/kernel_breakdown.py). Swept with
 # that change on an H100 (ci/dequantize_blockwise_probe.py, log docs/gpu-runs/logs/20261123T1931Z-nvidia-h100-
 # dequantize-blockwise-probe.txt; tile 1024-8192 x 2/4/8 warps, CUDA graphs, blocksize 4096): (2048, 4) gives
-# bf16 95.5% / 97.5% of a copy at 2**26 / 2**28 and fp32 95.4% / 96.4%, within 0.5% of each case's best.
+# bf16 95.5% / 97.5% of a copy at 2**26 / 2**28 and fp32 95.4% / 96.4%, within 1% of each case's best.
 DEQUANT_TILE = 2048
 DEQUANT_WARPS = 4
 # NOTE: small launches (the nested absmax of quantize_4bit: 262K values at 4096x4096, blocksize 256) take
@@ -104,7 +104,8 @@ def _quantize_blockwise_kernel(
     """One program quantizes ROWS whole blocks of BLOCKSIZE values (int64 base, int32 within the tile).
     SUB_OFFSET: quantize fl(x - offset[0]) instead of x (the nested step's `absmax - mean`, one fp32 rounding
     as torch's subtraction). TABLE: code_ptr is the dynamic code's bucket table (encode_8bit_table), else the
-    256-entry code itself (bnb's binary search)."""
+    256-entry code itself (bnb's binary search). WRITE_CODE: program 0 also copies the 256-entry code
+    (code_src_ptr) to code_out_ptr, the quant state's own copy, which would otherwise take a launch (a clone)."""
     base = tl.program_id(0).to(tl.int64) * (ROWS * BLOCKSIZE)
     rows = tl.arange(0, ROWS)
     local = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -248,7 +249,7 @@ def default_encoder(code: torch.Tensor, device: torch.device) -> str:
     return "table" if table_for(code, device) is not None else "search"
 
 
-CODE_OUT_ARG = 8  # plan_quantize()'s args: the position of code_out
+CODE_SRC_ARG, CODE_OUT_ARG = 7, 8  # plan_quantize()'s args: the positions of the code and of code_out
 
 
 def plan_quantize(x, code, out, absmax, blocksize: int, offset=None, rcp: str | None = None,

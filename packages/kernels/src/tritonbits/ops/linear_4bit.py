@@ -680,7 +680,7 @@ def _reduce_launch(ws, bias, out, out_bf16_manual: bool) -> Launch:
     """out = round(sum of the split partials ws [S, M, N] in split order + bias)."""
     split, m, n = ws.shape
     # NOTE: at decode M*N is small (M=1, N=4096: 4 programs of 1024), and each program's S loads run back to
-    # back: 4.4 us for S=14, N=4096 on the H100 (ci/kernel_breakdown.py). Smaller blocks, down to one element a
+    # back: 4.4 us for S=56, N=4096 on the H100 (ci/kernel_breakdown.py). Smaller blocks, down to one element a
     # thread, until the grid covers 2 programs an SM.
     block = 1024
     while block > 128 and triton.cdiv(m * n, block) < 2 * _sm_count(out.device):

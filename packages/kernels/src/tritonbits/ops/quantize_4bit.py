@@ -316,7 +316,7 @@ def packed_bytes(n: int, quant_storage: torch.dtype) -> int:
     return -(-((n + 1) // 2) // size) * size
 
 
-CODE_OUT_ARG = 10  # plan()'s args: the position of code_out
+CODE_SRC_ARG, CODE_OUT_ARG = 9, 10  # plan()'s args: the positions of the code table and of code_out
 
 
 def plan(x, packed, absmax, blocksize: int, quant_type: str, *, encoder: str | None = None,
@@ -378,7 +378,8 @@ def _nested(absmax: torch.Tensor, qabsmax: torch.Tensor, kernel_wrap=None):
     offset = b8._absmax_mean_op(absmax) if kernel_wrap is not None else absmax.mean()
     absmax2 = torch.empty(-(-blocks // formats.NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
     code2 = formats.code_table("dynamic", absmax.device)
-    b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel_wrap=kernel_wrap)
+    b8.launch_quantize(absmax, code2, qabsmax, absmax2, formats.NESTED_BLOCKSIZE, offset, kernel_wrap=kernel_wrap,
+                       encoder="table")  # fmt: skip
     return offset, absmax2
 
 
@@ -623,7 +624,7 @@ class _EagerPlan:
         _launcher(grid, args, constexprs, options, self.device)
         self.word = args[0].dtype if constexprs["PAIRS"] else None
         self.q4 = _launcher.bind(grid, args, constexprs, options, self.device, slots=(0, 1, 2, CODE_OUT_ARG))
-        self.tables4 = (args[3], args[4], args[CODE_OUT_ARG - 1])
+        self.tables4 = (args[3], args[4], args[CODE_SRC_ARG])
 
     def _launch_8bit(self, absmax32, qabsmax, absmax2, offset, code2_out) -> None:
         """_nested's b8.launch_quantize (the "table" encoder) writing state2's code copy, then bind it (input,
@@ -635,7 +636,7 @@ class _EagerPlan:
         b8._quantize_launcher(grid, args, constexprs, options, self.device)
         slots = (0, 1, 3, 4, b8.CODE_OUT_ARG)
         self.q8 = b8._quantize_launcher.bind(grid, args, constexprs, options, self.device, slots=slots)
-        self.tables8 = (args[2], args[b8.CODE_OUT_ARG - 1])
+        self.tables8 = (args[2], args[b8.CODE_SRC_ARG])
 
 
 def _eager(A, blocksize, compress_statistics, quant_type, quant_storage) -> tuple[torch.Tensor, QuantState]:
