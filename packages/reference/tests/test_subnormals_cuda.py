@@ -15,7 +15,7 @@ from tritonbits_reference.quantize_cuda import dequantize_blockwise_cuda, quanti
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("case", "dtype"), S.CASES, ids=S.CASE_IDS)
-def test_oracle_quantize_4bit_subnormals_equal_bnb_cuda(case, dtype, gen, test_dtypes):
+def test_oracle_quantize_4bit_subnormals_equal_bnb_cuda(case, dtype, gen, test_dtypes, monkeypatch):
     import bitsandbytes.functional as F
 
     S.bf16_session_only(test_dtypes)
@@ -24,13 +24,15 @@ def test_oracle_quantize_4bit_subnormals_equal_bnb_cuda(case, dtype, gen, test_d
     report: list[str] = []
     for quant_type in ("nf4", "fp4"):
         for nested in (False, True):
-            packed, state = R.quantize_4bit_cuda(x, blocksize=S.BLOCK, quant_type=quant_type,
-                                                 compress_statistics=nested)  # fmt: skip
-            want_packed, want = F.quantize_4bit(x.cuda(), blocksize=S.BLOCK, quant_type=quant_type,
-                                                compress_statistics=nested)  # fmt: skip
+            kw = {"blocksize": S.BLOCK, "quant_type": quant_type, "compress_statistics": nested}
+            packed, state = R.quantize_4bit_cuda(x, **kw)
+            want_packed, want = F.quantize_4bit(x.cuda(), **kw)
             label = f"{quant_type} {'nested' if nested else 'plain'}"
             if nested and case in S.INF_OFFSET_CASES:
                 label += " (inf offset)"
+            # a byte on a threshold (H200 204446Z, seed 1724851925: fp4 0x2a vs 0x3a, the ulp-up reciprocal's)
+            packed = _explained_by_the_reciprocal(packed, want_packed.cpu(), monkeypatch,
+                                                  lambda kw=kw: R.quantize_4bit_cuda(x, **kw)[0])  # fmt: skip
             S.check(report, f"{label} packed bytes", packed, want_packed)
             S.check(report, f"{label} absmax", state.absmax, want.absmax)
             if nested:
@@ -41,7 +43,7 @@ def test_oracle_quantize_4bit_subnormals_equal_bnb_cuda(case, dtype, gen, test_d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("case", "dtype"), S.CASES, ids=S.CASE_IDS)
-def test_oracle_quantize_blockwise_subnormals_equal_bnb_cuda(case, dtype, gen, test_dtypes):
+def test_oracle_quantize_blockwise_subnormals_equal_bnb_cuda(case, dtype, gen, test_dtypes, monkeypatch):
     import bitsandbytes.functional as F
 
     S.bf16_session_only(test_dtypes)
@@ -50,34 +52,40 @@ def test_oracle_quantize_blockwise_subnormals_equal_bnb_cuda(case, dtype, gen, t
     report: list[str] = []
     q, state = quantize_blockwise_cuda(x, blocksize=S.BLOCK)
     want_q, want = F.quantize_blockwise(x.cuda(), blocksize=S.BLOCK)
-    want_q = want_q.cpu()
-    # The oracle's reciprocal is correctly rounded, bnb's rcp.approx.ftz.f32 is within one ulp of it (docs/format.md):
-    # a code may differ where the scaled value sits on a threshold (seen once in ~30 random draws of "mixed", H100
-    # 2026-11-23, seed 1133792851). Such an element counts as equal only if the oracle with the block's reciprocal
-    # one ulp down or up gives bnb's code there.
-    lo, hi = _codes_with_reciprocal_one_ulp_off(x, S.BLOCK)
-    explained = (q != want_q) & ((lo.reshape(q.shape) == want_q) | (hi.reshape(q.shape) == want_q))
-    if explained.any():
-        print(f"{int(explained.sum())} code(s) differ by the reciprocal's last bit: {q[explained].tolist()} vs "
-              f"{want_q[explained].tolist()}")  # fmt: skip
-    S.check(report, "codes", torch.where(explained, want_q, q), want_q)
+    # a code on a threshold (H100 200133Z, seed 1133792851: 47 vs 48, the ulp-down reciprocal's)
+    q = _explained_by_the_reciprocal(q, want_q.cpu(), monkeypatch,
+                                     lambda: quantize_blockwise_cuda(x, blocksize=S.BLOCK)[0])  # fmt: skip
+    S.check(report, "codes", q, want_q)
     S.check(report, "absmax", state["absmax"], want.absmax)
     S.finish(report)
 
 
-def _codes_with_reciprocal_one_ulp_off(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The oracle's 8-bit codes of x with every finite, non-zero block reciprocal one ulp down, and one ulp up."""
+def _explained_by_the_reciprocal(got: torch.Tensor, want: torch.Tensor, monkeypatch, oracle) -> torch.Tensor:
+    """`got` with its elements that differ from bnb's `want` replaced by bnb's where, and only where, the oracle
+    run with every finite, non-zero block reciprocal one ulp down, or one ulp up, gives bnb's value. The oracle's
+    reciprocal is correctly rounded; bnb's rcp.approx.ftz.f32 is within one ulp of it (docs/format.md), so a
+    value scaled onto a threshold can take the neighbouring code (about one random "mixed" draw in 30). Any
+    other difference is left for the caller's check to report."""
     from tritonbits_reference import quantize_cuda as Q
 
-    xf = Q._flat32(x)
-    r = Q._reciprocal(Q._absmax(xf, blocksize))
-    nudge = np.isfinite(r) & (r != 0)
-    block = np.arange(xf.size) // blocksize
-    out = []
+    differ = got != want
+    if not differ.any():
+        return got
+    exact = Q._reciprocal
+    explained = torch.zeros_like(differ)
     for toward in (np.float32(0.0), np.float32(np.inf)):
-        rn = np.where(nudge, np.nextafter(r, toward), r).astype(np.float32)
-        out.append(torch.from_numpy(Q.dquantize(Q.dynamic_code(), Q.mul_ftz(xf, rn[block]))))
-    return out[0], out[1]
+
+        def nudged(absmax, toward=toward):
+            r = exact(absmax)
+            return np.where(np.isfinite(r) & (r != 0), np.nextafter(r, toward), r).astype(np.float32)
+
+        monkeypatch.setattr(Q, "_reciprocal", nudged)
+        explained |= differ & (oracle().reshape(got.shape) == want)
+    monkeypatch.setattr(Q, "_reciprocal", exact)
+    if explained.any():
+        print(f"{int(explained.sum())} element(s) differ by the reciprocal's last bit: {got[explained].tolist()} vs "
+              f"{want[explained].tolist()}")  # fmt: skip
+    return torch.where(explained, want, got)
 
 
 @pytest.mark.gpu
