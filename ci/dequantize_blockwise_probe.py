@@ -4,7 +4,7 @@ module default's output and timed next to a device copy of the same bytes in one
 
     python ci/dequantize_blockwise_probe.py [--sizes 26 28] [--dtypes bf16 fp32 fp16]
 
-CUDA-graph medians (triton.testing.do_bench_cudagraph); bytes = n codes read + n outputs written + absmax.
+CUDA-graph medians (tritonbits_harness.timing.bench_graph); bytes = n codes read + n outputs written + absmax.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import argparse
 from functools import partial
 
 import torch
-import triton.testing
 
 import tritonbits
 from tritonbits.ops import blockwise_8bit as b8
+from tritonbits_harness import timing
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 VARIANTS = [(t, w) for t in (1024, 2048, 4096, 8192) for w in (2, 4, 8)]
 
 
 def graph_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+    return timing.bench_graph(fn, rep=40) * 1e3
 
 
 def main() -> None:

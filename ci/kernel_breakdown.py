@@ -1,6 +1,6 @@
 """Where the GPU time of a call goes (GPU machine; the three src/ trees on PYTHONPATH): per-kernel device time
 from torch.profiler (CUPTI) for one eager call of each case, next to the call's CUDA-graph median
-(triton.testing.do_bench_cudagraph). The difference between the graph time and the kernels' sum is the gaps
+(tritonbits_harness.timing.bench_graph). The difference between the graph time and the kernels' sum is the gaps
 between kernels inside the graph.
 
     python ci/kernel_breakdown.py [--only quantize linear blockwise dequant_bias] [--reps 20]
@@ -18,10 +18,10 @@ from collections import defaultdict
 from functools import partial
 
 import torch
-import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 import tritonbits
+from tritonbits_harness import timing
 
 
 def kernels(fn, reps: int) -> list[tuple[str, float, float]]:
@@ -43,7 +43,7 @@ def kernels(fn, reps: int) -> list[tuple[str, float, float]]:
 def show(name: str, fn, reps: int, graph: bool = True) -> None:
     rows = kernels(fn, reps)
     ksum = sum(r[2] for r in rows)
-    g = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3 if graph else float("nan")
+    g = timing.bench_graph(fn, rep=50) * 1e3 if graph else float("nan")
     print(f"--- {name}: kernels {ksum:.1f} us, graph {g:.1f} us (gaps {g - ksum:.1f} us)", flush=True)
     for k, calls, us in rows:
         print(f"    {us:8.1f} us  x{calls:4.1f}  {k[:110]}", flush=True)

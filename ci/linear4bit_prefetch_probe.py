@@ -5,7 +5,7 @@ step is decoded), side by side on one GPU (the three src/ trees on PYTHONPATH):
 
 Per (K, N) of the issue's decode shapes and M in 1, 2, 4: the GPU family's table config (else the heuristic's),
 run with prefetch off and on; the two outputs must be torch.equal (the same products in the same order), then
-both and bnb.matmul_4bit are timed with triton.testing.do_bench_cudagraph. x bf16, W nf4 nested blocksize 64.
+both and bnb.matmul_4bit are timed with tritonbits_harness.timing.bench_graph. x bf16, W nf4 nested blocksize 64.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import argparse
 from functools import partial
 
 import torch
-import triton.testing
 
 import tritonbits
 from tritonbits.ops import linear_4bit as L
 from tritonbits.quant_state import prepare
+from tritonbits_harness import timing
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (8192, 28672)]  # (K, N)
 
 
 def us(fn, rep: int) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+    return timing.bench_graph(fn, rep=rep) * 1e3
 
 
 def main() -> None:
