@@ -100,8 +100,30 @@ def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
             assert_exact(L.forward_2d(x, prepared, bias, config={**cfg, "prefetch": True}), out)
 
 
+@pytest.mark.parametrize("case", GEMV2_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
+def test_gemm(case, out_dtype, device, gen, quantize, bnb_dequantize):
+    """The tensor-core gemm forced, on gemv2's cases: sub-chunks (BLOCK_K over blocksizes 32/64), a block longer
+    than the chunk, x dtype unlike W's (fp32 operands), a partial row tile (N=40 over BLOCK_N=32) and M block,
+    split-K with a short last split (3 splits of K/64 chunks), strided x."""
+    quant_type, nested, blocksize, k, m, x_dtype, with_bias = case
+    n = 40
+    q, state = weight_of((n, k), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
+    w = exact_weight(q, state, bnb_dequantize)
+    prepared = L._prepare(q, state)
+    x_dtype = x_dtype or out_dtype
+    wide = fresh_x((m, 2 * k), x_dtype, gen, device)
+    bias = fresh_x((n,), x_dtype, gen, device) if with_bias else None
+    for cfg in ({"path": "gemm", "bm": 16, "bn": 32, "bk": 128, "warps": 4, "split_k": 1},
+                {"path": "gemm", "bm": 16, "bn": 16, "bk": 64, "warps": 4, "split_k": 3}):  # fmt: skip
+        for x in (wide[:, :k], wide[:, ::2]):
+            out = L.forward_2d(x, prepared, bias, config=cfg)
+            assert out.dtype == x_dtype and out.shape == (m, n)
+            assert_matmul(out, x, w, bias)
+
+
 def test_gemv2_unaligned_bytes_fall_back(out_dtype, device, gen, quantize, bnb_dequantize):
-    """Packed bytes that are not 4-byte aligned cannot be read as int32 words: the gemv kernel takes them."""
+    """Packed bytes that are not 4-byte aligned cannot be read as int32 words: the gemv kernel takes gemv2's and
+    gemm's configs."""
     q, state = weight_of((N, K), out_dtype, gen, quantize)
     w = exact_weight(q, state, bnb_dequantize)
     shifted = torch.empty(q.numel() + 1, dtype=torch.uint8, device=device)[1:].reshape(q.shape)
@@ -110,6 +132,7 @@ def test_gemv2_unaligned_bytes_fall_back(out_dtype, device, gen, quantize, bnb_d
     assert L.words_of(prepared) is None
     x = fresh_x((2, K), out_dtype, gen, device)
     assert_matmul(L.forward_2d(x, prepared, None, config=FORCED["gemv2"]), x, w)
+    assert_matmul(L.forward_2d(x, prepared, None, config=FORCED["gemm"]), x, w)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

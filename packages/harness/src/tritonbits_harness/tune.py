@@ -293,9 +293,35 @@ def gemv2_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     return out
 
 
+# (BLOCK_N, BLOCK_K, warps) of the tensor-core gemm; a tile is kept when a thread decodes <= 128 weights a K step
+# (more spills: 128 registers at 128, ci/sass_count.py under triton 3.6)
+GEMM_TILES = ((64, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (128, 256, 8), (128, 64, 4))
+
+
+def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """gemm configs for M <= 256: BLOCK_M the M bucket (16 at least: tl.dot's smallest side), split-K from the op's
+    rule (`_split_for`) and twice that."""
+    import triton
+
+    from tritonbits.ops import linear_4bit as L
+
+    out: list[dict] = []
+    bms = (max(16, L.bucket(m)),) if m <= 64 else (64, 128)
+    for bm in bms:
+        for bn, bk, warps in GEMM_TILES:
+            if k % bk or bn * bk // (warps * 32) > 128:
+                continue
+            split = L._split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, bk, sms)
+            for s in sorted({split, 2 * split if k // (bk * split * 2) >= 2 else split}):
+                out.append({"path": "gemm", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3,
+                            "split_k": s})  # fmt: skip
+    return out
+
+
 def linear_4bit_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """Configs worth timing for one (M, N, K): gemv2 tiles up to M=16, gemv tiles up to M=8 (both decode tables),
-    tl.dot gemm tiles from M=4, dequantize + cuBLAS from M=16; split-K from the op's own rule (`_split_for`)."""
+    tensor-core gemm tiles up to M=256, dequantize + cuBLAS from M=16; split-K from the op's own rule
+    (`_split_for`)."""
     import triton
 
     from tritonbits.ops import linear_4bit as L
@@ -310,13 +336,8 @@ def linear_4bit_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
             for pair in (True, False):
                 out.append({"path": "gemv", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3,
                             "pair": pair, "split_k": split})  # fmt: skip
-    if m >= 4:
-        for bm in (16,) if m <= 16 else (32, 64) if m <= 64 else (64, 128):
-            for bn in (64, 128, 256):
-                for warps in (4, 8):
-                    split = L._split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, 64, sms)
-                    out.append({"path": "gemm", "bm": bm, "bn": bn, "bk": 64, "warps": warps, "stages": 3,
-                                "pair": True, "split_k": split})  # fmt: skip
+    if m <= 256:
+        out += gemm_candidates(m, n, k, sms)
     if m >= 16:
         out.append({"path": "dequant"})
     return out

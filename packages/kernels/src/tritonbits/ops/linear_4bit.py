@@ -362,56 +362,126 @@ def _linear_4bit_gemv2_kernel(
         _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
 
 
+# "gemm": the same word decode, 16-bit outputs, fed to tensor cores with W as the dot's left operand.
+def _word_decode16_asm(w_dtype: int) -> str:
+    """PTX: as _word_decode_asm, but each weight $0..$7 is left in W's 16-bit dtype (w_dtype 1: fp16, 2: bf16),
+    the dot operand itself: one rounding conversion per weight, no fp32 bits."""
+    cvt = "cvt.rn.bf16.f32" if w_dtype == 2 else "cvt.rn.f16.f32"
+    lines = ["{", ".reg .b32 s, c;"]
+    for e in range(8):
+        shift = 8 * (e // 2) + (4 if e % 2 == 0 else 0)
+        src = "$8"
+        if shift:
+            lines.append(f"shr.u32 s, $8, {shift};")
+            src = "s"
+        lines += [f"shfl.sync.idx.b32 c, $10, {src}, 0x100f, -1;", "mul.rn.ftz.f32 c, c, $9;", f"{cvt} ${e}, c;"]
+    lines.append("}")
+    return " ".join(lines)
+
+
+_WORD16_ASM_F16 = tl.constexpr(_word_decode16_asm(1))
+_WORD16_ASM_BF16 = tl.constexpr(_word_decode16_asm(2))
+
+
+@triton.jit
+def _word16_asm(word, absmax, lane_code, BF16: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(
+            _WORD16_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [word, absmax, lane_code],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return tl.inline_asm_elementwise(
+            _WORD16_ASM_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [word, absmax, lane_code],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def _interleave8(w0, w1, w2, w3, w4, w5, w6, w7):
+    """[..., 2, 2, 2] holding w_e at flat index e of its last three axes (e = 4a + 2b + c)."""
+    even = tl.join(tl.join(w0, w4), tl.join(w2, w6))
+    odd = tl.join(tl.join(w1, w5), tl.join(w3, w7))
+    return tl.join(even, odd)
+
+
+@triton.jit
+def _gemm_w_tile(words, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
+                 LOOKUP_ASM: tl.constexpr, FTZ: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
+    """The dot's left operand: words [BLOCK_N, NB, CW] decoded to W [BLOCK_N, BLOCK_K] in K order, in the dot's
+    dtype (W's 16-bit dtype straight from the PTX when they agree, else fp32 values of W's dtype)."""
+    if LOOKUP_ASM and DOT_DTYPE == 2 and W_DTYPE == 2:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _word16_asm(words, absmax, lane_code, True)
+    elif LOOKUP_ASM and DOT_DTYPE == 1 and W_DTYPE == 1:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _word16_asm(words, absmax, lane_code, False)
+    else:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _decode_word(words, absmax, table_ptr, lane_code, W_DTYPE, MANUAL_BF16,
+                                                      LOOKUP_ASM, FTZ)  # fmt: skip
+    w = tl.reshape(_interleave8(w0, w1, w2, w3, w4, w5, w6, w7), (BLOCK_N, BLOCK_K))
+    if DOT_DTYPE == 1:
+        return w.to(tl.float16)
+    elif DOT_DTYPE == 2:
+        return w.to(tl.bfloat16)
+    else:
+        return w.to(tl.float32)
+
+
 @triton.jit
 def _linear_4bit_gemm_kernel(
-    x_ptr, packed_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
-    M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
+    x_ptr, words_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
+    M, N, K_WORDS, stride_xm, stride_xk, stride_om, split_words,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    FTZ: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    FTZ: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Program (m, n, s): a [BLOCK_M, BLOCK_N] tile over K range s. Per K chunk (inside one quantization
-    block) the W tile is loaded K-major ([BLOCK_K/2 bytes, BLOCK_N]), decoded in registers into its even and
-    odd columns, and multiplied as two dots, x[:, even] @ W_even^T + x[:, odd] @ W_odd^T (no interleave, no
-    transpose); fp32 accumulator. DOT_DTYPE: 1/2 = fp16/bf16 operands (x and W of that dtype: exact), 0 = fp32
-    "ieee"."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """ "gemm". Program (n, m, s): out[ms, rows]^T = W[rows, :] @ x[ms, :]^T over K range s, W as the dot's
+    left operand (BLOCK_N rows: the tensor-core tile's long side, so a small M pads only the short one). Per K
+    chunk the W tile is read as int32 words ([BLOCK_N, NB, CW], K contiguous, 16-byte loads), decoded per word
+    (_gemm_w_tile), interleaved into K order in registers and multiplied with x's [BLOCK_K, BLOCK_M] chunk;
+    fp32 accumulator. A chunk is NB sub-chunks of CW words, each inside one quantization block. DOT_DTYPE:
+    1/2 = fp16/bf16 operands (x and W of that dtype: exact), 0 = fp32 "ieee"."""
+    CW: tl.constexpr = min(BLOCK_K, BLOCKSIZE) // 8
+    NB: tl.constexpr = BLOCK_K // (8 * CW)
+    LOOKUP_ASM: tl.constexpr = USE_ASM and not MANUAL_BF16
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    row_base = rows.to(tl.int64) * K_BYTES
+    row_word = rows.to(tl.int64) * K_WORDS
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
-    m_ok = (ms < M)[:, None]
-    j = tl.arange(0, BLOCK_K // 2)
-    kb_lo = pid_k * split_bytes
-    kb_hi = tl.minimum(kb_lo + split_bytes, K_BYTES)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb0 in range(kb_lo, kb_hi, BLOCK_K // 2):
-        kb0 = tl.multiple_of(kb0, BLOCK_K // 2)
-        first = row_base + kb0
-        packed = tl.load(packed_ptr + first[None, :] + j[:, None], mask=row_ok[None, :], other=0,
-                         eviction_policy="evict_first")  # fmt: skip
-        absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // (BLOCKSIZE // 2), row_ok,
-                             BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
-        hi, lo = _decode(packed, table_ptr, PAIR)
-        w_even = _round_weight(mul_ftz(hi, absmax[None, :], FTZ), W_DTYPE, MANUAL_BF16)  # [BLOCK_K/2, BLOCK_N]
-        w_odd = _round_weight(mul_ftz(lo, absmax[None, :], FTZ), W_DTYPE, MANUAL_BF16)
-        kk = (2 * (kb0 + j)).to(tl.int64)[None, :] * stride_xk
-        x_even = tl.load(x_rows + kk, mask=m_ok, other=0.0)
-        x_odd = tl.load(x_rows + kk + stride_xk, mask=m_ok, other=0.0)
+    x_cols = x_ptr + ms.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
+    m_ok = (ms < M)[None, :]
+    sub = tl.arange(0, NB) * CW  # each sub-chunk's first word in the chunk
+    col = sub[:, None] + tl.arange(0, CW)[None, :]  # [NB, CW]
+    kk = tl.arange(0, BLOCK_K)
+    lane_code = _lane_code(table_ptr, tl.zeros((BLOCK_N, NB, CW), tl.int32), LOOKUP_ASM)
+    kw_lo = pid_k * split_words
+    kw_hi = tl.minimum(kw_lo + split_words, K_WORDS)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kw0 in range(kw_lo, kw_hi, BLOCK_K // 8):
+        kw0 = tl.multiple_of(kw0, BLOCK_K // 8)
+        words = tl.load(words_ptr + (row_word + kw0)[:, None, None] + col[None, :, :],
+                        mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")  # fmt: skip
+        # blocks run over the flattened weight (a row may start inside one); a sub-chunk never straddles two
+        qblock = (row_word[:, None] + (kw0 + sub)[None, :]) // (BLOCKSIZE // 8)  # [BLOCK_N, NB]
+        absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[:, None], BLOCKSIZE2,
+                             NESTED, USE_ASM, FTZ)  # fmt: skip
+        w = _gemm_w_tile(words, absmax[:, :, None], table_ptr, lane_code, W_DTYPE, MANUAL_BF16, LOOKUP_ASM, FTZ,
+                         DOT_DTYPE, BLOCK_N, BLOCK_K)  # fmt: skip
+        xt = tl.load(x_cols + (8 * kw0 + kk).to(tl.int64)[:, None] * stride_xk, mask=m_ok, other=0.0)
         if DOT_DTYPE == 1:
-            acc = tl.dot(x_even.to(tl.float16), w_even.to(tl.float16), acc)
-            acc = tl.dot(x_odd.to(tl.float16), w_odd.to(tl.float16), acc)
+            acc = tl.dot(w, xt.to(tl.float16), acc)
         elif DOT_DTYPE == 2:
-            acc = tl.dot(x_even.to(tl.bfloat16), w_even.to(tl.bfloat16), acc)
-            acc = tl.dot(x_odd.to(tl.bfloat16), w_odd.to(tl.bfloat16), acc)
+            acc = tl.dot(w, xt.to(tl.bfloat16), acc)
         else:
-            acc = tl.dot(x_even.to(tl.float32), w_even, acc, input_precision="ieee")
-            acc = tl.dot(x_odd.to(tl.float32), w_odd, acc, input_precision="ieee")
-    _store_tile(acc, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
+            acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
+    _store_tile(tl.trans(acc), pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16,
+                SPLIT)  # fmt: skip
 
 
 @triton.jit
@@ -541,7 +611,7 @@ MIN_BK = 32  # the gemm's dots are BLOCK_K/2 deep (tl.dot needs 16)
 def effective_bk(cfg: dict, blocksize: int, k: int) -> int:
     """BLOCK_K for this weight: the config's, at most the blocksize for the gemm (one absmax per row chunk; the
     gemv splits a chunk into per-block sub-chunks), halved until it divides K; 0 when nothing >= MIN_BK does."""
-    bk = min(cfg["bk"], blocksize) if cfg["path"] == "gemm" else cfg["bk"]
+    bk = cfg["bk"]
     while k % bk and bk > MIN_BK:
         bk //= 2
     return bk if k % bk == 0 and bk >= MIN_BK else 0
@@ -550,7 +620,7 @@ def effective_bk(cfg: dict, blocksize: int, k: int) -> int:
 def fused_ok(cfg: dict, blocksize: int, k: int) -> bool:
     """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemv2/gemm config and a K
     chunk (gemv2: K a multiple of 8, whole int32 words per row)."""
-    if cfg.get("path") == "gemv2" and k % 8:
+    if cfg.get("path") in ("gemv2", "gemm") and k % 8:
         return False
     return cfg.get("path") in ("gemv", "gemv2", "gemm") and effective_bk(cfg, blocksize, k) > 0
 
@@ -611,10 +681,11 @@ def fused_launches(
     n = state.shape[0]
     device = x2.device
     bk = effective_bk(cfg, state.blocksize, k)
-    if cfg["path"] == "gemv2":
+    if cfg["path"] in ("gemv2", "gemm"):
         words = words_of(w)
         if words is not None:
-            return _gemv2_launches(x2, w, words, bias, out, cfg, bk, use_asm)
+            word_launches = _gemv2_launches if cfg["path"] == "gemv2" else _gemm_launches
+            return word_launches(x2, w, words, bias, out, cfg, bk, use_asm)
         cfg = heuristic_gemv_config(x2.dtype, m, n, k, _sm_count(device))
         bk = effective_bk(cfg, state.blocksize, k)
     bm, bn = cfg["bm"], cfg["bn"]
@@ -634,26 +705,28 @@ def fused_launches(
     args = (x2, w.A, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
             w.offset if nested else dummy, bias if bias is not None else dummy, dst,
             m, n, k // 2, x2.stride(0), x2.stride(1), out.stride(0), k_per_split // 2)  # fmt: skip
-    constexprs = {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
-                  "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
-                  "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
-                  "FTZ": _runtime.ftz_mode(x2.device), "PAIR": bool(cfg.get("pair", True)),
-                  "SPLIT": ws is not None}  # fmt: skip
-    if cfg["path"] == "gemm":
-        fn = _linear_4bit_gemm_kernel
-        constexprs["DOT_DTYPE"] = _dot_dtype(x2.dtype, state.dtype)
-    else:
-        fn = _linear_4bit_gemv_kernel
+    constexprs = {**_shared_constexprs(x2, w, bias, ws, manual_bf16, out_bf16_manual, use_asm),
+                  "PAIR": bool(cfg.get("pair", True))}  # fmt: skip
     constexprs.update({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk})
     options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
     if not use_asm:
         options["enable_fp_fusion"] = False
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     slots = _fused_slots(bias, ws, out_bf16_manual)
-    launches = [Launch(fn, grid, args, constexprs, options, slots)]
+    launches = [Launch(_linear_4bit_gemv_kernel, grid, args, constexprs, options, slots)]
     if ws is not None:
         launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
     return launches, ws
+
+
+def _shared_constexprs(x2, w: PreparedWeight, bias, ws, manual_bf16: bool, out_bf16_manual: bool,
+                       use_asm: bool) -> dict:  # fmt: skip
+    """The constexprs every fused kernel takes: the weight's format, the bias, the conversions and the output."""
+    nested = w.code2 is not None
+    return {"BLOCKSIZE": w.state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
+            "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[w.state.dtype], "MANUAL_BF16": manual_bf16,
+            "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
+            "FTZ": _runtime.ftz_mode(x2.device), "SPLIT": ws is not None}  # fmt: skip
 
 
 X_SLOT, BIAS_SLOT, DST_SLOT = 0, 7, 8  # the fused kernels' x, bias and out/workspace arguments
@@ -715,10 +788,7 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
     args = (x2, words, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
             w.offset if nested else dummy, bias if bias is not None else dummy, dst,
             m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), rows)  # fmt: skip
-    constexprs = {"BLOCKSIZE": state.blocksize, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
-                  "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[state.dtype], "MANUAL_BF16": manual_bf16,
-                  "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
-                  "FTZ": _runtime.ftz_mode(x2.device), "SPLIT": ws is not None,
+    constexprs = {**_shared_constexprs(x2, w, bias, ws, manual_bf16, out_bf16_manual, use_asm),
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                   "PREFETCH": cfg.get("prefetch", GEMV2_PREFETCH)}  # fmt: skip
     options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 1)}
@@ -726,6 +796,43 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
         options["enable_fp_fusion"] = False
     grid = (m_blocks, triton.cdiv(n, rows), split)
     launches = [Launch(_linear_4bit_gemv2_kernel, grid, args, constexprs, options,
+                       _fused_slots(bias, ws, out_bf16_manual))]  # fmt: skip
+    if ws is not None:
+        launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
+    return launches, ws
+
+
+def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
+                   use_asm: bool) -> tuple[list[Launch], torch.Tensor | None]:  # fmt: skip
+    """gemm: one program per (row tile, M block, K split); splits > 1 go through the split-K workspace and
+    _splitk_reduce_kernel (split order 0..S-1)."""
+    m, k = x2.shape
+    state = w.state
+    n = state.shape[0]
+    device = x2.device
+    bm, bn = cfg["bm"], cfg["bn"]
+    k_chunks = k // bk
+    split = max(1, min(cfg.get("split_k", 1), k_chunks))
+    k_per_split = triton.cdiv(k_chunks, split) * bk
+    split = triton.cdiv(k, k_per_split)
+    manual_bf16 = not _runtime.native_bf16_conversion(device)
+    out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
+    nested = w.code2 is not None
+    table = formats.code_table(state.quant_type, device)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=device) if split > 1 else None
+    dst = ws if ws is not None else (out.view(torch.int16) if out_bf16_manual else out)
+    dummy = w.absmax
+    args = (x2, words, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
+            w.offset if nested else dummy, bias if bias is not None else dummy, dst,
+            m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), k_per_split // 8)  # fmt: skip
+    constexprs = {**_shared_constexprs(x2, w, bias, ws, manual_bf16, out_bf16_manual, use_asm),
+                  "DOT_DTYPE": _dot_dtype(x2.dtype, state.dtype), "BLOCK_M": bm, "BLOCK_N": bn,
+                  "BLOCK_K": bk}  # fmt: skip
+    options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
+    if not use_asm:
+        options["enable_fp_fusion"] = False
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
+    launches = [Launch(_linear_4bit_gemm_kernel, grid, args, constexprs, options,
                        _fused_slots(bias, ws, out_bf16_manual))]  # fmt: skip
     if ws is not None:
         launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
