@@ -60,12 +60,17 @@ def main() -> None:
             best = None
             for cfg in gemm_candidates(m, n, k, sms):
                 out = L.forward_2d(x, pw, None, config=cfg)
-                assert_matmul(out[:8], x[:8], wd)
+                try:
+                    assert_matmul(out[:8], x[:8], wd)
+                except AssertionError as exc:
+                    print(f"K={k} N={n} M={m} {cfg}: OUTSIDE THE POLICY, not timed: {str(exc)[:300]}", flush=True)
+                    continue
                 tg = us(partial(L.forward_2d, x, pw, None, config=cfg), args.rep)
                 rows.append({"k": k, "n": n, "m": m, "config": cfg, "us": tg})
                 if best is None or tg < best[0]:
                     best = (tg, cfg)
-            assert best is not None
+            if best is None:
+                continue
             rows.append({"k": k, "n": n, "m": m, "baselines": t, "table_config": cur})
             tg, cfg = best
             tile = f"bm{cfg['bm']} bn{cfg['bn']} bk{cfg['bk']} w{cfg['warps']} s{cfg['split_k']}"
