@@ -67,6 +67,18 @@ def test_every_path_and_split(path, out_dtype, device, gen, quantize, bnb_dequan
         assert_matmul(L.forward_2d(x, prepared, None, config=FORCED[path]), x, w)
 
 
+@pytest.mark.parametrize("path", [p for p in FORCED if p != "dequant"])
+def test_launch_constexprs_follow_the_kernel_signature(path, out_dtype, device, gen, quantize):
+    """The cached launcher's fast path passes constexprs positionally (on a GPU): every fused launch must list
+    them in its kernel's signature order. Checked on the CPU too, where that path never runs."""
+    q, state = weight_of((N, K), out_dtype, gen, quantize)
+    x = fresh_x((5, K), out_dtype, gen, device)
+    out = torch.empty((5, N), dtype=out_dtype, device=device)
+    launches, _ws = L.fused_launches(x, L._prepare(q, state), None, out, FORCED[path], use_asm=False)
+    for launch in launches:
+        L._LAUNCHERS[launch.fn].check_order(len(launch.args), launch.constexprs)
+
+
 GEMV2_CASES = [  # (quant_type, nested, blocksize, K, M, x dtype or None for W's, bias): small and varied
     ("nf4", True, 64, 256, 1, None, True),
     ("fp4", False, 64, 128, 16, None, False),

@@ -144,7 +144,7 @@ def _linear_4bit_gemv_kernel(
     M, N, K_BYTES, stride_xm, stride_xk, stride_om, split_bytes,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
-    FTZ: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FTZ: tl.constexpr, SPLIT: tl.constexpr, PAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Program (m, n, s): out rows ms = m*BLOCK_M.., W rows n*BLOCK_N.., K range [s*k_per_split, ...).
