@@ -17,7 +17,8 @@ from tritonbits.ops import linear_4bit as L
 from tritonbits_harness.launch_stub import stubbed_launches
 from tritonbits_harness.tolerance import assert_matmul
 
-N, K = 40, 512  # K = 2 gemv2 chunks at M=3 under the interpreter's heuristic: the split-K reduce runs
+N, K = 40, 1024  # under the interpreter's heuristic (4 SMs): 2 K chunks, so the split-K reduce runs, for gemv2
+# at M=2 (and fp32 x at M=3) and for the gemm at M=3; one chunk for gemv2 at M=1; dequantize + matmul from M=257
 
 
 def weight_of(dtype, gen, quantize, **kwargs):
@@ -67,7 +68,7 @@ def checked(x, q, state, w, bias=None):
     return out
 
 
-@pytest.mark.parametrize("m", [1, 3, 33], ids=["gemv2", "gemv2-splitk", "dequant"])
+@pytest.mark.parametrize("m", [1, 2, 3, 300], ids=["gemv2", "gemv2-splitk", "gemm-splitk", "dequant"])
 def test_a_seen_key_reuses_its_plan(m, out_dtype, layer, gen, device, counts):
     q, state, w = layer
     bias = fresh((N,), out_dtype, gen, device)
@@ -78,7 +79,7 @@ def test_a_seen_key_reuses_its_plan(m, out_dtype, layer, gen, device, counts):
         checked(fresh((m, K), out_dtype, gen, device), q, state, w, bias)
     assert counts == {"validated": 1, "planned": 1}
     assert list(plans_of(q, state).values()) == [plan]
-    assert plan.dequant == (m == 33)
+    assert plan.dequant == (m == 300)
 
 
 def _offset(t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,7 @@ def test_quant_state_changes_drop_the_plans(out_dtype, layer, gen, device, bnb_d
 
 def test_a_plan_keeps_no_call_tensor(out_dtype, layer, gen, device):
     q, state, w = layer
-    for m in (3, 33):
+    for m in (3, 300):
         x, bias = fresh((m, K), out_dtype, gen, device), fresh((N,), out_dtype, gen, device)
         out = checked(x, q, state, w, bias)
         refs = [weakref.ref(t) for t in (x, bias, out)]
@@ -204,8 +205,8 @@ LAUNCHERS = [*L._LAUNCHERS.values(), dq._launcher]
 
 
 @pytest.mark.parametrize("x_dtype", [None, torch.float32], ids=["x-as-W", "x-fp32"])
-@pytest.mark.parametrize(("shape", "steps"), [((1, K), 1), ((3, K), 2), ((1, 3, K), 2), ((33, K), 1)],
-                         ids=["gemv2", "gemv2-splitk", "3-D-splitk", "dequant"])  # fmt: skip
+@pytest.mark.parametrize(("shape", "steps"), [((1, K), 1), ((2, K), 2), ((3, K), 2), ((1, 3, K), 2), ((300, K), 1)],
+                         ids=["gemv2", "gemv2-splitk", "gemm-splitk", "3-D-splitk", "dequant"])  # fmt: skip
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_bound_launches(with_bias, shape, steps, x_dtype, out_dtype, gen, device, quantize, bnb_dequantize):
     """After the first call (which compiles and binds), calls with new tensors go through the BoundLaunches only:
@@ -263,5 +264,6 @@ def test_a_refused_direct_launch_falls_back(out_dtype, gen, device, quantize, bn
         # teardown would put back the value it saw here, the stub's (leaking it into the worker's later tests)
         _launcher._raw_launch = refuse  # type: ignore[assignment]
         checked(fresh((3, K), out_dtype, gen, device), q, state, w)
-        assert not L._LAUNCHERS[L._linear_4bit_gemv2_kernel].enabled
+        fused = L._linear_4bit_gemv2_kernel if out_dtype == torch.float32 else L._linear_4bit_gemm_kernel  # M=3
+        assert not L._LAUNCHERS[fused].enabled
         checked(fresh((3, K), out_dtype, gen, device), q, state, w)

@@ -278,7 +278,7 @@ GEMV2_TILES = ((16, 1024, 4), (8, 1024, 4), (32, 1024, 8), (16, 512, 4), (8, 512
 
 def gemv2_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """gemv2 configs for M <= 4 (BLOCK_M <= 4; from M=4 on the tensor-core gemm wins: H100 probe log
-    20261123T2140Z, 4096 x 4096 M=4 12.3 vs 18.3 us); row ranges from the op's rule and 2x / 0.5x of it."""
+    20261123T2115Z, 4096 x 4096 M=4 12.3 vs 18.3 us); row ranges from the op's rule and 2x / 0.5x of it."""
     from tritonbits.ops import linear_4bit as L
 
     out: list[dict] = []

@@ -563,10 +563,31 @@ def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int) -> int:
     return max(bn, triton.cdiv(triton.cdiv(n, ranges), bn) * bn)
 
 
+# NOTE: the tensor-core gemm (W the dot's left operand, words decoded in PTX): H100 probe, 4096 x 4096 bf16, CUDA
+# graphs (ci/linear4bit_gemm_probe.py, log docs/gpu-runs/logs/20261123T2115Z-nvidia-h100-linear4bit-gemm-probe.txt):
+# M=1 11.6 us vs gemv2 10.7, M=2 12.2 vs 11.9, M=4 12.3 vs 18.3, M=8 / 16 12.4 / 12.6 vs 24.7 / 25.0 for
+# dequantize + cuBLAS (bnb 37.8 / 38.1), M=32 13.7, M=64 16.6 vs 23.4. Its time hardly moves with M up to 16: the
+# decode is per weight, the products are the tensor cores'. So gemv2 up to M=2, the gemm from M=3 to
+# HEURISTIC_GEMM_MAX_M with the best tiles of that probe (BLOCK_N, BLOCK_K, warps by BLOCK_M; split-K by
+# _split_for), dequantize + cuBLAS above.
+HEURISTIC_GEMM = {16: (128, 128, 4), 32: (64, 128, 4), 64: (128, 128, 8)}  # bm: (BLOCK_N, BLOCK_K, warps)
+HEURISTIC_GEMM_MAX_M = 256
+
+
+def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
+    bm = max(16, min(bucket(m), 64))
+    bn, bk, warps = HEURISTIC_GEMM[bm]
+    split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, bk, sms)
+    return {"path": "gemm", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "split_k": split}
+
+
 def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
-    """For keys the GPU family's table lacks: gemv2 up to M=4 (see its NOTE), dequantize + cuBLAS above."""
-    if m > 4:
-        return {"path": "dequant"}
+    """For keys the GPU family's table lacks: gemv2 up to M=2 (see its NOTE), the tensor-core gemm up to
+    HEURISTIC_GEMM_MAX_M, dequantize + cuBLAS above. fp32 x: gemv2 up to M=4, then dequantize + cuBLAS (the
+    gemm's fp32 dot is not a tensor-core one)."""
+    wide = x_dtype == torch.float32
+    if m > (4 if wide else 2):
+        return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
     bn, bk, warps = HEURISTIC_GEMV2[bm]
     return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "prefetch": bm >= 2}
