@@ -1,8 +1,8 @@
-"""linear_4bit's tensor-core gemm (W as the dot's left operand, words decoded in PTX) against the path the table
-picks today, bnb.matmul_4bit, dequantize + F.linear and dense F.linear, side by side on one GPU (the three src/
-trees on PYTHONPATH):
+"""linear_4bit's tensor-core gemm (W as the dot's left operand, words decoded in PTX) against the path
+linear_4bit takes by default (config_for: the table, else the heuristic), bnb.matmul_4bit, dequantize + F.linear
+and dense F.linear, side by side on one GPU (the three src/ trees on PYTHONPATH):
 
-    python ci/linear4bit_gemm_probe.py [--rep 20] [--ms 1,2,4,8,16,32,64,128,256] [--json PATH]
+    python ci/linear4bit_gemm_probe.py [--rep 20] [--ms 1,2,4,8,16,32,64,128,256] [--shapes KxN,...] [--json PATH]
 
 Per (K, N) of the issue's shapes and M: every gemm tile of the tuner's candidate list
 (tritonbits_harness.tune.gemm_candidates), each output checked against the K-aware policy before it is timed
@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rep", type=int, default=20)
     ap.add_argument("--ms", default="1,2,4,8,16,32,64,128,256")
+    ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the benchmark's shapes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import bitsandbytes as bnb
@@ -45,7 +46,8 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for k, n in SHAPES:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    for k, n in shapes:
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
         packed, qs = tritonbits.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         bpacked, bqs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -79,9 +81,9 @@ def main() -> None:
             rows.append({"k": k, "n": n, "m": m, "baselines": t, "table_config": cur})
             tg, cfg = best
             tile = f"bm{cfg['bm']} bn{cfg['bn']} bk{cfg['bk']} w{cfg['warps']} s{cfg['split_k']}"
-            print(f"K={k:5d} N={n:5d} M={m:3d}: gemm {tg:6.1f} us ({tile:26s}) table[{cur['path']}] "
+            print(f"K={k:5d} N={n:5d} M={m:3d}: gemm {tg:6.1f} us ({tile:26s}) default[{cur['path']}] "
                   f"{t['table']:6.1f} bnb {t['bnb']:6.1f} dequant {t['dequant']:6.1f} dense {t['dense']:6.1f}  "
-                  f"gemm x table {t['table'] / tg:.2f} x bnb {t['bnb'] / tg:.2f} x dense {t['dense'] / tg:.2f}",
+                  f"gemm x default {t['table'] / tg:.2f} x bnb {t['bnb'] / tg:.2f} x dense {t['dense'] / tg:.2f}",
                   flush=True)  # fmt: skip
         del w, wd, pw, packed, bpacked
     if args.json:
