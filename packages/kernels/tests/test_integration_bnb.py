@@ -317,10 +317,10 @@ def gemm_args(q, s, bias=None):
 
 @pytest.mark.parametrize("m", [1, 3, 64, 2048])
 def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
-    """matmul_4bit's op. Where bnb itself dequantizes and calls F.linear, tritonbits does the same with the
-    nested dequantize in one launch: equal to bnb bit for bit. Where bnb runs its fused kernel, decode="auto"
-    keeps it up to AUTO_BNB_DECODE_MAX_M rows and dequantizes + F.linear above (judged by the matmul policy
-    against bnb's fused result); linear_4bit only with decode="tritonbits" (test_gemm_4bit_linear_4bit)."""
+    """matmul_4bit's op. decode="auto": where bnb runs its fused kernel it is kept up to AUTO_BNB_DECODE_MAX_M
+    rows; linear_4bit serves AUTO_BNB_DECODE_MAX_M < M <= AUTO_LINEAR_MAX_M on CUDA (judged by the matmul
+    policy); elsewhere tritonbits dequantizes (one launch, nested absmax in-kernel) and calls F.linear as bnb
+    does: equal to bnb bit for bit where bnb dequantizes too, else judged by the matmul policy."""
     if device.type == "cpu" and m > 3:
         pytest.skip("large M: GPU only (the interpreter is slow)")
     x = weight(gen, device, out_dtype, (256, 128))
@@ -347,11 +347,15 @@ def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
     got = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
     served = calls.n["dequantize_4bit"] + calls.n["linear_4bit"]
     bnb_fused = device.type == "cuda" and tb_bnb._bnb_takes_fused_cuda(A, s.shape, 64)
+    linear = device.type == "cuda" and tb_bnb.AUTO_BNB_DECODE_MAX_M < m <= tb_bnb.AUTO_LINEAR_MAX_M
     if bnb_fused and m <= tb_bnb.AUTO_BNB_DECODE_MAX_M:
-        assert served == 0  # decode="auto" keeps bnb's fused kernel at small M
+        assert served == 0  # decode="auto" keeps bnb's fused kernel at M=1
+    elif linear:
+        assert calls.n["linear_4bit"] == 1 and calls.n["dequantize_4bit"] == 0
     else:
         assert calls.n["dequantize_4bit"] == 1 and calls.n["linear_4bit"] == 0
-    if bnb_fused and m > tb_bnb.AUTO_BNB_DECODE_MAX_M:  # bnb's fused result vs dequantize + cuBLAS
+    if linear or (bnb_fused and m > tb_bnb.AUTO_BNB_DECODE_MAX_M):  # not bnb's own arithmetic: the policy
+        tb_bnb.disable()
         assert_matmul(got, A, F.dequantize_4bit(q, s).to(out_dtype), bias)
         return
     assert_exact(got, want)
@@ -486,14 +490,16 @@ def test_tiny_llama_end_to_end(calls, served, device, tmp_path):
         if mode == "bnb":
             assert calls.total() == 0
     assert calls.n["quantize_4bit"] == 7  # every Linear4bit quantized by tritonbits
-    # both forwards' matmuls (2 x 7: M=32 rows, above AUTO_BNB_DECODE_MAX_M) and the backward's dequantize of the
-    # 4 layers whose input requires grad (layer 0's q/k/v see the frozen embedding's output: no grad there)
-    assert calls.n["dequantize_4bit"] == 2 * 7 + 4
+    # both forwards' matmuls (2 x 7: M=32 rows, linear_4bit's on CUDA under decode="auto", dequantize + F.linear
+    # under the interpreter) and the backward's dequantize of the 4 layers whose input requires grad (layer 0's
+    # q/k/v see the frozen embedding's output: no grad there)
+    forward_linear = device.type == "cuda" and tb_bnb.AUTO_BNB_DECODE_MAX_M < 32 <= tb_bnb.AUTO_LINEAR_MAX_M
+    assert calls.n["linear_4bit"] == (2 * 7 if forward_linear else 0)
+    assert calls.n["dequantize_4bit"] == (0 if forward_linear else 2 * 7) + 4
     (wq_b, logits_b, loss_b, grads_b), (wq_t, logits_t, loss_t, grads_t) = runs["bnb"], runs["tritonbits"]
     assert wq_b.keys() == wq_t.keys() and len(wq_b) == 7 * 4
     for name in wq_b:
         assert_exact(wq_t[name], wq_b[name])
-    assert calls.n["linear_4bit"] == 0  # decode="auto": bnb's fused kernel or dequantize + F.linear
     if device.type == "cuda":  # bnb's run may have taken its fused kernel where the enabled one dequantizes
         assert len(seen) == 7
         for mod, x, y in seen:

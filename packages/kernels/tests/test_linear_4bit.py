@@ -418,7 +418,7 @@ def test_a_family_without_a_table_takes_its_fallback(monkeypatch):
 def test_heuristic_without_a_table(device):
     for m in (1, 3, 4, 5, 16, 100, 256, 257, 4096):
         cfg = L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132)
-        assert cfg["path"] == ("gemv2" if m <= 2 else "gemm" if m <= 256 else "dequant")
+        assert cfg["path"] == ("gemv2" if m <= 2 else "gemm" if m <= 128 else "dequant")
         wide = L.heuristic_config(torch.float32, m, 4096, 4096, 132)
         assert wide["path"] == ("gemv2" if m <= 4 else "dequant")
     assert L.config_key(torch.float16, 3, 14336, 4096) == L.config_key(torch.bfloat16, 4, 16384, 4096)

@@ -22,8 +22,9 @@ bnb's own kernel for each op and key is captured first (``torch.library.get_kern
 case tritonbits does not serve. Where bnb's CUDA ``gemm_4bit`` would run its fused kernel (small M: decode),
 ``enable(decode=...)`` chooses: "bnb" keeps bnb's kernel (called directly, ``_gemm_4bit_kernel_impl``, behind
 the same heuristic bnb applies), "tritonbits" runs ``tritonbits.linear_4bit`` (for every product),
-"auto" (the default) keeps bnb's kernel up to ``AUTO_BNB_DECODE_MAX_M`` rows. Every other product (bnb's
-own dequantize + F.linear fallback, and "auto" above that M) is tritonbits' one-launch dequantize + F.linear.
+"auto" (the default) keeps bnb's kernel up to ``AUTO_BNB_DECODE_MAX_M`` rows and runs ``linear_4bit`` from there
+to ``AUTO_LINEAR_MAX_M`` rows (on CUDA), whoever bnb would have picked. Every other product (bnb's own
+dequantize + F.linear fallback) is tritonbits' one-launch dequantize + F.linear.
 ``disable()`` destroys the fragment (the dispatcher goes back to bnb's registrations) and puts bnb's functions
 back. Served, and what falls back: docs/integrations.md.
 
@@ -296,21 +297,31 @@ def _has_linear_4bit() -> bool:
     return hasattr(tritonbits, "linear_4bit")
 
 
-# NOTE: "auto" keeps bnb's fused kernel where bnb runs it at M <= 16: there tritonbits.linear_4bit measured slower
-# on the H100 (M=1 0.66-0.73x bnb, M=2-16 0.67-1.25x: docs/gpu-runs/logs/20261123T0430Z-nvidia-h100-linear4bit-
-# sweep.txt); above, and wherever bnb itself dequantizes, it runs bnb's fallback with tritonbits' one-launch
-# dequantize + cuBLAS, which beats bnb's fused kernel there (M=64: 97.6 vs 121.8 us, M=256: 106.9 vs 132.6 us,
-# K=4096 N=14336 bf16, issue #12's table). linear_4bit itself only with decode="tritonbits": in the e2e-h100
-# run 20261123T093641Z, routing every non-fused product to it made batch-8 decode 0.64x bnb (its small-M gemv
-# served the M=8 products bnb dequantizes) and the QLoRA step 0.79x.
-AUTO_BNB_DECODE_MAX_M = 16
+# NOTE: "auto" keeps bnb's fused kernel at M=1 (decode at batch 1): there linear_4bit's gemv2 measured 1.00-1.09x
+# bnb's kernel (H100 bench record 20261123T204202Z) and its host path costs more in a host-bound generate() loop
+# (e2e-h100 201753Z: decode="tritonbits" 0.71x bnb at batch 1). From M=2 to AUTO_LINEAR_MAX_M it runs linear_4bit,
+# whose tensor-core gemm beats both bnb's fused kernel and dequantize + cuBLAS there (H100, bf16, CUDA graphs,
+# ci/linear4bit_gemm_probe.py log 20261123T2145Z; K=4096 N=14336 / K=14336 N=4096): M=8 36.1 / 31.5 us vs bnb 66.3 /
+# 124.0 and dequantize + cuBLAS 99.9 / 100.0; M=128 58.5 / 55.1 vs 124.3 / 130.1 and 99.2 / 106.0. Above it, and
+# wherever bnb itself dequantizes, bnb's fallback with tritonbits' one-launch dequantize + cuBLAS (M=256: 105.8 /
+# 112.1 vs bnb 133.1 / 139.1), equal to bnb's bit for bit.
+AUTO_BNB_DECODE_MAX_M = 1
+AUTO_LINEAR_MAX_M = 128
 DECODE_CHOICES = ("auto", "bnb", "tritonbits")
 
 
 def _linear_decodes(e: _Enabled, A: torch.Tensor) -> bool:
-    """Whether tritonbits.linear_4bit takes a product bnb would give its fused small-M kernel (enable's decode)."""
+    """Whether bnb's fused small-M kernel steps aside for tritonbits where bnb would run it (enable's decode)."""
     if e.decode == "auto":
         return A.numel() // A.shape[-1] > AUTO_BNB_DECODE_MAX_M
+    return e.decode == "tritonbits"
+
+
+def _linear_serves(e: _Enabled, A: torch.Tensor) -> bool:
+    """Whether tritonbits.linear_4bit runs this product: every M with decode="tritonbits"; with "auto" the rows
+    between AUTO_BNB_DECODE_MAX_M and AUTO_LINEAR_MAX_M."""
+    if e.decode == "auto":
+        return AUTO_BNB_DECODE_MAX_M < A.numel() // A.shape[-1] <= AUTO_LINEAR_MAX_M
     return e.decode == "tritonbits"
 
 
@@ -351,7 +362,7 @@ def _op_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax
         return e.original("gemm_4bit", A.device)(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                                  absmax_code, absmax_offset)  # fmt: skip
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
-    if linear and e.decode == "tritonbits":
+    if linear and _linear_serves(e, A):
         return tritonbits.linear_4bit(A, B.reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
     # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
     return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
@@ -496,9 +507,11 @@ def _check_decode(decode) -> str:
 
 def enable(devices: Sequence[str] = ("cuda",), decode: str = "auto") -> None:
     """Serve bitsandbytes' 4-bit ops and ``bitsandbytes.functional.dequantize_4bit`` / ``quantize_4bit`` with
-    tritonbits on ``devices`` ("cuda"; "cpu" only under the Triton interpreter). ``decode``: who runs a
-    ``gemm_4bit`` (or ``gemv_4bit``) where bnb would run its fused small-M kernel: "bnb" (its kernel),
-    "tritonbits" (``linear_4bit``) or "auto" (the one measured faster at that M: ``AUTO_BNB_DECODE_MAX_M``).
+    tritonbits on ``devices`` ("cuda"; "cpu" only under the Triton interpreter). ``decode``: who runs the
+    small-M products of ``gemm_4bit`` (and ``gemv_4bit``): "bnb" (its fused kernel where bnb would run it),
+    "tritonbits" (``linear_4bit``, every M) or "auto" (the one measured faster at that M: bnb's kernel up to
+    ``AUTO_BNB_DECODE_MAX_M`` rows, ``linear_4bit`` up to ``AUTO_LINEAR_MAX_M``); every other product is
+    tritonbits' dequantize + ``F.linear``.
     Idempotent: enabling again with the same arguments does nothing; with others, it re-enables with those.
     Raises ImportError when bitsandbytes is missing and RuntimeError when its version is outside the tested
     range."""
@@ -577,6 +590,7 @@ def enabled(devices: Sequence[str] = ("cuda",), decode: str = "auto") -> Iterato
 
 __all__ = [
     "AUTO_BNB_DECODE_MAX_M",
+    "AUTO_LINEAR_MAX_M",
     "DECODE_CHOICES",
     "TESTED_RANGE",
     "disable",

@@ -524,10 +524,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_for(programs: int, k: int, bk: int, sms: int) -> int:
-    """Split K until the grid covers ~2 waves, keeping >= 4 K chunks per split."""
+def _split_for(programs: int, k: int, bk: int, sms: int, waves: int = 2) -> int:
+    """Split K until the grid covers ~`waves` programs an SM, keeping >= 4 K chunks per split."""
     split = 1
-    while programs * split < 2 * sms and k // (bk * split * 2) >= 4:
+    while programs * split < waves * sms and k // (bk * split * 2) >= 4:
         split *= 2
     return split
 
@@ -563,21 +563,25 @@ def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int) -> int:
     return max(bn, triton.cdiv(triton.cdiv(n, ranges), bn) * bn)
 
 
-# NOTE: the tensor-core gemm (W the dot's left operand, words decoded in PTX): H100 probe, 4096 x 4096 bf16, CUDA
-# graphs (ci/linear4bit_gemm_probe.py, log docs/gpu-runs/logs/20261123T2115Z-nvidia-h100-linear4bit-gemm-probe.txt):
-# M=1 11.6 us vs gemv2 10.7, M=2 12.2 vs 11.9, M=4 12.3 vs 18.3, M=8 / 16 12.4 / 12.6 vs 24.7 / 25.0 for
-# dequantize + cuBLAS (bnb 37.8 / 38.1), M=32 13.7, M=64 16.6 vs 23.4. Its time hardly moves with M up to 16: the
-# decode is per weight, the products are the tensor cores'. So gemv2 up to M=2, the gemm from M=3 to
-# HEURISTIC_GEMM_MAX_M with the best tiles of that probe (BLOCK_N, BLOCK_K, warps by BLOCK_M; split-K by
-# _split_for), dequantize + cuBLAS above.
-HEURISTIC_GEMM = {16: (128, 128, 4), 32: (64, 128, 4), 64: (128, 128, 8)}  # bm: (BLOCK_N, BLOCK_K, warps)
-HEURISTIC_GEMM_MAX_M = 256
+# NOTE: the tensor-core gemm (W the dot's left operand, words decoded in PTX), H100, bf16, CUDA graphs
+# (ci/linear4bit_gemm_probe.py; logs docs/gpu-runs/logs/20261123T2115Z-nvidia-h100-linear4bit-gemm-probe.txt and
+# 20261123T2145Z-…): its time hardly moves with M up to 32 (the decode is per weight, the products are the tensor
+# cores'). 4096 x 4096: M=1 11.6 us vs gemv2 10.7, M=2 12.2 vs 11.9, M=4 12.3 vs 18.3. (K, N) = (4096, 14336) /
+# (14336, 4096), best tile: M=4-16 33.3-34.2 / 31.0-31.6 us (bnb 66-67 / 73-126, dense bf16 41.6-42.2 / 44.6-45.4),
+# M=32 36.9 / 33.9, M=64 49.8 / 50.4, M=128 58.5 / 55.1 (dequantize + cuBLAS 99.2 / 106.0), M=256 110.7 / 94.7
+# (dequantize + cuBLAS 105.8 / 112.1: a split decision, so dequantize + cuBLAS above M=128). The best tiles:
+# BLOCK_N=64 for N >= 8192 (128 below) up to BLOCK_M=32, split-K to ~4 programs an SM there, ~2 above; BLOCK_M=64:
+# 128 x 128 x 8 warps; BLOCK_M=128 (M=65-128): 64 x 128 x 4 warps. gemv2 keeps M <= 2.
+HEURISTIC_GEMM = {16: (128, 128, 4), 32: (128, 128, 4), 64: (128, 128, 8), 128: (64, 128, 4)}  # bm: (BN, BK, warps)
+HEURISTIC_GEMM_MAX_M = 128
 
 
 def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
-    bm = max(16, min(bucket(m), 64))
+    bm = max(16, bucket(m))
     bn, bk, warps = HEURISTIC_GEMM[bm]
-    split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, bk, sms)
+    if bm <= 32 and n >= 8192:
+        bn = 64
+    split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, bk, sms, waves=4 if bm <= 32 else 2)
     return {"path": "gemm", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "split_k": split}
 
 
@@ -659,10 +663,14 @@ def words_of(w: PreparedWeight) -> torch.Tensor | None:
     return flat.view(torch.int32)
 
 
-def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> int:
-    if x_dtype == w_dtype and x_dtype != torch.float32 and not _runtime.INTERPRET:
+def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device) -> int:
+    """The gemm's operand dtype code: x's and W's 16-bit dtype where they agree (exact products), else fp32
+    (exact too); fp32 under the interpreter (its dot has no bf16 arithmetic) and for bf16 below sm80 (no bf16
+    tensor cores)."""
+    native = x_dtype != torch.bfloat16 or _runtime.native_bf16_conversion(device)
+    if x_dtype == w_dtype and x_dtype != torch.float32 and native and not _runtime.INTERPRET:
         return _W_CODE[x_dtype]
-    return 0  # fp32 operands, exact products; the interpreter's dot has no bf16 arithmetic
+    return 0
 
 
 class Launch(NamedTuple):
@@ -847,7 +855,7 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
             w.offset if nested else dummy, bias if bias is not None else dummy, dst,
             m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), k_per_split // 8)  # fmt: skip
     constexprs = {**_shared_constexprs(x2, w, bias, ws, manual_bf16, out_bf16_manual, use_asm),
-                  "DOT_DTYPE": _dot_dtype(x2.dtype, state.dtype), "BLOCK_M": bm, "BLOCK_N": bn,
+                  "DOT_DTYPE": _dot_dtype(x2.dtype, state.dtype, device), "BLOCK_M": bm, "BLOCK_N": bn,
                   "BLOCK_K": bk}  # fmt: skip
     options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
     if not use_asm:
