@@ -904,8 +904,10 @@ CASES: dict[str, OpCase] = {
             make_linear_4bit,
             lambda r: (r,),
             {
-                "nf4-nested-bias": {"nested": True},
+                "nf4-nested-bias": {"nested": True},  # M=3: the tensor-core gemm
                 "fp4-plain-nobias": {"quant_type": "fp4", "nested": False, "bias": False},
+                "nf4-nested-m1": {"nested": True, "shape": (1, 128, 48)},  # gemv2
+                "nf4-nested-m300": {"nested": True, "shape": (300, 128, 48)},  # dequantize + matmul
             },
             LINEAR_4BIT_BAD,
         ),
