@@ -10,16 +10,18 @@ below 2**-126 is a signed zero: `_triton_helpers.mul_ftz`), so every weight the 
 dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
-Four paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic without a table; on the
-H100 gemv up to M=4 and dequant above, the gemm losing to dequantize + cuBLAS: see heuristic_config's NOTE):
+Four paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic_config for keys the table
+lacks: gemv2 up to M=2, the tensor-core gemm up to M=128 for 16-bit x, dequantize + cuBLAS above: see its NOTE):
 - "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
   decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
-  once at the end;
-- "gemv2" (small M, the heuristic's choice up to M=4): x's K chunk held in registers while a program walks down W's
-  rows; W read as int32 words, each decoded by one PTX block (shuffle lookup, mul.rn.ftz, one rounding conversion);
-- "gemm" (medium M): a [BLOCK_M, BLOCK_N] tile, the W tile dequantized inside the K loop and fed to tl.dot
-  (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
+  once at the end (gemv2's fallback where the packed bytes cannot be read as int32 words);
+- "gemv2" (M <= 2 by default): x's K chunk held in registers while a program walks down W's rows; W read as int32
+  words, each decoded by one PTX block (shuffle lookup, mul.rn.ftz, one rounding conversion);
+- "gemm" (M = 3..128 by default): W as the tensor-core dot's left operand (out^T = W @ x^T: BLOCK_N rows of W
+  are the long side of the tile, so a small M pads only the short one); W read as int32 words, decoded by the
+  same PTX lookup straight to W's 16-bit dtype, interleaved into K order in registers, fed to tl.dot with x's
+  chunk (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
 - "dequant" (large M, or K not a multiple of the K tile): dequantize_4bit + torch.matmul (cuBLAS).
 Summation order (documented for the accuracy policy, tritonbits_harness.tolerance.MATMUL_FP32_ACC): inside a
 program, fp32 products added chunk by chunk in K order (gemv: per lane, then a tree sum across the K/2 lanes;
@@ -536,9 +538,10 @@ def _split_for(programs: int, k: int, bk: int, sms: int, waves: int = 2) -> int:
 # K=4096 N=14336, CUDA-graph medians): the gemv likes narrow row tiles and long K chunks, and the 16-entry code
 # table over the pair table: M=1 43.4 us at BLOCK_N=16 BLOCK_K=256 4 warps split 2 (16-entry), 50.0 us with the
 # pair table, 51.6-70.0 us at BLOCK_N 64-128. M=2 52.3 us (BLOCK_N=32, BLOCK_K=128, split 4), M=4 67.4 us
-# (BLOCK_N=128, BLOCK_K=64, 8 warps, split 8). The tl.dot gemm lost to dequantize_4bit + cuBLAS everywhere it ran:
-# M=8 179 us vs 100, M=16 193 vs 100, M=64 374 vs 98 (its dequantized W tile goes through shared memory element
-# by element: scalar st.shared.b16 per weight in the PTX); so above M=4 the default is "dequant".
+# (BLOCK_N=128, BLOCK_K=64, 8 warps, split 8). The first tl.dot gemm (W the right operand, decoded into even and
+# odd columns from bytes) lost to dequantize_4bit + cuBLAS everywhere it ran: M=8 179 us vs 100, M=16 193 vs 100,
+# M=64 374 vs 98 (its W tile went through shared memory element by element); the gemm that replaced it: see
+# HEURISTIC_GEMM's NOTE.
 HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  # bm: (BLOCK_N, BLOCK_K, warps, split)
 # NOTE: gemv2 (x in registers, 16-byte words, shuffle lookup): offline SASS (sm90) of its row loop at bm=1,
 # BLOCK_N=16, BLOCK_K=1024, 4 warps: 12.5 instructions per packed byte, vs 49.5 for gemv's K loop at its H100
