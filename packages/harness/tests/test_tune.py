@@ -68,6 +68,25 @@ def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
     assert {v[0] for k, v in entries.items() if k.endswith("x1024")} == {"1d"}
 
 
+def test_tuning_some_keys_keeps_the_others(tmp_path):
+    """--keys: only the keys containing one of the substrings are swept; the family's other entries stay, and a
+    filter matching no key is an error."""
+    path = tmp_path / "dequant_bias.json"
+    op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
+    reps = tune.representatives(op)
+    first, *rest = sorted(reps)
+    old = {key: ["2d", 2, 512, 8] for key in reps}
+    path.write_text(json.dumps({"interpreter": old, "h200": {"k": ["1d", 1024, 4]}}))
+    tune.tune_table(op, "interpreter", Console(quiet=True), rep_ms=1, path=path, keys=[first])
+    table = json.loads(path.read_text())
+    best = min(tune.candidate_configs(reps[first]["m"]), key=lambda cfg: _fake_ms(reps[first], cfg, 1))
+    assert table["interpreter"][first] == list(best) != old[first]
+    assert {k: table["interpreter"][k] for k in rest} == {k: old[k] for k in rest}
+    assert table["h200"] == {"k": ["1d", 1024, 4]}
+    with pytest.raises(ValueError, match="no dequant_bias key"):
+        tune.tune_table(op, "interpreter", Console(quiet=True), rep_ms=1, path=path, keys=["no such key"])
+
+
 def test_candidates_name_both_paths_and_the_launcher_runs_them():
     cands = tune.candidate_configs(4096)
     assert {c[0] for c in cands} == {"1d", "2d"}

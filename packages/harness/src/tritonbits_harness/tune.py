@@ -3,6 +3,8 @@
   python -m tritonbits_harness.tune --gpu h100                        dequant_bias: rewrite its table
   python -m tritonbits_harness.tune --gpu h100 --op dequantize_4bit   print the dequantize variant sweep
   python -m tritonbits_harness.tune --gpu h100 --write /tmp/t.json    write the table elsewhere
+  python -m tritonbits_harness.tune --gpu h100 --op linear_4bit --keys /m8/ --keys /m16/
+                                                                      only those keys, the others kept
   python -m tritonbits_harness.tune --gpu h100 --compare-heuristic    heuristic vs tuned best, no write
 
 Each tunable op is registered in `TUNABLE`. One with a table names its cases, its candidate configs, a
@@ -148,17 +150,33 @@ def print_comparison(console: Console, op_name: str, rows: list[dict], limit: fl
 
 
 def tune_table(
-    op: TunableOp, family: str, console: Console, rep_ms: int, path: Path | None = None, dump: Path | None = None
+    op: TunableOp,
+    family: str,
+    console: Console,
+    rep_ms: int,
+    path: Path | None = None,
+    dump: Path | None = None,
+    keys: list[str] | None = None,
 ) -> Path:
     """Sweep `op` and replace `family`'s entries of its table (configs.write; `path` overrides where); the
-    heuristic is timed in the same run and compared."""
+    heuristic is timed in the same run and compared. `keys`: tune only the keys containing one of these
+    substrings and keep the family's other entries (a sweep too long for one run, split over several)."""
     reps = representatives(op)
+    kept: dict[str, Any] = {}
+    if keys:
+        reps = {k: c for k, c in reps.items() if any(sub in k for sub in keys)}
+        if not reps:
+            raise ValueError(f"--keys {keys}: no {op.name} key contains any of them")
+        table_file = path or configs.table_path(op.name)
+        old = json.loads(table_file.read_text()).get(family, {}) if table_file.exists() else {}
+        kept = {k: v for k, v in old.items() if k not in reps}
     console.print(f"{op.name}: {len(reps)} keys, {count_timings(op, reps, True)} timings at --rep-ms {rep_ms}")
     comparison: list[dict] = []
     with progress_bar(console) as progress:
         entries = sweep(op, rep_ms, progress, reps, comparison)
-    written = configs.write(op.name, family, entries, path)
-    console.print(f"wrote {len(entries)} {op.name} configs for {family} to {written}")
+    written = configs.write(op.name, family, {**kept, **entries}, path)
+    console.print(f"wrote {len(entries)} {op.name} configs for {family} to {written}"
+                  + (f" (kept its {len(kept)} other entries)" if keys else ""))  # fmt: skip
     if comparison:
         print_comparison(console, op.name, comparison)
     if dump is not None:
@@ -489,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dump", default=None, metavar="PATH",
                         help="write every candidate's timing per key (JSON) for fitting the heuristic")  # fmt: skip
+    parser.add_argument("--keys", action="append", default=None, metavar="SUBSTR",
+                        help="tune only the keys containing SUBSTR (repeatable: any of them) and keep the table's "
+                        "other entries for this GPU family")  # fmt: skip
     parser.add_argument("--write", default=None, metavar="PATH",
                         help="write the table here instead of beside the tritonbits package")  # fmt: skip
     args = parser.parse_args(argv)
@@ -520,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rep_ms,
         Path(args.write) if args.write else None,
         Path(args.dump) if args.dump else None,
+        args.keys,
     )
     return 0
 
