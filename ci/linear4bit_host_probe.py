@@ -107,11 +107,11 @@ def pieces(x: torch.Tensor, A: torch.Tensor, qs: QuantState, bias, number: int) 
     )
     t("_flatten (x.reshape)", lambda: L._flatten(x))
     t("config_for", lambda: L.config_for(DEVICE, x.dtype, m, n, k))
-    t("fused_ok", lambda: L.fused_ok(cfg, state.blocksize, k))
+    t("fused_ok", lambda: L.fused_ok(cfg, k))
     t("torch.empty out [M, N]", lambda: torch.empty((m, n), dtype=x.dtype, device=DEVICE))
-    if L.fused_ok(cfg, state.blocksize, k):
-        bk = L.effective_bk(cfg, state.blocksize, k)
-        t("effective_bk", lambda: L.effective_bk(cfg, state.blocksize, k))
+    if L.fused_ok(cfg, k):
+        bk = L.effective_bk(cfg, k)
+        t("effective_bk", lambda: L.effective_bk(cfg, k))
         t("words_of (address_aligned, view)", lambda: L.words_of(w))
         t(
             "_sm_count + gemv2_rows (a config without 'rows' only)",

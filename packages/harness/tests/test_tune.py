@@ -68,7 +68,7 @@ def test_tuner_writes_the_keys_the_op_looks_up(tmp_path, monkeypatch):
     assert {v[0] for k, v in entries.items() if k.endswith("x1024")} == {"1d"}
 
 
-def test_tuning_some_keys_keeps_the_others(tmp_path):
+def test_tuning_some_keys_keeps_the_others(tmp_path, monkeypatch):
     """--keys: only the keys containing one of the substrings are swept; the family's other entries stay, and a
     filter matching no key is an error."""
     path = tmp_path / "dequant_bias.json"
@@ -83,6 +83,13 @@ def test_tuning_some_keys_keeps_the_others(tmp_path):
     assert table["interpreter"][first] == list(best) != old[first]
     assert {k: table["interpreter"][k] for k in rest} == {k: old[k] for k in rest}
     assert table["h200"] == {"k": ["1d", 1024, 4]}
+    # a family with no entries of its own starts from its fallback family's (what it ran with)
+    monkeypatch.setitem(configs.FALLBACK_FAMILY, "newgpu", "interpreter")
+    tune.tune_table(op, "newgpu", Console(quiet=True), rep_ms=1, path=path, keys=[rest[0]])
+    newgpu = json.loads(path.read_text())["newgpu"]
+    assert newgpu == {**json.loads(path.read_text())["interpreter"], rest[0]: newgpu[rest[0]]} and len(newgpu) == len(
+        reps
+    )
     with pytest.raises(ValueError, match="no dequant_bias key"):
         tune.tune_table(op, "interpreter", Console(quiet=True), rep_ms=1, path=path, keys=["no such key"])
 

@@ -6,6 +6,7 @@ end-to-end tiny Llama loaded through transformers' BitsAndBytesConfig equals bnb
 import contextlib
 import gc
 import sys
+import types
 
 import pytest
 import torch
@@ -407,6 +408,20 @@ def test_decode_keeps_bnb_fused_kernel(served, calls, decode, device, gen):
     assert_exact(torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs), want)
     assert_exact(torch.ops.bitsandbytes.gemv_4bit(A, q1, list(s1.shape), s1.absmax, s1.code, 64), want_v)
     assert calls.total() == 0
+
+
+@pytest.mark.parametrize("decode", tb_bnb.DECODE_CHOICES)
+def test_who_serves_each_m(decode):
+    """The routing rules at their boundaries: bnb's fused kernel steps aside (_linear_decodes) and linear_4bit
+    serves (_linear_serves) per decode choice and M (rows of A, any leading dims)."""
+    e = types.SimpleNamespace(decode=decode)
+    lo, hi = tb_bnb.AUTO_BNB_DECODE_MAX_M, tb_bnb.AUTO_LINEAR_MAX_M
+    for m in (1, lo, lo + 1, hi, hi + 1, 4096):
+        A = torch.empty(1, m, 8)
+        steps_aside = {"bnb": False, "tritonbits": True, "auto": m > lo}[decode]
+        serves = {"bnb": False, "tritonbits": True, "auto": lo < m <= hi}[decode]
+        assert tb_bnb._linear_decodes(e, A) == steps_aside, m
+        assert tb_bnb._linear_serves(e, A) == serves, m
 
 
 @pytest.mark.parametrize("decode", ["fast", None, 1, "BNB"])

@@ -18,8 +18,8 @@ FORCED = {
     "gemv-split3-table16": {"path": "gemv", "bm": 2, "bn": 32, "bk": 64, "split_k": 3, "pair": False},
     "gemv2": {"path": "gemv2", "bm": 4, "bn": 16, "bk": 128, "warps": 4, "rows": 32},
     "gemv2-onechunk": {"path": "gemv2", "bm": 1, "bn": 8, "bk": 256, "warps": 4},
-    "gemm": {"path": "gemm", "bm": 16, "bn": 32, "bk": 64, "split_k": 1, "pair": True},
-    "gemm-split2": {"path": "gemm", "bm": 16, "bn": 16, "bk": 32, "split_k": 2, "pair": False},
+    "gemm": {"path": "gemm", "bm": 16, "bn": 32, "bk": 64, "split_k": 1},
+    "gemm-split2": {"path": "gemm", "bm": 16, "bn": 16, "bk": 32, "split_k": 2},
     "dequant": {"path": "dequant"},
 }
 
@@ -116,7 +116,8 @@ def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
 def test_gemm(case, out_dtype, device, gen, quantize, bnb_dequantize):
     """The tensor-core gemm forced, on gemv2's cases: sub-chunks (BLOCK_K over blocksizes 32/64), a block longer
     than the chunk, x dtype unlike W's (fp32 operands), a partial row tile (N=40 over BLOCK_N=32) and M block,
-    split-K with a short last split (3 splits of K/64 chunks), strided x."""
+    split-K (3 splits of K/64 chunks: 3/3/2 at K=512, 1 each at K=192, 2 even ones at K=128/256, none at K=64),
+    strided x."""
     quant_type, nested, blocksize, k, m, x_dtype, with_bias = case
     n = 40
     q, state = weight_of((n, k), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
@@ -144,6 +145,11 @@ def test_gemv2_unaligned_bytes_fall_back(out_dtype, device, gen, quantize, bnb_d
     assert L.words_of(prepared) is None
     x = fresh_x((2, K), out_dtype, gen, device)
     assert_matmul(L.forward_2d(x, prepared, None, config=FORCED["gemv2"]), x, w)
+    assert_matmul(L.forward_2d(x, prepared, None, config=FORCED["gemm"]), x, w)
+    # above M=4 the gemv would re-read W for every 4 rows: dequantize + matmul instead
+    for m, want in ((4, "gemv"), (5, "dequant")):
+        assert L.aligned_config(FORCED["gemm"], prepared, out_dtype, m, N, K, device)["path"] == want
+    x = fresh_x((5, K), out_dtype, gen, device)
     assert_matmul(L.forward_2d(x, prepared, None, config=FORCED["gemm"]), x, w)
 
 
@@ -369,7 +375,7 @@ def test_cuda_graph_capture(device, gen, quantize):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 1024])
+@pytest.mark.parametrize("m", [1, 4, 16, 32, 64, 128, 256, 1024])
 def test_large_shapes(m, out_dtype, device, gen, quantize, bnb_dequantize):
     """Tuned shapes (Llama-3-8B MLP), every path the table picks, against bnb's dequantized weight."""
     for n, k in ((14336, 4096), (4096, 14336)):
@@ -419,6 +425,10 @@ def test_heuristic_without_a_table(device):
     for m in (1, 3, 4, 5, 16, 100, 256, 257, 4096):
         cfg = L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132)
         assert cfg["path"] == ("gemv2" if m <= 2 else "gemm" if m <= 128 else "dequant")
+        if cfg["path"] == "gemm":  # HEURISTIC_GEMM's NOTE: BLOCK_M from M, the probe's tiles
+            assert cfg["bm"] == max(16, L.bucket(m)) and cfg["split_k"] >= 1
+            wide_n = L.heuristic_config(torch.bfloat16, m, 14336, 4096, 132)
+            assert wide_n["bn"] == (64 if m <= 32 else cfg["bn"])
         wide = L.heuristic_config(torch.float32, m, 4096, 4096, 132)
         assert wide["path"] == ("gemv2" if m <= 4 else "dequant")
     assert L.config_key(torch.float16, 3, 14336, 4096) == L.config_key(torch.bfloat16, 4, 16384, 4096)

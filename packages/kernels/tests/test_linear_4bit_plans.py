@@ -17,8 +17,9 @@ from tritonbits.ops import linear_4bit as L
 from tritonbits_harness.launch_stub import stubbed_launches
 from tritonbits_harness.tolerance import assert_matmul
 
-N, K = 40, 1024  # under the interpreter's heuristic (4 SMs): 2 K chunks, so the split-K reduce runs, for gemv2
-# at M=2 (and fp32 x at M=3) and for the gemm at M=3; one chunk for gemv2 at M=1; dequantize + matmul from M=257
+N, K = 40, 1024  # under the interpreter's heuristic (4 SMs) the split-K reduce runs for gemv2 at M=2 (2 chunks;
+# fp32 x at M=3: 4) and for the gemm at M=3 (2 splits of 4 chunks); gemv2 at M=1 takes K in one chunk; dequantize +
+# matmul from M=129
 
 
 def weight_of(dtype, gen, quantize, **kwargs):

@@ -160,7 +160,8 @@ def tune_table(
 ) -> Path:
     """Sweep `op` and replace `family`'s entries of its table (configs.write; `path` overrides where); the
     heuristic is timed in the same run and compared. `keys`: tune only the keys containing one of these
-    substrings and keep the family's other entries (a sweep too long for one run, split over several)."""
+    substrings and keep the family's other entries, or its fallback family's where it has none yet (a sweep too
+    long for one run, split over several)."""
     reps = representatives(op)
     kept: dict[str, Any] = {}
     if keys:
@@ -168,7 +169,10 @@ def tune_table(
         if not reps:
             raise ValueError(f"--keys {keys}: no {op.name} key contains any of them")
         table_file = path or configs.table_path(op.name)
-        old = json.loads(table_file.read_text()).get(family, {}) if table_file.exists() else {}
+        data = json.loads(table_file.read_text()) if table_file.exists() else {}
+        # a family without entries of its own reads its fallback's (configs.FALLBACK_FAMILY): keep those, or the
+        # new table would hide every entry the family ran with
+        old = data.get(family) or data.get(configs.FALLBACK_FAMILY.get(family, ""), {})
         kept = {k: v for k, v in old.items() if k not in reps}
     console.print(f"{op.name}: {len(reps)} keys, {count_timings(op, reps, True)} timings at --rep-ms {rep_ms}")
     comparison: list[dict] = []

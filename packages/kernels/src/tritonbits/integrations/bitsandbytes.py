@@ -297,14 +297,15 @@ def _has_linear_4bit() -> bool:
     return hasattr(tritonbits, "linear_4bit")
 
 
-# NOTE: "auto" keeps bnb's fused kernel at M=1 (decode at batch 1): there linear_4bit's gemv2 measured 1.00-1.09x
-# bnb's kernel (H100 bench record 20261123T204202Z) and its host path costs more in a host-bound generate() loop
-# (e2e-h100 201753Z: decode="tritonbits" 0.71x bnb at batch 1). From M=2 to AUTO_LINEAR_MAX_M it runs linear_4bit,
-# whose tensor-core gemm beats both bnb's fused kernel and dequantize + cuBLAS there (H100, bf16, CUDA graphs,
-# ci/linear4bit_gemm_probe.py log 20261123T2145Z; K=4096 N=14336 / K=14336 N=4096): M=8 36.1 / 31.5 us vs bnb 66.3 /
-# 124.0 and dequantize + cuBLAS 99.9 / 100.0; M=128 58.5 / 55.1 vs 124.3 / 130.1 and 99.2 / 106.0. Above it, and
-# wherever bnb itself dequantizes, bnb's fallback with tritonbits' one-launch dequantize + cuBLAS (M=256: 105.8 /
-# 112.1 vs bnb 133.1 / 139.1), equal to bnb's bit for bit.
+# NOTE: "auto" keeps bnb's fused kernel at M=1 (decode at batch 1): there linear_4bit's gemv2 measured 0.79-1.10x
+# bnb's kernel (H100 bench record 20261123T220535Z; 1.02-1.10x at the Llama-3-8B MLP shapes) and its host path
+# costs more in a host-bound generate() loop (e2e-h100 201753Z: decode="tritonbits" 0.71x bnb at batch 1). From
+# M=2 to AUTO_LINEAR_MAX_M it runs linear_4bit whichever kernel bnb would pick: its tensor-core gemm beats both
+# bnb's fused kernel and dequantize + cuBLAS there (H100, bf16, CUDA graphs, ci/linear4bit_gemm_probe.py log
+# 20261123T2145Z; K=4096 N=14336 / K=14336 N=4096): M=8 36.1 / 31.5 us vs bnb 66.3 / 124.0 and dequantize +
+# cuBLAS 99.9 / 100.0; M=128 58.5 / 55.1 vs 124.3 / 130.1 and 99.2 / 106.0. Above AUTO_LINEAR_MAX_M, bnb's
+# fallback with tritonbits' one-launch dequantize + cuBLAS (M=256: 105.8 / 112.1 vs bnb 133.1 / 139.1), equal to
+# bnb's bit for bit where bnb dequantizes too.
 AUTO_BNB_DECODE_MAX_M = 1
 AUTO_LINEAR_MAX_M = 128
 DECODE_CHOICES = ("auto", "bnb", "tritonbits")
@@ -372,7 +373,7 @@ def _op_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
     e = _require_active()
     if not (A.device.type == "cuda" and _has_linear_4bit() and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B)
             and absmax.dtype == torch.float32 and absmax.is_contiguous() and len(shapeB) == 2 and A.numel()
-            and _linear_decodes(e, A)):  # fmt: skip
+            and _linear_serves(e, A)):  # fmt: skip
         return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
     quant_type = _quant_type_of(code)
     if quant_type is None:

@@ -15,7 +15,8 @@ lacks: gemv2 up to M=2, the tensor-core gemm up to M=128 for 16-bit x, dequantiz
 - "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
   decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
-  once at the end (gemv2's fallback where the packed bytes cannot be read as int32 words);
+  once at the end (gemv2's and, up to M=4, the gemm's fallback where the packed bytes cannot be read as int32
+  words: `aligned_config`);
 - "gemv2" (M <= 2 by default): x's K chunk held in registers while a program walks down W's rows; W read as int32
   words, each decoded by one PTX block (shuffle lookup, mul.rn.ftz, one rounding conversion);
 - "gemm" (M = 3..128 by default): W as the tensor-core dot's left operand (out^T = W @ x^T: BLOCK_N rows of W
@@ -196,12 +197,13 @@ _LANE_CODE_ASM = tl.constexpr(
 )
 
 
-def _word_decode_asm(w_dtype: int) -> str:
+def _word_decode_asm(w_dtype: int, operand: bool = False) -> str:
     """PTX: packed int32 word $8 (bytes little-endian; byte j holds elements 2j (high nibble) and 2j+1) into
     its 8 weights $0..$7, each to_wdtype(ftz(fl32(code[q] * absmax $9))) as fp32 bits; $10: this lane's
-    code[lane & 15] (_LANE_CODE_ASM). Every lane of the warp must execute it (shfl.sync with a full mask):
-    Triton runs elementwise asm in all threads, replicated elements included, and the kernel has no
-    divergent branch around it."""
+    code[lane & 15] (_LANE_CODE_ASM). `operand` (w_dtype 1 or 2): each weight left in W's 16-bit dtype instead,
+    the tensor-core operand itself (one rounding conversion, no fp32 bits; the gemm). Every lane of the warp
+    must execute it (shfl.sync with a full mask): Triton runs elementwise asm in all threads, replicated
+    elements included, and the kernels have no divergent branch around it."""
     lines = ["{", ".reg .b32 s, c, z;", ".reg .b16 h;", "mov.b32 z, 0;"]
     for e in range(8):
         shift = 8 * (e // 2) + (4 if e % 2 == 0 else 0)
@@ -210,7 +212,9 @@ def _word_decode_asm(w_dtype: int) -> str:
             lines.append(f"shr.u32 s, $8, {shift};")
             src = "s"
         lines.append(f"shfl.sync.idx.b32 c, $10, {src}, 0x100f, -1;")
-        if w_dtype == 2:
+        if operand:
+            lines += ["mul.rn.ftz.f32 c, c, $9;", f"cvt.rn.{'bf16' if w_dtype == 2 else 'f16'}.f32 ${e}, c;"]
+        elif w_dtype == 2:
             lines += ["mul.rn.ftz.f32 c, c, $9;", f"cvt.rn.bf16x2.f32 ${e}, c, z;"]
         elif w_dtype == 1:
             lines += ["mul.rn.ftz.f32 c, c, $9;", "cvt.rn.f16.f32 h, c;", f"cvt.f32.f16 ${e}, h;"]
@@ -365,24 +369,8 @@ def _linear_4bit_gemv2_kernel(
 
 
 # "gemm": the same word decode, 16-bit outputs, fed to tensor cores with W as the dot's left operand.
-def _word_decode16_asm(w_dtype: int) -> str:
-    """PTX: as _word_decode_asm, but each weight $0..$7 is left in W's 16-bit dtype (w_dtype 1: fp16, 2: bf16),
-    the dot operand itself: one rounding conversion per weight, no fp32 bits."""
-    cvt = "cvt.rn.bf16.f32" if w_dtype == 2 else "cvt.rn.f16.f32"
-    lines = ["{", ".reg .b32 s, c;"]
-    for e in range(8):
-        shift = 8 * (e // 2) + (4 if e % 2 == 0 else 0)
-        src = "$8"
-        if shift:
-            lines.append(f"shr.u32 s, $8, {shift};")
-            src = "s"
-        lines += [f"shfl.sync.idx.b32 c, $10, {src}, 0x100f, -1;", "mul.rn.ftz.f32 c, c, $9;", f"{cvt} ${e}, c;"]
-    lines.append("}")
-    return " ".join(lines)
-
-
-_WORD16_ASM_F16 = tl.constexpr(_word_decode16_asm(1))
-_WORD16_ASM_BF16 = tl.constexpr(_word_decode16_asm(2))
+_WORD16_ASM_F16 = tl.constexpr(_word_decode_asm(1, operand=True))
+_WORD16_ASM_BF16 = tl.constexpr(_word_decode_asm(2, operand=True))
 
 
 @triton.jit
@@ -573,8 +561,10 @@ def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int) -> int:
 # (14336, 4096), best tile: M=4-16 33.3-34.2 / 31.0-31.6 us (bnb 66-67 / 73-126, dense bf16 41.6-42.2 / 44.6-45.4),
 # M=32 36.9 / 33.9, M=64 49.8 / 50.4, M=128 58.5 / 55.1 (dequantize + cuBLAS 99.2 / 106.0), M=256 110.7 / 94.7
 # (dequantize + cuBLAS 105.8 / 112.1: a split decision, so dequantize + cuBLAS above M=128). The best tiles:
-# BLOCK_N=64 for N >= 8192 (128 below) up to BLOCK_M=32, split-K to ~4 programs an SM there, ~2 above; BLOCK_M=64:
-# 128 x 128 x 8 warps; BLOCK_M=128 (M=65-128): 64 x 128 x 4 warps. gemv2 keeps M <= 2.
+# BLOCK_N=64 for N >= 8192 (128 below) up to BLOCK_M=32, split-K to ~4 programs an SM there, ~2 above; BLOCK_K=64
+# at BLOCK_M=32 below N=8192 (the bench's 128 took 43.1 us at (14336, 4096) M=32, record 20261123T220535Z, the
+# probe's 64 33.9 us); BLOCK_M=64: 128 x 128 x 8 warps; BLOCK_M=128 (M=65-128): 64 x 128 x 4 warps. gemv2 keeps
+# M <= 2.
 HEURISTIC_GEMM = {16: (128, 128, 4), 32: (128, 128, 4), 64: (128, 128, 8), 128: (64, 128, 4)}  # bm: (BN, BK, warps)
 HEURISTIC_GEMM_MAX_M = 128
 
@@ -584,6 +574,8 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
     bn, bk, warps = HEURISTIC_GEMM[bm]
     if bm <= 32 and n >= 8192:
         bn = 64
+    elif bm == 32:
+        bk = 64
     split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, bk, sms, waves=4 if bm <= 32 else 2)
     return {"path": "gemm", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "split_k": split}
 
@@ -633,28 +625,37 @@ def pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
 # Launch.
 
 
-MIN_BK = 32  # the gemm's dots are BLOCK_K/2 deep (tl.dot needs 16)
+MIN_BK = 32  # the smallest K chunk a fused kernel takes (the gemm's dot needs 16)
 
 
-def effective_bk(cfg: dict, blocksize: int, k: int) -> int:
-    """BLOCK_K for this weight: the config's, at most the blocksize for the gemm (one absmax per row chunk; the
-    gemv splits a chunk into per-block sub-chunks), halved until it divides K; 0 when nothing >= MIN_BK does."""
+def effective_bk(cfg: dict, k: int) -> int:
+    """BLOCK_K for this K: the config's, halved until it divides K; 0 when nothing >= MIN_BK does. (Every fused
+    kernel splits a chunk into per-quantization-block sub-chunks: any blocksize works.)"""
     bk = cfg["bk"]
     while k % bk and bk > MIN_BK:
         bk //= 2
     return bk if k % bk == 0 and bk >= MIN_BK else 0
 
 
-def fused_ok(cfg: dict, blocksize: int, k: int) -> bool:
+def fused_ok(cfg: dict, k: int) -> bool:
     """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemv2/gemm config and a K
-    chunk (gemv2: K a multiple of 8, whole int32 words per row)."""
+    chunk (a power of two >= MIN_BK dividing K: whole int32 words per row for gemv2 and the gemm)."""
     if cfg.get("path") in ("gemv2", "gemm") and k % 8:
         return False
-    return cfg.get("path") in ("gemv", "gemv2", "gemm") and effective_bk(cfg, blocksize, k) > 0
+    return cfg.get("path") in ("gemv", "gemv2", "gemm") and effective_bk(cfg, k) > 0
+
+
+def aligned_config(cfg: dict, w: PreparedWeight, x_dtype: torch.dtype, m: int, n: int, k: int,
+                   device: torch.device) -> dict:  # fmt: skip
+    """cfg, unless it reads the packed bytes as int32 words (gemv2, gemm) and they are not 4-byte aligned: then
+    the gemv up to M=4, dequantize + matmul above (the gemv re-reads W for every 4 rows of x)."""
+    if cfg.get("path") in ("gemv2", "gemm") and words_of(w) is None:
+        return heuristic_gemv_config(x_dtype, m, n, k, _sm_count(device)) if m <= 4 else {"path": "dequant"}
+    return cfg
 
 
 def words_of(w: PreparedWeight) -> torch.Tensor | None:
-    """The packed bytes as int32 words (gemv2), or None where they are not 4-byte aligned: by address; for a
+    """The packed bytes as int32 words (gemv2, gemm), or None where they are not 4-byte aligned: by address; for a
     traced tensor (a triton_op's body under torch.compile: fake, no address) by its storage offset, the
     storage taken as allocated aligned."""
     flat = w.A.reshape(-1)
@@ -667,9 +668,9 @@ def words_of(w: PreparedWeight) -> torch.Tensor | None:
 
 
 def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device) -> int:
-    """The gemm's operand dtype code: x's and W's 16-bit dtype where they agree (exact products), else fp32
-    (exact too); fp32 under the interpreter (its dot has no bf16 arithmetic) and for bf16 below sm80 (no bf16
-    tensor cores)."""
+    """The gemm's operand dtype code: x's and W's 16-bit dtype where they agree (products exact in the fp32
+    accumulator), else fp32 with input_precision="ieee" (no TF32); fp32 under the interpreter (its dot has no
+    bf16 arithmetic) and for bf16 below sm80 (no bf16 tensor cores)."""
     native = x_dtype != torch.bfloat16 or _runtime.native_bf16_conversion(device)
     if x_dtype == w_dtype and x_dtype != torch.float32 and native and not _runtime.INTERPRET:
         return _W_CODE[x_dtype]
@@ -712,19 +713,17 @@ def fused_launches(
     state = w.state
     n = state.shape[0]
     device = x2.device
-    bk = effective_bk(cfg, state.blocksize, k)
+    cfg = aligned_config(cfg, w, x2.dtype, m, n, k, device)
+    if not fused_ok(cfg, k):
+        raise ValueError(f"fused_launches: {cfg} is not a fused config for K={k} and this weight")
+    bk = effective_bk(cfg, k)
     if cfg["path"] in ("gemv2", "gemm"):
         words = words_of(w)
-        if words is not None:
-            word_launches = _gemv2_launches if cfg["path"] == "gemv2" else _gemm_launches
-            return word_launches(x2, w, words, bias, out, cfg, bk, use_asm)
-        cfg = heuristic_gemv_config(x2.dtype, m, n, k, _sm_count(device))
-        bk = effective_bk(cfg, state.blocksize, k)
+        assert words is not None  # aligned_config
+        word_launches = _gemv2_launches if cfg["path"] == "gemv2" else _gemm_launches
+        return word_launches(x2, w, words, bias, out, cfg, bk, use_asm)
     bm, bn = cfg["bm"], cfg["bn"]
-    k_chunks = k // bk
-    split = max(1, min(cfg.get("split_k", 1), k_chunks))
-    k_per_split = triton.cdiv(k_chunks, split) * bk
-    split = triton.cdiv(k, k_per_split)
+    split, k_per_split = _splits(cfg, k, bk)
     manual_bf16 = not _runtime.native_bf16_conversion(device)
     out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
     nested = w.code2 is not None
@@ -759,6 +758,14 @@ def _shared_constexprs(x2, w: PreparedWeight, bias, ws, manual_bf16: bool, out_b
             "HAS_BIAS": bias is not None, "W_DTYPE": _W_CODE[w.state.dtype], "MANUAL_BF16": manual_bf16,
             "OUT_MANUAL_BF16": out_bf16_manual and ws is None, "USE_ASM": use_asm,
             "FTZ": _runtime.ftz_mode(x2.device), "SPLIT": ws is not None}  # fmt: skip
+
+
+def _splits(cfg: dict, k: int, bk: int) -> tuple[int, int]:
+    """(splits, K columns a split): the config's split_k over K's chunks of bk columns (a short last split where
+    they do not divide evenly)."""
+    k_chunks = k // bk
+    k_per_split = triton.cdiv(k_chunks, max(1, min(cfg.get("split_k", 1), k_chunks))) * bk
+    return triton.cdiv(k, k_per_split), k_per_split
 
 
 X_SLOT, BIAS_SLOT, DST_SLOT = 0, 7, 8  # the fused kernels' x, bias and out/workspace arguments
@@ -843,10 +850,7 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
     n = state.shape[0]
     device = x2.device
     bm, bn = cfg["bm"], cfg["bn"]
-    k_chunks = k // bk
-    split = max(1, min(cfg.get("split_k", 1), k_chunks))
-    k_per_split = triton.cdiv(k_chunks, split) * bk
-    split = triton.cdiv(k, k_per_split)
+    split, k_per_split = _splits(cfg, k, bk)
     manual_bf16 = not _runtime.native_bf16_conversion(device)
     out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
     nested = w.code2 is not None
@@ -892,8 +896,8 @@ def forward_2d(x2: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None, *
     m, k = x2.shape
     state = w.state
     n = state.shape[0]
-    cfg = config or config_for(x2.device, x2.dtype, m, n, k)
-    if fused_ok(cfg, state.blocksize, k):
+    cfg = aligned_config(config or config_for(x2.device, x2.dtype, m, n, k), w, x2.dtype, m, n, k, x2.device)
+    if fused_ok(cfg, k):
         if bias is not None and bias.stride(0) != 1:  # the kernels read bias[n] at bias_ptr + n
             bias = bias.contiguous()
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -1036,8 +1040,8 @@ class _Plan:
         self.device, self.dtype = device, x.dtype
         self.x2_shape = None if x.dim() == 2 else (m, k)  # None: x is passed as it is
         self.out_shape = (*x.shape[:-1], n)
-        cfg = config_for(device, x.dtype, m, n, k)
-        self.dequant = not fused_ok(cfg, state.blocksize, k)
+        cfg = aligned_config(config_for(device, x.dtype, m, n, k), w, x.dtype, m, n, k, device)
+        self.dequant = not fused_ok(cfg, k)
         self.bias_copy = not self.dequant and bias is not None and bias.stride(0) != 1
         self.wd_dtype = state.dtype
         if self.dequant:
