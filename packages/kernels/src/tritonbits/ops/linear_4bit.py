@@ -562,11 +562,14 @@ def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int) -> int:
 # M=32 36.9 / 33.9, M=64 49.8 / 50.4, M=128 58.5 / 55.1 (dequantize + cuBLAS 99.2 / 106.0), M=256 110.7 / 94.7
 # (dequantize + cuBLAS 105.8 / 112.1: a split decision, so dequantize + cuBLAS above M=128). The best tiles:
 # BLOCK_N=64 for N >= 8192 (128 below) up to BLOCK_M=32, split-K to ~4 programs an SM there, ~2 above; BLOCK_K=64
-# at BLOCK_M=32 below N=8192 (the bench's 128 took 43.1 us at (14336, 4096) M=32, record 20261123T220535Z, the
-# probe's 64 33.9 us); BLOCK_M=64: 128 x 128 x 8 warps; BLOCK_M=128 (M=65-128): 64 x 128 x 4 warps. gemv2 keeps
-# M <= 2.
+# at BLOCK_M=32 for K >= 8192 below N=8192 (128 took 43.1 us at (14336, 4096) M=32, bench 20261123T220535Z; 64
+# with 16 splits 33.9-34.0 us; at K=4096 the 128 of the bench is within 5% of the probe's best); BLOCK_M=64:
+# 128 x 128 x 8 warps; BLOCK_M=128 (M=65-128): 64 x 128 x 4 warps. gemv2 keeps M <= 2.
 HEURISTIC_GEMM = {16: (128, 128, 4), 32: (128, 128, 4), 64: (128, 128, 8), 128: (64, 128, 4)}  # bm: (BN, BK, warps)
 HEURISTIC_GEMM_MAX_M = 128
+# NOTE: at (14336, 4096) M=32 the 4-wave rule asks BLOCK_K=64 for 32 splits: 81.6 us, the workspace's traffic
+# (S * M * N * 8 bytes) above the packed weight's; 16 splits took 34.0 us (log 20261123T2230Z-…-gemm-probe-m32.txt)
+HEURISTIC_GEMM_MAX_SPLIT = 16
 
 
 def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
@@ -574,10 +577,11 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
     bn, bk, warps = HEURISTIC_GEMM[bm]
     if bm <= 32 and n >= 8192:
         bn = 64
-    elif bm == 32:
+    elif bm == 32 and k >= 8192:
         bk = 64
     split = _split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), k, bk, sms, waves=4 if bm <= 32 else 2)
-    return {"path": "gemm", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3, "split_k": split}
+    return {"path": "gemm", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 3,
+            "split_k": min(split, HEURISTIC_GEMM_MAX_SPLIT)}  # fmt: skip
 
 
 def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
