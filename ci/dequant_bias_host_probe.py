@@ -104,7 +104,7 @@ def run_tree(ns) -> dict:
                 floor_name = "floor: the plan's BoundLaunch (5 slots) + torch.empty"
 
                 def floor(acc=acc, sa=sa, sb=sb, bias_arg=bias_arg, bound=bound, m=m, n=n, dt=out_dtype):
-                    o = torch.empty((m, n), dtype=dt, device=cpu)
+                    o = torch.empty(m, n, dtype=dt, device=cpu)  # the sizes as ints, as the fast path passes them
                     bound(acc, sa, sb, bias_arg, o)
                     return o
             else:
@@ -115,7 +115,7 @@ def run_tree(ns) -> dict:
                     return out
 
             def alloc(m=m, n=n):
-                return torch.empty((m, n), dtype=torch.bfloat16, device=cpu)
+                return torch.empty(m, n, dtype=torch.bfloat16, device=cpu)
 
             rows_of[label] = {
                 "bare: empty kernel, CachedLauncher call": lambda: empty((1, 1, 1), (x, 16), {}, {}, cpu),
