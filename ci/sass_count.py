@@ -317,6 +317,7 @@ def measure(launch: Launch, target: GPUTarget, dump: Path | None) -> dict:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", launch.name)
         (dump / f"{stem}.sass").write_text(sass)
         (dump / f"{stem}.ptx").write_text(kernel.asm["ptx"])
+        (dump / f"{stem}.ttgir").write_text(kernel.asm["ttgir"])
     return {"name": launch.name, "kernel": launch.fn.__name__, "total": c["total"], "loop": c["loop"],
             "per_value": c["total"] / per_thread, "values_per_program": launch.values, "num_warps": warps,
             "values_per_thread": per_thread, "registers": usage.get("REG"), "local_bytes": usage.get("LOCAL"),
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape-8bit", default=str(1 << 26), help="8-bit launches' element count (default 2^26)")
     parser.add_argument("--rcp", choices=b8.RCP_MODES, help=f"quantizers' reciprocal (default {b8.RCP_GPU!r})")
     parser.add_argument("--num-warps", type=int, help="override every launch's warps")
-    parser.add_argument("--dump", type=Path, help="write each config's .sass and .ptx here")
+    parser.add_argument("--dump", type=Path, help="write each config's .sass, .ptx and .ttgir here")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         print("note: a CUDA device is present; compiling offline for the --arch target anyway", file=sys.stderr)

@@ -206,8 +206,8 @@ LAUNCHERS = [*L._LAUNCHERS.values(), dq._launcher]
 
 
 @pytest.mark.parametrize("x_dtype", [None, torch.float32], ids=["x-as-W", "x-fp32"])
-@pytest.mark.parametrize(("shape", "steps"), [((1, K), 1), ((2, K), 2), ((3, K), 2), ((1, 3, K), 2), ((300, K), 1)],
-                         ids=["gemv2", "gemv2-splitk", "gemm-splitk", "3-D-splitk", "dequant"])  # fmt: skip
+@pytest.mark.parametrize(("shape", "steps"), [((1, K), 2), ((2, K), 2), ((3, K), 2), ((1, 3, K), 2), ((300, K), 1)],
+                         ids=["gemv2-m1-split", "gemv2-m2-split", "gemm-splitk", "3-D-splitk", "dequant"])  # fmt: skip
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_bound_launches(with_bias, shape, steps, x_dtype, out_dtype, gen, device, quantize, bnb_dequantize):
     """After the first call (which compiles and binds), calls with new tensors go through the BoundLaunches only:

@@ -275,7 +275,7 @@ def _decode_word(word, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MANU
 
 @triton.jit
 def _x_column(x_rows, col, m_ok, stride_xk, E: tl.constexpr):
-    """x[ms, 8 * col + E] as fp32 ([BLOCK_M, 1, NB, CW]; col: word index in the row, int64)."""
+    """x[ms, 8 * col + E] as fp32 ([NB, BLOCK_M, 1, CW]; col: word index in the row, int64)."""
     return tl.load(x_rows + (8 * col + E) * stride_xk, mask=m_ok, other=0.0).to(tl.float32)
 
 
@@ -283,17 +283,14 @@ def _x_column(x_rows, col, m_ok, stride_xk, E: tl.constexpr):
 def _gemv2_step_inputs(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, row_end, K_WORDS, col, sub,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                        USE_ASM: tl.constexpr, FTZ: tl.constexpr):  # fmt: skip
-    """One gemv2 row step's inputs: the int32 words of `rows` in the program's K chunk ([1, BLOCK_N, NB, CW]) and
-    the fp32 absmax of each row's sub-chunks ([1, BLOCK_N, NB]); rows at or past row_end read as 0."""
+    """One gemv2 row step's inputs: the int32 words of `rows` in the program's K chunk ([NB, 1, BLOCK_N, CW]) and
+    the fp32 absmax of each row's sub-chunks ([NB, 1, BLOCK_N]); rows at or past row_end read as 0."""
     row_ok = rows < row_end
-    # NOTE: W's tile is [1, BLOCK_N, NB, CW] (4-D like x's columns) so that the words' load layout (16-byte
-    # vectors, warps along the rows) is the loop's only layout: a 3-D load broadcast against 4-D x went
-    # through shared memory every row step (72 bar.sync per step in the SASS).
-    words = tl.load(words_ptr + (rows.to(tl.int64) * K_WORDS)[None, :, None, None] + col[None, None, :, :],
-                    mask=row_ok[None, :, None, None], other=0, eviction_policy="evict_first")  # fmt: skip
+    words = tl.load(words_ptr + (rows.to(tl.int64) * K_WORDS)[None, None, :, None] + col[:, None, None, :],
+                    mask=row_ok[None, None, :, None], other=0, eviction_policy="evict_first")  # fmt: skip
     # blocks run over the flattened weight (a row may start inside one); a sub-chunk never straddles two
-    qblock = ((rows.to(tl.int64) * K_WORDS)[None, :, None] + sub[None, None, :]) // (BLOCKSIZE // 8)
-    absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[None, :, None],
+    qblock = ((rows.to(tl.int64) * K_WORDS)[None, None, :] + sub[:, None, None]) // (BLOCKSIZE // 8)
+    absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[None, None, :],
                          BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
     return words, absmax
 
@@ -321,11 +318,11 @@ def _linear_4bit_gemv2_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_rows = x_ptr + ms.to(tl.int64)[:, None, None, None] * stride_xm
-    m_ok = (ms < M)[:, None, None, None]
+    x_rows = x_ptr + ms.to(tl.int64)[None, :, None, None] * stride_xm
+    m_ok = (ms < M)[None, :, None, None]
     kw0 = pid_k * (BLOCK_K // 8)  # the chunk's first word in a row
     col = kw0 + (tl.arange(0, NB) * CW)[:, None] + tl.arange(0, CW)[None, :]  # [NB, CW]
-    xcol = col.to(tl.int64)[None, None, :, :]
+    xcol = col.to(tl.int64)[:, None, None, :]
     x0 = _x_column(x_rows, xcol, m_ok, stride_xk, 0)
     x1 = _x_column(x_rows, xcol, m_ok, stride_xk, 1)
     x2 = _x_column(x_rows, xcol, m_ok, stride_xk, 2)
@@ -337,7 +334,7 @@ def _linear_4bit_gemv2_kernel(
     sub = kw0 + tl.arange(0, NB) * CW  # [NB]: each sub-chunk's first word in the row
     row_lo = pid_n * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
-    lane_code = _lane_code(table_ptr, tl.zeros((1, BLOCK_N, NB, CW), tl.int32), LOOKUP_ASM)
+    lane_code = _lane_code(table_ptr, tl.zeros((NB, 1, BLOCK_N, CW), tl.int32), LOOKUP_ASM)
     if PREFETCH:  # the first row step's words and absmax, loaded before the loop (see _gemv2_step_inputs)
         next_words, next_absmax = _gemv2_step_inputs(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
                                                      row_lo + tl.arange(0, BLOCK_N), row_hi, K_WORDS, col, sub,
@@ -364,7 +361,7 @@ def _linear_4bit_gemv2_kernel(
         acc += w5 * x5
         acc += w6 * x6
         acc += w7 * x7
-        total = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
+        total = tl.sum(tl.sum(acc, axis=3), axis=0)  # [BLOCK_M, BLOCK_N]
         _store_tile(total, pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16, SPLIT)
 
 
@@ -531,13 +528,21 @@ def _split_for(programs: int, k: int, bk: int, sms: int, waves: int = 2) -> int:
 # M=64 374 vs 98 (its W tile went through shared memory element by element); the gemm that replaced it: see
 # HEURISTIC_GEMM's NOTE.
 HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  # bm: (BLOCK_N, BLOCK_K, warps, split)
-# NOTE: gemv2 (x in registers, 16-byte words, shuffle lookup): offline SASS (sm90) of its row loop at bm=1,
-# BLOCK_N=16, BLOCK_K=1024, 4 warps: 12.5 instructions per packed byte, vs 49.5 for gemv's K loop at its H100
-# best tile (bm=1, BLOCK_N=16, BLOCK_K=256). Not yet timed on a GPU: ci/linear4bit_gemv_probe.py times it.
-# x takes 32 * BLOCK_M fp32 registers per thread (4 words of 8 columns), so bm <= 4 (bm=4: 255 registers at
-# BLOCK_K=1024; bm=8 spills).
-HEURISTIC_GEMV2 = {1: (16, 1024, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
+# NOTE: gemv2 (x in registers, 16-byte words, shuffle lookup). Its tile is [NB, BLOCK_M, BLOCK_N, CW] so that
+# Triton (3.6) puts the warps on W's rows: with rows second ([BLOCK_M, BLOCK_N, NB, CW]) it put them on the
+# sub-chunks, and every row step summed across warps through shared memory (3 bar.sync a step; now 2, for the
+# store's layout). H100, bf16, nf4 nested bs64, CUDA graphs, both layouts over 16 tiles in one call
+# (ci/linear4bit_gemv2_sweep.py, logs docs/gpu-runs/logs/20261123T2315Z-nvidia-h100-gemv2-sweep-{old,new}.txt; the old
+# layout's run stopped at its 170 s limit before 8192 x 28672 M=2):
+# best tile per shape M=1 old -> new 10.17 -> 9.91 us (4096 x 4096), 13.64 -> 12.77, 25.97 -> 24.05,
+# 25.91 -> 24.65 (14336 x 4096), 47.52 -> 43.30, 91.19 -> 78.85 (8192 x 28672); M=2 4-10% faster. The tiles
+# below are that sweep's: M=1 BLOCK_N=32 BLOCK_K=128 up to K=4096 (within 1.7% of each shape's best there),
+# 8 x 1024 above (within 2%); M=2 16 x 512 with 4 programs an SM (within 1% everywhere). x takes 32 * BLOCK_M
+# fp32 registers per thread (4 words of 8 columns), so bm <= 4 (bm=8 spills).
+HEURISTIC_GEMV2 = {1: (32, 128, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
+HEURISTIC_GEMV2_LONG_K = (4096, (8, 1024, 4))  # bm=1 above this K
 GEMV2_PROGRAMS_PER_SM = 8  # row ranges: programs ~ 8 per SM over (row ranges x K chunks x M blocks)
+HEURISTIC_GEMV2_PER_SM = {1: 8, 2: 4, 4: 8}  # the heuristic's programs an SM, by bm (the sweep's best)
 # NOTE: PREFETCH: a gemv2 program loads the next row step's words and absmax before it decodes the current one
 # (registers double-buffered by hand; the row loop has no other independent loads to hide their latency). Same
 # products in the same order (outputs torch.equal). Timed on an H100 with the table's configs, off / on, CUDA
@@ -548,9 +553,9 @@ GEMV2_PROGRAMS_PER_SM = 8  # row ranges: programs ~ 8 per SM over (row ranges x 
 GEMV2_PREFETCH = False
 
 
-def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int) -> int:
-    """Rows of W per gemv2 program (a multiple of BLOCK_N): about GEMV2_PROGRAMS_PER_SM programs per SM."""
-    ranges = max(1, GEMV2_PROGRAMS_PER_SM * sms // max(1, m_blocks * k_chunks))
+def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int, per_sm: int = GEMV2_PROGRAMS_PER_SM) -> int:
+    """Rows of W per gemv2 program (a multiple of BLOCK_N): about `per_sm` programs per SM."""
+    ranges = max(1, per_sm * sms // max(1, m_blocks * k_chunks))
     return max(bn, triton.cdiv(triton.cdiv(n, ranges), bn) * bn)
 
 
@@ -592,8 +597,9 @@ def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> 
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
-    bn, bk, warps = HEURISTIC_GEMV2[bm]
-    return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "prefetch": bm >= 2}
+    bn, bk, warps = HEURISTIC_GEMV2_LONG_K[1] if bm == 1 and k > HEURISTIC_GEMV2_LONG_K[0] else HEURISTIC_GEMV2[bm]
+    return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "prefetch": bm >= 2,
+            "per_sm": HEURISTIC_GEMV2_PER_SM[bm]}  # fmt: skip
 
 
 def heuristic_gemv_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
@@ -819,7 +825,8 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
     bm, bn = cfg["bm"], cfg["bn"]
     split = k // bk
     m_blocks = triton.cdiv(m, bm)
-    rows = cfg.get("rows") or gemv2_rows(m_blocks, n, split, bn, _sm_count(device))
+    rows = cfg.get("rows") or gemv2_rows(m_blocks, n, split, bn, _sm_count(device),
+                                         cfg.get("per_sm", GEMV2_PROGRAMS_PER_SM))  # fmt: skip
     rows = triton.cdiv(rows, bn) * bn
     manual_bf16 = not _runtime.native_bf16_conversion(device)
     out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
