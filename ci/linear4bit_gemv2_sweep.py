@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the benchmark's shapes)")
     ap.add_argument("--gemm", action="store_true", help="also the tensor-core gemm's candidate tiles")
+    ap.add_argument("--prefetch", action="store_true", help="every gemv2 tile with and without PREFETCH")
+    ap.add_argument("--tiles", default=None, help="BNxBKxWARPS,... (default: TILES)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -50,13 +52,16 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
             cfgs = [("default", L.config_for(x.device, x.dtype, m, n, k))]
-            for bn, bk, warps in TILES:
+            tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles else TILES
+            for bn, bk, warps in tiles:
                 if k % bk or bn * bk // 8 // (32 * warps) > 8:
                     continue
                 base = L.gemv2_rows(1, n, k // bk, bn, sms)
                 for r in sorted({base, 2 * base}):
-                    cfgs.append((f"bn{bn} bk{bk} w{warps} r{r}", {"path": "gemv2", "bm": m, "bn": bn, "bk": bk,
-                                 "warps": warps, "stages": 1, "rows": r, "prefetch": m >= 2}))  # fmt: skip
+                    for pf in (False, True) if args.prefetch else (m >= 2,):
+                        cfgs.append((f"bn{bn} bk{bk} w{warps} r{r}{' pf' if pf else ''}",
+                                     {"path": "gemv2", "bm": L.bucket(m), "bn": bn, "bk": bk, "warps": warps,
+                                      "stages": 1, "rows": r, "prefetch": pf}))  # fmt: skip
             if args.gemm:
                 from tritonbits_harness.tune import gemm_candidates
 
