@@ -89,20 +89,25 @@ GEMV2_CASES = [  # (quant_type, nested, blocksize, K, M, x dtype or None for W's
 ]
 
 
+def word_case(case, out_dtype, device, gen, quantize, bnb_dequantize):
+    """One GEMV2_CASES row's operands: K, M, N=40, x's dtype, the exact weight, the prepared weight, x twice as
+    wide as K (for a strided view) and the bias (or None)."""
+    quant_type, nested, blocksize, k, m, x_dtype, with_bias = case
+    n = 40
+    q, state = weight_of((n, k), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
+    x_dtype = x_dtype or out_dtype
+    wide = fresh_x((m, 2 * k), x_dtype, gen, device)
+    bias = fresh_x((n,), x_dtype, gen, device) if with_bias else None
+    return k, m, n, x_dtype, exact_weight(q, state, bnb_dequantize), L._prepare(q, state), wide, bias
+
+
 @pytest.mark.parametrize("case", GEMV2_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
 def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
     """The gemv2 path forced: nf4/fp4, nested or not, blocksizes 32..4096 (sub-chunks per block, a block longer
     than the chunk), M across BLOCK_M (a partial last M block), x dtype unlike W's, bias, a partial last row step
     (N=40 over BLOCK_N=16), several row ranges and K chunks (the split-K workspace), strided x; with PREFETCH on,
     the same bits as with it off (the same products in the same order)."""
-    quant_type, nested, blocksize, k, m, x_dtype, with_bias = case
-    n = 40
-    q, state = weight_of((n, k), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
-    w = exact_weight(q, state, bnb_dequantize)
-    prepared = L._prepare(q, state)
-    x_dtype = x_dtype or out_dtype
-    wide = fresh_x((m, 2 * k), x_dtype, gen, device)
-    bias = fresh_x((n,), x_dtype, gen, device) if with_bias else None
+    k, m, n, x_dtype, w, prepared, wide, bias = word_case(case, out_dtype, device, gen, quantize, bnb_dequantize)
     for cfg in ({"path": "gemv2", "bm": 4, "bn": 16, "bk": 64, "warps": 4, "rows": 16},
                 {"path": "gemv2", "bm": 2, "bn": 8, "bk": 1024, "warps": 2}):  # fmt: skip
         for x in (wide[:, :k], wide[:, ::2]):
@@ -118,14 +123,7 @@ def test_gemm(case, out_dtype, device, gen, quantize, bnb_dequantize):
     than the chunk, x dtype unlike W's (fp32 operands), a partial row tile (N=40 over BLOCK_N=32) and M block,
     split-K (3 splits of K/64 chunks: 3/3/2 at K=512, 1 each at K=192, 2 even ones at K=128/256, none at K=64),
     strided x."""
-    quant_type, nested, blocksize, k, m, x_dtype, with_bias = case
-    n = 40
-    q, state = weight_of((n, k), out_dtype, gen, quantize, blocksize=blocksize, quant_type=quant_type, nested=nested)
-    w = exact_weight(q, state, bnb_dequantize)
-    prepared = L._prepare(q, state)
-    x_dtype = x_dtype or out_dtype
-    wide = fresh_x((m, 2 * k), x_dtype, gen, device)
-    bias = fresh_x((n,), x_dtype, gen, device) if with_bias else None
+    k, m, n, x_dtype, w, prepared, wide, bias = word_case(case, out_dtype, device, gen, quantize, bnb_dequantize)
     for cfg in ({"path": "gemm", "bm": 16, "bn": 32, "bk": 128, "warps": 4, "split_k": 1},
                 {"path": "gemm", "bm": 16, "bn": 16, "bk": 64, "warps": 4, "split_k": 3}):  # fmt: skip
         for x in (wide[:, :k], wide[:, ::2]):

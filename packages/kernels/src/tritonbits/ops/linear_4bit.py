@@ -814,6 +814,38 @@ def _reduce_launch(ws, bias, out, out_bf16_manual: bool) -> Launch:
     return Launch(_splitk_reduce_kernel, r_grid, r_args, r_const, {"num_warps": 4}, slots)
 
 
+def _word_args(x2, w: PreparedWeight, words, bias, out, split: int, last: int,
+               use_asm: bool) -> tuple[tuple, torch.Tensor | None, dict, bool]:  # fmt: skip
+    """The runtime arguments gemv2 and the gemm share (`last`: gemv2's rows a program, the gemm's words a split),
+    the split-K workspace (split > 1), the shared constexprs and whether out is stored through its int16 view."""
+    m, k = x2.shape
+    n = w.state.shape[0]
+    manual_bf16 = not _runtime.native_bf16_conversion(x2.device)
+    out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
+    nested = w.code2 is not None
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
+    dst = ws if ws is not None else (out.view(torch.int16) if out_bf16_manual else out)
+    dummy = w.absmax
+    args = (x2, words, w.absmax, formats.code_table(w.state.quant_type, x2.device), w.code2 if nested else dummy,
+            w.absmax2 if nested else dummy, w.offset if nested else dummy, bias if bias is not None else dummy, dst,
+            m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), last)  # fmt: skip
+    shared = _shared_constexprs(x2, w, bias, ws, manual_bf16, out_bf16_manual, use_asm)
+    return args, ws, shared, out_bf16_manual
+
+
+def _word_launches(fn, grid: tuple, args: tuple, constexprs: dict, cfg: dict, stages: int, use_asm: bool, bias, ws,
+                   out, out_bf16_manual: bool) -> tuple[list[Launch], torch.Tensor | None]:  # fmt: skip
+    """The kernel's launch (the config's warps and stages, `stages` by default) and, with a workspace, the split-K
+    reduction's."""
+    options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", stages)}
+    if not use_asm:
+        options["enable_fp_fusion"] = False
+    launches = [Launch(fn, grid, args, constexprs, options, _fused_slots(bias, ws, out_bf16_manual))]
+    if ws is not None:
+        launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
+    return launches, ws
+
+
 def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
                     use_asm: bool) -> tuple[list[Launch], torch.Tensor | None]:  # fmt: skip
     """gemv2: one program per (M block, row range, K chunk of bk columns); K chunks > 1 go through the split-K
@@ -828,28 +860,12 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
     rows = cfg.get("rows") or gemv2_rows(m_blocks, n, split, bn, _sm_count(device),
                                          cfg.get("per_sm", GEMV2_PROGRAMS_PER_SM))  # fmt: skip
     rows = triton.cdiv(rows, bn) * bn
-    manual_bf16 = not _runtime.native_bf16_conversion(device)
-    out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
-    nested = w.code2 is not None
-    table = formats.code_table(state.quant_type, device)
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=device) if split > 1 else None
-    dst = ws if ws is not None else (out.view(torch.int16) if out_bf16_manual else out)
-    dummy = w.absmax
-    args = (x2, words, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
-            w.offset if nested else dummy, bias if bias is not None else dummy, dst,
-            m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), rows)  # fmt: skip
-    constexprs = {**_shared_constexprs(x2, w, bias, ws, manual_bf16, out_bf16_manual, use_asm),
-                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+    args, ws, shared, out_bf16_manual = _word_args(x2, w, words, bias, out, split, rows, use_asm)
+    constexprs = {**shared, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                   "PREFETCH": cfg.get("prefetch", GEMV2_PREFETCH)}  # fmt: skip
-    options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 1)}
-    if not use_asm:
-        options["enable_fp_fusion"] = False
     grid = (m_blocks, triton.cdiv(n, rows), split)
-    launches = [Launch(_linear_4bit_gemv2_kernel, grid, args, constexprs, options,
-                       _fused_slots(bias, ws, out_bf16_manual))]  # fmt: skip
-    if ws is not None:
-        launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
-    return launches, ws
+    return _word_launches(_linear_4bit_gemv2_kernel, grid, args, constexprs, cfg, 1, use_asm, bias, ws, out,
+                          out_bf16_manual)  # fmt: skip
 
 
 def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
@@ -862,28 +878,12 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
     device = x2.device
     bm, bn = cfg["bm"], cfg["bn"]
     split, k_per_split = _splits(cfg, k, bk)
-    manual_bf16 = not _runtime.native_bf16_conversion(device)
-    out_bf16_manual = manual_bf16 and out.dtype == torch.bfloat16
-    nested = w.code2 is not None
-    table = formats.code_table(state.quant_type, device)
-    ws = torch.empty((split, m, n), dtype=torch.float32, device=device) if split > 1 else None
-    dst = ws if ws is not None else (out.view(torch.int16) if out_bf16_manual else out)
-    dummy = w.absmax
-    args = (x2, words, w.absmax, table, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
-            w.offset if nested else dummy, bias if bias is not None else dummy, dst,
-            m, n, k // 8, x2.stride(0), x2.stride(1), out.stride(0), k_per_split // 8)  # fmt: skip
-    constexprs = {**_shared_constexprs(x2, w, bias, ws, manual_bf16, out_bf16_manual, use_asm),
-                  "DOT_DTYPE": _dot_dtype(x2.dtype, state.dtype, device), "BLOCK_M": bm, "BLOCK_N": bn,
+    args, ws, shared, out_bf16_manual = _word_args(x2, w, words, bias, out, split, k_per_split // 8, use_asm)
+    constexprs = {**shared, "DOT_DTYPE": _dot_dtype(x2.dtype, state.dtype, device), "BLOCK_M": bm, "BLOCK_N": bn,
                   "BLOCK_K": bk}  # fmt: skip
-    options = {"num_warps": cfg.get("warps", 4), "num_stages": cfg.get("stages", 3)}
-    if not use_asm:
-        options["enable_fp_fusion"] = False
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
-    launches = [Launch(_linear_4bit_gemm_kernel, grid, args, constexprs, options,
-                       _fused_slots(bias, ws, out_bf16_manual))]  # fmt: skip
-    if ws is not None:
-        launches.append(_reduce_launch(ws, bias, out, out_bf16_manual))
-    return launches, ws
+    return _word_launches(_linear_4bit_gemm_kernel, grid, args, constexprs, cfg, 3, use_asm, bias, ws, out,
+                          out_bf16_manual)  # fmt: skip
 
 
 _LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemv2_kernel,
