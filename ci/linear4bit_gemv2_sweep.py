@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--gemm", action="store_true", help="also the tensor-core gemm's candidate tiles")
     ap.add_argument("--prefetch", action="store_true", help="every gemv2 tile with and without PREFETCH")
     ap.add_argument("--tiles", default=None, help="BNxBKxWARPS,... (default: TILES)")
+    ap.add_argument("--rows", default="1,2", help="rows a program: these multiples of the op's rule (gemv2_rows)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -57,7 +58,7 @@ def main() -> None:
                 if k % bk or bn * bk // 8 // (32 * warps) > 8:
                     continue
                 base = L.gemv2_rows(1, n, k // bk, bn, sms)
-                for r in sorted({base, 2 * base}):
+                for r in sorted({max(bn, int(base * float(f)) // bn * bn) for f in args.rows.split(",")}):
                     for pf in (False, True) if args.prefetch else (m >= 2,):
                         cfgs.append((f"bn{bn} bk{bk} w{warps} r{r}{' pf' if pf else ''}",
                                      {"path": "gemv2", "bm": L.bucket(m), "bn": bn, "bk": bk, "warps": warps,
