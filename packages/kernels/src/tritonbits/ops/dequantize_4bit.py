@@ -299,7 +299,9 @@ def _eager(A: torch.Tensor, quant_state, out: torch.Tensor | None) -> torch.Tens
         check_out(out, state, A.device, inputs)
         launch_weight(w, out)
         return out
-    out = torch.empty(state.shape, dtype=state.dtype, device=A.device)
+    # the sizes as ints: torch's argument parser takes 0.75 us for them against 1.45 us for a torch.Size (CPU
+    # timeit; dequant_bias's eager NOTE)
+    out = torch.empty(*state.shape, dtype=state.dtype, device=A.device)
     bound = w.launches.get("dequantize_4bit")
     if bound is not None and bound(out):
         return out

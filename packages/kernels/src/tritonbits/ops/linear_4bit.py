@@ -1080,8 +1080,8 @@ class _Plan:
             return matmul_dequantized(x2, wd, bias).reshape(self.out_shape)
         if self.bias_copy and bias is not None:
             bias = bias.contiguous()
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
-        ws = None if self.work_shape is None else torch.empty(self.work_shape, dtype=torch.float32, device=device)
+        out = torch.empty(*self.out_shape, dtype=self.dtype, device=device)  # sizes as ints: dequant_bias's NOTE
+        ws = None if self.work_shape is None else torch.empty(*self.work_shape, dtype=torch.float32, device=device)
         values = (x2, bias, out, out.view(torch.int16) if self.view16 else out, ws, None, None)
         for step in self.steps:
             step(values)
