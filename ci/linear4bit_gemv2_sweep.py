@@ -4,7 +4,8 @@ PYTHONPATH) in the same call and compare the lines. CUDA-graph medians (tritonbi
 each tile's output is checked against the K-aware policy before it is timed; x bf16 unless --dtype, W nf4 nested
 blocksize 64.
 
-    python ci/linear4bit_gemv2_sweep.py --tag NAME [--ms 1,2] [--shapes KxN,...] [--rep 20] [--json PATH]
+    python ci/linear4bit_gemv2_sweep.py --tag NAME [--ms 1,2] [--shapes KxN,...] [--dtype bf16|fp16] [--gemm]
+        [--prefetch] [--tiles BNxBKxWARPS,...] [--rows 1,2] [--rep 20] [--json PATH]
 """
 
 from __future__ import annotations

@@ -115,7 +115,9 @@ def pieces(x: torch.Tensor, A: torch.Tensor, qs: QuantState, bias, number: int) 
         t("words_of (address_aligned, view)", lambda: L.words_of(w))
         t(
             "_sm_count + gemv2_rows (a config without 'rows' only)",
-            lambda: L.gemv2_rows(m, n, k // bk, cfg["bn"], L._sm_count(DEVICE)),
+            lambda: L.gemv2_rows(
+                m, n, k // bk, cfg["bn"], L._sm_count(DEVICE), cfg.get("per_sm", L.GEMV2_PROGRAMS_PER_SM)
+            ),
         )
         t("native_bf16_conversion", lambda: _runtime.native_bf16_conversion(DEVICE))
         t("formats.code_table", lambda: formats.code_table(state.quant_type, DEVICE))
@@ -148,9 +150,9 @@ def launch_pieces(t, i: int, launcher, grid, args, constexprs, options, device) 
 
 
 CASES = [  # (label, x shape, N, K, bias)
-    ("M=1 x[1,4096] W 14336x4096 (gemv2, 16 K chunks + reduce)", (1, 4096), 14336, 4096, False),
+    ("M=1 x[1,4096] W 14336x4096 (gemv2, 32 K chunks + reduce)", (1, 4096), 14336, 4096, False),
     ("M=1 x[1,1,4096] W 14336x4096, bias", (1, 1, 4096), 14336, 4096, True),
-    ("M=1 x[1,14336] W 4096x14336 (gemv2, 56 K chunks + reduce)", (1, 14336), 4096, 14336, False),
+    ("M=1 x[1,14336] W 4096x14336 (gemv2, 14 K chunks + reduce)", (1, 14336), 4096, 14336, False),
     ("M=2 x[2,1,4096] W 14336x4096 (gemv2)", (2, 1, 4096), 14336, 4096, False),
     ("M=4 x[4,1,4096] W 14336x4096 (gemv2)", (4, 1, 4096), 14336, 4096, False),
     ("M=16 x[16,1,4096] W 14336x4096 (dequantize + F.linear)", (16, 1, 4096), 14336, 4096, False),

@@ -387,6 +387,11 @@ def test_large_shapes(m, out_dtype, device, gen, quantize, bnb_dequantize):
 # --- configs -------------------------------------------------------------------------------------------
 
 
+KNOWN_CONFIG_KEYS = {"gemv2": {"path", "bm", "bn", "bk", "warps", "stages", "rows", "per_sm", "prefetch"},
+                     "gemv": {"path", "bm", "bn", "bk", "warps", "stages", "split_k", "pair"},
+                     "gemm": {"path", "bm", "bn", "bk", "warps", "stages", "split_k"}, "dequant": {"path"}}  # fmt: skip
+
+
 def test_table_entries_are_reachable_and_valid():
     """Every checked-in entry has a key the op's key function can produce and a launchable config."""
     for family, entries in configs.table("linear_4bit").items():
@@ -402,6 +407,8 @@ def test_table_entries_are_reachable_and_valid():
             elif cfg["path"] != "dequant":
                 assert {"bm", "bn", "bk", "split_k", "warps"} <= set(cfg), (family, key)
                 assert cfg["path"] == "gemv" or cfg["bm"] >= 16, (family, key)
+            # a misspelt key would be ignored by the launch (cfg.get): only the keys the paths read
+            assert set(cfg) <= KNOWN_CONFIG_KEYS[cfg["path"]], (family, key, set(cfg) - KNOWN_CONFIG_KEYS[cfg["path"]])
 
 
 def test_a_family_without_a_table_takes_its_fallback(monkeypatch):
@@ -429,6 +436,17 @@ def test_heuristic_without_a_table(device):
             assert wide_n["bn"] == (64 if m <= 32 else cfg["bn"])
         wide = L.heuristic_config(torch.float32, m, 4096, 4096, 132)
         assert wide["path"] == ("gemv2" if m <= 4 else "dequant")
+        for cfg in (L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132), wide):
+            if cfg["path"] != "dequant":
+                assert set(cfg) <= KNOWN_CONFIG_KEYS[cfg["path"]], cfg
+
+    # HEURISTIC_GEMV2's NOTE: M=1 32 x 128 up to K=4096, 8 x 1024 above when 1024 divides K; M=2 16 x 512, 4 an SM
+    def tile(m: int, k: int) -> tuple:
+        cfg = L.heuristic_config(torch.bfloat16, m, 4096, k, 132)
+        return cfg["bn"], cfg["bk"], cfg["warps"], cfg["per_sm"]
+
+    assert tile(1, 4096) == (32, 128, 4, 8) and tile(1, 14336) == (8, 1024, 4, 8) and tile(1, 8192) == (8, 1024, 4, 8)
+    assert tile(1, 11008) == (32, 128, 4, 8) and tile(2, 14336) == (16, 512, 4, 4)
     assert L.config_key(torch.float16, 3, 14336, 4096) == L.config_key(torch.bfloat16, 4, 16384, 4096)
 
 

@@ -17,9 +17,9 @@ from tritonbits.ops import linear_4bit as L
 from tritonbits_harness.launch_stub import stubbed_launches
 from tritonbits_harness.tolerance import assert_matmul
 
-N, K = 40, 1024  # under the interpreter's heuristic (4 SMs) the split-K reduce runs for gemv2 at M=2 (2 chunks;
-# fp32 x at M=3: 4) and for the gemm at M=3 (2 splits of 4 chunks); gemv2 at M=1 takes K in one chunk; dequantize +
-# matmul from M=129
+N, K = 40, 1024  # under the interpreter's heuristic (4 SMs) the split-K reduce runs for gemv2 at M=1 (8 chunks of
+# 128) and M=2 (2 chunks; fp32 x at M=3: 4) and for the gemm at M=3 (2 splits of 4 chunks); dequantize + matmul from
+# M=129; the "gemv2-one-chunk" case below gives M=1 a BLOCK_K of K (no workspace: out and bias written directly)
 
 
 def weight_of(dtype, gen, quantize, **kwargs):
@@ -206,15 +206,20 @@ LAUNCHERS = [*L._LAUNCHERS.values(), dq._launcher]
 
 
 @pytest.mark.parametrize("x_dtype", [None, torch.float32], ids=["x-as-W", "x-fp32"])
-@pytest.mark.parametrize(("shape", "steps"), [((1, K), 2), ((2, K), 2), ((3, K), 2), ((1, 3, K), 2), ((300, K), 1)],
-                         ids=["gemv2-m1-split", "gemv2-m2-split", "gemm-splitk", "3-D-splitk", "dequant"])  # fmt: skip
+@pytest.mark.parametrize(("shape", "steps"), [((1, K), 1), ((1, K), 2), ((2, K), 2), ((3, K), 2), ((1, 3, K), 2),
+                                              ((300, K), 1)],
+                         ids=["gemv2-one-chunk", "gemv2-m1-split", "gemv2-m2-split", "gemm-splitk", "3-D-splitk",
+                              "dequant"])  # fmt: skip
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_bound_launches(with_bias, shape, steps, x_dtype, out_dtype, gen, device, quantize, bnb_dequantize):
+def test_bound_launches(with_bias, shape, steps, x_dtype, out_dtype, gen, device, quantize, bnb_dequantize, request,
+                        monkeypatch):  # fmt: skip
     """After the first call (which compiles and binds), calls with new tensors go through the BoundLaunches only:
     the kernels run with exactly the arguments the raw launch would get (slots filled with this call's x, bias,
     out, workspace or weight buffer) and the answers are right."""
     if device.type == "cuda":
         pytest.skip("the interpreter stands in for the raw launch (on a GPU the other tests run this path)")
+    if "gemv2-one-chunk" in request.node.name:  # M=1 in one K chunk: gemv2 stores out (+ bias) itself
+        monkeypatch.setitem(L.HEURISTIC_GEMV2, 1, (8, K, 4))
     x_dtype = x_dtype or out_dtype
     q, state = weight_of(out_dtype, gen, quantize)
     w = bnb_dequantize(q, state).reshape(N, K)

@@ -294,7 +294,7 @@ GEMV_TILES = ((32, 128, 4), (64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128,
               (16, 256, 4), (256, 64, 8), (128, 256, 8))  # fmt: skip
 
 
-# (BLOCK_N, BLOCK_K, warps) of gemv2 (x in registers: 32 * BLOCK_M fp32 per thread whatever the tile)
+# (BLOCK_N, BLOCK_K, warps) of gemv2 (x in registers: 8 * BLOCK_M fp32 per word a thread holds a row step)
 GEMV2_TILES = ((16, 1024, 4), (8, 1024, 4), (32, 1024, 8), (16, 512, 4), (8, 512, 2), (16, 256, 4), (4, 256, 1),
                (32, 128, 4))  # fmt: skip
 

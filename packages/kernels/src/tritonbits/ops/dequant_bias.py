@@ -383,7 +383,7 @@ def _eager(acc, scale_a, scale_b, bias, out_dtype, out) -> torch.Tensor:
         bias_arg = scale_b if bias is None else bias
         if out is None:
             # NOTE: the sizes as separate ints: torch.empty(16, 4096, ...) parses in 0.77 us against 1.07 us for
-            # torch.empty((16, 4096), ...) (CPU timeit, torch 2.15; the same argument parser on a GPU host)
+            # torch.empty((16, 4096), ...) (CPU timeit, torch 2.15; measured on the CPU only)
             fresh = torch.empty(*p.shape, dtype=out_dtype, device=p.device)
             if p.bound(acc, scale_a, scale_b, bias_arg, fresh):
                 return fresh

@@ -189,8 +189,8 @@ def _linear_4bit_gemv_kernel(
 # NOTE: the code lookup is a warp shuffle from a register (every lane holds code[lane & 15], loaded once per
 # program): shfl's segment mask 0x10 keeps the source lane's low 4 bits, so a nibble needs one shift at most
 # (7 shifts per word) and no address math. bf16: `cvt.rn.bf16x2.f32 d, w, 0` leaves round_to_nearest_even(w)
-# in d's high half and zeros below: the rounded weight's fp32 bits in one instruction. Offline SASS (sm90,
-# triton 3.9, bm=1): see _linear_4bit_gemv2_kernel's NOTE for the per-byte counts.
+# in d's high half and zeros below: the rounded weight's fp32 bits in one instruction. Offline SASS counts
+# (sm90, triton 3.6): HEURISTIC_GEMV2's NOTE.
 _LANE_CODE_ASM = tl.constexpr(
     "{ .reg .b32 l; .reg .b64 a; mov.u32 l, %laneid; and.b32 l, l, 15; mad.wide.u32 a, l, 4, $1; "
     "ld.global.nc.b32 $0, [a]; }"
@@ -487,7 +487,9 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr
 
 
 # ---------------------------------------------------------------------------------------------------
-# Configs: {"path", "bm", "bn", "bk", "split_k", "warps", "stages", "pair"} per GPU family and key.
+# Configs: {"path", "bm", "bn", "bk", "split_k", "warps", "stages", "pair"} per GPU family and key; gemv2 takes
+# "rows" (W rows a program) or "per_sm" (programs an SM, the rows worked out from it; "rows" wins) instead of
+# "split_k", and "prefetch".
 
 
 def bucket(x: int) -> int:
@@ -528,19 +530,26 @@ def _split_for(programs: int, k: int, bk: int, sms: int, waves: int = 2) -> int:
 # M=64 374 vs 98 (its W tile went through shared memory element by element); the gemm that replaced it: see
 # HEURISTIC_GEMM's NOTE.
 HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  # bm: (BLOCK_N, BLOCK_K, warps, split)
-# NOTE: gemv2 (x in registers, 16-byte words, shuffle lookup). Its tile is [NB, BLOCK_M, BLOCK_N, CW] so that
-# Triton (3.6) puts the warps on W's rows: with rows second ([BLOCK_M, BLOCK_N, NB, CW]) it put them on the
-# sub-chunks, and every row step summed across warps through shared memory (3 bar.sync a step; now 2, for the
-# store's layout). H100, bf16, nf4 nested bs64, CUDA graphs, both layouts over 16 tiles in one call
-# (ci/linear4bit_gemv2_sweep.py, logs docs/gpu-runs/logs/20261123T2315Z-nvidia-h100-gemv2-sweep-{old,new}.txt; the old
-# layout's run stopped at its 170 s limit before 8192 x 28672 M=2):
-# best tile per shape M=1 old -> new 10.17 -> 9.91 us (4096 x 4096), 13.64 -> 12.77, 25.97 -> 24.05,
-# 25.91 -> 24.65 (14336 x 4096), 47.52 -> 43.30, 91.19 -> 78.85 (8192 x 28672); M=2 4-10% faster. The tiles
-# below are that sweep's: M=1 BLOCK_N=32 BLOCK_K=128 up to K=4096 (within 1.7% of each shape's best there),
-# 8 x 1024 above (within 2%); M=2 16 x 512 with 4 programs an SM (within 1% everywhere). x takes 32 * BLOCK_M
-# fp32 registers per thread (4 words of 8 columns), so bm <= 4 (bm=8 spills).
+# NOTE: gemv2 (x in registers, 16-byte words, shuffle lookup). Its tile is [NB, BLOCK_M, BLOCK_N, CW]. With rows
+# second ([BLOCK_M, BLOCK_N, NB, CW]) Triton 3.6 put the word load's warps on the sub-chunks, and every row step
+# summed across warps through shared memory (16 x 256 x 4 warps, bm=1: 3 bar.sync a step). Now the lanes cover
+# NB and CW first and the warps the rows when BLOCK_N leaves room for them (Triton 3.6 TTGIR, `ci/sass_count.py
+# --dump`): 32 x 128 x 4 warps, bm=1: warpsPerCTA [1, 1, 4, 1], 2 bar.sync a step (the store's layout), row loop
+# 213 SASS instructions for 32 weights a thread, 64 registers. The long-K and M=2 tiles (8 x 1024, 16 x 512) keep
+# 4 bar.sync a step: the absmax load, contiguous along NB at blocksize 64, gets a layout of its own (Triton 3.9
+# lays all three tiles out differently again). H100, bf16, nf4 nested bs64, CUDA graphs, both layouts over 16 tiles
+# in one call (ci/linear4bit_gemv2_sweep.py, logs docs/gpu-runs/logs/20261123T2315Z-nvidia-h100-gemv2-sweep-
+# {old,new}.txt; the old layout's run stopped at its 170 s limit before 8192 x 28672 M=2): best tile per shape M=1
+# old -> new 10.17 -> 9.91 us (4096 x 4096), 13.64 -> 12.77, 25.97 -> 24.05, 25.91 -> 24.65 (14336 x 4096),
+# 47.52 -> 43.30, 91.19 -> 78.85 (8192 x 28672); M=2 4-10% faster. The tiles below are that sweep's: M=1
+# BLOCK_N=32 BLOCK_K=128 up to K=4096 (within 1.7% of each shape's best there), 8 x 1024 above when 1024 divides K
+# (within 2%; other long K keep 32 x 128: 8 x 1024 halved by effective_bk was not timed); M=2 16 x 512 with 4
+# programs an SM (within 1% everywhere). x takes 8 * BLOCK_M fp32 registers per word a thread holds
+# (BLOCK_N * BLOCK_K / 8 / (32 * warps) words: 4 for 32 x 128 x 4, 8 for 16 x 512 x 4, whose bm=2 launch has 128
+# registers under Triton 3.6), so bm <= 4 (bm=8 spills).
 HEURISTIC_GEMV2 = {1: (32, 128, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
-HEURISTIC_GEMV2_LONG_K = (4096, (8, 1024, 4))  # bm=1 above this K
+HEURISTIC_GEMV2_LONG_K = 4096  # bm=1 above this K (a multiple of the tile's BLOCK_K) takes the next tile
+HEURISTIC_GEMV2_LONG_K_TILE = (8, 1024, 4)
 GEMV2_PROGRAMS_PER_SM = 8  # row ranges: programs ~ 8 per SM over (row ranges x K chunks x M blocks)
 HEURISTIC_GEMV2_PER_SM = {1: 8, 2: 4, 4: 8}  # the heuristic's programs an SM, by bm (the sweep's best)
 # NOTE: PREFETCH: a gemv2 program loads the next row step's words and absmax before it decodes the current one
@@ -597,7 +606,8 @@ def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> 
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
-    bn, bk, warps = HEURISTIC_GEMV2_LONG_K[1] if bm == 1 and k > HEURISTIC_GEMV2_LONG_K[0] else HEURISTIC_GEMV2[bm]
+    long_k = bm == 1 and k > HEURISTIC_GEMV2_LONG_K and k % HEURISTIC_GEMV2_LONG_K_TILE[1] == 0
+    bn, bk, warps = HEURISTIC_GEMV2_LONG_K_TILE if long_k else HEURISTIC_GEMV2[bm]
     return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "prefetch": bm >= 2,
             "per_sm": HEURISTIC_GEMV2_PER_SM[bm]}  # fmt: skip
 
