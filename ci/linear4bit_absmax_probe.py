@@ -18,12 +18,8 @@ import tritonbits
 from tritonbits.ops import linear_4bit as L
 from tritonbits.quant_state import prepare
 from tritonbits_harness import timing
-from tritonbits_harness.bench.linear_4bit import SHAPES
+from tritonbits_harness.bench.linear_4bit import parse_shapes
 from tritonbits_harness.tolerance import assert_matmul
-
-
-def us(fn, rep: int) -> float:
-    return timing.bench_graph(fn, rep=rep) * 1e3
 
 
 def main() -> None:
@@ -37,7 +33,7 @@ def main() -> None:
 
     print(torch.cuda.get_device_name(), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = parse_shapes(args.shapes)
     for k, n in shapes:
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
         weights = {}
@@ -52,8 +48,8 @@ def main() -> None:
             for nested, (pw, wd, bpacked, bqs) in weights.items():
                 assert_matmul(L.forward_2d(x, pw, None, config=cfg)[:8], x[:8], wd)
                 tag = "nested" if nested else "plain"
-                t[tag] = us(partial(L.forward_2d, x, pw, None, config=cfg), args.rep)
-                t[f"bnb-{tag}"] = us(partial(bnb.matmul_4bit, x, bpacked.t(), bqs), args.rep)
+                t[tag] = timing.bench_graph(partial(L.forward_2d, x, pw, None, config=cfg), rep=args.rep) * 1e3
+                t[f"bnb-{tag}"] = timing.bench_graph(partial(bnb.matmul_4bit, x, bpacked.t(), bqs), rep=args.rep) * 1e3
             print(f"K={k:5d} N={n:5d} M={m:3d} {cfg['path']:7s} nested {t['nested']:7.1f} plain {t['plain']:7.1f} "
                   f"(x{t['nested'] / t['plain']:.2f})  bnb nested {t['bnb-nested']:7.1f} plain {t['bnb-plain']:7.1f}"
                   f"  cfg {cfg}", flush=True)  # fmt: skip

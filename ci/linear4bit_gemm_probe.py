@@ -23,7 +23,7 @@ import tritonbits
 from tritonbits.ops import linear_4bit as L
 from tritonbits.quant_state import prepare
 from tritonbits_harness import timing
-from tritonbits_harness.bench.linear_4bit import SHAPES
+from tritonbits_harness.bench.linear_4bit import parse_shapes
 from tritonbits_harness.tolerance import assert_matmul
 from tritonbits_harness.tune import gemm_candidates
 
@@ -46,7 +46,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = parse_shapes(args.shapes)
     for k, n in shapes:
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
         packed, qs = tritonbits.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)

@@ -20,7 +20,7 @@ import tritonbits
 from tritonbits.ops import linear_4bit as L
 from tritonbits.quant_state import prepare
 from tritonbits_harness import timing
-from tritonbits_harness.bench.linear_4bit import SHAPES
+from tritonbits_harness.bench.linear_4bit import parse_shapes
 from tritonbits_harness.tolerance import assert_matmul
 
 # (BLOCK_N, BLOCK_K, warps): a thread holds BLOCK_N * BLOCK_K / 8 / (32 * warps) words a row step (x: 8 fp32 each)
@@ -45,7 +45,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = parse_shapes(args.shapes)
     rows = []
     for k, n in shapes:
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(dtype)

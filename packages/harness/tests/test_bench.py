@@ -10,3 +10,10 @@ def test_report_shows_the_newest_run_even_when_quick():
     shown = report.latest_by_device([quick, full])["GPU"]
     assert shown["bench"]["op"][0] is quick
     assert shown["runs"] == [full, quick]
+
+
+def test_linear_4bit_parse_shapes():
+    from tritonbits_harness.bench import linear_4bit as B
+
+    assert B.parse_shapes(None) == B.SHAPES and B.parse_shapes("") == B.SHAPES
+    assert B.parse_shapes("4096x14336,14336x4096") == [(4096, 14336), (14336, 4096)]

@@ -20,6 +20,13 @@ QUICK_SHAPES = ((4096, 14336), (14336, 4096))
 BLOCKSIZE = 64
 
 
+def parse_shapes(text: str | None) -> list[tuple[int, int]]:
+    """(K, N) pairs from "KxN,KxN,..." (the probes' --shapes); SHAPES when text is None or empty."""
+    if not text:
+        return list(SHAPES)
+    return [(int(k), int(n)) for k, n in (s.split("x") for s in text.split(","))]
+
+
 def weight_bytes(k: int, n: int) -> int:
     """Packed 4-bit weight (0.5 byte each) + nested absmax (1 byte a block) + fp32 absmax2 (per 256 blocks)."""
     blocks = -(-n * k // BLOCKSIZE)
