@@ -394,6 +394,68 @@ def test_cached_launcher_bookkeeping(device):
         assert not _launcher._hooks_set()
 
 
+class _Launcher36:
+    """Shaped like Triton 3.6's CudaLauncher: __call__ forwards to the C `launch` with the cooperative and PDL
+    flags and the two scratch buffers (None at size 0) after `function`."""
+
+    def __init__(self, global_scratch_size=0, profile_scratch_size=0):
+        self.global_scratch_size, self.profile_scratch_size = global_scratch_size, profile_scratch_size
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid, self.launch_pdl, None,
+                    None, *args)  # fmt: skip
+
+
+class _Launcher39(_Launcher36):
+    """Shaped like Triton 3.9's: the metadata and hooks are named parameters (another convention)."""
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata, enter, exit_, *args):
+        self.launch(gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata, enter, exit_, *args)
+
+
+class _Kernel:
+    def __init__(self, run):
+        self.run, self.function, self.packed_metadata = run, 0xF00, (4, 1, 0)
+
+
+@pytest.mark.parametrize("run", [_Launcher36(), _Launcher36(global_scratch_size=8), _Launcher36(0, 16), _Launcher39()],
+                         ids=["3.6", "3.6-global-scratch", "3.6-profile-scratch", "3.9"])  # fmt: skip
+def test_compiled_launch_passes_what_the_launcher_would(run):
+    """`_launcher._compiled` calls Triton 3.6's C launch directly only for that convention with no scratch, and
+    either way the C launch receives exactly what CompiledKernel.run's own __call__ would hand it."""
+    from tritonbits import _launcher
+
+    kernel = _Kernel(run)
+    compiled = _launcher._compiled(kernel)
+    direct = type(run) is _Launcher36 and not (run.global_scratch_size or run.profile_scratch_size)
+    assert (compiled.launch == run.launch) == direct and compiled.kernel is kernel
+    args = (0x1000, 0x2000, 7, 64)
+    compiled.launch(3, 2, 1, 0xABC, *compiled.head, *args)
+    run(3, 2, 1, 0xABC, kernel.function, kernel.packed_metadata, None, None, None, *args)
+    assert len(run.calls) == 2 and run.calls[0] == run.calls[1]
+
+
+@pytest.mark.gpu
+def test_triton_36_launches_directly(device, gen):
+    """On Triton 3.6 (the GPU machine's), a cached specialization's launch is the C launch itself."""
+    import triton
+
+    from tritonbits import _launcher
+
+    q, st = _state(device)
+    tritonbits.dequantize_4bit(q, st)
+    compiled = list(dq_module._launcher.compiled.values())
+    assert compiled
+    if triton.__version__.startswith("3.6."):
+        assert all(c.launch == c.kernel.run.launch for c in compiled)
+        assert all(_launcher._triton36_launch(c.kernel.run) for c in compiled)
+
+
 def test_eager_calls_bind_their_launch(device, gen, quantize, bnb_dequantize):
     """After the first eager call on a quant_state, later calls launch through a bound launch (every argument
     but `out` fixed, tensor addresses as ints). Still exact, on another stream too, and stepping aside for

@@ -6,7 +6,8 @@ CompiledKernel), so the fast path that a GPU takes on every cached call never ru
 turns it on for the duration of a `with` block:
 
 - each launcher's JIT entry (`launcher.fn[grid](...)`: Triton's compile + launch) is wrapped so that it returns
-  a `FakeKernel` standing in for the CompiledKernel (what `CachedLauncher.__call__` caches and `bind` binds);
+  a `FakeKernel` standing in for the CompiledKernel (what `CachedLauncher.__call__` caches, as a
+  `_launcher.Compiled`, and `bind` binds);
 - `tritonbits._launcher._raw_launch` (the one line that touches the driver: the raw stream and
   `CompiledKernel.run`) is replaced.
 
@@ -17,8 +18,9 @@ constexprs in order): a wrong slot or a stale bound argument gives a wrong answe
 probes on real shapes): nothing runs; the JIT entry and the raw launch return at once, `_pointer` is the real
 one (tensors become addresses, as on a GPU).
 
-What this cannot check: the raw launch itself (`torch._C._cuda_getCurrentRawStream`, `CompiledKernel.run`'s
-argument convention) and Triton's specialization rules on a real compile: a GPU session verifies those.
+What this cannot check: the raw launch itself (`torch._C._cuda_getCurrentRawStream`, the argument convention of
+`CompiledKernel.run` or of the C launch that `_launcher._compiled` calls directly under Triton 3.6) and Triton's
+specialization rules on a real compile: a GPU session verifies those.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class FakeKernel:
     execute: bool
     packed_metadata: tuple = ()
     function: None = None
+
+    def run(self, *args) -> None:
+        """What `_launcher._compiled` takes as the launch callable; the replaced raw launch calls `replay`."""
+        raise AssertionError("a stubbed launch replays through the launch stub's raw launch")
 
     def replay(self, grid: tuple, args: list) -> None:
         if not self.execute:
@@ -80,9 +86,9 @@ class _Entry:
 
 
 def _raw_launch(log: LaunchLog):
-    def launch(kernel, grid: tuple, device_index: int | None, args) -> None:
+    def launch(compiled: _launcher.Compiled, grid: tuple, device_index: int | None, args) -> None:
         log.raw += 1
-        kernel.replay(grid, list(args))
+        compiled.kernel.replay(grid, list(args))
 
     return launch
 

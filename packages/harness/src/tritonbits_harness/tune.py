@@ -486,7 +486,8 @@ def tune_dequantize_4bit(console: Console, rep_ms: int, dtype: torch.dtype = tor
     for label, cells in results.items():
         table.add_row(label, *cells)
     console.print(table)
-    for key, kernel in dq._launcher.compiled.items():  # registers of every specialization the sweep compiled
+    for key, compiled in dq._launcher.compiled.items():  # registers of every specialization the sweep compiled
+        kernel = compiled.kernel
         console.print(f"compiled {key[2]} {dict(key[3])}: {kernel.n_regs} registers, {kernel.n_spills} spills")
 
 

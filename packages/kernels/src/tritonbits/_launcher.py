@@ -6,12 +6,18 @@ specialization goes through Triton as usual; later launches with the same specia
 compiled kernel's launcher directly, with tensor addresses as ints. The key holds everything Triton
 specializes on: constexprs and options, tensor dtypes and 16-byte alignment, and for integers ``== 1``,
 ``% 16 == 0`` and 32/64-bit width. Launch hooks, the interpreter and wrap_triton always take Triton's own path.
+
+What is cached is a `Compiled`: the kernel's launch callable and the arguments that precede the kernel's own
+(`_compiled`). Where Triton's launcher has the convention of Triton 3.6 (`CudaLauncher.__call__(gridX, gridY,
+gridZ, stream, function, *args)`, no global or profile scratch), the callable is its C `launch` itself and
+`CudaLauncher.__call__`'s Python frame (two scratch allocations of size 0, a closure) is skipped; anything else
+calls the CompiledKernel's launcher as JITFunction.run does.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -67,20 +73,57 @@ def _other_device(device: torch.device | int | None) -> bool:
         if device.type != "cuda":
             return False
         device = device.index
-    return device is not None and device != torch.cuda.current_device()
+    # NOTE: torch.cuda.current_device() is this plus a Python frame and the lazy-init check (done: a CUDA tensor
+    # exists); this runs on every direct launch
+    return device is not None and device != torch._C._cuda_getDevice()
 
 
-def _raw_launch(kernel, grid: tuple, device_index: int, args) -> None:
-    """The one touch of private internals: torch's raw current stream, and the compiled kernel's launcher as
-    JITFunction.run calls it (grid, stream, function, metadata, three hooks, every parameter in order)."""
+class Compiled(NamedTuple):
+    """A compiled specialization as the direct path launches it: launch(gridX, gridY, gridZ, stream, *head,
+    *kernel_args); `kernel` is the CompiledKernel (or the launch stub's stand-in)."""
+
+    launch: Any
+    head: tuple
+    kernel: Any
+
+
+def _triton36_launch(run) -> bool:
+    """Whether `run` (CompiledKernel.run) is Triton 3.6's CudaLauncher: `__call__(gridX, gridY, gridZ, stream,
+    function, *args)` passing `launch(gridX, gridY, gridZ, stream, function, cooperative, pdl, global_scratch,
+    profile_scratch, *args)`, with both scratch sizes 0 (the tritonbits kernels use none: nothing to allocate)."""
+    call = vars(type(run)).get("__call__")  # the class's own __call__ (a Python function there), not a builtin's
+    code = getattr(call, "__code__", None)
+    if code is None or not callable(getattr(run, "launch", None)):
+        return False
+    names = code.co_varnames[: code.co_argcount]
+    return (names == ("self", "gridX", "gridY", "gridZ", "stream", "function") and bool(code.co_flags & 0x04)
+            and getattr(run, "global_scratch_size", None) == 0 and getattr(run, "profile_scratch_size", None) == 0
+            and hasattr(run, "launch_cooperative_grid") and hasattr(run, "launch_pdl"))  # fmt: skip
+
+
+def _compiled(kernel) -> Compiled:
+    """The direct launch of a CompiledKernel that has run once (its handles are loaded). NOTE: skipping
+    CudaLauncher.__call__ (Triton 3.6) saves its Python frame on every bound launch; measured with
+    ci/host_overhead.py (see docs/architecture.md, host time)."""
+    run = kernel.run
+    if _triton36_launch(run):
+        head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
+                None, None, None)  # fmt: skip
+        return Compiled(run.launch, head, kernel)
+    return Compiled(run, (kernel.function, kernel.packed_metadata, None, None, None), kernel)
+
+
+def _raw_launch(compiled: Compiled, grid: tuple, device_index: int, args) -> None:
+    """The one touch of private internals: torch's raw current stream, and the compiled kernel's launch with the
+    arguments JITFunction.run passes (grid, stream, function, metadata, the hooks as None, every parameter)."""
     stream = torch._C._cuda_getCurrentRawStream(device_index)
-    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+    compiled.launch(grid[0], grid[1], grid[2], stream, *compiled.head, *args)
 
 
 class CachedLauncher:
     def __init__(self, fn):
         self.fn = fn
-        self.compiled: dict[tuple, Any] = {}
+        self.compiled: dict[tuple, Compiled] = {}
         self.enabled = not _runtime.INTERPRET
 
     @staticmethod
@@ -111,7 +154,10 @@ class CachedLauncher:
         if self.enabled and kernel is not None and hasattr(kernel, "packed_metadata"):
             if not self.compiled:
                 self.check_order(len(args), constexprs)
-            self.compiled[key] = kernel
+            try:
+                self.compiled[key] = _compiled(kernel)
+            except AttributeError as exc:  # another Triton's CompiledKernel
+                self.fall_back(exc)
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device,
              slots: tuple[int, ...]) -> BoundLaunch | None:  # fmt: skip
@@ -136,7 +182,7 @@ class BoundLaunch:
     up. Calling it returns False, launching nothing, when a launch hook is registered or Triton's launcher
     refused the call; the caller then goes through CachedLauncher.__call__."""
 
-    def __init__(self, owner: CachedLauncher, kernel, grid: tuple, args: list, slots: tuple[int, ...],
+    def __init__(self, owner: CachedLauncher, kernel: Compiled, grid: tuple, args: list, slots: tuple[int, ...],
                  device_index: int):  # fmt: skip
         self.owner, self.kernel, self.grid, self.device_index = owner, kernel, grid, device_index
         self.args, self.slots = list(args), tuple(slots)
