@@ -17,10 +17,9 @@ from tritonbits.ops import linear_4bit as L
 from tritonbits_harness.launch_stub import stubbed_launches
 from tritonbits_harness.tolerance import assert_matmul
 
-N, K = 40, 1024  # under the interpreter's heuristic (4 SMs) gemv2 at M=1 takes one chunk of 1024 (no workspace: out
-# and bias written directly), the split-K reduce runs for gemv2 at M=2 (2 chunks; fp32 x at M=3: 4) and for the gemm
-# at M=3 (2 splits of 4 chunks); dequantize + matmul from M=129; the "gemv2-m1-split" case below gives M=1 the 32 x
-# 128 tile (8 chunks of 128 and the reduce)
+N, K = 40, 1024  # under the interpreter's heuristic (4 SMs) the split-K reduce runs for gemv2 at M=1 (8 chunks of
+# 128) and M=2 (2 chunks; fp32 x at M=3: 4) and for the gemm at M=3 (2 splits of 4 chunks); dequantize + matmul from
+# M=129; the "gemv2-one-chunk" case below gives M=1 a BLOCK_K of K (no workspace: out and bias written directly)
 
 
 def weight_of(dtype, gen, quantize, **kwargs):
@@ -219,8 +218,8 @@ def test_bound_launches(with_bias, shape, steps, x_dtype, out_dtype, gen, device
     out, workspace or weight buffer) and the answers are right."""
     if device.type == "cuda":
         pytest.skip("the interpreter stands in for the raw launch (on a GPU the other tests run this path)")
-    if "gemv2-m1-split" in request.node.name:  # M=1 in 8 K chunks: gemv2 writes the workspace, the reduce out
-        monkeypatch.setitem(L.HEURISTIC_GEMV2, 1, L.HEURISTIC_GEMV2_ODD_K_TILE)
+    if "gemv2-one-chunk" in request.node.name:  # M=1 in one K chunk: gemv2 stores out (+ bias) itself
+        monkeypatch.setitem(L.HEURISTIC_GEMV2, 1, (8, K, 4))
     x_dtype = x_dtype or out_dtype
     q, state = weight_of(out_dtype, gen, quantize)
     w = bnb_dequantize(q, state).reshape(N, K)

@@ -541,20 +541,17 @@ HEURISTIC_GEMV = {1: (16, 256, 4, 2), 2: (32, 128, 4, 4), 4: (128, 64, 8, 8)}  #
 # in one call (ci/linear4bit_gemv2_sweep.py, logs docs/gpu-runs/logs/20261123T2315Z-nvidia-h100-gemv2-sweep-
 # {old,new}.txt; the old layout's run stopped at its 170 s limit before 8192 x 28672 M=2): best tile per shape M=1
 # old -> new 10.17 -> 9.91 us (4096 x 4096), 13.64 -> 12.77, 25.97 -> 24.05, 25.91 -> 24.65 (14336 x 4096),
-# 47.52 -> 43.30, 91.19 -> 78.85 (8192 x 28672); M=2 4-10% faster. M=2: 16 x 512 with 4 programs an SM (within 1%
-# of the best everywhere). M=1: 8 x 1024 with PREFETCH at 4 programs an SM where 1024 divides K, from the prefetch
-# sweep of the next call (log 20261123T2338Z-nvidia-h100-gemv2-sweep-m1-prefetch.txt, same six shapes, against
-# session 12's 32 x 128 up to K=4096 / 8 x 1024 above, no prefetch, 8 an SM): 9.95 -> 9.59 us (4096 x 4096),
-# 12.79 -> 12.36, 24.37 -> 23.62 (4096 x 14336), 24.77 -> 23.69 (14336 x 4096), 43.66 -> 42.79, 80.41 -> 80.49
-# (8192 x 28672), within 2.1% of each shape's best there. Other K take 32 x 128 at 8 an SM with PREFETCH (that tile
-# with PREFETCH at its default rows was never slower there: 9.95 vs 9.94 us ... 78.85 vs 82.59). x takes
-# 8 * BLOCK_M fp32 registers per word a thread holds (BLOCK_N * BLOCK_K / 8 / (32 * warps) words: 4 for 32 x 128 x 4,
-# 8 for 8 x 1024 x 4 and 16 x 512 x 4, whose bm=2 launch has 128 registers under Triton 3.6), so bm <= 4 (bm=8
-# spills).
-HEURISTIC_GEMV2 = {1: (8, 1024, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
-HEURISTIC_GEMV2_ODD_K_TILE = (32, 128, 4)  # bm=1 where HEURISTIC_GEMV2[1]'s BLOCK_K does not divide K
+# 47.52 -> 43.30, 91.19 -> 78.85 (8192 x 28672); M=2 4-10% faster. The tiles below are that sweep's: M=1
+# BLOCK_N=32 BLOCK_K=128 up to K=4096 (within 1.7% of each shape's best there), 8 x 1024 above when 1024 divides K
+# (within 2%; other long K keep 32 x 128: 8 x 1024 halved by effective_bk was not timed); M=2 16 x 512 with 4
+# programs an SM (within 1% everywhere). x takes 8 * BLOCK_M fp32 registers per word a thread holds
+# (BLOCK_N * BLOCK_K / 8 / (32 * warps) words: 4 for 32 x 128 x 4, 8 for 16 x 512 x 4, whose bm=2 launch has 128
+# registers under Triton 3.6), so bm <= 4 (bm=8 spills).
+HEURISTIC_GEMV2 = {1: (32, 128, 4), 2: (16, 512, 4), 4: (8, 256, 4)}  # bm: (BLOCK_N, BLOCK_K, warps)
+HEURISTIC_GEMV2_LONG_K = 4096  # bm=1 above this K (a multiple of the tile's BLOCK_K) takes the next tile
+HEURISTIC_GEMV2_LONG_K_TILE = (8, 1024, 4)
 GEMV2_PROGRAMS_PER_SM = 8  # row ranges: programs ~ 8 per SM over (row ranges x K chunks x M blocks)
-HEURISTIC_GEMV2_PER_SM = {1: 4, 2: 4, 4: 8}  # the heuristic's programs an SM, by bm (the sweeps' best)
+HEURISTIC_GEMV2_PER_SM = {1: 8, 2: 4, 4: 8}  # the heuristic's programs an SM, by bm (the sweep's best)
 # NOTE: PREFETCH: a gemv2 program loads the next row step's words and absmax before it decodes the current one
 # (registers double-buffered by hand; the row loop has no other independent loads to hide their latency). Same
 # products in the same order (outputs torch.equal). Timed on an H100 with the table's configs, off / on, CUDA
@@ -609,12 +606,10 @@ def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> 
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
-    bn, bk, warps = HEURISTIC_GEMV2[bm]
-    per_sm = HEURISTIC_GEMV2_PER_SM[bm]
-    if bm == 1 and k % bk:
-        (bn, bk, warps), per_sm = HEURISTIC_GEMV2_ODD_K_TILE, GEMV2_PROGRAMS_PER_SM
-    return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "prefetch": True,
-            "per_sm": per_sm}  # fmt: skip
+    long_k = bm == 1 and k > HEURISTIC_GEMV2_LONG_K and k % HEURISTIC_GEMV2_LONG_K_TILE[1] == 0
+    bn, bk, warps = HEURISTIC_GEMV2_LONG_K_TILE if long_k else HEURISTIC_GEMV2[bm]
+    return {"path": "gemv2", "bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": 1, "prefetch": bm >= 2,
+            "per_sm": HEURISTIC_GEMV2_PER_SM[bm]}  # fmt: skip
 
 
 def heuristic_gemv_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
