@@ -73,10 +73,12 @@ for m in (1, 16):
     linear_names += [ours, theirs]
 for name in ("tritonbits.dequantize_4bit", "unsloth-style fast_dequantize", "bnb dequantize_4bit", *linear_names):
     calls[f"{name} + sync"] = synced(calls[name])
-host = {}
-for name, fn in calls.items():
-    host[name] = timing.host_us(fn)
-    print(f"{name}: {host[name]:.1f} us")
+# every call once a round, 15 rounds of 200 calls (timing.host_us_rounds): the min is the least disturbed round,
+# the ratios below are of mins (the host is shared: a single long mean moved 4x between runs, log 20261124T0212Z)
+taken = timing.host_us_rounds(calls)
+host = {name: low for name, (low, _) in taken.items()}
+for name, (low, median) in taken.items():
+    print(f"{name}: {low:.1f} us (median round {median:.1f})")
 bare = host["empty triton launch (JITFunction)"]
 for name in [n for n in host if n.startswith("tritonbits.dequant_bias")]:  # issue 15: <= 1.3x, same run
     print(f"{name} / empty triton launch: {host[name] / bare:.2f}x (target <= 1.3x)")

@@ -6,6 +6,8 @@
   the benchmark records keep (p50 is the median the other two return).
 - `copy_gbps`: a device-to-device copy, counting bytes read plus bytes written: the roofline.
 - `host_us`: wall time per call of calls issued back to back (host cost when the GPU keeps up).
+- `host_us_rounds`: the same for several calls, interleaved over rounds: each call's least disturbed round (min)
+  and its median round, for ratios on a shared, noisy host.
 - `print_profile`: a cProfile of n calls, the functions with the most own time printed (the host-cost probes).
 """
 
@@ -98,6 +100,19 @@ def host_us(fn: Callable[[], object], n: int = 2000, warmup: int = 50) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / n * 1e6
+
+
+def host_us_rounds(calls: dict[str, Callable[[], object]], rounds: int = 15, n: int = 200,
+                   warmup: int = 50) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """{name: (min, median)} over `rounds` of `host_us(fn, n)` per call, every call once a round in order, so a
+    burst of host noise lands on all calls of a round rather than on one call's whole measurement."""
+    for fn in calls.values():
+        host_us(fn, n=warmup, warmup=0)
+    taken: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            taken[name].append(host_us(fn, n=n, warmup=0))
+    return {name: (min(v), sorted(v)[len(v) // 2]) for name, v in taken.items()}
 
 
 def print_profile(fn: Callable[[], object], n: int, top: int) -> pstats.Stats:
