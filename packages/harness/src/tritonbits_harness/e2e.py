@@ -591,7 +591,8 @@ def markdown_section(record: dict) -> list[str]:
         if "step_s_min" in bnb and "step_s_min" in tb:  # records before the interleaved steps have no best step
             best = f" (best step: bnb {bnb['step_s_min'] * 1e3:.1f}, tritonbits {tb['step_s_min'] * 1e3:.1f} ms)"
         out.append(f"- QLoRA step (r=16, batch {q['batch']} x {q['seq']}, median): bnb "
-                   f"{bnb['step_s_median'] * 1e3:.1f} ms / {_gib(bnb['peak_step_bytes'])}, tritonbits {tb['step_s_median'] * 1e3:.1f} ms "
+                   f"{bnb['step_s_median'] * 1e3:.1f} ms / {_gib(bnb['peak_step_bytes'])}, tritonbits "
+                   f"{tb['step_s_median'] * 1e3:.1f} ms "
                    f"/ {_gib(tb['peak_step_bytes'])} (step peak above resident){best}; losses equal: "
                    f"{q['losses_equal']}")  # fmt: skip
     for phase in record.get("errors", {}):
