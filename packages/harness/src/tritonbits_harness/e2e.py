@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import statistics
@@ -226,6 +227,17 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor) -> list[int | None]:
     return rows
 
 
+@dataclasses.dataclass
+class _Steps:
+    """One run's timed QLoRA steps (qlora_steps): seconds, losses (warm-up included), step peaks above allocated."""
+
+    times: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    peaks: list[int] = dataclasses.field(default_factory=list)
+    resident: int | None = None  # allocated when the first timed step began
+    peak: int | None = None  # the allocator's peak over the timed steps
+
+
 def qlora_steps(runs: dict, batch: int, seq: int, steps: int, warmup: int, device, seed: int = 0) -> dict:
     """Train each of runs {name: (LoRA model, context factory)} on the same batches with its own AdamW, the runs
     interleaved step by step (host noise lands on both alike). Per run: the median and the best timed step, every
@@ -237,7 +249,7 @@ def qlora_steps(runs: dict, batch: int, seq: int, steps: int, warmup: int, devic
     data = [torch.randint(3, vocab, (batch, seq), generator=gen).to(device) for _ in range(warmup + steps)]
     opts = {name: torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
             for name, (lora, _) in runs.items()}  # fmt: skip
-    rec = {name: {"times": [], "losses": [], "peaks": [], "resident": None, "peak": None} for name in runs}
+    rec = {name: _Steps() for name in runs}
     cuda = device.type == "cuda"
     for i, ids in enumerate(data):
         for name, (lora, context) in runs.items():
@@ -254,17 +266,17 @@ def qlora_steps(runs: dict, batch: int, seq: int, steps: int, warmup: int, devic
                 opts[name].zero_grad(set_to_none=True)
                 _sync(device)
                 spent = time.perf_counter() - t0
-            r["losses"].append(float(loss.detach().float().item()))
+            r.losses.append(float(loss.detach().float().item()))
             if i >= warmup:
-                r["times"].append(spent)
+                r.times.append(spent)
                 if cuda:
                     peak = torch.cuda.max_memory_allocated(device)
-                    r["peaks"].append(peak - resident)
-                    r["resident"] = resident if r["resident"] is None else r["resident"]
-                    r["peak"] = max(r["peak"] or 0, peak)
-    return {name: {"step_s_median": statistics.median(r["times"]), "step_s_min": min(r["times"]),
-                   "step_s_all": r["times"], "losses": r["losses"], "peak_memory_bytes": r["peak"],
-                   "resident_bytes": r["resident"], "peak_step_bytes": max(r["peaks"]) if r["peaks"] else None}
+                    r.peaks.append(peak - resident)
+                    r.resident = resident if r.resident is None else r.resident
+                    r.peak = max(r.peak or 0, peak)
+    return {name: {"step_s_median": statistics.median(r.times), "step_s_min": min(r.times), "step_s_all": r.times,
+                   "losses": r.losses, "peak_memory_bytes": r.peak, "resident_bytes": r.resident,
+                   "peak_step_bytes": max(r.peaks) if r.peaks else None}
             for name, r in rec.items()}  # fmt: skip
 
 
