@@ -12,6 +12,20 @@ def test_report_shows_the_newest_run_even_when_quick():
     assert shown["runs"] == [full, quick]
 
 
+def test_report_skips_a_reverted_run():
+    """A run of a change that was reverted is listed, not shown: the run before it measured what ships."""
+    from tritonbits_harness import report
+
+    def rec(date, **extra):
+        return {"kind": "bench", "environment": {"date": date, "device": "GPU", "git_sha": "abc"},
+                "benchmarks": {"op": {"baselines": []}}, "rows": [{"benchmark": "op"}], **extra}  # fmt: skip
+
+    kept, reverted = rec("2026-11-22T00:00:00Z"), rec("2026-11-23T00:00:00Z", reverted_by="b2b1125")
+    shown = report.latest_by_device([reverted, kept])["GPU"]
+    assert shown["bench"]["op"][0] is kept
+    assert shown["runs"] == [kept, reverted]
+
+
 def test_linear_4bit_parse_shapes():
     from tritonbits_harness.bench import linear_4bit as B
 

@@ -28,7 +28,9 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
     """device -> {"bench": {benchmark: (record, rows)}, "tests": {session: record}, "runs": [record]}.
 
     A benchmark shows its newest run, a --quick one included: the kernels change between runs, and an older full
-    sweep would show a kernel that no longer ships. Every other run is listed with its summary."""
+    sweep would show a kernel that no longer ships. A run whose record names a later commit that reverted what it
+    measured (`"reverted_by"`, added to the record with the revert) is listed but not shown. Every other run is
+    listed with its summary."""
     out: dict[str, dict] = defaultdict(lambda: {"bench": {}, "tests": {}, "runs": [], "e2e": None})
     for rec in sorted(recs, key=lambda r: r["environment"]["date"]):
         dev = rec["environment"]["device"]
@@ -36,6 +38,8 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
             continue
         if rec["kind"] == "bench":
             out[dev]["runs"].append(rec)
+            if rec.get("reverted_by"):
+                continue
             for name in rec.get("benchmarks", {}):
                 rows = [r for r in rec["rows"] if r["benchmark"] == name]
                 if rows:
@@ -72,6 +76,8 @@ def runs_section(runs: list[dict], shown: dict) -> list[str]:
                 if vals:
                     parts.append(f"{base} {min(vals):.2f}–{max(vals):.2f}×")
             used = "shown above" if shown.get(name, (None,))[0] is rec else "—"
+            if rec.get("reverted_by"):
+                used = f"reverted by {rec['reverted_by']}"
             body.append([rec["environment"]["date"], rec["environment"]["git_sha"], name, str(len(cases)), mode,
                          "; ".join(parts), used])  # fmt: skip
     header = ["date", "git", "benchmark", "cases", "mode", "baseline time / subject time (min–max)", "tables"]
