@@ -32,13 +32,13 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
     measured (`"reverted_by"`, added to the record with the revert) is listed but not shown. Every other run is
     listed with its summary."""
     out: dict[str, dict] = defaultdict(lambda: {"bench": {}, "tests": {}, "runs": [], "e2e": None})
-    for rec in sorted(recs, key=lambda r: r["environment"]["date"]):
+    for rec in sorted([*recs, *merged_shards(recs)], key=lambda r: r["environment"]["date"]):
         dev = rec["environment"]["device"]
         if rec.get("meaningless"):
             continue
         if rec["kind"] == "bench":
             out[dev]["runs"].append(rec)
-            if rec.get("reverted_by"):
+            if rec.get("reverted_by") or rec.get("shard"):  # a shard is shown only inside its complete set
                 continue
             for name in rec.get("benchmarks", {}):
                 rows = [r for r in rec["rows"] if r["benchmark"] == name]
@@ -49,6 +49,31 @@ def latest_by_device(recs: list[dict]) -> dict[str, dict]:
         elif rec["kind"] == "e2e":  # the newest end-to-end run (tritonbits_harness.e2e)
             out[dev]["e2e"] = rec
     return out
+
+
+def merged_shards(recs: list[dict]) -> list[dict]:
+    """One bench record per complete set of shards (`bench --shard I/N`: the same device, commit, N, quick flag
+    and benchmarks, every I from 1 to N; the newest record of each I): the shards' rows in shard order, the
+    newest shard's environment and copy figure, `merged_from` the shards' dates. Incomplete sets merge nothing."""
+    groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for rec in sorted(recs, key=lambda r: r["environment"]["date"]):
+        shard = rec.get("shard")
+        if rec.get("kind") != "bench" or not shard or rec.get("meaningless"):
+            continue
+        env = rec["environment"]
+        key = (env["device"], env.get("git_sha"), shard[1], bool(rec.get("quick")), tuple(sorted(rec["benchmarks"])))
+        groups[key][shard[0]] = rec
+    merged = []
+    for (_, _, n, _, _), parts in groups.items():
+        if sorted(parts) != list(range(1, n + 1)):
+            continue
+        ordered = [parts[i] for i in range(1, n + 1)]
+        newest = max(ordered, key=lambda r: r["environment"]["date"])
+        merged.append({**newest, "shard": None, "rows": [row for r in ordered for row in r["rows"]],
+                       "errors": {k: v for r in ordered for k, v in r.get("errors", {}).items()},
+                       "notes": [note for r in ordered for note in r.get("notes", [])],
+                       "merged_from": [r["environment"]["date"] for r in ordered]})  # fmt: skip
+    return merged
 
 
 def subject_of(name: str, meta: dict) -> str:
@@ -78,6 +103,10 @@ def runs_section(runs: list[dict], shown: dict) -> list[str]:
             used = "shown above" if shown.get(name, (None,))[0] is rec else "—"
             if rec.get("reverted_by"):
                 used = f"reverted by {rec['reverted_by']}"
+            elif rec.get("shard"):
+                used = f"shard {rec['shard'][0]}/{rec['shard'][1]}"
+            elif rec.get("merged_from"):
+                used += f" (shards of {', '.join(rec['merged_from'])})"
             body.append([rec["environment"]["date"], rec["environment"]["git_sha"], name, str(len(cases)), mode,
                          "; ".join(parts), used])  # fmt: skip
     header = ["date", "git", "benchmark", "cases", "mode", "baseline time / subject time (min–max)", "tables"]

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from .. import gpus, records, timing
 from . import load_all
-from .runner import progress_bar, run_benchmark, summary_table
+from .runner import parse_shard, progress_bar, run_benchmark, summary_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="a thinned case list, for probing")
     parser.add_argument("--rep-ms", type=int, default=50, help="do_bench repetition budget per timing")
+    parser.add_argument(
+        "--shard",
+        default="1/1",
+        help="I/N: every N-th case from the I-th, its own record (a long "
+        "sweep over several calls; the report shows a complete set of one commit as one run)",
+    )
     parser.add_argument("--record-dir", default="docs/gpu-runs")
     args = parser.parse_args(argv)
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as exc:
+        parser.error(str(exc))
     console = Console(width=None if sys.stdout.isatty() else 110)
 
     device_info = gpus.current_device()
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             try:
                 rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,
-                                      progress=progress, quick=args.quick, notes=notes)  # fmt: skip
+                                      progress=progress, quick=args.quick, notes=notes, shard=shard)  # fmt: skip
             except Exception as exc:  # record it, run the others, fail at the end
                 errors[name] = f"{type(exc).__name__}: {exc}"
                 console.print_exception()
@@ -77,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                  and device_info.profile.name != args.gpu),
         "meaningless": args.cpu,
         "quick": args.quick,
+        "shard": list(shard) if shard != (1, 1) else None,
         "copy_gbps": copy,
         "benchmarks": {n: {"kernel": registry[n].kernel, "description": registry[n].description,
                            "baselines": list(registry[n].baselines), "subject": registry[n].subject}

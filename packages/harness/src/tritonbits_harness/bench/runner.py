@@ -3,6 +3,7 @@ measured in the same run, and summarise the tritonbits row against each baseline
 
 from __future__ import annotations
 
+import re
 import statistics
 
 import torch
@@ -25,21 +26,32 @@ def time_thunk(fn, mode: str, rep_ms: int) -> timing.Quantiles:
     raise ValueError(f"unknown timing mode {mode!r}; choose launch, graph or wall")
 
 
-def select_cases(bench: Benchmark, *, cpu: bool, quick: bool) -> list[dict]:
-    """The benchmark's cases; with `quick`, the GPU cases its `quick` keeps (CPU cases are tiny already)."""
+def select_cases(bench: Benchmark, *, cpu: bool, quick: bool, shard: tuple[int, int] = (1, 1)) -> list[dict]:
+    """The benchmark's cases; with `quick`, the GPU cases its `quick` keeps (CPU cases are tiny already); with
+    `shard` (i, n), every n-th of those from the i-th (1-based): n runs with i = 1..n cover them once."""
     cases = bench.cases(cpu)
     if quick and not cpu and bench.quick is not None:
         cases = [c for c in cases if bench.quick(c)]
         if not cases:
             raise ValueError(f"benchmark {bench.name!r}: its quick filter keeps none of its cases")
-    return cases
+    i, n = shard
+    return cases[i - 1 :: n]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "I/N" (1 <= I <= N) -> (I, N); anything else is a ValueError naming the argument."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if m is None or not 1 <= int(m[1]) <= int(m[2]):
+        raise ValueError(f"--shard must be I/N with 1 <= I <= N (e.g. 2/3), got {text!r}")
+    return int(m[1]), int(m[2])
 
 
 def run_benchmark(bench: Benchmark, device: torch.device, *, cpu: bool, rep_ms: int, copy_gbps: float | None,
-                  progress: Progress, quick: bool = False, notes: list[str] | None = None) -> list[dict]:  # fmt: skip
+                  progress: Progress, quick: bool = False, notes: list[str] | None = None,
+                  shard: tuple[int, int] = (1, 1)) -> list[dict]:  # fmt: skip
     """Rows of every provider x mode x case. A BASELINE that cannot be captured in a CUDA graph (e.g. it copies
     from the host on every call) has no graph row; the reason goes to `notes`. The subject never gets a pass."""
-    cases = select_cases(bench, cpu=cpu, quick=quick)
+    cases = select_cases(bench, cpu=cpu, quick=quick, shard=shard)
     task = progress.add_task(bench.name, total=len(cases))
     if bench.runner is not None:
         custom: list[dict] = bench.runner(bench, device, cpu, lambda: None)
