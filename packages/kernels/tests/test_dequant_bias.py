@@ -178,6 +178,31 @@ def test_every_path_forced(config, acc_dtype, out_dtype, device, gen):
         check(out, acc, sa, sb, bias)
 
 
+def test_flat_index_width():
+    """int32 indices up to the last element int32 holds (the grid's, masked tail included) and the farthest
+    scale/bias gather, int64 beyond."""
+    assert not db_module.index_int64(1, 1024) and not db_module.index_int64(2**31, 1024)
+    assert db_module.index_int64(2**31 + 1, 1024) and db_module.index_int64(2**31 - 1, 3 * 2**20)
+    assert not db_module.index_int64(2**31 - 1, 1)
+    assert db_module.index_int64(64, 64, 2**31) and not db_module.index_int64(64, 64, 2**31 - 1, 5)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.bfloat16], ids=str)
+def test_flat_kernel_int32_and_int64_indices_agree(acc_dtype, device, gen):
+    """The flat kernel with int64 indices (what tensors past 2**31 elements get) equals the int32 one, tails too."""
+    acc, sa, sb, bias = operands(7, 130, acc_dtype, gen, device)
+    strides = db_module.validate(acc, sa, sb, bias, torch.bfloat16, None)
+    outs = []
+    for int64 in (False, True):
+        out = torch.full((7, 130), float("nan"), dtype=torch.bfloat16, device=device)
+        p = db_module.plan(acc, sa, sb, bias, out, *strides, config=("1d", 256, 2))
+        assert p.constexprs["INT64"] is False
+        p.launcher(p.grid, p.args, {**p.constexprs, "INT64": int64}, p.options, acc.device)
+        check(out, acc, sa, sb, bias)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("config", PATHS[:2] + PATHS[2:3], ids=str)
 @pytest.mark.parametrize(("sa_kind", "sb_kind"), [("scalar", "scalar"), ("vec", "vec"), ("col", "scalar")])
 def test_paths_with_every_scale_form_and_in_place(config, sa_kind, sb_kind, device, gen):

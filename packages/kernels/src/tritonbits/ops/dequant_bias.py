@@ -68,15 +68,23 @@ def _dequant_bias_1d_kernel(
     acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr,
     TOTAL, stride_sa, stride_sb, stride_bias,
     N: tl.constexpr, HAS_BIAS: tl.constexpr, MANUAL_BF16: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
+    INT64: tl.constexpr,
 ):  # fmt: skip
     """The "1d" path: acc and out are contiguous [M, N], one flat stream of TOTAL = M*N elements; program p
     handles [p*BLOCK, (p+1)*BLOCK). Row and column of each element by division by N, a compile-time constant
     (a multiply and shift, not a division: one compiled kernel per distinct N), then per-element gathers of
     scale_a[row], scale_b[col] and bias[col] (L1/L2 hits: within a program they repeat or run contiguously).
-    Scalar scales arrive with stride 0. EVEN: TOTAL is a multiple of BLOCK (no mask on the stream). Indices
-    are int64 (TOTAL can pass 2**31; measured no slower than int32 on the H100, NOTE below).
+    Scalar scales arrive with stride 0. EVEN: TOTAL is a multiple of BLOCK (no mask on the stream). INT64: the
+    indices in int64, only where the grid's elements pass 2**31 - 1 (`index_int64`), else int32 as Inductor's
+    pointwise kernels index. NOTE: int64 index math costs 13.25 against 11.25 SASS instructions a value for bf16
+    acc and 16.0-16.5 against 14.75 for int32 acc (offline compile, triton 3.6, sm90; ci/sass_count.py's compile),
+    what counts at the L2-resident sizes where the H100 full grid lost to torch.compile (timed side by side:
+    ci/dequant_bias_index_probe.py).
     """
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = tl.full([BLOCK], True, tl.int1) if EVEN else idx < TOTAL
     row = idx // N
     col = idx % N
@@ -95,6 +103,15 @@ def _dequant_bias_1d_kernel(
 # M bucket and N bucket (powers of 2).
 
 Config = tuple  # ("1d", BLOCK, num_warps) | ("2d", BLOCK_M, BLOCK_N, num_warps)
+INT32_MAX = 2**31 - 1
+
+
+def index_int64(total: int, block: int, *gather_offsets: int) -> bool:
+    """Whether the flat kernel's index math needs int64: its last program's indices reach the grid's
+    cdiv(total, block) * block - 1 (masked beyond total), and the scale/bias gathers reach `gather_offsets`
+    ((M-1) * scale_a's stride, (N-1) * scale_b's and bias's: a [M, 1] view can have any row stride); int32
+    holds up to INT32_MAX."""
+    return max((triton.cdiv(total, block) * block - 1, *gather_offsets)) > INT32_MAX
 
 
 def bucket(x: int) -> int:
@@ -259,8 +276,9 @@ def plan(acc, scale_a, scale_b, bias, out, sa_stride, sb_stride, bias_stride, *,
         _, block, warps = cfg
         grid = (triton.cdiv(m * n, block), 1, 1)
         args: tuple = (acc, scale_a, scale_b, bias_arg, out_arg, m * n, sa_stride, sb_stride, bias_stride)
+        wide = index_int64(m * n, block, (m - 1) * sa_stride, (n - 1) * max(sb_stride, bias_stride))
         constexprs = {"N": n, "HAS_BIAS": bias is not None, "MANUAL_BF16": manual_bf16, "BLOCK": block,
-                      "EVEN": (m * n) % block == 0}  # fmt: skip
+                      "EVEN": (m * n) % block == 0, "INT64": wide}  # fmt: skip
         return Plan(_dequant_bias_1d_kernel, _launcher_1d, grid, args, constexprs, {"num_warps": warps}, cfg)
     _, block_m, block_n, warps = cfg
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
