@@ -3,8 +3,9 @@
 grid (bench shards 20261124T0252Z-0258Z) lost to static torch.compile at M*N >= 1M: L2-resident sizes, 5-37 us.
 Offline (ci/sass_count.py's compile, triton 3.6, sm90) the int64 index math costs 13.25 -> 11.25 SASS instructions
 a value (bf16 acc) and 16.0-16.5 -> 14.75 (int32 acc). Per point, CUDA graphs (do_bench_cudagraph, rep 20 ms,
-output allocated per call as the benchmark does), interleaved rounds, medians: the public op (int32 indices below
-2**31 elements), the same config launched with INT64=True, and the compiled expression. Run on a GPU machine with
+output allocated per call as the benchmark does), interleaved rounds, medians (x = torch.compile time / this): the
+public op (the table's config), the flat kernel with the heuristic's ("1d", BLOCK, warps) and int32 indices, the same
+with INT64=True, and the compiled expression. Run on a GPU machine with
 the three src/ trees on PYTHONPATH: python ci/dequant_bias_index_probe.py [--rounds 3]"""
 
 import argparse
@@ -36,30 +37,31 @@ def main() -> None:
         a, sa, sb, bias = bench.operands({"m": m, "n": n, "acc": acc_name}, torch.device("cuda"))
         strides = db.validate(a, sa, sb, bias, bench.OUT, None)
 
-        def forced_int64():
+        flat = db.heuristic_config(m, n, True, a.element_size())  # ("1d", BLOCK, warps)
+
+        def flat_launch(int64: bool):
             out = torch.empty(m, n, dtype=bench.OUT, device="cuda")
-            pl = db.plan(a, sa, sb, bias, out, *strides)
-            pl.launcher(pl.grid, pl.args, {**pl.constexprs, "INT64": True}, pl.options, a.device)
+            pl = db.plan(a, sa, sb, bias, out, *strides, config=flat)
+            pl.launcher(pl.grid, pl.args, {**pl.constexprs, "INT64": int64}, pl.options, a.device)
             return out
 
         compiled = bench.compiled_for_case()
-        calls = {"int32 (public op)": lambda: tritonbits.dequant_bias(a, sa, sb, bias, out_dtype=bench.OUT),
-                 "int64 (same config)": forced_int64,
+        calls = {"public op": lambda: tritonbits.dequant_bias(a, sa, sb, bias, out_dtype=bench.OUT),
+                 "1d int32": lambda: flat_launch(False), "1d int64": lambda: flat_launch(True),
                  "torch.compile": lambda: compiled(a, sa, sb, bias, out_dtype=bench.OUT)}  # fmt: skip
-        want = calls["torch.compile"]()
-        for name, fn in calls.items():
-            got = fn()
-            if name != "torch.compile":  # both paths are exact against each other; the policy is the tests'
-                assert torch.equal(got, calls["int32 (public op)"]()), name
+        want = calls["1d int32"]()
+        assert torch.equal(calls["1d int64"](), want), "int64 indices changed the answer"
         taken = {name: [] for name in calls}
         for _ in range(args.rounds):
             for name, fn in calls.items():
                 taken[name].append(graph_us(fn))
         med = {name: statistics.median(v) for name, v in taken.items()}
         cfg = db.plan(a, sa, sb, bias, want, *strides).config
-        i32, i64, comp = med["int32 (public op)"], med["int64 (same config)"], med["torch.compile"]
-        print(f"{acc_name:5} M={m:6} N={n:6} {cfg}: int32 {i32:8.2f} us, int64 {i64:8.2f} us, compile {comp:8.2f} us; "
-              f"x compile: int32 {comp / i32:.3f}, int64 {comp / i64:.3f}")  # fmt: skip
+        comp = med["torch.compile"]
+        cells = ", ".join(
+            f"{name} {us:.2f} us ({comp / us:.3f}x)" for name, us in med.items() if name != "torch.compile"
+        )
+        print(f"{acc_name:5} M={m:6} N={n:6} table {cfg}, 1d {flat}: {cells}; torch.compile {comp:.2f} us", flush=True)
         torch.cuda.empty_cache()
 
 
