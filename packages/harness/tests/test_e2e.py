@@ -51,3 +51,75 @@ def test_markdown_section():
     assert "| decode_b1_speedup_vs_bf16 | 1.10× | >= 1.2× | no |" in text
     assert "first divergence per row: [3, None]" in text
     assert "phase profile_decode failed" in text and "gemv 1.5 ms" in text
+
+
+class _Log:
+    """The order in which fake runs were entered and called."""
+
+    def __init__(self):
+        self.events = []
+
+    def context(self, name):
+        import contextlib
+
+        @contextlib.contextmanager
+        def enter():
+            self.events.append(("enter", name))
+            yield
+            self.events.append(("exit", name))
+
+        return enter
+
+
+class _Generator:
+    def __init__(self, log, name, token):
+        self.log, self.name, self.token = log, name, token
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        self.log.events.append(("generate", self.name, max_new_tokens))
+        new = torch.full((input_ids.shape[0], max_new_tokens), self.token)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_time_generates_interleaves_and_alternates():
+    """Each run is warmed up once inside its own context, then timed `repeats` times, one run of each a round,
+    the order reversed every other round; each run's own tokens come back."""
+    log = _Log()
+    runs = {name: (_Generator(log, name, i), log.context(name)) for i, name in enumerate(("a", "b"))}
+    ids = torch.ones(2, 3, dtype=torch.long)
+    out = e2e.time_generates(runs, ids, 5, torch.device("cpu"), repeats=3)
+    calls = [(e[1], e[2]) for e in log.events if e[0] == "generate"]
+    assert calls == [("a", 4), ("b", 4), ("a", 5), ("b", 5), ("b", 5), ("a", 5), ("a", 5), ("b", 5)]
+    entered = [e for e in log.events if e[0] != "generate"]
+    assert entered == [(k, n) for n in ("a", "b", "a", "b", "b", "a", "a", "b") for k in ("enter", "exit")]
+    assert set(out) == {"a", "b"} and all(seconds >= 0 for seconds, _ in out.values())
+    assert torch.equal(out["b"][1], torch.full((2, 5), 1))
+
+
+class _Lora(torch.nn.Module):
+    """A stand-in for a peft model: `config.vocab_size`, and a loss from one trainable weight."""
+
+    def __init__(self, log, name):
+        super().__init__()
+        self.log, self.name = log, name
+        self.config = type("Config", (), {"vocab_size": 50})()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, input_ids, labels):
+        self.log.events.append(("step", self.name))
+        return type("Out", (), {"loss": self.w * input_ids.float().mean()})()
+
+
+def test_qlora_steps_interleave_on_the_same_batches():
+    """Both runs train on the same batches, step by step in alternating order; the timed steps exclude the
+    warm-up, the losses include it, and equal models on equal data give equal losses."""
+    log = _Log()
+    runs = {name: (_Lora(log, name), log.context(name)) for name in ("bnb", "tritonbits")}
+    out = e2e.qlora_steps(runs, batch=2, seq=4, steps=3, warmup=1, device=torch.device("cpu"))
+    steps = [e[1] for e in log.events if e[0] == "step"]
+    assert steps == ["bnb", "tritonbits", "tritonbits", "bnb", "bnb", "tritonbits", "tritonbits", "bnb"]
+    for name in runs:
+        r = out[name]
+        assert len(r["step_s_all"]) == 3 and len(r["losses"]) == 4
+        assert r["step_s_min"] <= r["step_s_median"] and r["peak_step_bytes"] is None  # no CUDA: no memory figure
+    assert out["bnb"]["losses"] == out["tritonbits"]["losses"]

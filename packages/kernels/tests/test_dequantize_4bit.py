@@ -396,7 +396,10 @@ def test_cached_launcher_bookkeeping(device):
 
 class _Launcher36:
     """Shaped like Triton 3.6's CudaLauncher: __call__ forwards to the C `launch` with the cooperative and PDL
-    flags and the two scratch buffers (None at size 0) after `function`."""
+    flags and the two scratch buffers (None at size 0) after `function`. (The direct path also asks for NVIDIA's
+    driver module: the stand-in claims it.)"""
+
+    __module__ = "triton.backends.nvidia.driver"
 
     def __init__(self, global_scratch_size=0, profile_scratch_size=0):
         self.global_scratch_size, self.profile_scratch_size = global_scratch_size, profile_scratch_size
@@ -418,18 +421,27 @@ class _Launcher39(_Launcher36):
         self.launch(gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata, enter, exit_, *args)
 
 
+class _LauncherHip(_Launcher36):
+    """Shaped like Triton 3.6's HIPLauncher: the same __call__ signature, another module and launch order."""
+
+    __module__ = "triton.backends.amd.driver"
+
+
 class _Kernel:
     def __init__(self, run):
         self.run, self.function, self.packed_metadata = run, 0xF00, (4, 1, 0)
 
 
-@pytest.mark.parametrize("run", [_Launcher36(), _Launcher36(global_scratch_size=8), _Launcher36(0, 16), _Launcher39()],
-                         ids=["3.6", "3.6-global-scratch", "3.6-profile-scratch", "3.9"])  # fmt: skip
-def test_compiled_launch_passes_what_the_launcher_would(run):
-    """`_launcher._compiled` calls Triton 3.6's C launch directly only for that convention with no scratch, and
-    either way the C launch receives exactly what CompiledKernel.run's own __call__ would hand it."""
+@pytest.mark.parametrize("make", [_Launcher36, lambda: _Launcher36(global_scratch_size=8), lambda: _Launcher36(0, 16),
+                                  _Launcher39, _LauncherHip],
+                         ids=["3.6", "3.6-global-scratch", "3.6-profile-scratch", "3.9", "3.6-hip"])  # fmt: skip
+def test_compiled_launch_passes_what_the_launcher_would(make):
+    """`_launcher._compiled` calls Triton 3.6's C launch directly only for NVIDIA's launcher of that convention
+    with no scratch, and either way the C launch receives exactly what CompiledKernel.run's own __call__ would
+    hand it."""
     from tritonbits import _launcher
 
+    run = make()
     kernel = _Kernel(run)
     compiled = _launcher._compiled(kernel)
     direct = type(run) is _Launcher36 and not (run.global_scratch_size or run.profile_scratch_size)
@@ -448,12 +460,28 @@ def test_triton_36_launches_directly(device, gen):
     from tritonbits import _launcher
 
     q, st = _state(device)
-    tritonbits.dequantize_4bit(q, st)
+    want = tritonbits.dequantize_4bit(q, st)
+    assert_exact(tritonbits.dequantize_4bit(q, st), want)  # a bound launch: the direct path
+    assert dq_module._launcher.enabled  # nothing fell back to Triton's own launcher
     compiled = list(dq_module._launcher.compiled.values())
     assert compiled
     if triton.__version__.startswith("3.6."):
         assert all(c.launch == c.kernel.run.launch for c in compiled)
         assert all(_launcher._triton36_launch(c.kernel.run) for c in compiled)
+        # the real CudaLauncher.__call__ and the direct path hand its C launch the same arguments
+        run = compiled[0].kernel.run
+        seen = []
+        real = run.launch  # an instance attribute (set in CudaLauncher.__init__), which __call__ reads
+        run.launch = lambda *args: seen.append(args)  # nothing launches
+        try:
+            direct = _launcher._compiled(compiled[0].kernel)
+            kernel = compiled[0].kernel
+            args = (0x1000, 0x2000, 7)
+            direct.launch(3, 2, 1, 0xABC, *direct.head, *args)
+            run(3, 2, 1, 0xABC, kernel.function, kernel.packed_metadata, None, None, None, *args)
+        finally:
+            run.launch = real
+        assert len(seen) == 2 and seen[0] == seen[1]
 
 
 def test_eager_calls_bind_their_launch(device, gen, quantize, bnb_dequantize):

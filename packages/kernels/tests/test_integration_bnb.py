@@ -472,6 +472,21 @@ def test_state_cache_follows_the_weight(integration, device, gen):
     assert len(e.states) == before
 
 
+def test_state_cache_outlives_a_disable(integration, served, device, gen):
+    """A model switched off and on again (`with enabled():` per call) keeps its QuantState, and with it
+    tritonbits' prepared weight: no re-validation after each switch."""
+    x = weight(gen, device, torch.bfloat16)
+    q, s = F.quantize_4bit(x, quant_type="nf4")
+    args = (q, s.absmax, 64, "nf4", list(x.shape), torch.bfloat16)
+    first = torch.ops.bitsandbytes.dequantize_4bit(*args)
+    key = next(k for k, v in tb_bnb._active.states.items() if v.shape == x.shape)
+    state = tb_bnb._active.states[key]
+    tb_bnb.disable()
+    tb_bnb.enable(served)
+    assert_exact(torch.ops.bitsandbytes.dequantize_4bit(*args), first)
+    assert tb_bnb._active.states.get(key) is state
+
+
 # --- end to end: a tiny Llama through transformers' BitsAndBytesConfig -----------------------------------------
 
 

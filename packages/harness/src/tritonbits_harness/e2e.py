@@ -168,24 +168,23 @@ def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[:, ids.shape[1] :]
 
 
-def time_generate(model, ids, new_tokens, device, repeats=3) -> tuple[float, torch.Tensor]:
-    """(best seconds of `repeats` runs after a short warm-up, the generated tokens)."""
-    (best, tokens), = time_generates({"model": (model, contextlib.nullcontext)}, ids, new_tokens, device,
-                                     repeats).values()  # fmt: skip
-    return best, tokens
+def _alternating(runs: dict, round_: int) -> list:
+    """runs' items in order on even rounds, reversed on odd ones: no run always goes first."""
+    items = list(runs.items())
+    return items if round_ % 2 == 0 else items[::-1]
 
 
 def time_generates(runs: dict, ids, new_tokens, device, repeats=3) -> dict[str, tuple[float, torch.Tensor]]:
     """{name: (best seconds of `repeats` runs, the generated tokens)} for runs {name: (model, context factory)}:
-    each warmed up once, then the runs interleaved round by round (a burst of host noise on a shared machine lands
-    on every run of a round, not on one run's whole measurement)."""
+    each warmed up once, then the runs interleaved round by round, the order reversed every other round (a burst
+    of host noise on a shared machine lands on every run of a round, not on one run's whole measurement)."""
     for model, context in runs.values():
         with context():
             generate(model, ids, 4)
     times: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, torch.Tensor] = {}
-    for _ in range(repeats):
-        for name, (model, context) in runs.items():
+    for r in range(repeats):
+        for name, (model, context) in _alternating(runs, r):
             with context():
                 _sync(device)
                 t0 = time.perf_counter()
@@ -240,10 +239,10 @@ class _Steps:
 
 def qlora_steps(runs: dict, batch: int, seq: int, steps: int, warmup: int, device, seed: int = 0) -> dict:
     """Train each of runs {name: (LoRA model, context factory)} on the same batches with its own AdamW, the runs
-    interleaved step by step (host noise lands on both alike). Per run: the median and the best timed step, every
-    step's time and loss, and the largest step peak: the allocator's peak during a step above what was allocated
-    when it began (weights, adapters, optimizer state and whatever else the process holds, the other run's model
-    included: the figure compared between runs)."""
+    interleaved step by step, the order reversed every other step (host noise lands on both alike). Per run: the
+    median and the best timed step, every step's time and loss, and the largest step peak: the allocator's peak
+    during a step above what was allocated when it began (weights, adapters, optimizer state and whatever else the
+    process holds, the other run's model included: the figure compared between runs)."""
     gen = torch.Generator().manual_seed(seed)
     vocab = next(iter(runs.values()))[0].config.vocab_size
     data = [torch.randint(3, vocab, (batch, seq), generator=gen).to(device) for _ in range(warmup + steps)]
@@ -252,7 +251,7 @@ def qlora_steps(runs: dict, batch: int, seq: int, steps: int, warmup: int, devic
     rec = {name: _Steps() for name in runs}
     cuda = device.type == "cuda"
     for i, ids in enumerate(data):
-        for name, (lora, context) in runs.items():
+        for name, (lora, context) in _alternating(runs, i):
             r = rec[name]
             with context():
                 if cuda:
@@ -378,37 +377,35 @@ class Run:
         gen = torch.Generator().manual_seed(1)
         out: dict = {"new_tokens": a.new_tokens, "prompt_len": a.prompt_len}
         tokens: dict = {}
-        for batch in a.batches:
-            ids = torch.randint(3, self.cfg.vocab_size, (batch, a.prompt_len), generator=gen).to(self.device)
-            row: dict = {}
-            runs = {mode: (self.models["bnb" if mode == "bnb" else "tritonbits"],
-                           functools.partial(_mode, mode, self.devices))
-                    for mode in ("bnb", "tritonbits", "tritonbits_linear")}  # fmt: skip
-            for mode, (s, toks) in time_generates(runs, ids, a.new_tokens, self.device).items():
-                tokens[mode, batch] = toks
-                row[f"{mode}_tok_s"] = batch * a.new_tokens / s
-                self.log(f"  decode batch {batch} {mode}: {row[f'{mode}_tok_s']:.1f} tok/s")
-            div = first_divergence(tokens["bnb", batch], tokens["tritonbits", batch])
-            row["first_divergence"] = div
-            row["tokens_equal"] = all(d is None for d in div)
-            row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
-            # enable(decode="tritonbits"): linear_4bit's decode kernel in every layer, for the record
-            row["linear_first_divergence"] = first_divergence(tokens["bnb", batch], tokens["tritonbits_linear", batch])
-            row["linear_speedup_vs_bnb"] = row["tritonbits_linear_tok_s"] / row["bnb_tok_s"]
-            out[f"batch{batch}"] = row
-            self.decode_ids = getattr(self, "decode_ids", {}) | {batch: ids}
-        self.results["decode"] = out
-        if a.bf16:
-            model = load_bf16(path, self.device)
-            try:
-                for batch in a.batches:
-                    s, _ = time_generate(model, self.decode_ids[batch], a.new_tokens, self.device)
-                    row = out[f"batch{batch}"]
-                    row["bf16_tok_s"] = batch * a.new_tokens / s
+        bf16 = load_bf16(path, self.device) if a.bf16 else None  # interleaved with the others (best of 3 each)
+        try:
+            for batch in a.batches:
+                ids = torch.randint(3, self.cfg.vocab_size, (batch, a.prompt_len), generator=gen).to(self.device)
+                row: dict = {}
+                runs = {mode: (self.models["bnb" if mode == "bnb" else "tritonbits"],
+                               functools.partial(_mode, mode, self.devices))
+                        for mode in ("bnb", "tritonbits", "tritonbits_linear")}  # fmt: skip
+                if bf16 is not None:
+                    runs["bf16"] = (bf16, contextlib.nullcontext)
+                for mode, (s, toks) in time_generates(runs, ids, a.new_tokens, self.device).items():
+                    tokens[mode, batch] = toks
+                    row[f"{mode}_tok_s"] = batch * a.new_tokens / s
+                    self.log(f"  decode batch {batch} {mode}: {row[f'{mode}_tok_s']:.1f} tok/s")
+                div = first_divergence(tokens["bnb", batch], tokens["tritonbits", batch])
+                row["first_divergence"] = div
+                row["tokens_equal"] = all(d is None for d in div)
+                row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
+                if bf16 is not None:
                     row["speedup_vs_bf16"] = row["tritonbits_tok_s"] / row["bf16_tok_s"]
-                    self.log(f"  decode batch {batch} bf16: {row['bf16_tok_s']:.1f} tok/s")
-            finally:
-                del model
+                # enable(decode="tritonbits"): linear_4bit's decode kernel in every layer, for the record
+                row["linear_first_divergence"] = first_divergence(tokens["bnb", batch],
+                                                                  tokens["tritonbits_linear", batch])  # fmt: skip
+                row["linear_speedup_vs_bnb"] = row["tritonbits_linear_tok_s"] / row["bnb_tok_s"]
+                out[f"batch{batch}"] = row
+                self.decode_ids = getattr(self, "decode_ids", {}) | {batch: ids}
+        finally:
+            del bf16
+        self.results["decode"] = out
 
     def qlora(self) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import cProfile
 import pstats
+import statistics
 import time
 from collections.abc import Callable
 
@@ -112,7 +113,7 @@ def host_us_rounds(calls: dict[str, Callable[[], object]], rounds: int = 15, n: 
     for _ in range(rounds):
         for name, fn in calls.items():
             taken[name].append(host_us(fn, n=n, warmup=0))
-    return {name: (min(v), sorted(v)[len(v) // 2]) for name, v in taken.items()}
+    return {name: (min(v), statistics.median(v)) for name, v in taken.items()}
 
 
 def print_profile(fn: Callable[[], object], n: int, top: int) -> pstats.Stats:

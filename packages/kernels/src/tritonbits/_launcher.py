@@ -96,7 +96,9 @@ def _triton36_launch(run) -> bool:
     if code is None or not callable(getattr(run, "launch", None)):
         return False
     names = code.co_varnames[: code.co_argcount]
-    return (names == ("self", "gridX", "gridY", "gridZ", "stream", "function") and bool(code.co_flags & 0x04)
+    # NVIDIA's launcher only: AMD's HIPLauncher of 3.6 has the same __call__ and another launch order
+    return (type(run).__module__ == "triton.backends.nvidia.driver"
+            and names == ("self", "gridX", "gridY", "gridZ", "stream", "function") and bool(code.co_flags & 0x04)
             and getattr(run, "global_scratch_size", None) == 0 and getattr(run, "profile_scratch_size", None) == 0
             and hasattr(run, "launch_cooperative_grid") and hasattr(run, "launch_pdl"))  # fmt: skip
 
@@ -157,7 +159,7 @@ class CachedLauncher:
                 self.check_order(len(args), constexprs)
             try:
                 self.compiled[key] = _compiled(kernel)
-            except AttributeError as exc:  # another Triton's CompiledKernel
+            except Exception as exc:  # another Triton's CompiledKernel; the kernel has run: only bookkeeping failed
                 self.fall_back(exc)
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, options: dict, device: torch.device,
