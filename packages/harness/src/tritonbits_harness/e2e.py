@@ -382,7 +382,7 @@ class Run:
             for batch in a.batches:
                 ids = torch.randint(3, self.cfg.vocab_size, (batch, a.prompt_len), generator=gen).to(self.device)
                 row: dict = {}
-                runs = {mode: (self.models["bnb" if mode == "bnb" else "tritonbits"],
+                runs: dict[str, tuple] = {mode: (self.models["bnb" if mode == "bnb" else "tritonbits"],
                                functools.partial(_mode, mode, self.devices))
                         for mode in ("bnb", "tritonbits", "tritonbits_linear")}  # fmt: skip
                 if bf16 is not None:
