@@ -77,9 +77,11 @@ def _dequant_bias_1d_kernel(
     Scalar scales arrive with stride 0. EVEN: TOTAL is a multiple of BLOCK (no mask on the stream). INT64: the
     indices in int64, only where the grid's elements pass 2**31 - 1 (`index_int64`), else int32 as Inductor's
     pointwise kernels index. NOTE: int64 index math costs 13.25 against 11.25 SASS instructions a value for bf16
-    acc and 16.0-16.5 against 14.75 for int32 acc (offline compile, triton 3.6, sm90; ci/sass_count.py's compile),
-    what counts at the L2-resident sizes where the H100 full grid lost to torch.compile (timed side by side:
-    ci/dequant_bias_index_probe.py).
+    acc and 16.0-16.5 against 14.75 for int32 acc (offline compile, triton 3.6, sm90; ci/sass_count.py's compile).
+    Timed side by side on the H100 at the L2-resident sizes where the full grid lost to torch.compile
+    (ci/dequant_bias_index_probe.py, log docs/gpu-runs/logs/20261124T0315Z-nvidia-h100-dequant_bias-index-probe.txt):
+    within +-1% at most points, 2-4% faster at three (bf16 512 x 14336 6.76 -> 6.60 us, int32 128 x 28672
+    4.80 -> 4.59, int32 2048 x 2560 6.14 -> 6.07): most of those losses were the table's tiles, not the indices.
     """
     if INT64:
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
