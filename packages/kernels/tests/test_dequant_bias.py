@@ -125,6 +125,12 @@ def test_cuda_graph_capture(device, gen):
 
 def test_config_table_and_fallback():
     assert db_module.bucket(1) == 1 and db_module.bucket(3840) == 4096 and db_module.bucket(4096) == 4096
+    # N: quarter octaves, each bucket its own fixed point (the round trip below relies on it)
+    want = {1000: 1024, 2560: 2560, 3840: 4096, 4096: 4096, 6144: 6144, 11008: 12288, 13824: 14336, 28672: 28672}
+    assert {n: db_module.n_bucket(n) for n in want} == want
+    for n in range(1, 70000, 7):
+        b = db_module.n_bucket(n)
+        assert n <= b < n * 1.25 + 1 and db_module.n_bucket(b) == b, n
     for m, n in [(1, 2560), (100, 14336), (65536, 4096), (4096, 1000)]:
         kind, block_m, block_n, warps = db_module.heuristic_config(m, n, flat=False)
         assert kind == "2d" and block_m >= 1 and 16 <= block_n <= 256 and warps in (4, 8)

@@ -102,7 +102,7 @@ def _dequant_bias_1d_kernel(
 
 # ---------------------------------------------------------------------------------------------------
 # Configs: ("1d", BLOCK, num_warps) or ("2d", BLOCK_M, BLOCK_N, num_warps) per GPU family, acc dtype,
-# M bucket and N bucket (powers of 2).
+# M bucket (a power of 2) and N bucket (a quarter octave, `n_bucket`).
 
 Config = tuple  # ("1d", BLOCK, num_warps) | ("2d", BLOCK_M, BLOCK_N, num_warps)
 INT32_MAX = 2**31 - 1
@@ -117,16 +117,28 @@ def index_int64(total: int, block: int, *gather_offsets: int) -> bool:
 
 
 def bucket(x: int) -> int:
+    """x rounded up to a power of two (M's bucket)."""
     return 1 << max(x - 1, 0).bit_length()
 
 
-# NOTE: N buckets go up to 32768 so that N=28672 (Llama-3-70B MLP) has its own tuned entry, not 16384's.
+def n_bucket(n: int) -> int:
+    """n rounded up to a quarter octave: the next of 4, 5, 6, 7 or 8 times 2**(k-2), 2**k <= n < 2**(k+1).
+    NOTE: N buckets were powers of two until session 14: 11008, 13824 and 14336 shared 16384's entry, and the
+    H100 tile tuned on 13824 took 9.4 us at fp32/int32 512 x 11008, where the flat kernel takes 7.2-7.4 us
+    (0.76-0.78x torch.compile; log docs/gpu-runs/logs/20261124T0315Z-nvidia-h100-dequant_bias-index-probe.txt).
+    Quarter octaves give the grid's N (2560, 3840/4096, 13824/14336, 1000, 6144, 11008, 28672) seven keys."""
+    step = 1 << max(n.bit_length() - 3, 0)
+    return -(-n // step) * step
+
+
+# NOTE: N buckets go up to 32768 so that N=28672 (Llama-3-70B MLP) has its own tuned entry.
 M_BUCKET_MAX, N_BUCKET_MAX = 65536, 32768
 
 
 def config_key(acc_dtype: torch.dtype, m: int, n: int) -> str:
-    """The table key of a problem: acc dtype and power-of-two buckets of M and N (the tuner writes with it)."""
-    return f"{configs.dtype_key(acc_dtype)}/{min(bucket(m), M_BUCKET_MAX)}x{min(bucket(n), N_BUCKET_MAX)}"
+    """The table key of a problem: acc dtype, M's power-of-two bucket and N's quarter-octave bucket
+    (`n_bucket`); the tuner writes with this function, so every tuned entry is reachable."""
+    return f"{configs.dtype_key(acc_dtype)}/{min(bucket(m), M_BUCKET_MAX)}x{min(n_bucket(n), N_BUCKET_MAX)}"
 
 
 def as_config(cfg) -> Config:
