@@ -656,8 +656,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu and not args.any_gpu and (dev.profile is None or dev.profile.name != args.gpu):
             console.print(f"--gpu={args.gpu} but this is a {dev.name}; pass --any-gpu to run anyway")
             return 2
+    from . import throttle
+
     run = Run(args, console)
-    record = run.main()
+    with throttle.Watch() as watch:
+        record = run.main()
+    if not args.tiny:
+        record["throttle"] = watch.record()
+        if watch.warning():
+            console.print(f"[red]{watch.warning()}")
     summary(record, console)
     if args.record_dir and not args.tiny:
         from . import records

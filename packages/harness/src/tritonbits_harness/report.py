@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import records
+from . import records, throttle
 from .bench import SectionInput, load_all
 
 MODES = {"graph": "CUDA-graph replay (launch gaps removed)", "launch": "do_bench (launch included)",
@@ -72,6 +72,7 @@ def merged_shards(recs: list[dict]) -> list[dict]:
         merged.append({**newest, "shard": None, "rows": [row for r in ordered for row in r["rows"]],
                        "errors": {k: v for r in ordered for k, v in r.get("errors", {}).items()},
                        "notes": [note for r in ordered for note in r.get("notes", [])],
+                       "throttle": throttle.combine([r.get("throttle") for r in ordered]),
                        "merged_from": [r["environment"]["date"] for r in ordered]})  # fmt: skip
     return merged
 
@@ -115,8 +116,12 @@ def runs_section(runs: list[dict], shown: dict) -> list[str]:
 
 def env_line(rec: dict) -> str:
     e = rec["environment"]
-    return (f"{e['device']} (sm{''.join(map(str, e['capability'] or []))}, driver {e['driver']}), torch {e['torch']}, "
+    line = (f"{e['device']} (sm{''.join(map(str, e['capability'] or []))}, driver {e['driver']}), torch {e['torch']}, "
             f"triton {e['triton']}, bitsandbytes {e['bitsandbytes']}, git {e['git_sha']}, {e['date']}")  # fmt: skip
+    if throttle.is_throttled(rec):
+        t = rec["throttle"]
+        line += f" — **the GPU throttled** ({t['slowdown_s']} s of clock slowdown in the run's {t['seconds']} s)"
+    return line
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from tritonbits import _runtime, configs
 
-from . import gpus, timing
+from . import gpus, throttle, timing
 from .bench.runner import progress_bar
 
 
@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", action="append", default=None, metavar="SUBSTR",
                         help="tune only the keys containing SUBSTR (repeatable: any of them) and keep the table's "
                         "other entries for this GPU family")  # fmt: skip
+    parser.add_argument("--allow-throttled", action="store_true",
+                        help="keep the new table though the GPU throttled (thermal) during the sweep")  # fmt: skip
     parser.add_argument("--write", default=None, metavar="PATH",
                         help="write the table here instead of beside the tritonbits package")  # fmt: skip
     args = parser.parse_args(argv)
@@ -539,17 +541,40 @@ def main(argv: list[str] | None = None) -> int:
         op.sweep_only(console, args.rep_ms, args)
         return 0
     if args.compare_heuristic:
-        return compare_heuristic(op, console, args.rep_ms)
-    tune_table(
-        op,
-        family,
-        console,
-        args.rep_ms,
-        Path(args.write) if args.write else None,
-        Path(args.dump) if args.dump else None,
-        args.keys,
-    )
-    return 0
+        with throttle.Watch(device.index or 0) as watch:
+            rc = compare_heuristic(op, console, args.rep_ms)
+        return _throttle_verdict(console, watch, rc)
+    return tune_unless_throttled(op, family, console, args.rep_ms, Path(args.write) if args.write else None,
+                                 Path(args.dump) if args.dump else None, args.keys, args.allow_throttled,
+                                 device.index or 0)  # fmt: skip
+
+
+def tune_unless_throttled(op: TunableOp, family: str, console: Console, rep_ms: int, path: Path | None = None,
+                          dump: Path | None = None, keys: list[str] | None = None, allow_throttled: bool = False,
+                          gpu_index: int = 0) -> int:  # fmt: skip
+    """`tune_table` watched by the GPU's clock-slowdown counters: if the GPU throttled (thermal) during the
+    sweep, the table file is put back as it was (unless `allow_throttled`) and 3 returned. A throttled sweep
+    ranks candidates by when they ran, not by their speed."""
+    table_file = path or configs.table_path(op.name)
+    before = table_file.read_text() if table_file.exists() else None
+    with throttle.Watch(gpu_index) as watch:
+        tune_table(op, family, console, rep_ms, path, dump, keys)
+    if watch.thermal_s > 0 and not allow_throttled:
+        if before is None:
+            table_file.unlink()
+        else:
+            table_file.write_text(before)
+        configs.table.cache_clear()
+        console.print(f"[red]{table_file} left as it was (pass --allow-throttled to keep the new table)")
+    return _throttle_verdict(console, watch, 0)
+
+
+def _throttle_verdict(console: Console, watch: throttle.Watch, rc: int) -> int:
+    """Print the run's clock slowdown; exit 3 when the GPU throttled (thermal/power brake), else `rc`."""
+    warning = watch.warning()
+    seen = watch.slowdown if watch.slowdown is not None else "unknown (no nvidia-smi counters)"
+    console.print(f"[red]{warning}" if warning else f"clock slowdown over the {watch.seconds:.0f} s run: {seen}")
+    return 3 if warning else rc
 
 
 if __name__ == "__main__":

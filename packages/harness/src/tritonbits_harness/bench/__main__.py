@@ -13,7 +13,7 @@ if "--cpu" in sys.argv[1:]:
 import torch
 from rich.console import Console
 
-from .. import gpus, records, timing
+from .. import gpus, records, throttle, timing
 from . import load_all
 from .runner import parse_shard, progress_bar, run_benchmark, summary_table
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     errors: dict[str, str] = {}
     notes: list[str] = []
-    with progress_bar(console) as progress:
+    with throttle.Watch() as watch, progress_bar(console) as progress:
         for name in names:
             try:
                 rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         console.print(summary_table(name, [r for r in rows if r["benchmark"] == name], registry[name], args.cpu))
 
+    warning = None if args.cpu else watch.warning()
+    if warning:
+        notes.insert(0, warning)
     label = "cpu-interpreter" if args.cpu else args.gpu
     path = records.write(args.record_dir, "bench", label, {
         "profile": None if args.cpu else args.gpu,
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "shard": list(shard) if shard != (1, 1) else None,
         "copy_gbps": copy,
+        "throttle": None if args.cpu else watch.record(),
         "benchmarks": {n: {"kernel": registry[n].kernel, "description": registry[n].description,
                            "baselines": list(registry[n].baselines), "subject": registry[n].subject}
                        for n in names},
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"record written to {path}")
     for name, err in errors.items():
         console.print(f"[red]benchmark {name} failed: {err}")
+    if warning:
+        console.print(f"[red]{warning}")
     return 1 if errors else 0
 
 

@@ -1,0 +1,106 @@
+"""The clock-slowdown watch: nvidia-smi's counters parsed, a throttled run flagged in records and the report,
+and a tuner sweep the GPU throttled through leaves the table as it was."""
+
+import dataclasses
+import json
+
+from rich.console import Console
+
+from tritonbits import configs
+from tritonbits_harness import report, throttle, tune
+
+SMI = """
+==============NVSMI LOG==============
+GPU 00000000:00:06.0
+    Performance State                                  : P0
+    Clocks Event Reasons
+        Idle                                           : Active
+        SW Thermal Slowdown                            : Not Active
+    Clocks Event Reasons Counters
+        SW Power Capping                               : 85364835 us
+        Sync Boost                                     : 0 us
+        SW Thermal Slowdown                            : 105411838 us
+        HW Thermal Slowdown                            : 2759275 us
+        HW Power Braking                               : 0 us
+    Sparse Operation Mode                              : Disabled
+"""
+
+
+def test_parse_counters_reads_the_counters_section_only():
+    got = throttle.parse_counters(SMI)
+    assert got == {"sw_power_capping": 85.364835, "sync_boost": 0.0, "sw_thermal_slowdown": 105.411838,
+                   "hw_thermal_slowdown": 2.759275, "hw_power_braking": 0.0}  # fmt: skip
+    # older drivers call it "Clocks Throttle Reasons Counters"
+    assert throttle.parse_counters(SMI.replace("Event", "Throttle")) == got
+    assert throttle.parse_counters("no counters here\n  SW Power Capping : 5 us\n") == {}
+
+
+def test_slowdown_is_the_increase_of_slowing_reasons():
+    before = throttle.parse_counters(SMI)
+    after = {**before, "sw_thermal_slowdown": before["sw_thermal_slowdown"] + 37.8, "sync_boost": 9.0}
+    assert throttle.slowdown(before, after) == {"sw_thermal_slowdown": 37.8}
+    assert throttle.slowdown(before, before) == {}
+    assert throttle.slowdown(None, before) is None
+
+
+def _counters(monkeypatch, readings):
+    it = iter(readings)
+    monkeypatch.setattr(throttle, "counters", lambda index=0: next(it))
+
+
+def test_watch_flags_thermal_slowdown_not_power_capping(monkeypatch):
+    base = throttle.parse_counters(SMI)
+    _counters(monkeypatch, [base, {**base, "sw_power_capping": base["sw_power_capping"] + 3}])
+    with throttle.Watch() as w:
+        pass
+    assert w.slowdown == {"sw_power_capping": 3.0} and w.thermal_s == 0 and w.warning() is None
+    assert not throttle.is_throttled({"throttle": w.record()})
+    _counters(monkeypatch, [base, {**base, "hw_thermal_slowdown": base["hw_thermal_slowdown"] + 2}])
+    with throttle.Watch() as w:
+        pass
+    assert w.thermal_s == 2.0 and "2.0 s" in w.warning()
+    assert throttle.is_throttled({"throttle": w.record()})
+    _counters(monkeypatch, [None, None])  # no nvidia-smi: unknown, not flagged
+    with throttle.Watch() as w:
+        pass
+    assert w.slowdown is None and w.warning() is None and not throttle.is_throttled({"throttle": w.record()})
+
+
+def test_combine_sums_shards_and_report_flags_a_throttled_record():
+    a = {"seconds": 100.0, "slowdown_s": {"sw_thermal_slowdown": 4.0}}
+    b = {"seconds": 50.0, "slowdown_s": {"sw_thermal_slowdown": 1.5, "sw_power_capping": 2.0}}
+    assert throttle.combine([a, b]) == {
+        "seconds": 150.0,
+        "slowdown_s": {"sw_thermal_slowdown": 5.5, "sw_power_capping": 2.0},
+    }
+    assert throttle.combine([a, None]) is None
+    env = {"device": "NVIDIA H100", "capability": [9, 0], "driver": "1", "torch": "2", "triton": "3",
+           "bitsandbytes": None, "git_sha": "abc", "date": "2026-11-24T04:00:00Z"}  # fmt: skip
+    assert "throttled" not in report.env_line({"environment": env, "throttle": {"seconds": 1.0, "slowdown_s": {}}})
+    assert "throttled" not in report.env_line({"environment": env})  # records before the watch
+    assert "**the GPU throttled**" in report.env_line({"environment": env, "throttle": a})
+
+
+def _fake_ms(case, config, rep_ms):
+    return 1.0 if config[0] == "1d" else 2.0
+
+
+def test_a_throttled_sweep_leaves_the_table_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "dequant_bias.json"
+    old = {"h100": {"bf16/1x4096": ["2d", 2, 512, 8]}}
+    path.write_text(json.dumps(old))
+    op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
+    base = throttle.parse_counters(SMI)
+    hot = {**base, "sw_thermal_slowdown": base["sw_thermal_slowdown"] + 30}
+    _counters(monkeypatch, [base, hot])
+    assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path) == 3
+    assert json.loads(path.read_text()) == old
+    _counters(monkeypatch, [base, hot])  # --allow-throttled keeps it (and still says so: exit 3)
+    assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path, allow_throttled=True) == 3
+    assert json.loads(path.read_text())["h100"] != old["h100"]
+    path.write_text(json.dumps(old))
+    _counters(monkeypatch, [base, base])  # a cool GPU: written, exit 0
+    assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path) == 0
+    written = json.loads(path.read_text())["h100"]
+    assert len(written) > 1 and all(v == ["1d", 256, 1] for v in written.values())  # the first fastest candidate
+    configs.table.cache_clear()
