@@ -112,8 +112,7 @@ def test_heuristic_comparison_times_the_heuristic_in_the_same_sweep():
         tune.sweep(op, 1, progress, reps, rows)
     assert len(rows) == len(reps)
     for r in rows:
-        itemsize = bench.ACC[r["case"]["acc"]].itemsize
-        assert r["heuristic"] == db.heuristic_config(r["case"]["m"], r["case"]["n"], True, itemsize)
+        assert r["heuristic"] == db.heuristic_config(r["case"]["m"], r["case"]["n"], True)
         assert r["heuristic_ms"] == _fake_ms(r["case"], r["heuristic"], 1)
     assert tune.print_comparison(Console(quiet=True), "dequant_bias", rows) == sum(
         r["heuristic_ms"] / r["best_ms"] > 1.05 for r in rows

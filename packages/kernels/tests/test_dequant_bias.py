@@ -135,12 +135,23 @@ def test_config_table_and_fallback():
         kind, block_m, block_n, warps = db_module.heuristic_config(m, n, flat=False)
         assert kind == "2d" and block_m >= 1 and 16 <= block_n <= 256 and warps in (4, 8)
         assert block_m <= db_module.bucket(m)
-        for itemsize in (4, 2):  # contiguous inputs: the 1-D path, 16-byte acc loads per thread
-            kind, block, warps = db_module.heuristic_config(m, n, True, itemsize)
-            assert kind == "1d" and block % (32 * warps) == 0 and block // (32 * warps) * itemsize == 16
+    # contiguous inputs: flat programs of 512 / 1024 / 2048 elements by size, the 2-D tile in the L2-sized band
+    # and for wide rows at M 64-128, only where N keeps rows 16-byte aligned
+    flat = db_module.heuristic_flat
+    assert flat(1, 2560) == flat(16, 4096) == ("1d", 512, 4)
+    assert flat(1024, 4096) == flat(1024, 1000) == flat(2048, 4096) == ("1d", 1024, 8)  # 2048 x 4096: 8M, below
+    assert flat(2048, 6144) == flat(4096, 4096) == ("2d", 8, 256, 4)  # 12M, 16M elements: the band
+    assert flat(2048, 5000) == ("1d", 1024, 8)  # the band, but N % 16 != 0
+    assert flat(64, 28672) == flat(128, 16384) == ("2d", 16, 128, 8)
+    assert flat(64, 28670) == ("1d", 1024, 8) and flat(256, 28672) == ("1d", 1024, 8)
+    assert flat(4096, 4097) == flat(65536, 28672) == ("1d", 2048, 8)
+    for m in (1, 3, 64, 100, 4096, 65536):
+        for n in (1, 1000, 2560, 6144, 11008, 28672, 40000):
+            cfg = db_module.heuristic_config(m, n)
+            assert cfg == db_module.as_config(cfg) and (cfg[0] == "1d" or cfg[1] <= 2 * m), (m, n, cfg)
     cpu = torch.device("cpu")
     assert db_module.config_for(cpu, torch.int32, 8, 4096) == db_module.heuristic_config(8, 4096)
-    assert db_module.config_for(cpu, torch.bfloat16, 8, 4096) == db_module.heuristic_config(8, 4096, True, 2)
+    assert db_module.config_for(cpu, torch.bfloat16, 2048, 6144) == ("2d", 8, 256, 4)
     assert db_module.config_for(cpu, torch.int32, 8, 4096, flat=False) == db_module.heuristic_config(8, 4096, False)
 
 

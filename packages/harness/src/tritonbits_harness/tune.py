@@ -262,7 +262,7 @@ def _dequant_bias_heuristic(case: dict) -> tuple:
 
     from .bench import dequant_bias as bench
 
-    return db.heuristic_config(case["m"], case["n"], True, bench.ACC[case["acc"]].itemsize)  # contiguous, as timed
+    return db.heuristic_config(case["m"], case["n"], True)  # contiguous, as timed
 
 
 @functools.lru_cache(maxsize=1)

@@ -164,18 +164,35 @@ def heuristic_2d(m: int, n: int) -> Config:
     return ("2d", block_m, block_n, warps)
 
 
-def heuristic_1d(m: int, n: int, acc_itemsize: int = 4) -> Config:
-    """8 warps, each thread loading 16 bytes of acc (4 int32/fp32 or 8 bf16/fp16 elements). NOTE: in the
-    H100 probe (docs/gpu-runs/logs/20261123T0430Z-nvidia-h100-dequant_bias-probe.txt) 1024/8 for 4-byte acc
-    and 2048/8 for 2-byte acc were the best flat configs or within 1% of them from 4096x1000 (L2-resident)
-    to 65536x28672, at 1.00-1.12x a static-shape torch.compile."""
-    return ("1d", 256 * (16 // acc_itemsize), 8)
+# NOTE: the flat heuristic's thresholds (elements, M*N) and configs were fitted to every candidate's timing of
+# session 14's tune sweeps on both GPUs (H100 and H200, 252 keys each; ci/dequant_bias_heuristic_fit.py over
+# docs/gpu-runs/logs/20261124T04*-tune-dequant_bias-dump.json): over 1.05x the tuned best at 13 + 7 of the
+# 144 + 144 keys with the issue's N (1000, 6144, 11008, 28672), worst 1.19x (every N: 22 + 14 of 252 + 252,
+# worst 1.21x), against 36 + 45 (worst 1.91x, 1.24x) for session 13's one flat config per acc width (1024 x 8
+# warps for 4-byte acc, 2048 x 8 for 2-byte). The band where 2-D tiles win, 8M-16M elements, is where acc and
+# out together pass the 50 MB L2 of both GPUs; a GPU with another L2 size moves it.
+HEURISTIC_SMALL = 1 << 17  # up to here: 512-element programs of 4 warps (more programs for tiny problems)
+HEURISTIC_BAND = (1 << 23, 1 << 24)  # (lo, hi]: the 2-D tile, for N a multiple of 16 (16-byte aligned rows)
+HEURISTIC_WIDE = (64, 128, 16384)  # M in [64, 128] and N >= 16384: the 2-D tile (16, 128, 8)
 
 
-def heuristic_config(m: int, n: int, flat: bool = True, acc_itemsize: int = 4) -> Config:
-    """For GPU families and buckets the table does not name: the 1-D path for contiguous inputs (`flat`),
-    else the 2-D tile."""
-    return heuristic_1d(m, n, acc_itemsize) if flat else heuristic_2d(m, n)
+def heuristic_flat(m: int, n: int) -> Config:
+    """For contiguous acc and out (the tuner's inputs): the flat kernel with 512, 1024 or 2048-element programs
+    by problem size, the 2-D tile in the L2-sized band and for a few wide rows (see the NOTE above)."""
+    total, aligned = m * n, n % 16 == 0
+    if total <= HEURISTIC_SMALL:
+        return ("1d", 512, 4)
+    if aligned and HEURISTIC_WIDE[0] <= m <= HEURISTIC_WIDE[1] and n >= HEURISTIC_WIDE[2]:
+        return ("2d", 16, 128, 8)
+    if aligned and HEURISTIC_BAND[0] < total <= HEURISTIC_BAND[1] and m >= 4:
+        return ("2d", 8, 256, 4)
+    return ("1d", 1024, 8) if total <= HEURISTIC_BAND[1] else ("1d", 2048, 8)
+
+
+def heuristic_config(m: int, n: int, flat: bool = True) -> Config:
+    """For GPU families and buckets the table does not name: `heuristic_flat` for contiguous inputs (`flat`),
+    else the 2-D tile of `heuristic_2d`."""
+    return heuristic_flat(m, n) if flat else heuristic_2d(m, n)
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by bucket, not exact M: bounded by families x dtypes x buckets
@@ -189,7 +206,7 @@ def config_for(device: torch.device, acc_dtype: torch.dtype, m: int, n: int, fla
     are not `flat` (a row stride != N) gives way to the 2-D heuristic tile."""
     cfg = _config(device, config_key(acc_dtype, m, n))
     if cfg is None or (cfg[0] == "1d" and not flat):
-        return heuristic_config(m, n, flat, acc_dtype.itemsize)
+        return heuristic_config(m, n, flat)
     return cfg
 
 
