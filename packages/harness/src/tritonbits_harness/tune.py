@@ -260,8 +260,6 @@ def _dequant_bias_time(case: dict, config: tuple, rep_ms: int) -> float:
 def _dequant_bias_heuristic(case: dict) -> tuple:
     from tritonbits.ops import dequant_bias as db
 
-    from .bench import dequant_bias as bench
-
     return db.heuristic_config(case["m"], case["n"], True)  # contiguous, as timed
 
 
