@@ -4,6 +4,7 @@ and a tuner sweep the GPU throttled through leaves the table as it was."""
 import dataclasses
 import json
 
+import pytest
 from rich.console import Console
 
 from tritonbits import configs
@@ -30,9 +31,20 @@ def test_parse_counters_reads_the_counters_section_only():
     got = throttle.parse_counters(SMI)
     assert got == {"sw_power_capping": 85.364835, "sync_boost": 0.0, "sw_thermal_slowdown": 105.411838,
                    "hw_thermal_slowdown": 2.759275, "hw_power_braking": 0.0}  # fmt: skip
-    # older drivers call it "Clocks Throttle Reasons Counters"
+    # NVML's older "Throttle" naming of the same section is read too
     assert throttle.parse_counters(SMI.replace("Event", "Throttle")) == got
     assert throttle.parse_counters("no counters here\n  SW Power Capping : 5 us\n") == {}
+
+
+def test_parse_counters_skips_na_and_stops_at_the_section_end():
+    na = SMI.replace("Sync Boost                                     : 0 us", "Sync Boost : N/A")
+    assert "Sync Boost : N/A" in na
+    got = throttle.parse_counters(na)
+    assert got["sw_thermal_slowdown"] == 105.411838 and got["hw_power_braking"] == 0.0 and "sync_boost" not in got
+    # two GPUs, the first with every counter N/A: nothing of the second GPU's section is read as the first's
+    first = "\n".join(line.replace(line.split(":")[-1], " N/A") if line.strip().endswith(" us") else line
+                      for line in SMI.splitlines())  # fmt: skip
+    assert throttle.parse_counters(first + SMI) == {}
 
 
 def test_slowdown_is_the_increase_of_slowing_reasons():
@@ -73,19 +85,30 @@ def test_combine_sums_shards_and_report_flags_a_throttled_record():
         "seconds": 150.0,
         "slowdown_s": {"sw_thermal_slowdown": 5.5, "sw_power_capping": 2.0},
     }
-    assert throttle.combine([a, None]) is None
+    assert throttle.combine([a, None]) == {"seconds": 100.0, "slowdown_s": {"sw_thermal_slowdown": 4.0},
+                                           "partial": True}  # an older record without the entry  # fmt: skip
+    assert throttle.is_throttled({"throttle": throttle.combine([a, None])})
+    assert throttle.combine([None, None]) is None
     env = {"device": "NVIDIA H100", "capability": [9, 0], "driver": "1", "torch": "2", "triton": "3",
            "bitsandbytes": None, "git_sha": "abc", "date": "2026-11-24T04:00:00Z"}  # fmt: skip
     assert "throttled" not in report.env_line({"environment": env, "throttle": {"seconds": 1.0, "slowdown_s": {}}})
     assert "throttled" not in report.env_line({"environment": env})  # records before the watch
-    assert "**the GPU throttled**" in report.env_line({"environment": env, "throttle": a})
+    line = report.env_line({"environment": env, "throttle": a})
+    assert "**the GPU throttled**: 4.0 s of thermal slowdown in the run's 100 s" in line and "{" not in line
 
 
 def _fake_ms(case, config, rep_ms):
     return 1.0 if config[0] == "1d" else 2.0
 
 
-def test_a_throttled_sweep_leaves_the_table_as_it_was(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_tables():
+    configs.table.cache_clear()
+    yield
+    configs.table.cache_clear()
+
+
+def test_a_throttled_sweep_leaves_the_table_as_it_was(tmp_path, monkeypatch, fresh_tables):
     path = tmp_path / "dequant_bias.json"
     old = {"h100": {"bf16/1x4096": ["2d", 2, 512, 8]}}
     path.write_text(json.dumps(old))
@@ -103,4 +126,24 @@ def test_a_throttled_sweep_leaves_the_table_as_it_was(tmp_path, monkeypatch):
     assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path) == 0
     written = json.loads(path.read_text())["h100"]
     assert len(written) > 1 and all(v == ["1d", 256, 1] for v in written.values())  # the first fastest candidate
-    configs.table.cache_clear()
+
+
+def test_the_dump_carries_the_throttle_and_a_failed_sweep_still_restores(tmp_path, monkeypatch, fresh_tables):
+    path, dump = tmp_path / "dequant_bias.json", tmp_path / "dump.json"
+    old = {"h100": {"bf16/1x4096": ["2d", 2, 512, 8]}}
+    path.write_text(json.dumps(old))
+    op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
+    base = throttle.parse_counters(SMI)
+    hot = {**base, "sw_thermal_slowdown": base["sw_thermal_slowdown"] + 30}
+    _counters(monkeypatch, [base, hot])
+    assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path, dump) == 3
+    assert json.loads(dump.read_text())["throttle"]["slowdown_s"] == {"sw_thermal_slowdown": 30.0}
+    _counters(monkeypatch, [base, hot])
+
+    def fail(*args, **kwargs):  # the report after the table was written raises
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(tune, "print_comparison", fail)
+    with pytest.raises(RuntimeError, match="report failed"):
+        tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path)
+    assert json.loads(path.read_text()) == old

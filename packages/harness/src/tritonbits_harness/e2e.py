@@ -39,6 +39,8 @@ import traceback
 
 import torch
 
+from . import throttle
+
 # Targets of issue 13 (H100): ratio = tritonbits-enabled speed / baseline speed.
 TARGETS = {
     "load_speedup_vs_bnb": 3.0,
@@ -656,15 +658,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu and not args.any_gpu and (dev.profile is None or dev.profile.name != args.gpu):
             console.print(f"--gpu={args.gpu} but this is a {dev.name}; pass --any-gpu to run anyway")
             return 2
-    from . import throttle
-
     run = Run(args, console)
-    with throttle.Watch() as watch:
+    with throttle.Watch(torch.cuda.current_device() if not args.tiny else 0, enabled=not args.tiny) as watch:
         record = run.main()
     if not args.tiny:
         record["throttle"] = watch.record()
-        if watch.warning():
-            console.print(f"[red]{watch.warning()}")
+        warning = watch.warning()
+        if warning:
+            record.setdefault("notes", []).append(warning)
+            console.print(f"[red]{warning}")
     summary(record, console)
     if args.record_dir and not args.tiny:
         from . import records

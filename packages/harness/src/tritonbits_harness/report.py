@@ -120,7 +120,8 @@ def env_line(rec: dict) -> str:
             f"triton {e['triton']}, bitsandbytes {e['bitsandbytes']}, git {e['git_sha']}, {e['date']}")  # fmt: skip
     if throttle.is_throttled(rec):
         t = rec["throttle"]
-        line += f" — **the GPU throttled** ({t['slowdown_s']} s of clock slowdown in the run's {t['seconds']} s)"
+        line += (f" — **the GPU throttled**: {throttle.thermal_seconds(t):.1f} s of thermal slowdown in the run's "
+                 f"{t['seconds']:.0f} s")  # fmt: skip
     return line
 
 

@@ -17,37 +17,52 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # The reasons that slow a kernel down; the others (idle, sync boost, applications/display clock settings) are
 # not a slowdown of running work.
 SLOWDOWNS = ("sw_thermal_slowdown", "hw_thermal_slowdown", "hw_slowdown", "hw_power_braking", "sw_power_capping")
-_HEADER = re.compile(r"^\s*Clocks? (?:Event|Throttle) Reasons Counters\s*$")
+_HEADER = re.compile(r"^(?P<indent>\s*)Clocks? (?:Event|Throttle) Reasons Counters\s*$")
 _LINE = re.compile(r"^\s*(?P<name>[A-Za-z ]+?)\s*:\s*(?P<us>\d+)\s*us\s*$")
 
 
 def parse_counters(text: str) -> dict[str, float]:
-    """`nvidia-smi -q -d PERFORMANCE`'s counters section as {reason: seconds} (snake_case reason names)."""
+    """The first counters section of `nvidia-smi -q -d PERFORMANCE` as {reason: seconds} (snake_case names).
+    The section is the lines indented deeper than its header; a value that is not "<n> us" (N/A) is skipped."""
     out: dict[str, float] = {}
-    inside = False
+    indent: int | None = None
     for line in text.splitlines():
-        if _HEADER.match(line):
-            inside = True
+        if indent is None:
+            header = _HEADER.match(line)
+            if header:
+                indent = len(header["indent"])
             continue
-        if inside:
-            m = _LINE.match(line)
-            if m is None:
-                if out:
-                    break
-                continue
+        if not line.strip():
+            continue
+        if len(line) - len(line.lstrip()) <= indent:
+            break
+        m = _LINE.match(line)
+        if m:
             out[m["name"].strip().lower().replace(" ", "_")] = int(m["us"]) / 1e6
     return out
 
 
-def counters(index: int = 0) -> dict[str, float] | None:
-    """The cumulative clock-event counters (seconds) of GPU `index`, or None where nvidia-smi cannot say."""
+def smi_id(index: int) -> str:
+    """nvidia-smi's `-i` for torch's CUDA device `index`: its UUID (torch's ordinal need not be nvidia-smi's
+    under CUDA_VISIBLE_DEVICES), else the ordinal."""
     try:
-        out = subprocess.run(["nvidia-smi", "-q", "-d", "PERFORMANCE", "-i", str(index)], capture_output=True,
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # no torch CUDA, no uuid attribute: the ordinal is the best left
+        return str(index)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def counters(index: int = 0) -> dict[str, float] | None:
+    """The cumulative clock-event counters (seconds) of CUDA device `index`, or None where nvidia-smi cannot say."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-q", "-d", "PERFORMANCE", "-i", smi_id(index)], capture_output=True,
                              text=True, check=True, timeout=30)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
@@ -63,24 +78,24 @@ def slowdown(before: dict[str, float] | None, after: dict[str, float] | None) ->
 
 @dataclass
 class Watch:
-    """`with Watch() as w:` ... then `w.record()`: the run's seconds and its slowdown seconds per reason."""
+    """`with Watch() as w:` ... then `w.record()`: the run's seconds and its slowdown seconds per reason.
+    `enabled=False` (a CPU run) reads no counters."""
 
     index: int = 0
+    enabled: bool = True
     before: dict[str, float] | None = None
     after: dict[str, float] | None = None
     t0: float = 0.0
     seconds: float = 0.0
-    _done: bool = field(default=False, repr=False)
 
     def __enter__(self) -> Watch:
-        self.before = counters(self.index)
+        self.before = counters(self.index) if self.enabled else None
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
-        self.after = counters(self.index)
-        self._done = True
+        self.after = counters(self.index) if self.enabled else None
 
     @property
     def slowdown(self) -> dict[str, float] | None:
@@ -89,8 +104,7 @@ class Watch:
     @property
     def thermal_s(self) -> float:
         """Seconds of thermal slowdown (SW or HW) or power braking over the run (0 where unknown)."""
-        s = self.slowdown or {}
-        return sum(v for k, v in s.items() if k != "sw_power_capping")
+        return thermal_seconds(self.record())
 
     def record(self) -> dict:
         return {"seconds": round(self.seconds, 1), "slowdown_s": self.slowdown}
@@ -104,22 +118,28 @@ class Watch:
 
 
 def combine(entries: list[dict | None]) -> dict | None:
-    """The `throttle` entries of several records (a sharded run) as one: seconds and slowdowns summed; None
-    if any is missing."""
-    if not entries or any(e is None for e in entries):
+    """The `throttle` entries of several records (a sharded run) as one: seconds and slowdowns summed over the
+    entries that have one, `partial` when some record has none (older records); None if none has one."""
+    known = [e for e in entries if e is not None]
+    if not known:
         return None
     total: dict[str, float] = {}
-    for e in entries:
-        assert e is not None
+    for e in known:
         for k, v in (e.get("slowdown_s") or {}).items():
             total[k] = round(total.get(k, 0.0) + v, 3)
-    return {"seconds": round(sum(e["seconds"] for e in entries if e), 1), "slowdown_s": total}
+    out = {"seconds": round(sum(e["seconds"] for e in known), 1), "slowdown_s": total}
+    return {**out, "partial": True} if len(known) < len(entries) else out
+
+
+def thermal_seconds(entry: dict | None) -> float:
+    """Seconds of thermal slowdown or power braking in a record's `throttle` entry (0 if none or unknown)."""
+    s = (entry or {}).get("slowdown_s") or {}
+    return round(sum(v for k, v in s.items() if k != "sw_power_capping"), 3)
 
 
 def is_throttled(record: dict) -> bool:
     """Whether a bench/tune/e2e record's `throttle` entry shows thermal slowdown or power braking."""
-    s = (record.get("throttle") or {}).get("slowdown_s") or {}
-    return any(v > 0 for k, v in s.items() if k != "sw_power_capping")
+    return thermal_seconds(record.get("throttle")) > 0
 
 
 def main(argv: list[str] | None = None) -> int:

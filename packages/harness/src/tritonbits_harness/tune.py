@@ -555,15 +555,20 @@ def tune_unless_throttled(op: TunableOp, family: str, console: Console, rep_ms: 
     ranks candidates by when they ran, not by their speed."""
     table_file = path or configs.table_path(op.name)
     before = table_file.read_text() if table_file.exists() else None
-    with throttle.Watch(gpu_index) as watch:
-        tune_table(op, family, console, rep_ms, path, dump, keys)
-    if watch.thermal_s > 0 and not allow_throttled:
-        if before is None:
-            table_file.unlink()
-        else:
-            table_file.write_text(before)
-        configs.table.cache_clear()
-        console.print(f"[red]{table_file} left as it was (pass --allow-throttled to keep the new table)")
+    watch = throttle.Watch(gpu_index)
+    try:
+        with watch:
+            tune_table(op, family, console, rep_ms, path, dump, keys)
+    finally:  # also when the sweep or its report raised after the table was written
+        if watch.thermal_s > 0 and not allow_throttled:
+            if before is None:
+                table_file.unlink(missing_ok=True)
+            else:
+                table_file.write_text(before)
+            configs.table.cache_clear()
+            console.print(f"[red]{table_file} left as it was (pass --allow-throttled to keep the new table)")
+    if dump is not None and dump.exists():  # the dump says whether its timings were taken on a throttled GPU
+        dump.write_text(json.dumps({**json.loads(dump.read_text()), "throttle": watch.record()}, indent=1))
     return _throttle_verdict(console, watch, 0)
 
 

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     errors: dict[str, str] = {}
     notes: list[str] = []
-    with throttle.Watch() as watch, progress_bar(console) as progress:
+    gpu_index = torch.cuda.current_device() if device.type == "cuda" else 0
+    with throttle.Watch(gpu_index, enabled=not args.cpu) as watch, progress_bar(console) as progress:
         for name in names:
             try:
                 rows += run_benchmark(registry[name], device, cpu=args.cpu, rep_ms=args.rep_ms, copy_gbps=copy,

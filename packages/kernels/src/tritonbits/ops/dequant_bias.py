@@ -131,7 +131,11 @@ def n_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-# NOTE: N buckets go up to 32768 so that N=28672 (Llama-3-70B MLP) has its own tuned entry.
+# NOTE: the tables name the N buckets of the benchmark grid (1024, 2560, 4096, 6144, 12288, 14336, 28672); any
+# other N (8192, 16384, 32000, ...) takes `heuristic_config`, not its nearest tuned N: scored leave-one-out on
+# session 14's tune dumps (ci/dequant_bias_heuristic_fit.py --nearest), the nearest other tuned N's best config
+# is over 1.05x the best at 35 + 26 of the 144 + 144 keys with the issue's N (H100 + H200, worst 1.60x), the
+# heuristic at 13 + 7. The caps bound the keys; N > 28672 rounds to 32768 and beyond, untuned.
 M_BUCKET_MAX, N_BUCKET_MAX = 65536, 32768
 
 
@@ -165,12 +169,15 @@ def heuristic_2d(m: int, n: int) -> Config:
 
 
 # NOTE: the flat heuristic's thresholds (elements, M*N) and configs were fitted to every candidate's timing of
-# session 14's tune sweeps on both GPUs (H100 and H200, 252 keys each; ci/dequant_bias_heuristic_fit.py over
-# docs/gpu-runs/logs/20261124T04*-tune-dequant_bias-dump.json): over 1.05x the tuned best at 13 + 7 of the
+# session 14's tune sweeps on both GPUs (H100 and H200, 252 keys each, bf16 out; ci/dequant_bias_heuristic_fit.py
+# over docs/gpu-runs/logs/20261124T04*-tune-dequant_bias-dump.json): over 1.05x the tuned best at 13 + 7 of the
 # 144 + 144 keys with the issue's N (1000, 6144, 11008, 28672), worst 1.19x (every N: 22 + 14 of 252 + 252,
 # worst 1.21x), against 36 + 45 (worst 1.91x, 1.24x) for session 13's one flat config per acc width (1024 x 8
-# warps for 4-byte acc, 2048 x 8 for 2-byte). The band where 2-D tiles win, 8M-16M elements, is where acc and
-# out together pass the 50 MB L2 of both GPUs; a GPU with another L2 size moves it.
+# warps for 4-byte acc, 2048 x 8 for 2-byte). Scored on the data it was fitted to; timed again in a separate
+# run (tune --compare-heuristic): over 1.05x at 9 + 11 of 144 + 144, three of the H100's nine the best config
+# itself timed twice (logs 20261124T0433Z / 0420Z-...-bench-dequant_bias-and-compare.txt). The thresholds
+# count elements, not bytes: with bf16 out, 8M-16M elements (the 2-D band) is 32-96 MB of acc + out, where the
+# stream passes the 50 MB L2 of both GPUs; a GPU with another L2 size, or fp32 out, moves it (not measured).
 HEURISTIC_SMALL = 1 << 17  # up to here: 512-element programs of 4 warps (more programs for tiny problems)
 HEURISTIC_BAND = (1 << 23, 1 << 24)  # (lo, hi]: the 2-D tile, for N a multiple of 16 (16-byte aligned rows)
 HEURISTIC_WIDE = (64, 128, 16384)  # M in [64, 128] and N >= 16384: the 2-D tile (16, 128, 8)
