@@ -101,44 +101,43 @@ def _fake_ms(case, config, rep_ms):
     return 1.0 if config[0] == "1d" else 2.0
 
 
+OLD_TABLE = {"h100": {"bf16/1x4096": ["2d", 2, 512, 8]}}
+BASE = throttle.parse_counters(SMI)
+HOT = {**BASE, "sw_thermal_slowdown": BASE["sw_thermal_slowdown"] + 30}
+
+
 @pytest.fixture
-def fresh_tables():
-    configs.table.cache_clear()
-    yield
-    configs.table.cache_clear()
-
-
-def test_a_throttled_sweep_leaves_the_table_as_it_was(tmp_path, monkeypatch, fresh_tables):
+def sweep(tmp_path):
+    """(the op with fake timings, a table file holding OLD_TABLE); tritonbits' table cache cleared around it."""
     path = tmp_path / "dequant_bias.json"
-    old = {"h100": {"bf16/1x4096": ["2d", 2, 512, 8]}}
-    path.write_text(json.dumps(old))
-    op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
-    base = throttle.parse_counters(SMI)
-    hot = {**base, "sw_thermal_slowdown": base["sw_thermal_slowdown"] + 30}
-    _counters(monkeypatch, [base, hot])
+    path.write_text(json.dumps(OLD_TABLE))
+    configs.table.cache_clear()
+    yield dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms), path
+    configs.table.cache_clear()
+
+
+def test_a_throttled_sweep_leaves_the_table_as_it_was(sweep, monkeypatch):
+    op, path = sweep
+    _counters(monkeypatch, [BASE, HOT])
     assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path) == 3
-    assert json.loads(path.read_text()) == old
-    _counters(monkeypatch, [base, hot])  # --allow-throttled keeps it (and still says so: exit 3)
+    assert json.loads(path.read_text()) == OLD_TABLE
+    _counters(monkeypatch, [BASE, HOT])  # --allow-throttled keeps it (and still says so: exit 3)
     assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path, allow_throttled=True) == 3
-    assert json.loads(path.read_text())["h100"] != old["h100"]
-    path.write_text(json.dumps(old))
-    _counters(monkeypatch, [base, base])  # a cool GPU: written, exit 0
+    assert json.loads(path.read_text())["h100"] != OLD_TABLE["h100"]
+    path.write_text(json.dumps(OLD_TABLE))
+    _counters(monkeypatch, [BASE, BASE])  # a cool GPU: written, exit 0
     assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path) == 0
     written = json.loads(path.read_text())["h100"]
     assert len(written) > 1 and all(v == ["1d", 256, 1] for v in written.values())  # the first fastest candidate
 
 
-def test_the_dump_carries_the_throttle_and_a_failed_sweep_still_restores(tmp_path, monkeypatch, fresh_tables):
-    path, dump = tmp_path / "dequant_bias.json", tmp_path / "dump.json"
-    old = {"h100": {"bf16/1x4096": ["2d", 2, 512, 8]}}
-    path.write_text(json.dumps(old))
-    op = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
-    base = throttle.parse_counters(SMI)
-    hot = {**base, "sw_thermal_slowdown": base["sw_thermal_slowdown"] + 30}
-    _counters(monkeypatch, [base, hot])
+def test_the_dump_carries_the_throttle_and_a_failed_sweep_still_restores(sweep, monkeypatch, tmp_path):
+    op, path = sweep
+    dump = tmp_path / "dump.json"
+    _counters(monkeypatch, [BASE, HOT])
     assert tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path, dump) == 3
     assert json.loads(dump.read_text())["throttle"]["slowdown_s"] == {"sw_thermal_slowdown": 30.0}
-    _counters(monkeypatch, [base, hot])
+    _counters(monkeypatch, [BASE, HOT])
 
     def fail(*args, **kwargs):  # the report after the table was written raises
         raise RuntimeError("report failed")
@@ -146,4 +145,4 @@ def test_the_dump_carries_the_throttle_and_a_failed_sweep_still_restores(tmp_pat
     monkeypatch.setattr(tune, "print_comparison", fail)
     with pytest.raises(RuntimeError, match="report failed"):
         tune.tune_unless_throttled(op, "h100", Console(quiet=True), 1, path)
-    assert json.loads(path.read_text()) == old
+    assert json.loads(path.read_text()) == OLD_TABLE
