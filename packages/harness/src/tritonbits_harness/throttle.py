@@ -143,25 +143,23 @@ def is_throttled(record: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A sustained 1 GiB copy for --seconds, its GB/s every 2 s and the slowdown counters: exit 3 if the GPU
-    throttled (a machine to hand back before a long benchmark), 2 without a GPU."""
+    """A sustained 1 GiB copy (timing.copy_gbps) for --seconds, its GB/s after each measurement and the slowdown
+    counters: exit 3 if the GPU throttled (a machine to hand back before a long benchmark), 2 without a GPU."""
     parser = argparse.ArgumentParser(prog="python -m tritonbits_harness.throttle", description=main.__doc__)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args(argv)
     import torch
-    import triton.testing
+
+    from . import timing  # torch and triton: imported here so that records and the report need neither
 
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
     rates = []
     with Watch(torch.cuda.current_device()) as w:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
-            ms = triton.testing.do_bench(lambda: y.copy_(x), rep=2000)
-            rates.append(2 * x.numel() / ms / 1e6)
+            rates.append(timing.copy_gbps(1 << 30))
             print(f"{time.perf_counter() - t0:6.1f} s  copy {rates[-1]:.0f} GB/s", flush=True)
     print(f"slowdown over {w.seconds:.0f} s: {w.slowdown}")
     drop = min(rates) / max(rates)
