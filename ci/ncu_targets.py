@@ -1,15 +1,12 @@
 """Calls for Nsight Compute (GPU machine): `ncu -k regex:NAME -s 2 -c 1 ... python ci/ncu_targets.py CASE` profiles
 the third launch of a kernel of one case (the first two compile and warm up).
 
-Cases: gemv2 / gemv3 (linear_4bit's M=1 paths, 4096 -> 14336, bf16, nf4 nested bs64; gemv3 takes the config in
-$GEMV3_CONFIG, a JSON dict, else the heuristic's), q4nf4 / q4fp4 (quantize_4bit plain, bf16
+Cases: gemv2 (linear_4bit M=1, 4096 -> 14336, bf16, nf4 nested bs64), q4nf4 / q4fp4 (quantize_4bit plain, bf16
 14336x4096), dq8bf16 (dequantize_blockwise, bf16 out, 2**26), q8bf16 (quantize_blockwise, bf16, 2**26).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
@@ -19,19 +16,11 @@ import tritonbits
 
 def main(case: str) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
-    if case in ("gemv2", "gemv3"):
-        from tritonbits.ops import linear_4bit as L
-        from tritonbits.quant_state import prepare
-
+    if case == "gemv2":
         w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
         packed, qs = tritonbits.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
-        if case == "gemv2":
-            cfg = L.heuristic_gemv2_config(x.dtype, 1, 14336, 4096)
-        else:
-            cfg = json.loads(os.environ.get("GEMV3_CONFIG", "null")) or dict(L.HEURISTIC_GEMV3)
-        pw = prepare(packed, qs)
-        fn = lambda: L.forward_2d(x, pw, None, config=cfg)
+        fn = lambda: tritonbits.linear_4bit(x, packed, qs)
     elif case in ("q4nf4", "q4fp4"):
         x = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
         fn = lambda: tritonbits.quantize_4bit(x, blocksize=64, quant_type=case[2:])

@@ -46,7 +46,6 @@ from .._launcher import BoundLaunch, CachedLauncher
 from .._triton_helpers import mul_ftz, mul_ftz_add_rn, store_float
 from ..quant_state import PreparedWeight, QuantState, prepare, validate
 from . import dequantize_4bit as dq
-from . import linear_4bit_gemv3 as gemv3
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _W_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # W_DTYPE / DOT_DTYPE constexprs
@@ -561,12 +560,6 @@ HEURISTIC_GEMV2_PER_SM = {1: 8, 2: 4, 4: 8}  # the heuristic's programs an SM, b
 # M=1 0.98-1.03x (noise) and 4096x4096 M=2/4 0.96-0.98x. So: on in the table's M=2/4 entries of those shapes and
 # in the heuristic from M=2, off (this default) elsewhere; the tuner times both from M=2.
 GEMV2_PREFETCH = False
-# NOTE: gemv3 (linear_4bit_gemv3: the per-block table in the lanes, Gluon) at M = 1, an experiment reachable only by
-# an explicit config: its best candidate (below; nblk 16, 4 warps, ~4 programs an SM, units loaded two steps
-# ahead) was 0.96-0.99x gemv2's time in bf16 on the H100 (23.73 vs 24.24 us at 4096 x 14336, 77.63 vs 80.00 at
-# 8192 x 28672; log docs/gpu-runs/logs/20261124T0549Z-nvidia-h100-gemv3-probe-prefetch.txt), 7% fewer issued
-# instructions (ncu, 12.16M vs 12.93M) at a lower issue rate; not worth a second kernel dialect
-HEURISTIC_GEMV3 = {"path": "gemv3", "nblk": 16, "warps": 4, "rpt": 1, "per_sm": 4}
 
 
 def gemv2_rows(m_blocks: int, n: int, k_chunks: int, bn: int, sms: int, per_sm: int = GEMV2_PROGRAMS_PER_SM) -> int:
@@ -612,11 +605,6 @@ def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> 
     wide = x_dtype == torch.float32
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
-    return heuristic_gemv2_config(x_dtype, m, n, k)
-
-
-def heuristic_gemv2_config(x_dtype: torch.dtype, m: int, n: int, k: int) -> dict:
-    """gemv2's tiles (M <= 4; see HEURISTIC_GEMV2's NOTE)."""
     bm = bucket(m)
     long_k = bm == 1 and k > HEURISTIC_GEMV2_LONG_K and k % HEURISTIC_GEMV2_LONG_K_TILE[1] == 0
     bn, bk, warps = HEURISTIC_GEMV2_LONG_K_TILE if long_k else HEURISTIC_GEMV2[bm]
@@ -672,8 +660,6 @@ def effective_bk(cfg: dict, k: int) -> int:
 def fused_ok(cfg: dict, k: int) -> bool:
     """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemv2/gemm config and a K
     chunk (a power of two >= MIN_BK dividing K: whole int32 words per row for gemv2 and the gemm)."""
-    if cfg.get("path") == "gemv3":
-        return True  # aligned_config keeps it only where gemv3_chunk found a chunk
     if cfg.get("path") in ("gemv2", "gemm") and k % 8:
         return False
     return cfg.get("path") in ("gemv", "gemv2", "gemm") and effective_bk(cfg, k) > 0
@@ -683,8 +669,6 @@ def aligned_config(cfg: dict, w: PreparedWeight, x_dtype: torch.dtype, m: int, n
                    device: torch.device) -> dict:  # fmt: skip
     """cfg, unless it reads the packed bytes as int32 words (gemv2, gemm) and they are not 4-byte aligned: then
     the gemv up to M=4, dequantize + matmul above (the gemv re-reads W for every 4 rows of x)."""
-    if cfg.get("path") == "gemv3" and gemv3_chunk(cfg, w, m, k, device) == 0:
-        cfg = heuristic_gemv2_config(x_dtype, m, n, k)
     if cfg.get("path") in ("gemv2", "gemm") and words_of(w) is None:
         return heuristic_gemv_config(x_dtype, m, n, k, _sm_count(device)) if m <= 4 else {"path": "dequant"}
     return cfg
@@ -701,48 +685,6 @@ def words_of(w: PreparedWeight) -> torch.Tensor | None:
     if not aligned or flat.numel() % 4 or not flat.is_contiguous():
         return None
     return flat.view(torch.int32)
-
-
-def units_of(w: PreparedWeight) -> torch.Tensor | None:
-    """The packed bytes as gemv3's units (a lane's share of a block: uint16 at blocksize 64, int32 at 128), or
-    None where the blocksize has none or the bytes are not aligned to the unit (by address, as words_of)."""
-    nib = gemv3.UNIT_NIBBLES.get(w.state.blocksize)
-    if nib is None:
-        return None
-    width = nib // 2
-    flat = w.A.reshape(-1)
-    aligned = _runtime.address_aligned(flat, width)
-    if aligned is None:
-        aligned = bool(flat.storage_offset() % width == 0)
-    if not aligned or flat.numel() % width or not flat.is_contiguous():
-        return None
-    return flat.view(torch.uint16 if width == 2 else torch.int32)
-
-
-def gemv3_chunk(cfg: dict, w: PreparedWeight, m: int, k: int, device: torch.device) -> int:
-    """gemv3's blocks a K chunk for this problem: the config's "nblk", halved until the chunk divides K's
-    blocks; 0 where gemv3 cannot run it (then aligned_config takes gemv2): M != 1, no Gluon kernel for this
-    Triton (linear_4bit_gemv3.AVAILABLE), not CUDA sm80+, a blocksize without a unit or bytes not aligned to it,
-    a row not a whole number of blocks, a nested group (blocksize2 blocks) not a whole number of chunks, or more
-    than 2**31 blocks (the kernel's block indices are int32)."""
-    bs = w.state.blocksize
-    if not (
-        m == 1
-        and gemv3.AVAILABLE
-        and device.type == "cuda"
-        and not _runtime.INTERPRET
-        and _runtime.native_bf16_conversion(device)
-        and k % bs == 0
-        and units_of(w) is not None
-    ):
-        return 0  # fmt: skip
-    blocks = k // bs
-    if w.state.shape[0] * blocks >= 2**31:
-        return 0
-    nblk = min(cfg.get("nblk", 8), gemv3.MAX_NBLK)
-    while nblk > 1 and (blocks % nblk or (w.code2 is not None and w.blocksize2 % nblk)):
-        nblk //= 2
-    return nblk
 
 
 def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device) -> int:
@@ -794,8 +736,6 @@ def fused_launches(
     cfg = aligned_config(cfg, w, x2.dtype, m, n, k, device)
     if not fused_ok(cfg, k):
         raise ValueError(f"fused_launches: {cfg} is not a fused config for K={k} and this weight")
-    if cfg["path"] == "gemv3":
-        return _gemv3_launches(x2, w, bias, out, cfg)
     bk = effective_bk(cfg, k)
     if cfg["path"] in ("gemv2", "gemm"):
         words = words_of(w)
@@ -938,35 +878,6 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
                           out_bf16_manual)  # fmt: skip
 
 
-def _gemv3_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Launch], torch.Tensor | None]:
-    """gemv3 (M = 1): one program per (row range, K chunk of nblk blocks); chunks > 1 go through the split-K
-    workspace and _splitk_reduce_kernel (split order 0..S-1)."""
-    k = x2.shape[1]
-    state = w.state
-    n, bs = state.shape[0], state.blocksize
-    nib = gemv3.UNIT_NIBBLES[bs]
-    nblk = gemv3_chunk(cfg, w, 1, k, x2.device)
-    split = k // (nblk * bs)
-    warps, rpt = cfg.get("warps", 4), cfg.get("rpt", 1)
-    step = rpt * 2 * warps
-    rows = cfg.get("rows") or gemv2_rows(1, n, split, step, _sm_count(x2.device), cfg.get("per_sm", 8))
-    rows = triton.cdiv(rows, step) * step
-    nested = w.code2 is not None
-    ws = torch.empty((split, 1, n), dtype=torch.float32, device=x2.device) if split > 1 else None
-    dummy = w.absmax
-    args = (x2, units_of(w), w.absmax, formats.code_table(state.quant_type, x2.device), w.code2 if nested else dummy,
-            w.absmax2 if nested else dummy, w.offset if nested else dummy, bias if bias is not None else dummy,
-            ws if ws is not None else out, n, k // nib, k // bs, x2.stride(1), rows)  # fmt: skip
-    constexprs = {"NIB": nib, "NBLK": nblk, "RPT": rpt, "WARPS": warps, "BLOCKSIZE2": w.blocksize2 if nested else 1,
-                  "NESTED": nested, "HAS_BIAS": bias is not None, "SPLIT": ws is not None,
-                  "ASM": gemv3.unit_asm(_W_CODE[state.dtype], nib)}  # fmt: skip
-    launches = [Launch(gemv3.linear_4bit_gemv3_kernel, (triton.cdiv(n, rows), split, 1), args, constexprs,
-                       {"num_warps": warps}, _fused_slots(bias, ws, False))]  # fmt: skip
-    if ws is not None:
-        launches.append(_reduce_launch(ws, bias, out, False))
-    return launches, ws
-
-
 def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
                    use_asm: bool) -> tuple[list[Launch], torch.Tensor | None]:  # fmt: skip
     """gemm: one program per (row tile, M block, K split); splits > 1 go through the split-K workspace and
@@ -986,8 +897,7 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
 
 
 _LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemv2_kernel,
-                                                 _linear_4bit_gemm_kernel, _splitk_reduce_kernel,
-                                                 gemv3.linear_4bit_gemv3_kernel) if fn is not None}  # fmt: skip
+                                                 _linear_4bit_gemm_kernel, _splitk_reduce_kernel)}  # fmt: skip
 
 
 def matmul_dequantized(x2: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -1008,8 +918,6 @@ def forward_2d(x2: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None, *
     state = w.state
     n = state.shape[0]
     cfg = aligned_config(config or config_for(x2.device, x2.dtype, m, n, k), w, x2.dtype, m, n, k, x2.device)
-    if kernel_wrap is not None and cfg.get("path") == "gemv3":  # a Gluon kernel: not launched through wrap_triton
-        cfg = heuristic_gemv2_config(x2.dtype, m, n, k)
     if fused_ok(cfg, k):
         if bias is not None and bias.stride(0) != 1:  # the kernels read bias[n] at bias_ptr + n
             bias = bias.contiguous()
