@@ -119,6 +119,35 @@ def test_heuristic_comparison_times_the_heuristic_in_the_same_sweep():
     )
 
 
+def test_linear_4bit_dump_keeps_every_candidate_and_the_heuristic():
+    """linear_4bit's configs are dicts: each candidate has its own timing in the dump (not one key per dict's
+    keys), and the comparison row names the op's heuristic."""
+    from tritonbits.ops import linear_4bit as L
+    from tritonbits_harness.bench import linear_4bit as lbench
+
+    def fake(case, config, rep_ms):
+        return 1.0 + len(tune.config_json(config)) / 1e3 + (0.5 if config.get("path") == "dequant" else 0.0)
+
+    def heuristic(case):
+        return L.heuristic_config(lbench.DTYPES[case["dtype"]], case["m"], case["n"], case["k"], 132)
+
+    op = dataclasses.replace(tune.TUNABLE["linear_4bit"], time=fake, heuristic=heuristic,
+                             candidates=lambda c: tune.linear_4bit_candidates(c["m"], c["n"], c["k"], 132))  # fmt: skip
+    reps = dict(list(tune.representatives(op).items())[:2])
+    assert reps
+    rows: list[dict] = []
+    from tritonbits_harness.bench.runner import progress_bar
+
+    with progress_bar(Console(quiet=True)) as progress:
+        entries = tune.sweep(op, 1, progress, reps, rows)
+    for r in rows:
+        case = r["case"]
+        cands = tune.linear_4bit_candidates(case["m"], case["n"], case["k"], 132)
+        assert len(r["times"]) == len({tune.config_json(c) for c in cands}) > 1
+        assert r["heuristic"] == heuristic(case)
+        assert entries[r["key"]] == min(cands, key=lambda c: fake(case, c, 1))
+
+
 def test_sweep_refuses_an_op_without_a_table():
     with pytest.raises(ValueError, match="'dequantize_4bit' has no config table"):
         tune.sweep(tune.TUNABLE["dequantize_4bit"], 1, None)

@@ -109,7 +109,7 @@ def sweep(
             raise ValueError(f"{op.name}: no candidate config for {case}")
         for cfg in candidates:
             ms = op.time(case, cfg, rep_ms)
-            times[json.dumps(list(cfg))] = ms
+            times[config_json(cfg)] = ms
             if best is None or ms < best[0]:
                 best = (ms, cfg)
             progress.advance(task)
@@ -124,6 +124,18 @@ def sweep(
             comparison.append({"key": key, "case": case, "best": best[1], "best_ms": best[0],
                                "heuristic": heuristic, "heuristic_ms": h_ms, "times": times})  # fmt: skip
     return entries
+
+
+def config_json(cfg: Any) -> str:
+    """A config as a JSON key: a tuple config (dequant_bias) as its list, a dict config (linear_4bit) with its
+    items (`list(cfg)` of a dict is its keys: every candidate would share one key)."""
+    return json.dumps(cfg, sort_keys=True) if isinstance(cfg, dict) else json.dumps(list(cfg))
+
+
+def _config_text(cfg: Any) -> str:
+    if isinstance(cfg, dict):
+        return " ".join(f"{k}={v}" for k, v in cfg.items())
+    return str(tuple(cfg))
 
 
 def count_timings(op: TunableOp, cases: dict[str, dict], compare: bool) -> int:
@@ -141,8 +153,8 @@ def print_comparison(console: Console, op_name: str, rows: list[dict], limit: fl
         ratio = r["heuristic_ms"] / r["best_ms"]
         over += ratio > limit
         mark = "[red]" if ratio > limit else ""
-        table.add_row(r["key"], " ".join(f"{k}={v}" for k, v in r["case"].items()), str(tuple(r["best"])),
-                      f"{1e3 * r['best_ms']:.2f}", str(tuple(r["heuristic"])), f"{1e3 * r['heuristic_ms']:.2f}",
+        table.add_row(r["key"], " ".join(f"{k}={v}" for k, v in r["case"].items()), _config_text(r["best"]),
+                      f"{1e3 * r['best_ms']:.2f}", _config_text(r["heuristic"]), f"{1e3 * r['heuristic_ms']:.2f}",
                       f"{mark}{ratio:.3f}")  # fmt: skip
     console.print(table)
     console.print(f"heuristic over {limit:.2f}x the tuned best at {over} of {len(rows)} keys")
@@ -399,6 +411,16 @@ def _linear_4bit_operands(m: int, k: int, n: int, dtype: str):
     return x, L._prepare(q, state), tritonbits.dequantize_4bit(q, state)
 
 
+def _linear_4bit_heuristic(case: dict) -> dict:
+    """The op's untuned choice for a case (what a key without a table entry runs)."""
+    from tritonbits.ops import linear_4bit as L
+
+    from .bench import linear_4bit as bench
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return L.heuristic_config(bench.DTYPES[case["dtype"]], case["m"], case["n"], case["k"], sms)
+
+
 def _linear_4bit_time(case: dict, config: dict, rep_ms: int) -> float:
     """CUDA-graph median of one config; a config whose result leaves the K-aware policy is refused (raises), one
     this GPU cannot hold (Triton's OutOfResources) takes inf."""
@@ -425,6 +447,8 @@ register(TunableOp(
     candidates=lambda case: linear_4bit_candidates(
         case["m"], case["n"], case["k"], torch.cuda.get_device_properties(0).multi_processor_count),
     time=_linear_4bit_time,
+    heuristic=lambda case: _linear_4bit_heuristic(case),
+    compare_cases=lambda case: True,
 ))  # fmt: skip
 
 
