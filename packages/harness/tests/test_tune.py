@@ -94,6 +94,37 @@ def test_tuning_some_keys_keeps_the_others(tmp_path, monkeypatch):
         tune.tune_table(op, "interpreter", Console(quiet=True), rep_ms=1, path=path, keys=["no such key"])
 
 
+def test_a_stopped_sweep_keeps_the_keys_it_finished(tmp_path):
+    """The table and the dump are saved after every key: a run stopped mid-sweep (a time limit) leaves the keys
+    it finished over the table as it was, not nothing (nor, for a full run, a table cut down to those keys)."""
+    path, dump = tmp_path / "dequant_bias.json", tmp_path / "dump.json"
+    op0 = dataclasses.replace(tune.TUNABLE["dequant_bias"], time=_fake_ms)
+    reps = tune.representatives(op0)
+    keys = list(reps)
+    old = {key: ["2d", 2, 512, 8] for key in reps}
+    path.write_text(json.dumps({"interpreter": old}))
+    timed: list[str] = []
+
+    def stop_at_third_key(case, config, rep_ms):
+        key = db.config_key(bench.ACC[case["acc"]], case["m"], case["n"])
+        if key not in timed:
+            timed.append(key)
+        if len(timed) == 3:
+            raise KeyboardInterrupt  # the time limit's kill, as far as the sweep can tell
+        return _fake_ms(case, config, rep_ms)
+
+    op = dataclasses.replace(op0, time=stop_at_third_key)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune_table(op, "interpreter", Console(quiet=True), rep_ms=1, path=path, dump=dump)
+    table = json.loads(path.read_text())["interpreter"]
+    done = keys[:2]
+    for key in done:
+        best = min(tune.candidate_configs(reps[key]["m"]), key=lambda cfg: _fake_ms(reps[key], cfg, 1))
+        assert table[key] == list(best)
+    assert {k: v for k, v in table.items() if k not in done} == {k: v for k, v in old.items() if k not in done}
+    assert [r["key"] for r in json.loads(dump.read_text())["rows"]] == done
+
+
 def test_candidates_name_both_paths_and_the_launcher_runs_them():
     cands = tune.candidate_configs(4096)
     assert {c[0] for c in cands} == {"1d", "2d"}

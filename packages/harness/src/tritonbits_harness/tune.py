@@ -88,11 +88,14 @@ def sweep(
     progress: Progress,
     cases: dict[str, dict] | None = None,
     comparison: list[dict] | None = None,
+    on_key: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """{key: the fastest candidate config on the key's representative case}. With `comparison` (a list to
     fill) and an op with a heuristic, the heuristic's config is timed in the same run, right after the
     candidates, and one row per key is appended: case, best config and ms, heuristic config and ms, and every
-    candidate's ms (`times`, keyed by the config as JSON) for fitting a heuristic offline."""
+    candidate's ms (`times`, keyed by the config as JSON) for fitting a heuristic offline. Each finished key is
+    printed (the progress bar is not drawn when the output is a log file) and passed to `on_key` with every
+    entry so far (tune_table saves them: a run stopped by a time limit keeps the keys it finished)."""
     if not op.has_table:
         raise ValueError(f"op {op.name!r} has no config table to sweep")
     assert op.candidates is not None and op.time is not None
@@ -116,6 +119,7 @@ def sweep(
         if best is None or best[0] == float("inf"):
             raise ValueError(f"{op.name}: no candidate for {case} ran on this GPU")
         entries[key] = best[1]
+        line = f"{op.name} {key}: best {_config_text(best[1])} {1e3 * best[0]:.2f} us of {len(candidates)}"
         if compare:
             assert op.heuristic is not None and comparison is not None
             heuristic = op.heuristic(case)
@@ -123,6 +127,10 @@ def sweep(
             progress.advance(task)
             comparison.append({"key": key, "case": case, "best": best[1], "best_ms": best[0],
                                "heuristic": heuristic, "heuristic_ms": h_ms, "times": times})  # fmt: skip
+            line += f"; heuristic {1e3 * h_ms:.2f} us ({h_ms / best[0]:.3f}x)"
+        progress.console.print(line)
+        if on_key is not None:
+            on_key(entries)
     return entries
 
 
@@ -173,7 +181,8 @@ def tune_table(
     """Sweep `op` and replace `family`'s entries of its table (configs.write; `path` overrides where); the
     heuristic is timed in the same run and compared. `keys`: tune only the keys containing one of these
     substrings and keep the family's other entries, or its fallback family's where it has none yet (a sweep too
-    long for one run, split over several)."""
+    long for one run, split over several). The table and the dump are saved after every key (`sweep`'s on_key),
+    so a run stopped by a time limit keeps what it finished."""
     reps = representatives(op)
     kept: dict[str, Any] = {}
     if keys:
@@ -188,8 +197,18 @@ def tune_table(
         kept = {k: v for k, v in old.items() if k not in reps}
     console.print(f"{op.name}: {len(reps)} keys, {count_timings(op, reps, True)} timings at --rep-ms {rep_ms}")
     comparison: list[dict] = []
+    table_file = path or configs.table_path(op.name)
+    before = json.loads(table_file.read_text()).get(family, {}) if table_file.exists() else {}
+
+    def save(done: dict[str, Any]) -> None:
+        """After each key: the keys done so far over the table as it was (a full run replaces the family's
+        entries only at its end), and the dump so far."""
+        configs.write(op.name, family, {**before, **kept, **done}, path)
+        if dump is not None:
+            dump_rows(dump, family, comparison)
+
     with progress_bar(console) as progress:
-        entries = sweep(op, rep_ms, progress, reps, comparison)
+        entries = sweep(op, rep_ms, progress, reps, comparison, on_key=save)
     written = configs.write(op.name, family, {**kept, **entries}, path)
     console.print(f"wrote {len(entries)} {op.name} configs for {family} to {written}"
                   + (f" (kept its {len(kept)} other entries)" if keys else ""))  # fmt: skip
