@@ -5,11 +5,7 @@ each tile's output is checked against the K-aware policy before it is timed; x b
 blocksize 64.
 
     python ci/linear4bit_gemv2_sweep.py --tag NAME [--ms 1,2] [--shapes KxN,...] [--dtype bf16|fp16] [--gemm]
-        [--prefetch] [--pipes 1,3] [--tiles BNxBKxWARPS,...] [--rows 1,2] [--rep 20] [--json PATH]
-        [--frag] [--gemm-only]
-
---pipes: the row loop's software-pipeline depths to time (the config's "pipe"; 1 = not pipelined). --frag: every
-gemm candidate also in the fragment order ("frag"). --gemm-only: no gemv2 tiles (M > 4).
+        [--prefetch] [--tiles BNxBKxWARPS,...] [--rows 1,2] [--rep 20] [--json PATH]
 """
 
 from __future__ import annotations
@@ -42,9 +38,6 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the benchmark's shapes)")
     ap.add_argument("--gemm", action="store_true", help="also the tensor-core gemm's candidate tiles")
     ap.add_argument("--prefetch", action="store_true", help="every gemv2 tile with and without PREFETCH")
-    ap.add_argument("--frag", action="store_true", help="every gemm candidate with and without 'frag'")
-    ap.add_argument("--gemm-only", action="store_true", help="time the gemm's candidates only")
-    ap.add_argument("--pipes", default="1", help="row-loop pipeline depths (config 'pipe'), e.g. 1,2,3,4")
     ap.add_argument("--tiles", default=None, help="BNxBKxWARPS,... (default: TILES)")
     ap.add_argument("--rows", default="1,2", help="rows a program: these multiples of the op's rule (gemv2_rows)")
     ap.add_argument("--json", default=None)
@@ -62,23 +55,20 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
             cfgs = [("default", L.config_for(x.device, x.dtype, m, n, k))]
             tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")] if args.tiles else TILES
-            for bn, bk, warps in () if args.gemm_only else tiles:
+            for bn, bk, warps in tiles:
                 if k % bk or bn * bk // 8 // (32 * warps) > 8:
                     continue
                 base = L.gemv2_rows(1, n, k // bk, bn, sms)
                 for r in sorted({max(bn, int(base * float(f)) // bn * bn) for f in args.rows.split(",")}):
-                    for pipe in (int(v) for v in args.pipes.split(",")):
-                        for pf in (False, True) if args.prefetch else (m >= 2 and pipe == 1,):
-                            cfgs.append((f"bn{bn} bk{bk} w{warps} r{r}{' pf' if pf else ''} p{pipe}",
-                                         {"path": "gemv2", "bm": L.bucket(m), "bn": bn, "bk": bk, "warps": warps,
-                                          "stages": 1, "rows": r, "prefetch": pf, "pipe": pipe}))  # fmt: skip
+                    for pf in (False, True) if args.prefetch else (m >= 2,):
+                        cfgs.append((f"bn{bn} bk{bk} w{warps} r{r}{' pf' if pf else ''}",
+                                     {"path": "gemv2", "bm": L.bucket(m), "bn": bn, "bk": bk, "warps": warps,
+                                      "stages": 1, "rows": r, "prefetch": pf}))  # fmt: skip
             if args.gemm:
                 from tritonbits_harness.tune import gemm_candidates
 
                 for cfg in gemm_candidates(m, n, k, sms):
-                    for frag in (False, True) if args.frag else (False,):
-                        cfgs.append((f"gemm bn{cfg['bn']} bk{cfg['bk']} w{cfg['warps']} s{cfg['split_k']}"
-                                     f"{' frag' if frag else ''}", {**cfg, "frag": frag}))
+                    cfgs.append((f"gemm bn{cfg['bn']} bk{cfg['bk']} w{cfg['warps']} s{cfg['split_k']}", cfg))
             best = None
             for name, cfg in cfgs:
                 try:

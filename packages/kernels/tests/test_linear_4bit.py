@@ -106,8 +106,7 @@ def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
     """The gemv2 path forced: nf4/fp4, nested or not, blocksizes 32..4096 (sub-chunks per block, a block longer
     than the chunk), M across BLOCK_M (a partial last M block), x dtype unlike W's, bias, a partial last row step
     (N=40 over BLOCK_N=16), several row ranges and K chunks (the split-K workspace), strided x; with PREFETCH on,
-    and with the row loop software-pipelined ("pipe"), the same bits as with neither (the same products in the
-    same order)."""
+    the same bits as with it off (the same products in the same order)."""
     k, m, n, x_dtype, w, prepared, wide, bias = word_case(case, out_dtype, device, gen, quantize, bnb_dequantize)
     for cfg in ({"path": "gemv2", "bm": 4, "bn": 16, "bk": 64, "warps": 4, "rows": 16},
                 {"path": "gemv2", "bm": 2, "bn": 8, "bk": 1024, "warps": 2}):  # fmt: skip
@@ -116,7 +115,6 @@ def test_gemv2(case, out_dtype, device, gen, quantize, bnb_dequantize):
             assert out.dtype == x_dtype and out.shape == (m, n)
             assert_matmul(out, x, w, bias)
             assert_exact(L.forward_2d(x, prepared, bias, config={**cfg, "prefetch": True}), out)
-            assert_exact(L.forward_2d(x, prepared, bias, config={**cfg, "prefetch": False, "pipe": 3}), out)
 
 
 @pytest.mark.parametrize("case", GEMV2_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
@@ -124,13 +122,10 @@ def test_gemm(case, out_dtype, device, gen, quantize, bnb_dequantize):
     """The tensor-core gemm forced, on gemv2's cases: sub-chunks (BLOCK_K over blocksizes 32/64), a block longer
     than the chunk, x dtype unlike W's (fp32 operands), a partial row tile (N=40 over BLOCK_N=32) and M block,
     split-K (3 splits of K/64 chunks: 3/3/2 at K=512, 1 each at K=192, 2 even ones at K=128/256, none at K=64),
-    strided x; the fragment order ("frag": K and rows permuted, x and the store alike) on one and several row
-    tiles' worth of rows (N=40 under BLOCK_N=64 and 128)."""
+    strided x."""
     k, m, n, x_dtype, w, prepared, wide, bias = word_case(case, out_dtype, device, gen, quantize, bnb_dequantize)
     for cfg in ({"path": "gemm", "bm": 16, "bn": 32, "bk": 128, "warps": 4, "split_k": 1},
-                {"path": "gemm", "bm": 16, "bn": 16, "bk": 64, "warps": 4, "split_k": 3},
-                {"path": "gemm", "bm": 16, "bn": 64, "bk": 128, "warps": 4, "split_k": 1, "frag": True},
-                {"path": "gemm", "bm": 32, "bn": 128, "bk": 64, "warps": 4, "split_k": 3, "frag": True}):  # fmt: skip
+                {"path": "gemm", "bm": 16, "bn": 16, "bk": 64, "warps": 4, "split_k": 3}):  # fmt: skip
         for x in (wide[:, :k], wide[:, ::2]):
             out = L.forward_2d(x, prepared, bias, config=cfg)
             assert out.dtype == x_dtype and out.shape == (m, n)
@@ -392,11 +387,9 @@ def test_large_shapes(m, out_dtype, device, gen, quantize, bnb_dequantize):
 # --- configs -------------------------------------------------------------------------------------------
 
 
-KNOWN_CONFIG_KEYS = {"gemv2": {"path", "bm", "bn", "bk", "warps", "stages", "rows", "per_sm", "prefetch",
-                               "pipe"},
+KNOWN_CONFIG_KEYS = {"gemv2": {"path", "bm", "bn", "bk", "warps", "stages", "rows", "per_sm", "prefetch"},
                      "gemv": {"path", "bm", "bn", "bk", "warps", "stages", "split_k", "pair"},
-                     "gemm": {"path", "bm", "bn", "bk", "warps", "stages", "split_k", "frag"},
-                     "dequant": {"path"}}  # fmt: skip
+                     "gemm": {"path", "bm", "bn", "bk", "warps", "stages", "split_k"}, "dequant": {"path"}}  # fmt: skip
 
 
 def test_table_entries_are_reachable_and_valid():

@@ -302,7 +302,7 @@ def _linear_4bit_gemv2_kernel(
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
     FTZ: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PIPE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """ "gemv2". Program (m, n, s): out rows ms = m*BLOCK_M.., the K chunk [s*BLOCK_K, (s+1)*BLOCK_K) (one chunk,
     no K loop), W rows [n*rows_per_program, ...) walked in steps of BLOCK_N. x's chunk is loaded once, as fp32,
@@ -339,7 +339,7 @@ def _linear_4bit_gemv2_kernel(
         next_words, next_absmax = _gemv2_step_inputs(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
                                                      row_lo + tl.arange(0, BLOCK_N), row_hi, K_WORDS, col, sub,
                                                      BLOCKSIZE, BLOCKSIZE2, NESTED, USE_ASM, FTZ)  # fmt: skip
-    for r0 in tl.range(row_lo, row_hi, BLOCK_N, num_stages=PIPE):
+    for r0 in range(row_lo, row_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         if PREFETCH:  # this step's inputs were loaded by the step before; load the next step's now
             words, absmax = next_words, next_absmax
@@ -397,10 +397,9 @@ def _interleave8(w0, w1, w2, w3, w4, w5, w6, w7):
 @triton.jit
 def _gemm_w_tile(words, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr,
                  LOOKUP_ASM: tl.constexpr, FTZ: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, FRAG: tl.constexpr):  # fmt: skip
+                 BLOCK_K: tl.constexpr):  # fmt: skip
     """The dot's left operand: words [BLOCK_N, NB, CW] decoded to W [BLOCK_N, BLOCK_K] in K order, in the dot's
-    dtype (W's 16-bit dtype straight from the PTX when they agree, else fp32 values of W's dtype). FRAG: words
-    [BLOCK_N, 4, JJ] (JJ = BLOCK_K // 32) decoded to W in the fragment order (`_frag_k` / `_frag_rows`)."""
+    dtype (W's 16-bit dtype straight from the PTX when they agree, else fp32 values of W's dtype)."""
     if LOOKUP_ASM and DOT_DTYPE == 2 and W_DTYPE == 2:
         w0, w1, w2, w3, w4, w5, w6, w7 = _word16_asm(words, absmax, lane_code, True)
     elif LOOKUP_ASM and DOT_DTYPE == 1 and W_DTYPE == 1:
@@ -408,13 +407,7 @@ def _gemm_w_tile(words, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MAN
     else:
         w0, w1, w2, w3, w4, w5, w6, w7 = _decode_word(words, absmax, table_ptr, lane_code, W_DTYPE, MANUAL_BF16,
                                                       LOOKUP_ASM, FTZ)  # fmt: skip
-    w = _interleave8(w0, w1, w2, w3, w4, w5, w6, w7)
-    if FRAG:
-        # [row: hi, a5, a4, a3, lo8][t, jj, e: ea, eb, ec] -> rows (hi, a4, a3, a5, lo8), k (jj, ea, eb, t, ec)
-        w = tl.reshape(w, (BLOCK_N // 64, 2, 2, 2, 8, 4, BLOCK_K // 32, 2, 2, 2))
-        w = tl.reshape(tl.permute(w, (0, 2, 3, 1, 4, 6, 7, 8, 5, 9)), (BLOCK_N, BLOCK_K))
-    else:
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    w = tl.reshape(_interleave8(w0, w1, w2, w3, w4, w5, w6, w7), (BLOCK_N, BLOCK_K))
     if DOT_DTYPE == 1:
         return w.to(tl.float16)
     elif DOT_DTYPE == 2:
@@ -424,49 +417,22 @@ def _gemm_w_tile(words, absmax, table_ptr, lane_code, W_DTYPE: tl.constexpr, MAN
 
 
 @triton.jit
-def _frag_k(BLOCK_K: tl.constexpr):
-    """FRAG: the packed column (in the chunk) of each dot position k = c + 2t + 8b + 16a + 32jj: column
-    8 * (JJ * t + jj) + 4a + 2b + c, word JJ * t + jj of the row's chunk, element 4a + 2b + c of the word."""
-    k = tl.arange(0, BLOCK_K)
-    col = 8 * ((BLOCK_K // 32) * ((k >> 1) & 3) + (k >> 5)) + 4 * ((k >> 4) & 1) + 2 * ((k >> 3) & 1) + (k & 1)
-    return tl.max_contiguous(tl.multiple_of(col, 2), 2)  # (c = 0, 1) pairs are adjacent columns
-
-
-@triton.jit
-def _frag_rows(BLOCK_N: tl.constexpr):
-    """FRAG: the tile row (of the words loaded) at each dot row r: bits (r0-2, r3, r4, r5) <- (a0-2, a5, a3, a4)."""
-    r = tl.arange(0, BLOCK_N)
-    return (r & 7) | (((r >> 4) & 3) << 3) | (((r >> 3) & 1) << 5) | (r & ~63)
-
-
-@triton.jit
 def _linear_4bit_gemm_kernel(
     x_ptr, words_ptr, absmax_ptr, table_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
     M, N, K_WORDS, stride_xm, stride_xk, stride_om, split_words,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, MANUAL_BF16: tl.constexpr, OUT_MANUAL_BF16: tl.constexpr, USE_ASM: tl.constexpr,
     FTZ: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FRAG: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """ "gemm". Program (n, m, s): out[ms, rows]^T = W[rows, :] @ x[ms, :]^T over K range s, W as the dot's
     left operand (BLOCK_N rows: the tensor-core tile's long side, so a small M pads only the short one). Per K
     chunk the W tile is read as int32 words ([BLOCK_N, NB, CW], K contiguous, 16-byte loads), decoded per word
     (_gemm_w_tile), interleaved into K order in registers and multiplied with x's [BLOCK_K, BLOCK_M] chunk;
     fp32 accumulator. A chunk is NB sub-chunks of CW words, each inside one quantization block. DOT_DTYPE:
-    1/2 = fp16/bf16 operands (x and W of that dtype: exact), 0 = fp32 "ieee".
-
-    FRAG (16-bit dots, 4 warps, BLOCK_N a multiple of 64): the dot sums over K and over nothing else, so its K
-    positions may hold the chunk's columns in any order as long as x's rows hold the same order, and its rows
-    may hold W's rows in any order as long as the store puts each back. FRAG picks the orders in which the
-    words' load layout (4 lanes along a row's 16-byte pieces, 8 lanes and the warps down the rows) already is
-    the wgmma's register layout for W (lanes t = lane % 4 own k = 2t, 2t+1, 2t+8, 2t+9 of each 16; lanes
-    lane // 4 and the warps own the rows): _frag_k, _frag_rows. Then W reaches the tensor cores without a
-    layout conversion through shared memory, and each k step's wgmma reads registers of its own (the plain
-    order's conversion reuses one set, and ptxas waits for every wgmma before the next). Exactly the same
-    products and sums per output as the plain order (the dot's K order aside)."""
+    1/2 = fp16/bf16 operands (x and W of that dtype: exact), 0 = fp32 "ieee"."""
     CW: tl.constexpr = min(BLOCK_K, BLOCKSIZE) // 8
     NB: tl.constexpr = BLOCK_K // (8 * CW)
-    JJ: tl.constexpr = BLOCK_K // 32  # FRAG: words a lane holds per row and chunk
     LOOKUP_ASM: tl.constexpr = USE_ASM and not MANUAL_BF16
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -477,33 +443,23 @@ def _linear_4bit_gemm_kernel(
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     x_cols = x_ptr + ms.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
     m_ok = (ms < M)[None, :]
-    if FRAG:
-        sub = tl.arange(0, 4) * JJ  # each lane group's first word in the chunk (inside one block: blocksize >= 32)
-        kk = _frag_k(BLOCK_K)
-        lane_code = _lane_code(table_ptr, tl.zeros((BLOCK_N, 4, JJ), tl.int32), LOOKUP_ASM)
-    else:
-        sub = tl.arange(0, NB) * CW  # each sub-chunk's first word in the chunk
-        kk = tl.arange(0, BLOCK_K)
-        lane_code = _lane_code(table_ptr, tl.zeros((BLOCK_N, NB, CW), tl.int32), LOOKUP_ASM)
+    sub = tl.arange(0, NB) * CW  # each sub-chunk's first word in the chunk
     col = sub[:, None] + tl.arange(0, CW)[None, :]  # [NB, CW]
+    kk = tl.arange(0, BLOCK_K)
+    lane_code = _lane_code(table_ptr, tl.zeros((BLOCK_N, NB, CW), tl.int32), LOOKUP_ASM)
     kw_lo = pid_k * split_words
     kw_hi = tl.minimum(kw_lo + split_words, K_WORDS)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kw0 in range(kw_lo, kw_hi, BLOCK_K // 8):
         kw0 = tl.multiple_of(kw0, BLOCK_K // 8)
-        if FRAG:  # a 2-D load (16-byte pieces along the row), then [BLOCK_N, 4, JJ]
-            words = tl.load(words_ptr + (row_word + kw0)[:, None] + tl.arange(0, BLOCK_K // 8)[None, :],
-                            mask=row_ok[:, None], other=0, eviction_policy="evict_first")  # fmt: skip
-            words = tl.reshape(words, (BLOCK_N, 4, JJ))
-        else:
-            words = tl.load(words_ptr + (row_word + kw0)[:, None, None] + col[None, :, :],
-                            mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")  # fmt: skip
+        words = tl.load(words_ptr + (row_word + kw0)[:, None, None] + col[None, :, :],
+                        mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")  # fmt: skip
         # blocks run over the flattened weight (a row may start inside one); a sub-chunk never straddles two
-        qblock = (row_word[:, None] + (kw0 + sub)[None, :]) // (BLOCKSIZE // 8)  # [BLOCK_N, NB or 4]
+        qblock = (row_word[:, None] + (kw0 + sub)[None, :]) // (BLOCKSIZE // 8)  # [BLOCK_N, NB]
         absmax = _row_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, qblock, row_ok[:, None], BLOCKSIZE2,
                              NESTED, USE_ASM, FTZ)  # fmt: skip
         w = _gemm_w_tile(words, absmax[:, :, None], table_ptr, lane_code, W_DTYPE, MANUAL_BF16, LOOKUP_ASM, FTZ,
-                         DOT_DTYPE, BLOCK_N, BLOCK_K, FRAG)  # fmt: skip
+                         DOT_DTYPE, BLOCK_N, BLOCK_K)  # fmt: skip
         xt = tl.load(x_cols + (8 * kw0 + kk).to(tl.int64)[:, None] * stride_xk, mask=m_ok, other=0.0)
         if DOT_DTYPE == 1:
             acc = tl.dot(w, xt.to(tl.float16), acc)
@@ -511,8 +467,6 @@ def _linear_4bit_gemm_kernel(
             acc = tl.dot(w, xt.to(tl.bfloat16), acc)
         else:
             acc = tl.dot(w, xt.to(tl.float32), acc, input_precision="ieee")
-    if FRAG:
-        rows = pid_n * BLOCK_N + _frag_rows(BLOCK_N)
     _store_tile(tl.trans(acc), pid_k, bias_ptr, out_ptr, ms, rows, M, N, stride_om, HAS_BIAS, OUT_MANUAL_BF16,
                 SPLIT)  # fmt: skip
 
@@ -918,18 +872,10 @@ def _gemv2_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
     rows = triton.cdiv(rows, bn) * bn
     args, ws, shared, out_bf16_manual = _word_args(x2, w, words, bias, out, split, rows, use_asm)
     constexprs = {**shared, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                  "PREFETCH": cfg.get("prefetch", GEMV2_PREFETCH), "PIPE": cfg.get("pipe", 1)}  # fmt: skip
+                  "PREFETCH": cfg.get("prefetch", GEMV2_PREFETCH)}  # fmt: skip
     grid = (m_blocks, triton.cdiv(n, rows), split)
     return _word_launches(_linear_4bit_gemv2_kernel, grid, args, constexprs, cfg, 1, use_asm, bias, ws, out,
                           out_bf16_manual)  # fmt: skip
-
-
-def frag_ok(cfg: dict, bk: int, blocksize: int) -> bool:
-    """Whether a gemm config asking for the fragment order ("frag") gets it: BLOCK_N a multiple of 64 (the row
-    order's pattern) and a lane's BLOCK_K / 4 columns of a row inside one quantization block (32 <= BLOCK_K <=
-    4 * blocksize). Otherwise the plain order: the same products. (Any dot dtype computes the same sums in
-    either order; only the 16-bit dots' register layout is the one the order is built for.)"""
-    return bool(cfg.get("frag", False)) and cfg["bn"] % 64 == 0 and 32 <= bk <= 4 * blocksize
 
 
 def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
@@ -944,7 +890,7 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
     split, k_per_split = _splits(cfg, k, bk)
     args, ws, shared, out_bf16_manual = _word_args(x2, w, words, bias, out, split, k_per_split // 8, use_asm)
     constexprs = {**shared, "DOT_DTYPE": _dot_dtype(x2.dtype, state.dtype, device), "BLOCK_M": bm, "BLOCK_N": bn,
-                  "BLOCK_K": bk, "FRAG": frag_ok(cfg, bk, state.blocksize)}  # fmt: skip
+                  "BLOCK_K": bk}  # fmt: skip
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
     return _word_launches(_linear_4bit_gemm_kernel, grid, args, constexprs, cfg, 3, use_asm, bias, ws, out,
                           out_bf16_manual)  # fmt: skip
