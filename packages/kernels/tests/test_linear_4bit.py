@@ -412,18 +412,22 @@ def test_table_entries_are_reachable_and_valid():
 
 
 def test_a_family_without_a_table_takes_its_fallback(monkeypatch):
-    """configs.FALLBACK_FAMILY: the H200 reads the H100's linear_4bit entries (it has none of its own), a family
-    with its own table reads only that one (dequant_bias has an h200 table), an unknown family none."""
+    """configs.FALLBACK_FAMILY: a family without entries of its own for an op reads its fallback family's (the
+    H200 the H100's; both checked-in tables now have h200 entries, so a table with h100 entries only stands in),
+    a family with its own table reads only that one, an unknown family none."""
     from tritonbits import _runtime
 
     h100 = configs.table("linear_4bit")["h100"]
     key = next(iter(h100))
-    assert "h200" not in configs.table("linear_4bit") and configs.FALLBACK_FAMILY["h200"] == "h100"
+    assert configs.FALLBACK_FAMILY["h200"] == "h100"
+    for op in ("dequant_bias", "linear_4bit"):
+        own = configs.table(op)
+        assert configs.family_table(op, "h200") is own["h200"] and configs.family_table(op, "h100") is own["h100"]
+    real = configs.table
+    monkeypatch.setattr(configs, "table", lambda op: {"h100": h100} if op == "linear_4bit" else real(op))
     for family, want in (("h200", h100[key]), ("h100", h100[key]), ("t4", None)):
         monkeypatch.setattr(_runtime, "gpu_family", lambda device, family=family: family)
         assert configs.lookup("linear_4bit", torch.device("cuda", 0), key) == want, family
-    own = configs.table("dequant_bias")["h200"]
-    assert configs.family_table("dequant_bias", "h200") is own
 
 
 def test_heuristic_without_a_table(device):
