@@ -1,9 +1,11 @@
 # ruff: noqa: B023  (a probe script: every lambda is used in the iteration that makes it)
 """Does where the operands land in memory move dequant_bias's time at L2-resident sizes? (GPU machine, the three
-src/ trees on PYTHONPATH.) Session 14's grid timed the table's 2-D tile at fp32 128 x 28672 at 5.23 us where an
-earlier probe (log 20261123T0938Z) had 3.96 us, while the compiled expression stayed at 4.6-4.7 us. For each case
-and each of --trials placements (a pad tensor of a random size, a multiple of 4 KiB up to 64 MiB, allocated
-before fresh operands and kept alive), CUDA-graph p50 (do_bench_cudagraph, rep 20 ms, as the benchmark times) of:
+src/ trees on PYTHONPATH.) Session 14's grid timed the public op at fp32 128 x 28672 at 5.23 us where an earlier
+probe (log 20261123T0938Z, the table then on ('2d', 16, 128, 8)) had 3.96 us, while the compiled expression stayed
+at 4.6-4.7 us. For each case and each of --trials fresh operand sets (after a pad tensor of a random size, a
+multiple of 4 KiB up to 64 MiB, meant to move them; the caching allocator still put most accumulators at the same
+offset past a 2 MiB boundary, which each line logs), CUDA-graph p50 (do_bench_cudagraph, rep 20 ms, as the
+benchmark times) of:
 the public op (the table's config), forced configs through `launch` with a preallocated out, and the static-shape
 torch.compile of the expression (compiled once per case). One line per (case, trial); a summary of each
 variant's min / median / max over the trials.
@@ -88,7 +90,8 @@ def offsets_probe(cases: str) -> None:
         a0, sa, sb, bias = bench.operands(case, dev)
         cfg = db.config_for(dev, a0.dtype, case["m"], case["n"], True)
         print(f"\n== {spec}: table config {cfg}; us (CUDA-graph p50) by byte offset past a 2 MiB boundary", flush=True)
-        obuf = torch.empty((1 << 21) + (2 << 20) + a0.numel() * 2, dtype=torch.uint8, device=dev)
+        nout = a0.numel() * bench.OUT.itemsize
+        obuf = torch.empty((1 << 21) + (2 << 20) + nout, dtype=torch.uint8, device=dev)
         abuf = torch.empty((1 << 21) + (2 << 20) + a0.numel() * a0.element_size(), dtype=torch.uint8, device=dev)
         obase = -obuf.data_ptr() % (1 << 21)
         abase = -abuf.data_ptr() % (1 << 21)
@@ -97,7 +100,7 @@ def offsets_probe(cases: str) -> None:
                 a = a0
                 out = torch.empty(a0.shape, dtype=bench.OUT, device=dev)
                 if what == "out":
-                    out = obuf[obase + off : obase + off + a0.numel() * 2].view(bench.OUT).view(a0.shape)
+                    out = obuf[obase + off : obase + off + nout].view(bench.OUT).view(a0.shape)
                 else:
                     nb = a0.numel() * a0.element_size()
                     a = abuf[abase + off : abase + off + nb].view(a0.dtype).view(a0.shape)
