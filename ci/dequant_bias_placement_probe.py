@@ -4,8 +4,8 @@ src/ trees on PYTHONPATH.) Session 14's grid timed the public op at fp32 128 x 2
 probe (log 20261123T0938Z, the table then on ('2d', 16, 128, 8)) had 3.96 us, while the compiled expression stayed
 at 4.6-4.7 us. For each case and each of --trials fresh operand sets (after a pad tensor of a random size, a
 multiple of 4 KiB up to 64 MiB, meant to move them; the caching allocator still put most accumulators at the same
-offset past a 2 MiB boundary, which each line logs), CUDA-graph p50 (do_bench_cudagraph, rep 20 ms, as the
-benchmark times) of:
+offset past a 2 MiB boundary, which each line logs), CUDA-graph p50 (timing.bench_graph, rep 20 ms, as the
+benchmark times; the logs of session 16 called do_bench_cudagraph on the default stream) of:
 the public op (the table's config), forced configs through `launch` with a preallocated out, and the static-shape
 torch.compile of the expression (compiled once per case). One line per (case, trial); a summary of each
 variant's min / median / max over the trials.
@@ -29,6 +29,7 @@ import triton
 
 import tritonbits
 from tritonbits.ops import dequant_bias as db
+from tritonbits_harness import timing
 from tritonbits_harness.bench import dequant_bias as bench
 
 CASES = "128x28672xfp32,128x28672xint32,256x14336xfp32,256x13824xfp32,2048x2560xint32,512x11008xint32,256x28672xbf16"
@@ -36,7 +37,7 @@ FORCED = (("1d", 1024, 8), ("1d", 1024, 4), ("2d", 16, 128, 8), ("2d", 32, 128, 
 
 
 def t(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+    return timing.bench_graph(fn, rep=20) * 1e3
 
 
 def main() -> None:

@@ -466,7 +466,7 @@ register(TunableOp(
     candidates=lambda case: linear_4bit_candidates(
         case["m"], case["n"], case["k"], torch.cuda.get_device_properties(0).multi_processor_count),
     time=_linear_4bit_time,
-    heuristic=lambda case: _linear_4bit_heuristic(case),
+    heuristic=_linear_4bit_heuristic,
     compare_cases=lambda case: True,
 ))  # fmt: skip
 
