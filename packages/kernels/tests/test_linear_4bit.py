@@ -389,7 +389,8 @@ def test_large_shapes(m, out_dtype, device, gen, quantize, bnb_dequantize):
 
 KNOWN_CONFIG_KEYS = {"gemv2": {"path", "bm", "bn", "bk", "warps", "stages", "rows", "per_sm", "prefetch"},
                      "gemv": {"path", "bm", "bn", "bk", "warps", "stages", "split_k", "pair"},
-                     "gemm": {"path", "bm", "bn", "bk", "warps", "stages", "split_k"}, "dequant": {"path"}}  # fmt: skip
+                     "gemm": {"path", "bm", "bn", "bk", "warps", "stages", "split_k"}, "dequant": {"path"},
+                     "mma": {"path", "warps", "split_k", "prefetch"}}  # fmt: skip
 
 
 def test_table_entries_are_reachable_and_valid():
@@ -431,22 +432,36 @@ def test_a_family_without_a_table_takes_its_fallback(monkeypatch):
 
 
 def test_heuristic_without_a_table(device):
-    for m in (1, 3, 4, 5, 16, 100, 256, 257, 4096):
-        cfg = L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132)
+    for m in (1, 3, 4, 5, 8, 9, 16, 100, 256, 257, 4096):
+        # the mma kernel up to MMA_MAX_M for 16-bit x and K a multiple of its segment (aligned_config asks again
+        # with mma=False where mma_ok refuses the problem)
+        for dtype in (torch.bfloat16, torch.float16):
+            mma = L.heuristic_config(dtype, m, 4096, 4096, 132)
+            assert (mma["path"] == "mma") == (m <= L.MMA_MAX_M), (m, mma)
+            assert L.heuristic_config(dtype, m, 4096, 4096 + 128, 132)["path"] != "mma"
+        cfg = L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132, mma=False)
         assert cfg["path"] == ("gemv2" if m <= 2 else "gemm" if m <= 128 else "dequant")
         if cfg["path"] == "gemm":  # HEURISTIC_GEMM's NOTE: BLOCK_M from M, the probe's tiles
             assert cfg["bm"] == max(16, L.bucket(m)) and cfg["split_k"] >= 1
-            wide_n = L.heuristic_config(torch.bfloat16, m, 14336, 4096, 132)
+            wide_n = L.heuristic_config(torch.bfloat16, m, 14336, 4096, 132, mma=False)
             assert wide_n["bn"] == (64 if m <= 32 else cfg["bn"])
         wide = L.heuristic_config(torch.float32, m, 4096, 4096, 132)
         assert wide["path"] == ("gemv2" if m <= 4 else "dequant")
-        for cfg in (L.heuristic_config(torch.bfloat16, m, 4096, 4096, 132), wide):
-            if cfg["path"] != "dequant":
-                assert set(cfg) <= KNOWN_CONFIG_KEYS[cfg["path"]], cfg
+        for chosen in (mma, cfg, wide):
+            if chosen["path"] != "dequant":
+                assert set(chosen) <= KNOWN_CONFIG_KEYS[chosen["path"]], chosen
+    # the heuristic's splits: MMA_SPLIT, fewer where K has fewer than 2 segments a split
+    assert [L.heuristic_config(torch.bfloat16, 1, 4096, k, 132)["split_k"] for k in (256, 512, 1024, 4096, 14336)] == [
+        1,
+        1,
+        2,
+        8,
+        8,
+    ]
 
     # HEURISTIC_GEMV2's NOTE: M=1 32 x 128 up to K=4096, 8 x 1024 above when 1024 divides K; M=2 16 x 512, 4 an SM
     def tile(m: int, k: int) -> tuple:
-        cfg = L.heuristic_config(torch.bfloat16, m, 4096, k, 132)
+        cfg = L.heuristic_config(torch.bfloat16, m, 4096, k, 132, mma=False)
         return cfg["bn"], cfg["bk"], cfg["warps"], cfg["per_sm"]
 
     assert tile(1, 4096) == (32, 128, 4, 8) and tile(1, 14336) == (8, 1024, 4, 8) and tile(1, 8192) == (8, 1024, 4, 8)

@@ -375,6 +375,23 @@ def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     return out
 
 
+# (warps, K splits) of the mma kernel (linear_4bit_mma, M <= 16): the probe's grid (ci/linear4bit_mma_probe.py; 4
+# warps with 8 splits within ~2% of each issue shape's best at M = 1 and 4 on the H100)
+MMA_WARPS = (2, 4, 8)
+MMA_SPLITS = (2, 4, 8, 16)
+
+
+def mma_candidates(m: int, n: int, k: int) -> list[dict]:
+    """mma configs for M <= 16 (x and W of one 16-bit dtype, K a multiple of 256: the tuner's cases are)."""
+    from tritonbits.ops import linear_4bit as L
+
+    if m > L.mma4.MAX_M or k % L.mma4.SEGMENT:
+        return []
+    segs = k // L.mma4.SEGMENT
+    return [{"path": "mma", "warps": warps, "split_k": split, "prefetch": True}
+            for warps in MMA_WARPS for split in MMA_SPLITS if split <= segs]  # fmt: skip
+
+
 def linear_4bit_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """Configs worth timing for one (M, N, K): gemv2 tiles up to M=4, gemv tiles up to M=8 on small weights (both
     decode tables), tensor-core gemm tiles up to M=256, dequantize + cuBLAS from M=16; split-K from the op's own rule
@@ -383,7 +400,7 @@ def linear_4bit_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 
     from tritonbits.ops import linear_4bit as L
 
-    out: list[dict] = gemv2_candidates(m, n, k, sms)
+    out: list[dict] = gemv2_candidates(m, n, k, sms) + mma_candidates(m, n, k)
     if m <= 8 and n * k < GEMV_MAX_NK:
         bm = L.bucket(m)
         for bn, bk, warps in GEMV_TILES:

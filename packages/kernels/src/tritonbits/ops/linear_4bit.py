@@ -46,6 +46,7 @@ from .._launcher import BoundLaunch, CachedLauncher
 from .._triton_helpers import mul_ftz, mul_ftz_add_rn, store_float
 from ..quant_state import PreparedWeight, QuantState, prepare, validate
 from . import dequantize_4bit as dq
+from . import linear_4bit_mma as mma4
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _W_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # W_DTYPE / DOT_DTYPE constexprs
@@ -598,11 +599,30 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
             "split_k": min(split, HEURISTIC_GEMM_MAX_SPLIT)}  # fmt: skip
 
 
-def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int) -> dict:
-    """For keys the GPU family's table lacks: gemv2 up to M=2 (see its NOTE), the tensor-core gemm up to
-    HEURISTIC_GEMM_MAX_M, dequantize + cuBLAS above. fp32 x: gemv2 up to M=4, then dequantize + cuBLAS (the
-    gemm's fp32 dot is not a tensor-core one)."""
+# NOTE: the "mma" kernel (linear_4bit_mma: per-block tables in each thread, byte-permute decode, mma.sync), H100, bf16,
+# nf4 nested bs64, CUDA graphs, against the op's paths of the time (gemv2 at M=1, the table's gemm / gemv2 at M=4)
+# and bnb.matmul_4bit in one run (ci/linear4bit_mma_probe.py, log docs/gpu-runs/logs/20261124T1005Z-nvidia-h100-
+# mma-probe.txt): M=1 1.11-1.18x faster than gemv2 (8192 x 28672: 68.4 vs 80.5 us, bnb 98.6), M=4 1.46-1.66x
+# faster than the table's entries (4096 x 14336: 22.1 vs 33.5 us, bnb 64.4; 8192 x 28672: 73.1 vs 121.2, bnb
+# 347.9). 4 warps with 8 K splits was within ~2% of each shape's best at M=1 and M=4 (4 splits at 4096 x 28672 M=4
+# within 2%). At M=16 (two n tiles) it took 1.15-1.2x the gemm's time (x is re-read by every lane group from L1: 4x
+# the line accesses of M=4), so the heuristic keeps it to M <= MMA_MAX_M.
+MMA_MAX_M = 8
+MMA_SPLIT = 8
+
+
+def heuristic_mma_config(k: int) -> dict:
+    return {"path": "mma", "warps": 4, "split_k": max(1, min(MMA_SPLIT, k // (2 * mma4.SEGMENT))), "prefetch": True}
+
+
+def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int, mma: bool = True) -> dict:
+    """For keys the GPU family's table lacks: the mma kernel up to MMA_MAX_M for 16-bit x (where `mma_ok` takes
+    the problem: else `aligned_config` asks again with mma=False), gemv2 up to M=2 (see its NOTE), the
+    tensor-core gemm up to HEURISTIC_GEMM_MAX_M, dequantize + cuBLAS above. fp32 x: gemv2 up to M=4, then
+    dequantize + cuBLAS (the gemm's fp32 dot is not a tensor-core one)."""
     wide = x_dtype == torch.float32
+    if mma and not wide and m <= MMA_MAX_M and k % mma4.SEGMENT == 0:
+        return heuristic_mma_config(k)
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
@@ -660,15 +680,20 @@ def effective_bk(cfg: dict, k: int) -> int:
 def fused_ok(cfg: dict, k: int) -> bool:
     """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemv2/gemm config and a K
     chunk (a power of two >= MIN_BK dividing K: whole int32 words per row for gemv2 and the gemm)."""
+    if cfg.get("path") == "mma":
+        return True  # aligned_config keeps it only where mma_ok
     if cfg.get("path") in ("gemv2", "gemm") and k % 8:
         return False
     return cfg.get("path") in ("gemv", "gemv2", "gemm") and effective_bk(cfg, k) > 0
 
 
 def aligned_config(cfg: dict, w: PreparedWeight, x_dtype: torch.dtype, m: int, n: int, k: int,
-                   device: torch.device) -> dict:  # fmt: skip
+                   device: torch.device, x2: torch.Tensor | None = None) -> dict:  # fmt: skip
     """cfg, unless it reads the packed bytes as int32 words (gemv2, gemm) and they are not 4-byte aligned: then
-    the gemv up to M=4, dequantize + matmul above (the gemv re-reads W for every 4 rows of x)."""
+    the gemv up to M=4, dequantize + matmul above (the gemv re-reads W for every 4 rows of x). An "mma" config
+    where `mma_ok` refuses the problem (or no x2 is given) takes heuristic_config instead."""
+    if cfg.get("path") == "mma" and (x2 is None or not mma_ok(w, x2, device)):
+        cfg = heuristic_config(x_dtype, m, n, k, _sm_count(device), mma=False)
     if cfg.get("path") in ("gemv2", "gemm") and words_of(w) is None:
         return heuristic_gemv_config(x_dtype, m, n, k, _sm_count(device)) if m <= 4 else {"path": "dequant"}
     return cfg
@@ -685,6 +710,30 @@ def words_of(w: PreparedWeight) -> torch.Tensor | None:
     if not aligned or flat.numel() % 4 or not flat.is_contiguous():
         return None
     return flat.view(torch.int32)
+
+
+def mma_ok(w: PreparedWeight, x2: torch.Tensor, device: torch.device) -> bool:
+    """Whether the "mma" kernel (linear_4bit_mma) takes this problem: a Triton its Gluon kernel ran on, CUDA sm80+
+    (not the interpreter), 1 <= M <= 16, x and W both fp16 or both bf16, K a multiple of 256 and of the
+    blocksize, a blocksize that is a multiple of 64, W readable as int32 words, and x readable as 4-byte pairs:
+    16-byte aligned (the plans' key records that), contiguous along K, an even row stride."""
+    m, k = x2.shape
+    state = w.state
+    return bool(
+        mma4.AVAILABLE
+        and device.type == "cuda"
+        and not _runtime.INTERPRET
+        and _runtime.native_bf16_conversion(device)
+        and 1 <= m <= mma4.MAX_M
+        and x2.dtype == state.dtype
+        and x2.dtype in (torch.float16, torch.bfloat16)
+        and k % mma4.SEGMENT == 0
+        and state.blocksize % 64 == 0
+        and k % state.blocksize == 0
+        and (x2.stride(1) == 1 and (m == 1 or x2.stride(0) % 2 == 0))
+        and _runtime.address_aligned(x2, 16)
+        and words_of(w) is not None
+    )  # fmt: skip
 
 
 def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device) -> int:
@@ -733,9 +782,11 @@ def fused_launches(
     state = w.state
     n = state.shape[0]
     device = x2.device
-    cfg = aligned_config(cfg, w, x2.dtype, m, n, k, device)
+    cfg = aligned_config(cfg, w, x2.dtype, m, n, k, device, x2)
     if not fused_ok(cfg, k):
         raise ValueError(f"fused_launches: {cfg} is not a fused config for K={k} and this weight")
+    if cfg["path"] == "mma":
+        return _mma_launches(x2, w, bias, out, cfg)
     bk = effective_bk(cfg, k)
     if cfg["path"] in ("gemv2", "gemm"):
         words = words_of(w)
@@ -896,8 +947,40 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
                           out_bf16_manual)  # fmt: skip
 
 
+def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Launch], torch.Tensor | None]:
+    """mma (M <= 16, `mma_ok`): one program per (16 * warps W rows, K split of whole 256-column segments); splits
+    > 1 go through the split-K workspace and _splitk_reduce_kernel (split order 0..S-1)."""
+    m, k = x2.shape
+    state = w.state
+    n, bs = state.shape[0], state.blocksize
+    warps = cfg.get("warps", 4)
+    segs = k // mma4.SEGMENT
+    per_split = triton.cdiv(segs, max(1, min(cfg.get("split_k", 1), segs)))
+    split = triton.cdiv(segs, per_split)
+    nested = w.code2 is not None
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
+    dummy = w.absmax
+    bf16 = state.dtype == torch.bfloat16
+    args = (x2, words_of(w), w.absmax, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
+            w.offset if nested else dummy, bias if bias is not None else dummy, ws if ws is not None else out,
+            m, n, k // 8, k // bs, x2.stride(0) // 2, out.stride(0), per_split * mma4.SEGMENT // 8)  # fmt: skip
+    constexprs = {"BLOCKSIZE": bs, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
+                  "HAS_BIAS": bias is not None, "SPLIT": ws is not None, "NT": 1 if m <= 8 else 2, "WARPS": warps,
+                  "PREFETCH": bool(cfg.get("prefetch", True)),
+                  "TABLE": mma4.table_asm(formats.code_values(state.quant_type).tolist(), bf16),
+                  "MMA": mma4.mma_asm(bf16)}  # fmt: skip
+    slots = ((0, "x"),) + (((6, "bias"),) if bias is not None else ()) + ((7, "ws" if ws is not None else "out"),)
+    launches = [Launch(mma4.linear_4bit_mma_kernel, (triton.cdiv(n, 16 * warps), split, 1), args, constexprs,
+                       {"num_warps": warps}, slots)]  # fmt: skip
+    if ws is not None:
+        launches.append(_reduce_launch(ws, bias, out, False))
+    return launches, ws
+
+
 _LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemv2_kernel,
                                                  _linear_4bit_gemm_kernel, _splitk_reduce_kernel)}  # fmt: skip
+if mma4.linear_4bit_mma_kernel is not None:
+    _LAUNCHERS[mma4.linear_4bit_mma_kernel] = CachedLauncher(mma4.linear_4bit_mma_kernel)
 
 
 def matmul_dequantized(x2: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -917,7 +1000,10 @@ def forward_2d(x2: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None, *
     m, k = x2.shape
     state = w.state
     n = state.shape[0]
-    cfg = aligned_config(config or config_for(x2.device, x2.dtype, m, n, k), w, x2.dtype, m, n, k, x2.device)
+    cfg = config or config_for(x2.device, x2.dtype, m, n, k)
+    if kernel_wrap is not None and cfg.get("path") == "mma":  # a Gluon kernel: not through wrap_triton
+        cfg = heuristic_config(x2.dtype, m, n, k, _sm_count(x2.device), mma=False)
+    cfg = aligned_config(cfg, w, x2.dtype, m, n, k, x2.device, x2)
     if fused_ok(cfg, k):
         if bias is not None and bias.stride(0) != 1:  # the kernels read bias[n] at bias_ptr + n
             bias = bias.contiguous()
@@ -1061,7 +1147,7 @@ class _Plan:
         self.device, self.dtype = device, x.dtype
         self.x2_shape = None if x.dim() == 2 else (m, k)  # None: x is passed as it is
         self.out_shape = (*x.shape[:-1], n)
-        cfg = aligned_config(config_for(device, x.dtype, m, n, k), w, x.dtype, m, n, k, device)
+        cfg = aligned_config(config_for(device, x.dtype, m, n, k), w, x.dtype, m, n, k, device, x2)
         self.dequant = not fused_ok(cfg, k)
         self.bias_copy = not self.dequant and bias is not None and bias.stride(0) != 1
         self.wd_dtype = state.dtype

@@ -1,0 +1,333 @@
+"""linear_4bit's "mma" kernel (M <= 16, x and W both fp16 or both bf16): each block's 16 weights as a table in the
+thread's registers, looked up by byte permutes straight into tensor-core operands.
+
+The decode is the work at small M (docs/kernels/linear_4bit.md: ~6.3-6.7 SASS instructions a weight in gemv2 and
+the gemm: a shuffle lookup, a flushing multiply and a rounding conversion on every weight). Here one thread owns a
+whole quantization block of a row, so it builds that block's table once: entry c = to_wdtype(ftz(fl32(code[c] *
+absmax))) for c = 0..15 (16 multiplies, 8 packed conversions, the entries split into a low-byte and a high-byte
+plane of four registers each). A packed int32 word (8 weights) is then decoded by `prmt` byte permutes: the
+nibbles' low three bits select a byte from the planes' two halves, the fourth bit picks the half, and two more
+permutes pair the bytes into four 16-bit operand registers (22 instructions a word, no multiply, no conversion).
+Those registers are the A operand of `mma.sync.m16n8k16` as they stand: the K order inside the tensor-core step
+is a permutation of the thread's own columns, and x (the B operand) is read in the same permutation, so the
+products are the weights' exact ones (fp32 accumulation, the tensor core's order).
+
+Layout (one warp): lane = 4 g + t. A warp owns 16 W rows at a time (g and g + 8, the mma's two row halves) and a
+256-column segment: lane t owns columns [64 t, 64 t + 64) of it, a block of blocksize 64 (or part of a bigger one),
+so its 8 words of row g and 8 of row g + 8 each feed two mmas with its own table. x's row n = g (and 8 + g for
+the second n tile) is the B operand, held by the lanes of group g. The K loop walks the segments of the
+program's split; D (the mma accumulators: rows g, g + 8 by batch rows 2t, 2t + 1) stays in registers; splits > 1
+go through the split-K workspace as the other fused kernels do.
+
+GPU only (Gluon, inline PTX; no interpreter): the op uses it on CUDA sm80+ with a Triton it was run on
+(`AVAILABLE`), K a multiple of 256, blocksize a multiple of 64, x contiguous along K and W's words 4-byte
+aligned (linear_4bit.mma_ok). Sum order: the tensor core's inside each 16-column step, the steps in K order,
+then the splits in order 0..S-1.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import triton
+
+try:  # Gluon: triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover - the CPU toolchain has Gluon too
+    gluon = gl = None
+
+# NOTE: the Triton versions this kernel has run on (GPU tests and benchmarks: Triton 3.6 on the H100/H200 machine);
+# Gluon is experimental and changes between releases, so any other version takes the other paths
+TESTED_TRITON = ("3.6",)
+AVAILABLE = gluon is not None and any(triton.__version__.startswith(v) for v in TESTED_TRITON)
+SEGMENT = 256  # K columns a warp covers a step: 4 lanes x 64
+MAX_M = 16  # two n tiles of the m16n8k16 mma
+
+
+def _f32_hex(value: float) -> str:
+    return f"0f{struct.unpack('<I', struct.pack('<f', value))[0]:08X}"
+
+
+def table_asm(code: list[float], bf16: bool) -> str:
+    """PTX: absmax $8 -> the block's 16-entry table as byte planes, $0..$3 the low bytes of entries 0-3, 4-7, 8-11,
+    12-15 and $4..$7 their high bytes; entry c = to_wdtype(ftz(fl32(code[c] * absmax))) (the code as immediates)."""
+    cvt = "cvt.rn.bf16x2.f32" if bf16 else "cvt.rn.f16x2.f32"
+    lines = ["{", ".reg .b32 v<16>, e<8>;"]
+    lines += [f"mul.rn.ftz.f32 v{c}, $8, {_f32_hex(code[c])};" for c in range(16)]
+    lines += [f"{cvt} e{j}, v{2 * j + 1}, v{2 * j};" for j in range(8)]  # entry 2j in the low half
+    for p in range(4):
+        lines += [
+            f"prmt.b32 ${p}, e{2 * p}, e{2 * p + 1}, 0x6420;",
+            f"prmt.b32 ${4 + p}, e{2 * p}, e{2 * p + 1}, 0x7531;",
+        ]
+    lines.append("}")
+    return " ".join(lines)
+
+
+def _half_lookup(sel_src: str, cx: str, sel: str, out0: str, out1: str) -> list[str]:
+    """Four nibbles (selector bits 0..15 of sel_src) -> two operand registers (elements in K order)."""
+    return [
+        f"prmt.b32 a1, $5, $6, {sel_src};",  # low bytes, entries 0-7 (nibbles >= 8 give junk, not selected)
+        f"prmt.b32 a2, $7, $8, {cx};",  # low bytes, entries 8-15 (bit 3 flipped: raw mode for those)
+        f"prmt.b32 b1, $9, $10, {sel_src};",
+        f"prmt.b32 b2, $11, $12, {cx};",
+        f"prmt.b32 lo, a1, a2, {sel};",  # byte i from a2 where nibble i has bit 3
+        f"prmt.b32 hi, b1, b2, {sel};",
+        # lo/hi hold elements (1, 0, 3, 2) of the four (bnb: the high nibble is the even element)
+        f"prmt.b32 {out0}, lo, hi, 0x4051;",
+        f"prmt.b32 {out1}, lo, hi, 0x6273;",
+    ]
+
+
+def decode_asm() -> str:
+    """PTX: word $4 (8 weights: byte j holds elements 2j (high nibble) and 2j + 1) and the block's planes $5..$12
+    (table_asm's $0..$7) -> $0..$3 = the weight pairs (0, 1), (2, 3), (4, 5), (6, 7), the lower element in the low
+    half."""
+    lines = ["{", ".reg .b32 cx, sel, t, a1, a2, b1, b2, lo, hi;",
+             "xor.b32 cx, $4, 0x88888888;", "shr.u32 t, $4, 1;", "and.b32 t, t, 0x44444444;",
+             "or.b32 sel, t, 0x32103210;"]  # fmt: skip
+    lines += _half_lookup("$4", "cx", "sel", "$0", "$1")
+    lines += ["shr.u32 t, $4, 16;", "shr.u32 cx, cx, 16;", "shr.u32 sel, sel, 16;"]
+    lines += _half_lookup("t", "cx", "sel", "$2", "$3")
+    lines.append("}")
+    return " ".join(lines)
+
+
+def mma_asm(bf16: bool) -> str:
+    """PTX: D ($0..$3) = A ($4..$7) B ($8, $9) + C ($10..$13), m16n8k16, fp32 accumulators."""
+    t = "bf16" if bf16 else "f16"
+    return (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, "
+            "{$10, $11, $12, $13};")  # fmt: skip
+
+
+_ABSMAX_ASM = "{ .reg .f32 t; mul.rn.ftz.f32 t, $1, $2; add.rn.f32 $0, t, $3; }"  # bnb's nested absmax
+
+if gl is not None:
+    _ABSMAX = gl.constexpr(_ABSMAX_ASM)
+    _DECODE = gl.constexpr(decode_asm())
+
+    @gluon.jit
+    def _split8(v, L: gl.constexpr):
+        """[R, 4, 8] (the 8 in one thread) -> its 8 slices [R, 4] in layout L (register renames only)."""
+        v = v.reshape([v.shape[0], 4, 2, 2, 2])
+        e, o = v.split()  # the last index (i & 1)
+        e0, e2 = e.split()
+        o0, o2 = o.split()
+        v0, v4 = e0.split()
+        v2, v6 = e2.split()
+        v1, v5 = o0.split()
+        v3, v7 = o2.split()
+        return (
+            gl.convert_layout(v0, L, assert_trivial=True),
+            gl.convert_layout(v1, L, assert_trivial=True),
+            gl.convert_layout(v2, L, assert_trivial=True),
+            gl.convert_layout(v3, L, assert_trivial=True),
+            gl.convert_layout(v4, L, assert_trivial=True),
+            gl.convert_layout(v5, L, assert_trivial=True),
+            gl.convert_layout(v6, L, assert_trivial=True),
+            gl.convert_layout(v7, L, assert_trivial=True),
+        )
+
+    @gluon.jit
+    def _split4(v, L: gl.constexpr):
+        """[R, 4, 4] (the 4 in one thread) -> its 4 slices [R, 4] in layout L."""
+        v = v.reshape([v.shape[0], 4, 2, 2])
+        e, o = v.split()
+        v0, v2 = e.split()
+        v1, v3 = o.split()
+        return (
+            gl.convert_layout(v0, L, assert_trivial=True),
+            gl.convert_layout(v1, L, assert_trivial=True),
+            gl.convert_layout(v2, L, assert_trivial=True),
+            gl.convert_layout(v3, L, assert_trivial=True),
+        )
+
+    @gluon.jit
+    def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qblock, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr):
+        if NESTED:
+            q = gl.load(absmax_ptr + qblock).to(gl.int32)
+            a2 = gl.load(absmax2_ptr + qblock // BLOCKSIZE2)
+            return gl.inline_asm_elementwise(_ABSMAX, "=r,r,r,r", [gl.load(code2_ptr + q), a2, off],
+                                             dtype=gl.float32, is_pure=True, pack=1)  # fmt: skip
+        else:
+            return gl.load(absmax_ptr + qblock)
+
+    @gluon.jit
+    def _table(am, TABLE: gl.constexpr):
+        return gl.inline_asm_elementwise(TABLE, "=r,=r,=r,=r,=r,=r,=r,=r,r", [am],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32, gl.int32, gl.int32,
+                                                gl.int32, gl.int32), is_pure=True, pack=1)  # fmt: skip
+
+    @gluon.jit
+    def _decode(word, tab):
+        return gl.inline_asm_elementwise(_DECODE, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                         [word, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
+                                         pack=1)  # fmt: skip
+
+    @gluon.jit
+    def _mma(a0, a1, a2, a3, b0, b1, acc, MMA: gl.constexpr):
+        return gl.inline_asm_elementwise(MMA, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+                                         [a0, a1, a2, a3, b0, b1, acc[0], acc[1], acc[2], acc[3]],
+                                         dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True,
+                                         pack=1)  # fmt: skip
+
+    @gluon.jit
+    def _x_word(x_seg, i: gl.constexpr, L: gl.constexpr):
+        """x's 8 elements of the lane's word i as 4 bf16/f16 pairs (int32) of its batch row ([R, 4] each)."""
+        return _split4(gl.load(x_seg + 4 * i), L)
+
+    @gluon.jit
+    def _word_mmas(wa, wb, ta, tb, xa, xb, acc0, acc1, NT: gl.constexpr, MMA: gl.constexpr):
+        """One word of row g (wa) and of row g + 8 (wb): two mmas per n tile."""
+        p0, p1, p2, p3 = _decode(wa, ta)
+        q0, q1, q2, q3 = _decode(wb, tb)
+        acc0 = _mma(p0, q0, p1, q1, xa[0], xa[1], acc0, MMA)
+        acc0 = _mma(p2, q2, p3, q3, xa[2], xa[3], acc0, MMA)
+        if NT == 2:
+            acc1 = _mma(p0, q0, p1, q1, xb[0], xb[1], acc1, MMA)
+            acc1 = _mma(p2, q2, p3, q3, xb[2], xb[3], acc1, MMA)
+        return acc0, acc1
+
+    @gluon.jit
+    def _store(acc, n0, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS: gl.constexpr,
+               SPLIT: gl.constexpr):  # fmt: skip
+        """acc[j] = D[rows, n0 + j] (j = 0, 1): into the workspace [S, M, N] or, + bias, into out."""
+        _store1(acc[0], n0, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        _store1(acc[1], n0 + 1, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+
+    @gluon.jit
+    def _store1(d, n, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr):
+        ok = (n < M) & (rows < N)
+        if SPLIT:
+            gl.store(out_ptr + (pid_s * M + n).to(gl.int64) * N + rows, d, mask=ok)
+        else:
+            if HAS_BIAS:
+                d += gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+            gl.store(out_ptr + n.to(gl.int64) * stride_om + rows, d.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @gluon.jit
+    def _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3, w3, qrow_a, qrow_b, t, kw,
+                   K_WORDS, BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr):  # fmt: skip
+        """The segment at word kw: its words of rows g ([R, 4, 8]) and g + 8, and the two rows' absmax ([R, 4];
+        qrow_*: the rows' first block, int64)."""
+        wa = gl.load(words_ptr + (row_a3 + (kw + w3)), eviction_policy="evict_first")
+        wb = gl.load(words_ptr + (row_b3 + (kw + w3)), eviction_policy="evict_first")
+        qcol = (8 * kw + 64 * t) // BLOCKSIZE  # [1, 4]: the lane's block in the row
+        am_a = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow_a + qcol, BLOCKSIZE2, NESTED)
+        am_b = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow_b + qcol, BLOCKSIZE2, NESTED)
+        return wa, wb, am_a, am_b
+
+    @gluon.jit
+    def _acc_add(a, b):
+        return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+    @gluon.jit
+    def linear_4bit_mma_kernel(
+        x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
+        M, N, K_WORDS, BLOCKS_PER_ROW, stride_xm, stride_om, words_per_split,
+        BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
+        SPLIT: gl.constexpr, NT: gl.constexpr, WARPS: gl.constexpr, PREFETCH: gl.constexpr, TABLE: gl.constexpr,
+        MMA: gl.constexpr,
+    ):  # fmt: skip
+        """out[n, rows] (n < M <= 8 NT) over the K split pid_s (words_per_split words, a multiple of 32), for the
+        16 WARPS W rows of program pid_r. x_ptr: x [M, K] (fp16/bf16, read as int32 pairs; row stride stride_xm pairs);
+        words_ptr: W as int32 words [N, K_WORDS = K / 8]; K a multiple of the blocksize."""
+        R: gl.constexpr = 8 * WARPS
+        L: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [WARPS, 1], [1, 0])
+        L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([1, 1, 4], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])
+        pid_r = gl.program_id(0)
+        pid_s = gl.program_id(1)
+        # [R, 4] indices: r = 8 warp + g, t
+        r = gl.expand_dims(gl.arange(0, R, gl.SliceLayout(1, L)), 1)
+        t = gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, L)), 0)
+        row_a = pid_r * (16 * WARPS) + (r // 8) * 16 + r % 8
+        row_b = row_a + 8
+        qrow_a = gl.minimum(row_a, N - 1).to(gl.int64) * BLOCKS_PER_ROW  # rows past N re-read row N - 1
+        qrow_b = gl.minimum(row_b, N - 1).to(gl.int64) * BLOCKS_PER_ROW
+        # [R, 4, 8] offsets for the word loads
+        r3 = gl.expand_dims(gl.expand_dims(gl.arange(0, R, gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
+        i3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+        t3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
+        w3 = 8 * t3 + i3  # [1, 4, 8]: word i of lane t's 64 columns, from the segment's first word
+        row3 = pid_r * (16 * WARPS) + (r3 // 8) * 16 + r3 % 8
+        row_a3 = gl.minimum(row3, N - 1).to(gl.int64) * K_WORDS
+        row_b3 = gl.minimum(row3 + 8, N - 1).to(gl.int64) * K_WORDS
+        # x: the lane's batch row n = g (tile 0) and 8 + g (tile 1), [R, 4, 4] pairs a word. Rows past M read row
+        # M - 1: B's column n only reaches D's column n, which is not stored
+        rx = gl.expand_dims(gl.expand_dims(gl.arange(0, R, gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
+        tx = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
+        jx = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+        xi = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)  # x as 4-byte pairs
+        xa_rows = xi + gl.minimum(rx % 8, M - 1).to(gl.int64) * stride_xm + 32 * tx + jx
+        xb_rows = xi + gl.minimum(rx % 8 + 8, M - 1).to(gl.int64) * stride_xm + 32 * tx + jx
+        off = 0.0
+        if NESTED:
+            off = gl.load(offset_ptr)
+        kw_lo = pid_s * words_per_split
+        kw_hi = gl.minimum(kw_lo + words_per_split, K_WORDS)
+        zero = gl.zeros([R, 4], gl.float32, L)
+        acc0 = (zero, zero, zero, zero)  # tile 0, even words
+        acc1 = (zero, zero, zero, zero)  # tile 1, even words
+        acc2 = (zero, zero, zero, zero)  # tile 0, odd words (two mma chains)
+        acc3 = (zero, zero, zero, zero)
+        if PREFETCH:
+            nwa, nwb, nam_a, nam_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3,
+                                                w3, qrow_a, qrow_b, t, kw_lo, K_WORDS, BLOCKSIZE, BLOCKSIZE2,
+                                                NESTED)  # fmt: skip
+        for kw in range(kw_lo, kw_hi, 32):
+            if PREFETCH:
+                wa, wb, am_a, am_b = nwa, nwb, nam_a, nam_b
+                nxt = gl.minimum(kw + 32, kw_hi - 32)  # the last step re-reads its own segment
+                nwa, nwb, nam_a, nam_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3,
+                                                    row_b3, w3, qrow_a, qrow_b, t, nxt, K_WORDS, BLOCKSIZE,
+                                                    BLOCKSIZE2, NESTED)  # fmt: skip
+            else:
+                wa, wb, am_a, am_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3,
+                                                w3, qrow_a, qrow_b, t, kw, K_WORDS, BLOCKSIZE, BLOCKSIZE2,
+                                                NESTED)  # fmt: skip
+            ta = _table(am_a, TABLE)
+            tb = _table(am_b, TABLE)
+            wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _split8(wa, L)
+            wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _split8(wb, L)
+            xa = xa_rows + 4 * kw
+            xa0 = _x_word(xa, 0, L)
+            xa1 = _x_word(xa, 1, L)
+            xa2 = _x_word(xa, 2, L)
+            xa3 = _x_word(xa, 3, L)
+            xa4 = _x_word(xa, 4, L)
+            xa5 = _x_word(xa, 5, L)
+            xa6 = _x_word(xa, 6, L)
+            xa7 = _x_word(xa, 7, L)
+            if NT == 2:
+                xb = xb_rows + 4 * kw
+                xb0 = _x_word(xb, 0, L)
+                xb1 = _x_word(xb, 1, L)
+                xb2 = _x_word(xb, 2, L)
+                xb3 = _x_word(xb, 3, L)
+                xb4 = _x_word(xb, 4, L)
+                xb5 = _x_word(xb, 5, L)
+                xb6 = _x_word(xb, 6, L)
+                xb7 = _x_word(xb, 7, L)
+            else:
+                xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7
+            acc0, acc1 = _word_mmas(wa0, wb0, ta, tb, xa0, xb0, acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa1, wb1, ta, tb, xa1, xb1, acc2, acc3, NT, MMA)
+            acc0, acc1 = _word_mmas(wa2, wb2, ta, tb, xa2, xb2, acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa3, wb3, ta, tb, xa3, xb3, acc2, acc3, NT, MMA)
+            acc0, acc1 = _word_mmas(wa4, wb4, ta, tb, xa4, xb4, acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa5, wb5, ta, tb, xa5, xb5, acc2, acc3, NT, MMA)
+            acc0, acc1 = _word_mmas(wa6, wb6, ta, tb, xa6, xb6, acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa7, wb7, ta, tb, xa7, xb7, acc2, acc3, NT, MMA)
+        acc0 = _acc_add(acc0, acc2)
+        n0 = 2 * t
+        _store((acc0[0], acc0[1]), n0, row_a, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        _store((acc0[2], acc0[3]), n0, row_b, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        if NT == 2:
+            acc1 = _acc_add(acc1, acc3)
+            _store((acc1[0], acc1[1]), n0 + 8, row_a, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+            _store((acc1[2], acc1[3]), n0 + 8, row_b, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+else:  # pragma: no cover
+    linear_4bit_mma_kernel = None

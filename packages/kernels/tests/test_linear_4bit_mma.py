@@ -1,0 +1,153 @@
+"""linear_4bit's "mma" kernel: its PTX (the per-block table and the byte-permute decode) run by a small PTX
+emulator on the CPU, so the selector arithmetic is checked where the kernel cannot run (Gluon has no
+interpreter); the GPU sessions run the kernel itself through test_linear_4bit (the op takes it for M <= 8)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tritonbits import formats
+from tritonbits.ops import linear_4bit as L
+from tritonbits.ops import linear_4bit_mma as mma4
+from tritonbits.quant_state import prepare
+
+MASK = 0xFFFFFFFF
+FLT_MIN = 2.0**-126
+
+
+def _f32(bits: int) -> float:
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def _bits(value: float) -> int:
+    return int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+
+
+def _ftz(value: float) -> float:
+    return 0.0 * np.sign(value) if abs(value) < FLT_MIN else value
+
+
+def _mul_rn_ftz(a: int, b: int) -> int:
+    exact = _ftz(_f32(a)) * _ftz(_f32(b))  # exact in fp64 (24 x 24 bits), flushed below 2**-126 before rounding
+    return _bits(float(np.float32(_ftz(exact))))
+
+
+def _to16(bits: int, bf16: bool) -> int:
+    if bf16:  # round to nearest even on the fp32 bits (no NaN here)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    return int(np.array([_f32(bits)], dtype=np.float32).astype(np.float16).view(np.uint16)[0])
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = src[sel & 7]
+        if sel & 8:  # sign replicate
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def run_ptx(asm: str, operands: dict[int, int]) -> dict[int, int]:
+    """Run the straight-line PTX subset the mma kernel's table and decode use; operands $i -> 32-bit values."""
+    regs: dict[str, int] = {f"${i}": v & MASK for i, v in operands.items()}
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        if tok in regs:
+            return regs[tok]
+        if tok.startswith("0f"):
+            return int(tok[2:], 16)
+        return int(tok, 0) & MASK
+
+    for stmt in asm.replace("{", ";").replace("}", ";").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        args = [t.strip() for t in rest.split(",")]
+        d, srcs = args[0], [val(t) for t in args[1:]]
+        if op == "mul.rn.ftz.f32":
+            regs[d] = _mul_rn_ftz(*srcs)
+        elif op in ("cvt.rn.bf16x2.f32", "cvt.rn.f16x2.f32"):
+            bf16 = "bf16" in op
+            regs[d] = (_to16(srcs[0], bf16) << 16) | _to16(srcs[1], bf16)  # a to the upper half, b the lower
+        elif op == "prmt.b32":
+            regs[d] = _prmt(*srcs)
+        elif op == "xor.b32":
+            regs[d] = srcs[0] ^ srcs[1]
+        elif op == "and.b32":
+            regs[d] = srcs[0] & srcs[1]
+        elif op == "or.b32":
+            regs[d] = srcs[0] | srcs[1]
+        elif op == "shr.u32":
+            regs[d] = srcs[0] >> srcs[1]
+        else:
+            raise AssertionError(f"the emulator has no {op!r}")
+    return regs
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_table_and_decode_give_dequantize_4bits_weights(quant_type, bf16):
+    """table_asm + decode_asm on random words and absmax (a tiny one too: the flushed products) give, pair by
+    pair in K order, to_wdtype(ftz(fl32(code[q] * absmax))) of each element (bnb: byte j holds element 2j in its
+    high nibble)."""
+    code = formats.code_values(quant_type).tolist()
+    table, decode = mma4.table_asm(code, bf16), mma4.decode_asm()
+    rng = np.random.default_rng(7)
+    absmaxes = [float(v) for v in rng.uniform(1e-3, 4.0, 6).astype(np.float32)] + [1.5e-38, 3e-39]
+    for absmax in absmaxes:
+        t = run_ptx(table, {8: _bits(absmax)})
+        planes = {5 + i: t[f"${i}"] for i in range(8)}
+        want = [_to16(_mul_rn_ftz(_bits(c), _bits(absmax)), bf16) for c in code]
+        words = [int(v) for v in rng.integers(0, 2**32, 64, dtype=np.uint64)] + [0, MASK, 0x01234567, 0xFEDCBA98]
+        for word in words:
+            out = run_ptx(decode, {4: word, **planes})
+            nib = []
+            for j in range(4):  # byte j: element 2j (high nibble), 2j + 1 (low)
+                byte = (word >> (8 * j)) & 0xFF
+                nib += [byte >> 4, byte & 15]
+            for p in range(4):
+                got = out[f"${p}"]
+                assert got & 0xFFFF == want[nib[2 * p]], (absmax, hex(word), p)
+                assert got >> 16 == want[nib[2 * p + 1]], (absmax, hex(word), p)
+
+
+def test_mma_asm_names_the_operand_dtype():
+    for bf16, name in ((True, "bf16"), (False, "f16")):
+        asm = mma4.mma_asm(bf16)
+        assert f".m16n8k16.row.col.f32.{name}.{name}.f32" in asm
+        assert sorted(int(v) for v in re.findall(r"\$(\d+)", asm)) == list(range(14))
+
+
+def test_mma_is_never_taken_where_it_cannot_run(device):
+    """mma_ok refuses the interpreter and every problem outside the kernel's contract; an mma config it refuses
+    becomes the heuristic's pre-mma choice (aligned_config), so the op's CPU results are gemv2's / the gemm's."""
+    import tritonbits
+
+    w = torch.randn(64, 512, device=device, dtype=torch.bfloat16)
+    packed, qs = tritonbits.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    pw = prepare(packed, qs)
+    x = torch.randn(2, 512, device=device, dtype=torch.bfloat16)
+    cfg = L.heuristic_mma_config(512)
+    if device.type != "cuda" or not mma4.AVAILABLE:
+        assert not L.mma_ok(pw, x, device)
+        got = L.aligned_config(cfg, pw, x.dtype, 2, 64, 512, device, x)
+        assert got == L.heuristic_config(x.dtype, 2, 64, 512, L._sm_count(device), mma=False)
+    else:
+        assert L.mma_ok(pw, x, device)
+    # outside the contract on every device: fp32 or mixed x, M > 16, K not a multiple of 256, a strided x, no x
+    for bad in (x.float(), x.half(), torch.randn(17, 512, device=device, dtype=torch.bfloat16),
+                torch.randn(2, 1024, device=device, dtype=torch.bfloat16)[:, ::2]):  # fmt: skip
+        assert not L.mma_ok(pw, bad, device)
+    assert L.aligned_config(cfg, pw, x.dtype, 2, 64, 512, device)["path"] != "mma"
+    w3 = torch.randn(64, 384, device=device, dtype=torch.bfloat16)
+    p3, q3 = tritonbits.quantize_4bit(w3, blocksize=128, quant_type="nf4")
+    assert not L.mma_ok(prepare(p3, q3), torch.randn(2, 384, device=device, dtype=torch.bfloat16), device)
