@@ -401,8 +401,11 @@ def test_table_entries_are_reachable_and_valid():
             assert width in ("x16", "x32"), (family, key)
             dtype = torch.float32 if width == "x32" else torch.bfloat16
             assert L.config_key(dtype, int(m[1:]), int(n[1:]), int(k[1:])) == key, (family, key)
-            assert cfg["path"] in ("gemv", "gemv2", "gemm", "dequant"), (family, key)
-            if cfg["path"] == "gemv2":
+            assert cfg["path"] in ("gemv", "gemv2", "gemm", "dequant", "mma"), (family, key)
+            if cfg["path"] == "mma":  # 16-bit x, M <= 16 (mma_ok)
+                assert width == "x16" and int(m[1:]) <= L.mma4.MAX_M, (family, key)
+                assert {"warps", "split_k"} <= set(cfg) and cfg["warps"] in (1, 2, 4, 8), (family, key)
+            elif cfg["path"] == "gemv2":
                 assert {"bm", "bn", "bk", "warps"} <= set(cfg) and cfg["bm"] <= 4, (family, key)
                 assert cfg.get("prefetch", False) in (False, True), (family, key)
             elif cfg["path"] != "dequant":
