@@ -127,27 +127,88 @@ def test_mma_asm_names_the_operand_dtype():
         assert sorted(int(v) for v in re.findall(r"\$(\d+)", asm)) == list(range(14))
 
 
-def test_mma_is_never_taken_where_it_cannot_run(device):
-    """mma_ok refuses the interpreter and every problem outside the kernel's contract; an mma config it refuses
-    becomes the heuristic's pre-mma choice (aligned_config), so the op's CPU results are gemv2's / the gemm's."""
+def _prepared(device, n: int, k: int, blocksize: int = 64, dtype=torch.bfloat16, nested: bool = True):
     import tritonbits
 
-    w = torch.randn(64, 512, device=device, dtype=torch.bfloat16)
-    packed, qs = tritonbits.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    pw = prepare(packed, qs)
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    packed, qs = tritonbits.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    return packed, qs, prepare(packed, qs)
+
+
+def test_mma_problem_ok_refuses_what_the_kernel_does_not_cover(device):
+    """mma_problem_ok (the contract, checked on any machine) takes x and W of one 16-bit dtype, 1 <= M <= 16, K a
+    multiple of 256 and of the blocksize (a multiple of 64), x 16-byte aligned, contiguous along K with an even
+    row stride; each refusal below breaks exactly one of these."""
+    _, _, pw = _prepared(device, 64, 512)
+    x = torch.randn(16, 512, device=device, dtype=torch.bfloat16)
+    assert L.mma_problem_ok(pw, x) and L.mma_problem_ok(pw, x[:1]) and L.mma_problem_ok(pw, x[3:5])
+    buf = torch.randn(2, 1024 + 8, device=device, dtype=torch.bfloat16)
+    assert L.mma_problem_ok(pw, buf[:, 8:520])  # a row stride of 1032 elements, 16 bytes in
+    refused = {
+        "fp32 x": x.float(),
+        "fp16 x, bf16 W": x.half(),
+        "M=17": torch.randn(17, 512, device=device, dtype=torch.bfloat16),
+        "M=0": x[:0],
+        "strided along K": torch.randn(2, 1024, device=device, dtype=torch.bfloat16)[:, ::2],
+        "odd row stride": torch.randn(2, 1025, device=device, dtype=torch.bfloat16)[:, :512],
+        "8 bytes in": buf[:, 4:516],
+    }
+    for name, bad in refused.items():
+        assert not L.mma_problem_ok(pw, bad), name
+        assert not L.mma_ok(pw, bad, bad.device), name
+    # the weight's side: K not a multiple of 256, a blocksize below 64, K not a multiple of the blocksize
+    for n, k, bs in ((64, 384, 128), (64, 512, 32), (8, 768, 512)):
+        _, _, other = _prepared(device, n, k, bs)
+        assert not L.mma_problem_ok(other, torch.randn(2, k, device=device, dtype=torch.bfloat16)), (k, bs)
+    _, _, ok512 = _prepared(device, 8, 1024, 512)
+    assert L.mma_problem_ok(ok512, torch.randn(2, 1024, device=device, dtype=torch.bfloat16))
+
+
+def test_mma_is_never_taken_where_it_cannot_run(device):
+    """mma_ok also needs the machine (a Triton its Gluon kernel ran on, CUDA sm80+, no interpreter); an mma config
+    it refuses becomes the heuristic's pre-mma choice (aligned_config, and without an x), so the op's CPU results
+    are gemv2's / the gemm's; launch_fused refuses to hand the Gluon kernel to wrap_triton."""
+    _, _, pw = _prepared(device, 64, 512)
     x = torch.randn(2, 512, device=device, dtype=torch.bfloat16)
     cfg = L.heuristic_mma_config(512)
+    fallback = L.heuristic_config(x.dtype, 2, 64, 512, L._sm_count(device), mma=False)
     if device.type != "cuda" or not mma4.AVAILABLE:
         assert not L.mma_ok(pw, x, device)
-        got = L.aligned_config(cfg, pw, x.dtype, 2, 64, 512, device, x)
-        assert got == L.heuristic_config(x.dtype, 2, 64, 512, L._sm_count(device), mma=False)
+        assert L.aligned_config(cfg, pw, x.dtype, 2, 64, 512, device, x) == fallback
     else:
         assert L.mma_ok(pw, x, device)
-    # outside the contract on every device: fp32 or mixed x, M > 16, K not a multiple of 256, a strided x, no x
-    for bad in (x.float(), x.half(), torch.randn(17, 512, device=device, dtype=torch.bfloat16),
-                torch.randn(2, 1024, device=device, dtype=torch.bfloat16)[:, ::2]):  # fmt: skip
-        assert not L.mma_ok(pw, bad, device)
-    assert L.aligned_config(cfg, pw, x.dtype, 2, 64, 512, device)["path"] != "mma"
-    w3 = torch.randn(64, 384, device=device, dtype=torch.bfloat16)
-    p3, q3 = tritonbits.quantize_4bit(w3, blocksize=128, quant_type="nf4")
-    assert not L.mma_ok(prepare(p3, q3), torch.randn(2, 384, device=device, dtype=torch.bfloat16), device)
+    assert L.aligned_config(cfg, pw, x.dtype, 2, 64, 512, device) == fallback
+    out = torch.empty(2, 64, device=device, dtype=x.dtype)
+    with pytest.raises(ValueError, match="wrap_triton"):
+        L.launch_fused(
+            x, pw, None, out, cfg, kernel_wrap=lambda fn: fn, use_asm=True if device.type == "cuda" else None
+        )
+
+
+GPU_FORCED = [  # (M, blocksize, nested, warps, split): M up to 16 (two n tiles), blocksizes up to the whole K
+    (1, 64, True, 4, 8), (3, 64, False, 2, 1), (8, 128, True, 8, 3), (9, 64, True, 4, 2), (16, 256, False, 2, 4),
+    (16, 512, True, 4, 1), (5, 4096, True, 1, 16), (12, 1024, False, 8, 5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_FORCED, ids=lambda c: "m{}-bs{}-nested{}-w{}-s{}".format(*c))
+def test_forced_mma_configs_against_the_policy(device, dtype, case):
+    """The mma kernel itself (forced configs, not the table's) on fresh random problems: N not a multiple of a
+    program's rows, a bias, x rows inside a wider buffer; every result within the K-aware policy, out poisoned."""
+    if device.type != "cuda" or not mma4.AVAILABLE:
+        pytest.skip("needs a CUDA device with the Triton the Gluon kernel ran on (runs in the GPU sessions)")
+    import tritonbits
+    from tritonbits_harness.tolerance import assert_matmul
+
+    m, bs, nested, warps, split = case
+    n, k = 1000, 4096
+    packed, qs, pw = _prepared(device, n, k, bs, dtype, nested)
+    wd = tritonbits.dequantize_4bit(packed, qs)
+    x = torch.randn(m, k + 128, device=device, dtype=dtype)[:, 64 : 64 + k]
+    bias = torch.randn(n, device=device, dtype=dtype)
+    assert L.mma_ok(pw, x, device)
+    cfg = {"path": "mma", "warps": warps, "split_k": split, "prefetch": split % 2 == 0}
+    out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+    L.launch_fused(x, pw, bias, out, cfg)
+    assert_matmul(out, x, wd, bias)

@@ -490,7 +490,7 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr
 # ---------------------------------------------------------------------------------------------------
 # Configs: {"path", "bm", "bn", "bk", "split_k", "warps", "stages", "pair"} per GPU family and key; gemv2 takes
 # "rows" (W rows a program) or "per_sm" (programs an SM, the rows worked out from it; "rows" wins) instead of
-# "split_k", and "prefetch".
+# "split_k", and "prefetch"; mma takes {"path", "warps", "split_k", "prefetch"}.
 
 
 def bucket(x: int) -> int:
@@ -602,11 +602,13 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
 # NOTE: the "mma" kernel (linear_4bit_mma: per-block tables in each thread, byte-permute decode, mma.sync), H100, bf16,
 # nf4 nested bs64, CUDA graphs, against the op's paths of the time (gemv2 at M=1, the table's gemm / gemv2 at M=4)
 # and bnb.matmul_4bit in one run (ci/linear4bit_mma_probe.py, log docs/gpu-runs/logs/20261124T1005Z-nvidia-h100-
-# mma-probe.txt): M=1 1.11-1.18x faster than gemv2 (8192 x 28672: 68.4 vs 80.5 us, bnb 98.6), M=4 1.46-1.66x
+# mma-probe.txt): M=1 1.10-1.18x faster than gemv2 (8192 x 28672: 68.4 vs 80.5 us, bnb 98.6), M=4 1.39-1.66x
 # faster than the table's entries (4096 x 14336: 22.1 vs 33.5 us, bnb 64.4; 8192 x 28672: 73.1 vs 121.2, bnb
-# 347.9). 4 warps with 8 K splits was within ~2% of each shape's best at M=1 and M=4 (4 splits at 4096 x 28672 M=4
-# within 2%). At M=16 (two n tiles) it took 1.15-1.2x the gemm's time (x is re-read by every lane group from L1: 4x
-# the line accesses of M=4), so the heuristic keeps it to M <= MMA_MAX_M.
+# 347.9). 4 warps with 8 K splits was within 2.4% of each shape's best at M=1 and M=4. At M=16 (two n tiles) it
+# took 1.12-1.24x the gemm's time (x is re-read by every lane group from L1: 4x the line accesses of M=4), so the
+# heuristic keeps it to M <= MMA_MAX_M. The table's M=4/8 keys name it (retuned with it on both GPUs); a problem
+# mma_ok refuses there (fp16 x with a bf16 W, K not a multiple of 256, a torch.compile trace) takes
+# heuristic_config(mma=False), not the tuned gemm entry those keys held before.
 MMA_MAX_M = 8
 MMA_SPLIT = 8
 
@@ -712,27 +714,36 @@ def words_of(w: PreparedWeight) -> torch.Tensor | None:
     return flat.view(torch.int32)
 
 
-def mma_ok(w: PreparedWeight, x2: torch.Tensor, device: torch.device) -> bool:
-    """Whether the "mma" kernel (linear_4bit_mma) takes this problem: a Triton its Gluon kernel ran on, CUDA sm80+
-    (not the interpreter), 1 <= M <= 16, x and W both fp16 or both bf16, K a multiple of 256 and of the
-    blocksize, a blocksize that is a multiple of 64, W readable as int32 words, and x readable as 4-byte pairs:
-    16-byte aligned (the plans' key records that), contiguous along K, an even row stride."""
+def mma_problem_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
+    """The problems the "mma" kernel's contract covers, whatever the machine: 1 <= M <= 16, K > 0 a multiple of
+    256 and of the blocksize, a blocksize that is a multiple of 64, x and W both fp16 or both bf16, W readable as
+    int32 words, and x readable as 4-byte pairs: 16-byte aligned (the plans' key records that), contiguous along
+    K, an even row stride."""
     m, k = x2.shape
     state = w.state
+    return bool(
+        1 <= m <= mma4.MAX_M
+        and k > 0
+        and k % mma4.SEGMENT == 0
+        and state.blocksize % 64 == 0
+        and k % state.blocksize == 0
+        and x2.dtype == state.dtype
+        and x2.dtype in (torch.float16, torch.bfloat16)
+        and (x2.stride(1) == 1 and (m == 1 or x2.stride(0) % 2 == 0))
+        and _runtime.address_aligned(x2, 16)
+        and words_of(w) is not None
+    )  # fmt: skip
+
+
+def mma_ok(w: PreparedWeight, x2: torch.Tensor, device: torch.device) -> bool:
+    """Whether the "mma" kernel (linear_4bit_mma) runs this problem: a Triton its Gluon kernel ran on
+    (mma4.AVAILABLE), CUDA sm80+ (not the interpreter), and `mma_problem_ok`."""
     return bool(
         mma4.AVAILABLE
         and device.type == "cuda"
         and not _runtime.INTERPRET
         and _runtime.native_bf16_conversion(device)
-        and 1 <= m <= mma4.MAX_M
-        and x2.dtype == state.dtype
-        and x2.dtype in (torch.float16, torch.bfloat16)
-        and k % mma4.SEGMENT == 0
-        and state.blocksize % 64 == 0
-        and k % state.blocksize == 0
-        and (x2.stride(1) == 1 and (m == 1 or x2.stride(0) % 2 == 0))
-        and _runtime.address_aligned(x2, 16)
-        and words_of(w) is not None
+        and mma_problem_ok(w, x2)
     )  # fmt: skip
 
 
@@ -768,6 +779,9 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     use_asm = USE_ASM_DEFAULT if use_asm is None else use_asm
     if use_asm and _runtime.INTERPRET:
         raise ValueError("use_asm=True needs a GPU: the Triton interpreter cannot run inline PTX")
+    if kernel_wrap is not None and cfg.get("path") == "mma":
+        raise ValueError("launch_fused: the mma path is a Gluon kernel, which wrap_triton cannot take (forward_2d "
+                         "takes the heuristic's other paths under a triton_op)")  # fmt: skip
     launches, _ws = fused_launches(x2, w, bias, out, cfg, use_asm)
     for launch in launches:
         _launch(launch, x2.device, kernel_wrap, use_asm)

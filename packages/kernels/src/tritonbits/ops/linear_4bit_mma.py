@@ -21,8 +21,9 @@ go through the split-K workspace as the other fused kernels do.
 
 GPU only (Gluon, inline PTX; no interpreter): the op uses it on CUDA sm80+ with a Triton it was run on
 (`AVAILABLE`), K a multiple of 256, blocksize a multiple of 64, x contiguous along K and W's words 4-byte
-aligned (linear_4bit.mma_ok). Sum order: the tensor core's inside each 16-column step, the steps in K order,
-then the splits in order 0..S-1.
+aligned (linear_4bit.mma_ok). Sum order: the tensor core's inside each 16-column step;
+the steps of even and of odd words in two fp32 chains, each in K order, added at the end of the split; then the
+splits in order 0..S-1.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ try:  # Gluon: triton >= 3.5
 except ImportError:  # pragma: no cover - the CPU toolchain has Gluon too
     gluon = gl = None
 
-# NOTE: the Triton versions this kernel has run on (GPU tests and benchmarks: Triton 3.6 on the H100/H200 machine);
+# NOTE: the Triton versions this kernel has run on (GPU tests: Triton 3.6 on the H100 and the H200; benchmarks: H100);
 # Gluon is experimental and changes between releases, so any other version takes the other paths
 TESTED_TRITON = ("3.6",)
 AVAILABLE = gluon is not None and any(triton.__version__.startswith(v) for v in TESTED_TRITON)
