@@ -180,6 +180,12 @@ if gl is not None:
         return _split4(gl.load(x_seg + 4 * i), L)
 
     @gluon.jit
+    def _x_segment(x_seg, L: gl.constexpr):
+        """The lane's 8 words of x for one segment (_x_word's pairs, word by word)."""
+        return (_x_word(x_seg, 0, L), _x_word(x_seg, 1, L), _x_word(x_seg, 2, L), _x_word(x_seg, 3, L),
+                _x_word(x_seg, 4, L), _x_word(x_seg, 5, L), _x_word(x_seg, 6, L), _x_word(x_seg, 7, L))  # fmt: skip
+
+    @gluon.jit
     def _word_mmas(wa, wb, ta, tb, xa, xb, acc0, acc1, NT: gl.constexpr, MMA: gl.constexpr):
         """One word of row g (wa) and of row g + 8 (wb): two mmas per n tile."""
         p0, p1, p2, p3 = _decode(wa, ta)
@@ -293,35 +299,16 @@ if gl is not None:
             tb = _table(am_b, TABLE)
             wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _split8(wa, L)
             wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _split8(wb, L)
-            xa = xa_rows + 4 * kw
-            xa0 = _x_word(xa, 0, L)
-            xa1 = _x_word(xa, 1, L)
-            xa2 = _x_word(xa, 2, L)
-            xa3 = _x_word(xa, 3, L)
-            xa4 = _x_word(xa, 4, L)
-            xa5 = _x_word(xa, 5, L)
-            xa6 = _x_word(xa, 6, L)
-            xa7 = _x_word(xa, 7, L)
-            if NT == 2:
-                xb = xb_rows + 4 * kw
-                xb0 = _x_word(xb, 0, L)
-                xb1 = _x_word(xb, 1, L)
-                xb2 = _x_word(xb, 2, L)
-                xb3 = _x_word(xb, 3, L)
-                xb4 = _x_word(xb, 4, L)
-                xb5 = _x_word(xb, 5, L)
-                xb6 = _x_word(xb, 6, L)
-                xb7 = _x_word(xb, 7, L)
-            else:
-                xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7
-            acc0, acc1 = _word_mmas(wa0, wb0, ta, tb, xa0, xb0, acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa1, wb1, ta, tb, xa1, xb1, acc2, acc3, NT, MMA)
-            acc0, acc1 = _word_mmas(wa2, wb2, ta, tb, xa2, xb2, acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa3, wb3, ta, tb, xa3, xb3, acc2, acc3, NT, MMA)
-            acc0, acc1 = _word_mmas(wa4, wb4, ta, tb, xa4, xb4, acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa5, wb5, ta, tb, xa5, xb5, acc2, acc3, NT, MMA)
-            acc0, acc1 = _word_mmas(wa6, wb6, ta, tb, xa6, xb6, acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa7, wb7, ta, tb, xa7, xb7, acc2, acc3, NT, MMA)
+            xa = _x_segment(xa_rows + 4 * kw, L)
+            xb = _x_segment(xb_rows + 4 * kw, L) if NT == 2 else xa
+            acc0, acc1 = _word_mmas(wa0, wb0, ta, tb, xa[0], xb[0], acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa1, wb1, ta, tb, xa[1], xb[1], acc2, acc3, NT, MMA)
+            acc0, acc1 = _word_mmas(wa2, wb2, ta, tb, xa[2], xb[2], acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa3, wb3, ta, tb, xa[3], xb[3], acc2, acc3, NT, MMA)
+            acc0, acc1 = _word_mmas(wa4, wb4, ta, tb, xa[4], xb[4], acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa5, wb5, ta, tb, xa[5], xb[5], acc2, acc3, NT, MMA)
+            acc0, acc1 = _word_mmas(wa6, wb6, ta, tb, xa[6], xb[6], acc0, acc1, NT, MMA)
+            acc2, acc3 = _word_mmas(wa7, wb7, ta, tb, xa[7], xb[7], acc2, acc3, NT, MMA)
         acc0 = _acc_add(acc0, acc2)
         n0 = 2 * t
         _store((acc0[0], acc0[1]), n0, row_a, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
