@@ -111,24 +111,10 @@ if gl is not None:
     @gluon.jit
     def _split8(v, L: gl.constexpr):
         """[R, 4, 8] (the 8 in one thread) -> its 8 slices [R, 4] in layout L (register renames only)."""
-        v = v.reshape([v.shape[0], 4, 2, 2, 2])
-        e, o = v.split()  # the last index (i & 1)
-        e0, e2 = e.split()
-        o0, o2 = o.split()
-        v0, v4 = e0.split()
-        v2, v6 = e2.split()
-        v1, v5 = o0.split()
-        v3, v7 = o2.split()
-        return (
-            gl.convert_layout(v0, L, assert_trivial=True),
-            gl.convert_layout(v1, L, assert_trivial=True),
-            gl.convert_layout(v2, L, assert_trivial=True),
-            gl.convert_layout(v3, L, assert_trivial=True),
-            gl.convert_layout(v4, L, assert_trivial=True),
-            gl.convert_layout(v5, L, assert_trivial=True),
-            gl.convert_layout(v6, L, assert_trivial=True),
-            gl.convert_layout(v7, L, assert_trivial=True),
-        )
+        e, o = v.reshape([v.shape[0], 4, 4, 2]).split()  # the even and the odd words
+        v0, v2, v4, v6 = _split4(e, L)
+        v1, v3, v5, v7 = _split4(o, L)
+        return v0, v1, v2, v3, v4, v5, v6, v7
 
     @gluon.jit
     def _split4(v, L: gl.constexpr):
