@@ -231,6 +231,23 @@ def test_empty_rows(out_dtype, device, gen, quantize):
     assert out.shape == (0, N)
 
 
+def test_empty_k(out_dtype, device, gen, quantize):
+    """K = 0: F.linear's zeros, plus bias where given, for every path and leading shape (the fused kernels would
+    leave the output unwritten; _flatten counts the rows, as reshape(-1, 0) cannot)."""
+    q, state = weight_of((N, 0), out_dtype, gen, quantize)
+    prepared = L._prepare(q, state)
+    bias = fresh_x((N,), out_dtype, gen, device)
+    for b in (None, bias):
+        for shape in ((1, 0), (3, 0), (2, 3, 0)):
+            x = fresh_x(shape, out_dtype, gen, device)
+            want = torch.nn.functional.linear(x, torch.zeros(N, 0, dtype=out_dtype, device=device), b)
+            assert torch.equal(tritonbits.linear_4bit(x, q, state, b), want), (shape, b is None)
+        x = fresh_x((5, 0), out_dtype, gen, device)
+        want = torch.nn.functional.linear(x, torch.zeros(N, 0, dtype=out_dtype, device=device), b)
+        for path in ("gemv", "gemv2", "gemm-split2"):
+            assert torch.equal(L.forward_2d(x, prepared, b, config=FORCED[path]), want), (path, b is None)
+
+
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32], ids=str)
 def test_quant_storage_dtypes(quant_storage, out_dtype, device, gen, quantize, bnb_dequantize):
     q, state = weight_of((N, K), out_dtype, gen, quantize, quant_storage=quant_storage)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -681,7 +682,10 @@ def effective_bk(cfg: dict, k: int) -> int:
 
 def fused_ok(cfg: dict, k: int) -> bool:
     """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemv2/gemm config and a K
-    chunk (a power of two >= MIN_BK dividing K: whole int32 words per row for gemv2 and the gemm)."""
+    chunk (a power of two >= MIN_BK dividing K: whole int32 words per row for gemv2 and the gemm). K = 0 never:
+    the fused kernels store only what their K loop summed, so an empty K takes F.linear's zeros (+ bias)."""
+    if k == 0:
+        return False
     if cfg.get("path") == "mma":
         return True  # aligned_config keeps it only where mma_ok
     if cfg.get("path") in ("gemv2", "gemm") and k % 8:
@@ -1087,7 +1091,8 @@ def _resolve(weight, quant_state):
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    """x [..., K] as [rows, K] (rows counted, not inferred: reshape(-1, 0) is ambiguous when K = 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
