@@ -231,10 +231,11 @@ def test_empty_rows(out_dtype, device, gen, quantize):
     assert out.shape == (0, N)
 
 
-def test_empty_k(out_dtype, device, gen, quantize):
+def test_empty_k(out_dtype, device, gen):
     """K = 0: F.linear's zeros, plus bias where given, for every path and leading shape (the fused kernels would
-    leave the output unwritten; _flatten counts the rows, as reshape(-1, 0) cannot)."""
-    q, state = weight_of((N, 0), out_dtype, gen, quantize)
+    leave the output unwritten; _flatten counts the rows, as reshape(-1, 0) cannot). The empty weight comes from
+    tritonbits.quantize_4bit: bnb 0.50's CUDA quantize exits the process on it ("invalid argument", ops.cu)."""
+    q, state = tritonbits.quantize_4bit(torch.empty(N, 0, dtype=out_dtype, device=device), blocksize=64)
     prepared = L._prepare(q, state)
     bias = fresh_x((N,), out_dtype, gen, device)
     for b in (None, bias):
