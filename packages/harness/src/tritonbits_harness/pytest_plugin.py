@@ -150,12 +150,20 @@ def fake_capability(monkeypatch, request):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_logreport(report):
+    """Counts a test once: its call's outcome, or an error where setup or teardown failed, or a failure where its
+    xdist worker died under it (xdist reports that test with when="???"); failed and errored node ids listed."""
     counts = _RECORD["counts"]
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         outcome = "error" if report.when == "setup" and report.outcome == "failed" else report.outcome
-        counts[outcome] = counts.get(outcome, 0) + 1
-        if report.outcome == "failed":
-            _RECORD["failures"].append(report.nodeid)
+    elif report.when == "teardown" and report.outcome == "failed":
+        outcome = "error"
+    elif report.when not in ("setup", "call", "teardown") and report.outcome == "failed":
+        outcome = "failed"  # the worker running it crashed
+    else:
+        return
+    counts[outcome] = counts.get(outcome, 0) + 1
+    if outcome in ("failed", "error"):
+        _RECORD["failures"].append(report.nodeid)
 
 
 _RECORD: dict = {"counts": {}, "failures": []}
