@@ -487,6 +487,108 @@ def test_state_cache_outlives_a_disable(integration, served, device, gen):
     assert tb_bnb._active.states.get(key) is state
 
 
+# --- Linear4bit.forward --------------------------------------------------------------------------------------
+
+
+def linear4bit(device, gen, *, bias=True, nested=True, compute_dtype=torch.bfloat16, k=128, n=96):
+    """A bnb Linear4bit quantized by bnb (or its CUDA oracle under the interpreter), as transformers builds one."""
+    assert not tb_bnb.is_enabled()
+    layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute_dtype, compress_statistics=nested,
+                              quant_type="nf4")  # fmt: skip
+    w = weight(gen, device, torch.bfloat16, (n, k))
+    if device.type == "cuda":
+        q, s = F.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    else:
+        q, s = R.quantize_4bit_cuda(w, quant_type="nf4", compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(q, requires_grad=False, quant_state=s, quant_type="nf4", bnb_quantized=True,
+                                     module=layer)  # fmt: skip
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(n, generator=gen).to(torch.bfloat16).to(device))
+    layer.support_avx512bf16_for_cpu = False  # bnb's CPU repacking would skip the 4-bit ops (docs/integrations.md)
+    return layer
+
+
+@pytest.fixture
+def bnb_forward(monkeypatch):
+    """bnb's own Linear4bit.forward, counted where the integration's forward hands a call to it."""
+    tb_bnb.enable(("cuda",))  # captures bnb's forward
+    tb_bnb.disable()
+    real = tb_bnb._BNB_FORWARD["forward"]
+    counted = types.SimpleNamespace(n=0, real=real)
+
+    def spy(self, x):
+        counted.n += 1
+        return real(self, x)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", real)  # put back after the test, whatever it enabled
+    monkeypatch.setitem(tb_bnb._BNB_FORWARD, "forward", spy)
+    return counted
+
+
+@pytest.mark.parametrize("decode", tb_bnb.DECODE_CHOICES)
+@pytest.mark.parametrize(("m", "bias", "nested"), [(1, True, True), (3, False, True), (2, True, False)])
+def test_linear4bit_forward_is_the_op_path(served, calls, bnb_forward, decode, m, bias, nested, device, gen):
+    """Enabled, Linear4bit.forward skips bnb's host path and calls the served gemm_4bit with bnb's arguments:
+    the same kernels, bit for bit what bnb's forward returns through the op (enabled too)."""
+    layer = linear4bit(device, gen, bias=bias, nested=nested)
+    x = torch.randn(m, 1, 128, generator=gen).to(torch.bfloat16).to(device)
+    tb_bnb.enable(served, decode=decode)
+    assert bnb.nn.Linear4bit.forward is tb_bnb._linear4bit_forward
+    with torch.no_grad():
+        got = layer(x)
+        assert bnb_forward.n == 0
+        served_calls = dict(calls.n)
+        want = bnb_forward.real(layer, x)  # bnb's forward, through the dispatcher to the served op
+    assert dict(calls.n) == {name: 2 * v for name, v in served_calls.items()}  # the same tritonbits calls
+    assert got.shape == (m, 1, 96) and got.dtype == torch.bfloat16
+    assert_exact(got, want)
+
+
+class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["x requires grad", "bias requires grad", "x in another dtype",
+                                  "bias in another dtype", "compute dtype not set yet", "no rows", "dispatch mode",
+                                  "disabled"])  # fmt: skip
+def test_linear4bit_forward_leaves_the_rest_to_bnb(served, bnb_forward, case, device, gen):
+    """Training, a cast, bnb's first call (it sets the compute dtype), an empty input, a dispatch mode, and a
+    forward bound while enabled but called after disable(): bnb's own forward runs, exactly once."""
+    layer = linear4bit(device, gen, compute_dtype=None if case == "compute dtype not set yet" else torch.bfloat16)
+    x = torch.randn(0 if case == "no rows" else 2, 128, generator=gen).to(torch.bfloat16).to(device)
+    if case == "x in another dtype":
+        x = x.half()
+    if case == "bias in another dtype":
+        layer.bias = torch.nn.Parameter(layer.bias.float(), requires_grad=False)
+    if case == "bias requires grad":
+        layer.bias.requires_grad_(True)
+    else:
+        layer.bias.requires_grad_(False)
+    if case == "x requires grad":
+        x.requires_grad_(True)
+    tb_bnb.enable(served)
+    forward = layer.forward
+    if case == "disabled":
+        tb_bnb.disable()
+    with _Passthrough() if case == "dispatch mode" else contextlib.nullcontext():
+        out = forward(x)
+    assert bnb_forward.n == 1, case
+    assert out.shape == (x.shape[0], 96)
+
+
+def test_disable_gives_linear4bit_forward_back(served):
+    original = bnb.nn.Linear4bit.forward
+    tb_bnb.enable(served)
+    tb_bnb.enable(served, decode="bnb")  # re-enabled with other arguments: bnb's forward stays the one kept
+    assert bnb.nn.Linear4bit.forward is tb_bnb._linear4bit_forward
+    tb_bnb.disable()
+    assert bnb.nn.Linear4bit.forward is original
+    with tb_bnb.enabled(served):
+        assert bnb.nn.Linear4bit.forward is tb_bnb._linear4bit_forward
+    assert bnb.nn.Linear4bit.forward is original
+
+
 # --- end to end: a tiny Llama through transformers' BitsAndBytesConfig -----------------------------------------
 
 

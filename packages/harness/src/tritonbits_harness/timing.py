@@ -103,16 +103,31 @@ def host_us(fn: Callable[[], object], n: int = 2000, warmup: int = 50) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def host_us_rounds(calls: dict[str, Callable[[], object]], rounds: int = 15, n: int = 200,
-                   warmup: int = 50) -> dict[str, tuple[float, float]]:  # fmt: skip
-    """{name: (min, median)} over `rounds` of `host_us(fn, n)` per call, every call once a round in order, so a
-    burst of host noise lands on all calls of a round rather than on one call's whole measurement."""
+def issue_us(fn: Callable[[], object], n: int = 200, warmup: int = 50) -> float:
+    """Wall microseconds per call of fn() issued n times back to back, the clock stopped before the synchronize:
+    the host's time of a call even where its GPU work is longer (while n calls fit the launch queue)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    took = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return took / n * 1e6
+
+
+def host_us_rounds(calls: dict[str, Callable[[], object]], rounds: int = 15, n: int = 200, warmup: int = 50,
+                   timer: Callable[..., float] = host_us) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """{name: (min, median)} over `rounds` of `timer(fn, n)` per call (`host_us`, or `issue_us`), every call once a
+    round in order, so a burst of host noise lands on all calls of a round rather than on one call's whole
+    measurement."""
     for fn in calls.values():
-        host_us(fn, n=warmup, warmup=0)
+        timer(fn, n=warmup, warmup=0)
     taken: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            taken[name].append(host_us(fn, n=n, warmup=0))
+            taken[name].append(timer(fn, n=n, warmup=0))
     return {name: (min(v), statistics.median(v)) for name, v in taken.items()}
 
 

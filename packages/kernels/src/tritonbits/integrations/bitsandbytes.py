@@ -351,7 +351,13 @@ def _bnb_takes_fused_cuda(A: torch.Tensor, shapeB, blocksize: int) -> bool:
 
 def _op_gemm_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, absmax_code=None,
                   absmax_offset=None):  # fmt: skip
-    e = _require_active()
+    return _gemm_4bit(_require_active(), A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                      absmax_offset)  # fmt: skip
+
+
+def _gemm_4bit(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+               absmax_offset):  # fmt: skip
+    """bnb's gemm_4bit as served (the op's kernel, and Linear4bit.forward's shortcut to it)."""
     linear = A.device.type == "cuda" and _has_linear_4bit()
     # checked first, before anything else costs host time: where bnb's fused decode kernel stays (enable's
     # `decode`), it is called directly, as bnb's own gemm_4bit kernel does
@@ -479,6 +485,54 @@ _BNB_FUNCTIONAL: dict[str, object] = {}
 
 
 # ---------------------------------------------------------------------------------------------------
+# bitsandbytes.nn.Linear4bit.forward: the entry point of every transformers / PEFT 4-bit layer.
+
+
+def _linear4bit_forward(self, x):
+    """``Linear4bit.forward`` while enabled: where bnb's forward would reach ``gemm_4bit`` with nothing to cast
+    (inference: no grad; x in the layer's compute dtype, as is the bias), it calls the served ``gemm_4bit``
+    (``_gemm_4bit``) with bnb's own arguments, so the result is the op path's, bit for bit; everything else
+    (training, a cast, a first call that sets the compute dtype, torch.compile, tensor subclasses, dispatch
+    modes, bnb's CPU repacking) runs bnb's forward.
+
+    NOTE: why: a decode step is host-bound and bnb's forward costs host time around its one kernel: it reads the
+    ``Params4bit`` weight through its ``__torch_function__`` (1.3-2.6 us a read or a view, CPU timeit), casts,
+    checks, views the weight and calls the op through the dispatcher's boxed Python kernel. Measured on the GPU
+    in docs/integrations.md ("Linear4bit.forward")."""
+    e = _active
+    if (e is None or type(x) is not torch.Tensor or torch._C._len_torch_dispatch_stack()
+            or torch.compiler.is_compiling()):  # fmt: skip
+        return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
+    bias = self.bias
+    if ((torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            or not self.compute_type_is_set or self.compute_dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype)):  # fmt: skip
+        return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
+    w = self.weight
+    qs = getattr(w, "quant_state", None)
+    device = x.device.type
+    if (qs is None or ("gemm_4bit", _KEYS.get(device)) not in e.originals or not x.numel()
+            or getattr(qs, "packing_format_for_cpu", False)
+            or (device == "cpu" and getattr(self, "support_avx512bf16_for_cpu", False))):  # fmt: skip
+        return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
+    shape, k = qs.shape, x.shape[-1]
+    state2 = qs.state2 if qs.nested else None
+    if (len(shape) != 2 or (k == shape[0] and k != shape[1])
+            or (state2 is not None and state2.blocksize != formats.NESTED_BLOCKSIZE)):  # fmt: skip
+        return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]  # bnb's warning or error
+    with torch._C.DisableTorchFunctionSubclass():  # the plain tensor bnb's op receives (B.view(-1, 1))
+        B = w.view(-1, 1)
+    if state2 is None:
+        return _gemm_4bit(e, x, B, shape, qs.absmax, qs.blocksize, qs.quant_type, bias, None, None, None)
+    return _gemm_4bit(e, x, B, shape, state2.absmax, qs.blocksize, qs.quant_type, bias, qs.absmax, state2.code,
+                      qs.offset)  # fmt: skip
+
+
+# bnb's own Linear4bit.forward, captured at the first enable()
+_BNB_FORWARD: dict[str, object] = {}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -541,6 +595,10 @@ def enable(devices: Sequence[str] = ("cuda",), decode: str = "auto") -> None:
                     _BNB_FUNCTIONAL.setdefault(name, current)
                 e.functional[name] = _BNB_FUNCTIONAL[name]
                 setattr(F, name, fn)
+            cls = bnb.nn.Linear4bit
+            if cls.forward is not _linear4bit_forward:
+                _BNB_FORWARD.setdefault("forward", cls.forward)
+            cls.forward = _linear4bit_forward
         except BaseException:
             _restore(e)
             raise
@@ -551,6 +609,8 @@ def _restore(e: _Enabled) -> None:
     F = e.bnb.functional
     for name, fn in e.functional.items():
         setattr(F, name, fn)
+    if "forward" in _BNB_FORWARD:
+        e.bnb.nn.Linear4bit.forward = _BNB_FORWARD["forward"]
     e.lib._destroy()
 
 
