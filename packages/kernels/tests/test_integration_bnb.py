@@ -577,6 +577,19 @@ def test_linear4bit_forward_leaves_the_rest_to_bnb(served, bnb_forward, case, de
     assert out.shape == (x.shape[0], 96)
 
 
+def test_linear4bit_forward_under_torch_compile(served, device, gen):
+    """torch.compile(fullgraph=True) of an enabled layer traces bnb's own forward (no graph break in ours) and
+    returns what the eager layer does."""
+    layer = linear4bit(device, gen)
+    x = torch.randn(2, 128, generator=gen).to(torch.bfloat16).to(device)
+    tb_bnb.enable(served)
+    with torch.no_grad():
+        want = layer(x)
+        torch._dynamo.reset()
+        got = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    assert_exact(got, want)
+
+
 def test_disable_gives_linear4bit_forward_back(served):
     original = bnb.nn.Linear4bit.forward
     tb_bnb.enable(served)

@@ -500,8 +500,8 @@ def _linear4bit_forward(self, x):
     checks, views the weight and calls the op through the dispatcher's boxed Python kernel. Measured on the GPU
     in docs/integrations.md ("Linear4bit.forward")."""
     e = _active
-    if (e is None or type(x) is not torch.Tensor or torch._C._len_torch_dispatch_stack()
-            or torch.compiler.is_compiling()):  # fmt: skip
+    if (e is None or torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or torch._C._len_torch_dispatch_stack()):  # fmt: skip  # compiling first: Dynamo traces bnb's forward
         return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
     bias = self.bias
     if ((torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))

@@ -682,8 +682,8 @@ def effective_bk(cfg: dict, k: int) -> int:
 
 def fused_ok(cfg: dict, k: int) -> bool:
     """Whether a fused kernel takes this problem (else dequantize + matmul): a gemv/gemv2/gemm config and a K
-    chunk (a power of two >= MIN_BK dividing K: whole int32 words per row for gemv2 and the gemm). K = 0 never:
-    the fused kernels store only what their K loop summed, so an empty K takes F.linear's zeros (+ bias)."""
+    chunk (a power of two >= MIN_BK dividing K: whole int32 words per row for gemv2 and the gemm). K = 0 never: an
+    empty K takes F.linear's zeros (+ bias) (gemv2 left its output unwritten there, seen under the interpreter)."""
     if k == 0:
         return False
     if cfg.get("path") == "mma":
