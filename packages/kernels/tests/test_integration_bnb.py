@@ -510,18 +510,18 @@ def linear4bit(device, gen, *, bias=True, nested=True, compute_dtype=torch.bfloa
 
 @pytest.fixture
 def bnb_forward(monkeypatch):
-    """bnb's own Linear4bit.forward, counted where the integration's forward hands a call to it."""
-    tb_bnb.enable(("cuda",))  # captures bnb's forward
-    tb_bnb.disable()
-    real = tb_bnb._BNB_FORWARD["forward"]
+    """bnb's own Linear4bit.forward, counted: installed as the class's forward, which enable() keeps as the one
+    its forward hands calls on to."""
+    assert not tb_bnb.is_enabled()
+    real = bnb.nn.Linear4bit.forward
+    assert real is not tb_bnb._linear4bit_forward
     counted = types.SimpleNamespace(n=0, real=real)
 
     def spy(self, x):
         counted.n += 1
         return real(self, x)
 
-    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", real)  # put back after the test, whatever it enabled
-    monkeypatch.setitem(tb_bnb._BNB_FORWARD, "forward", spy)
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", spy)  # put back after the test, whatever it enabled
     return counted
 
 
@@ -549,32 +549,44 @@ class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", ["x requires grad", "bias requires grad", "x in another dtype",
-                                  "bias in another dtype", "compute dtype not set yet", "no rows", "dispatch mode",
-                                  "disabled"])  # fmt: skip
+LEFT_TO_BNB = ["x requires grad", "bias requires grad", "weight requires grad", "x in another dtype",
+               "bias in another dtype", "compute dtype not set yet", "no rows", "dispatch mode", "autocast", "vmap",
+               "jit trace", "disabled"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LEFT_TO_BNB)
 def test_linear4bit_forward_leaves_the_rest_to_bnb(served, bnb_forward, case, device, gen):
-    """Training, a cast, bnb's first call (it sets the compute dtype), an empty input, a dispatch mode, and a
-    forward bound while enabled but called after disable(): bnb's own forward runs, exactly once."""
+    """Training, a cast, bnb's first call (it sets the compute dtype), an empty input, a dispatch mode, autocast,
+    functorch and jit transforms, a weight that requires grad, and a forward bound while enabled but called after
+    disable(): bnb's own forward runs, once."""
     layer = linear4bit(device, gen, compute_dtype=None if case == "compute dtype not set yet" else torch.bfloat16)
     x = torch.randn(0 if case == "no rows" else 2, 128, generator=gen).to(torch.bfloat16).to(device)
+    layer.bias.requires_grad_(case == "bias requires grad")
     if case == "x in another dtype":
         x = x.half()
     if case == "bias in another dtype":
         layer.bias = torch.nn.Parameter(layer.bias.float(), requires_grad=False)
-    if case == "bias requires grad":
-        layer.bias.requires_grad_(True)
-    else:
-        layer.bias.requires_grad_(False)
     if case == "x requires grad":
         x.requires_grad_(True)
+    if case == "weight requires grad":  # a float quant_storage holds the packed bytes; bnb lets it require grad
+        w = layer.weight
+        packed = w.data.reshape(-1).view(torch.float32)[:, None]
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=True, quant_state=w.quant_state, quant_type="nf4",
+                                         quant_storage=torch.float32, bnb_quantized=True, module=layer)  # fmt: skip
     tb_bnb.enable(served)
     forward = layer.forward
     if case == "disabled":
         tb_bnb.disable()
-    with _Passthrough() if case == "dispatch mode" else contextlib.nullcontext():
-        out = forward(x)
+    contexts = {"dispatch mode": _Passthrough, "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}
+    with contexts.get(case, contextlib.nullcontext)():
+        if case == "vmap":
+            out = torch.func.vmap(forward)(x.unsqueeze(1))
+        elif case == "jit trace":
+            out = torch.jit.trace(layer, x, check_trace=False)(x)
+        else:
+            out = forward(x)
     assert bnb_forward.n == 1, case
-    assert out.shape == (x.shape[0], 96)
+    assert out.shape[0] == x.shape[0] and out.shape[-1] == 96
 
 
 def test_linear4bit_forward_under_torch_compile(served, device, gen):
@@ -590,7 +602,9 @@ def test_linear4bit_forward_under_torch_compile(served, device, gen):
     assert_exact(got, want)
 
 
-def test_disable_gives_linear4bit_forward_back(served):
+def test_disable_gives_linear4bit_forward_back(served, monkeypatch, device, gen):
+    """disable() puts back the forward enable() found (bnb's, or another library's patch of it, which ours calls
+    for what it hands on); a patch installed over ours while enabled stays."""
     original = bnb.nn.Linear4bit.forward
     tb_bnb.enable(served)
     tb_bnb.enable(served, decode="bnb")  # re-enabled with other arguments: bnb's forward stays the one kept
@@ -600,6 +614,27 @@ def test_disable_gives_linear4bit_forward_back(served):
     with tb_bnb.enabled(served):
         assert bnb.nn.Linear4bit.forward is tb_bnb._linear4bit_forward
     assert bnb.nn.Linear4bit.forward is original
+    seen = []
+
+    def theirs(self, x):
+        seen.append(x.shape)
+        return original(self, x)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", theirs)
+    layer = linear4bit(device, gen)
+    x = torch.randn(2, 128, generator=gen).to(torch.bfloat16).to(device)
+    with tb_bnb.enabled(served):
+        layer(x.float())  # a cast: handed on, to their patch
+        assert seen == [(2, 128)]
+    assert bnb.nn.Linear4bit.forward is theirs
+
+    def over_ours(self, x):
+        return tb_bnb._linear4bit_forward(self, x)
+
+    tb_bnb.enable(served)
+    bnb.nn.Linear4bit.forward = over_ours
+    tb_bnb.disable()
+    assert bnb.nn.Linear4bit.forward is over_ours
 
 
 # --- end to end: a tiny Llama through transformers' BitsAndBytesConfig -----------------------------------------

@@ -490,27 +490,29 @@ _BNB_FUNCTIONAL: dict[str, object] = {}
 
 def _linear4bit_forward(self, x):
     """``Linear4bit.forward`` while enabled: where bnb's forward would reach ``gemm_4bit`` with nothing to cast
-    (inference: no grad; x in the layer's compute dtype, as is the bias), it calls the served ``gemm_4bit``
-    (``_gemm_4bit``) with bnb's own arguments, so the result is the op path's, bit for bit; everything else
-    (training, a cast, a first call that sets the compute dtype, torch.compile, tensor subclasses, dispatch
-    modes, bnb's CPU repacking) runs bnb's forward.
+    (inference: no grad; x in the layer's compute dtype, as is the bias; no autocast), it calls the served
+    ``gemm_4bit`` (``_gemm_4bit``) with bnb's own arguments, so the result is the op path's, bit for bit; everything
+    else runs bnb's forward: training, a cast, a first call that sets the compute dtype, an empty x, bnb's [K, N]
+    orientation or nested blocksize other than 256, a device not served, torch.compile, torch.jit tracing,
+    functorch transforms (vmap, grad), autocast, tensor subclasses (x or the packed weight), dispatch modes, a
+    weight that requires grad, and on the CPU any layer with bnb's AVX512-BF16 path on.
 
     NOTE: why: a decode step is host-bound and bnb's forward costs host time around its one kernel: it reads the
     ``Params4bit`` weight through its ``__torch_function__`` (1.3-2.6 us a read or a view, CPU timeit), casts,
     checks, views the weight and calls the op through the dispatcher's boxed Python kernel. Measured on the GPU
     in docs/integrations.md ("Linear4bit.forward")."""
     e = _active
-    if (e is None or torch.compiler.is_compiling() or type(x) is not torch.Tensor
-            or torch._C._len_torch_dispatch_stack()):  # fmt: skip  # compiling first: Dynamo traces bnb's forward
+    # is_compiling first: Dynamo then traces bnb's forward, never a query it cannot trace
+    if (e is None or torch.compiler.is_compiling() or type(x) is not torch.Tensor or _functorch_active()
+            or torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing()):  # fmt: skip
         return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
-    bias = self.bias
-    if ((torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
-            or not self.compute_type_is_set or self.compute_dtype != x.dtype
-            or (bias is not None and bias.dtype != x.dtype)):  # fmt: skip
-        return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
-    w = self.weight
-    qs = getattr(w, "quant_state", None)
+    bias, w = self.bias, self.weight
     device = x.device.type
+    if ((torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)))
+            or not self.compute_type_is_set or self.compute_dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype) or torch.is_autocast_enabled(device)):  # fmt: skip
+        return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
+    qs = getattr(w, "quant_state", None)
     if (qs is None or ("gemm_4bit", _KEYS.get(device)) not in e.originals or not x.numel()
             or getattr(qs, "packing_format_for_cpu", False)
             or (device == "cpu" and getattr(self, "support_avx512bf16_for_cpu", False))):  # fmt: skip
@@ -522,13 +524,20 @@ def _linear4bit_forward(self, x):
         return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]  # bnb's warning or error
     with torch._C.DisableTorchFunctionSubclass():  # the plain tensor bnb's op receives (B.view(-1, 1))
         B = w.view(-1, 1)
+    if type(B) is not torch.Tensor:  # a __torch_dispatch__ weight (a DTensor, say): bnb's op path handles it
+        return _BNB_FORWARD["forward"](self, x)  # type: ignore[operator]
     if state2 is None:
         return _gemm_4bit(e, x, B, shape, qs.absmax, qs.blocksize, qs.quant_type, bias, None, None, None)
     return _gemm_4bit(e, x, B, shape, state2.absmax, qs.blocksize, qs.quant_type, bias, qs.absmax, state2.code,
                       qs.offset)  # fmt: skip
 
 
-# bnb's own Linear4bit.forward, captured at the first enable()
+# whether a functorch transform (vmap, grad, jvp) is active; a torch without the query never takes the shortcut
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+# the Linear4bit.forward found at the last enable() (bnb's, or another library's patch of it): what ours hands
+# calls on to, and what disable() puts back
 _BNB_FORWARD: dict[str, object] = {}
 
 
@@ -596,8 +605,8 @@ def enable(devices: Sequence[str] = ("cuda",), decode: str = "auto") -> None:
                 e.functional[name] = _BNB_FUNCTIONAL[name]
                 setattr(F, name, fn)
             cls = bnb.nn.Linear4bit
-            if cls.forward is not _linear4bit_forward:
-                _BNB_FORWARD.setdefault("forward", cls.forward)
+            if cls.forward is not _linear4bit_forward:  # bnb's, or another library's patch of it since
+                _BNB_FORWARD["forward"] = cls.forward
             cls.forward = _linear4bit_forward
         except BaseException:
             _restore(e)
@@ -609,8 +618,9 @@ def _restore(e: _Enabled) -> None:
     F = e.bnb.functional
     for name, fn in e.functional.items():
         setattr(F, name, fn)
-    if "forward" in _BNB_FORWARD:
-        e.bnb.nn.Linear4bit.forward = _BNB_FORWARD["forward"]
+    cls = e.bnb.nn.Linear4bit
+    if cls.forward is _linear4bit_forward:  # a patch installed over ours while enabled stays
+        cls.forward = _BNB_FORWARD["forward"]
     e.lib._destroy()
 
 
