@@ -375,7 +375,7 @@ def _gemm_4bit(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, a
                                                  absmax_code, absmax_offset)  # fmt: skip
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
     if linear and _linear_serves(e, A):
-        return tritonbits.linear_4bit(A, B.reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+        return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
     # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
     return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
 
@@ -390,7 +390,14 @@ def _op_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
     if quant_type is None:
         return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type)
-    return tritonbits.linear_4bit(A, B.reshape(-1, 1), state)  # type: ignore[attr-defined]
+    return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state)  # type: ignore[attr-defined]
+
+
+def _frozen(B: torch.Tensor) -> torch.Tensor:
+    """The packed weight as a kernel below autograd gets it: bnb lets a float quant_storage weight require grad
+    (its ops then run under the autograd fallback, grad flowing nowhere), where linear_4bit refuses such a weight
+    (found on the H100, tests record 20261124T151619Z: the op served with linear_4bit raised, bnb's kernel ran)."""
+    return B.detach() if B.requires_grad else B
 
 
 def _op_gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
