@@ -93,25 +93,24 @@ def copy_gbps(nbytes: int = 1 << 30, device: str | torch.device = "cuda") -> flo
 def host_us(fn: Callable[[], object], n: int = 2000, warmup: int = 50) -> float:
     """Wall microseconds per call of fn() issued n times back to back, one synchronize at the end: the host
     time of a call (launch overhead), as long as each call's GPU work is shorter than that."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
+    return _calls_us(fn, n, warmup, until_synced=True)
 
 
 def issue_us(fn: Callable[[], object], n: int = 200, warmup: int = 50) -> float:
     """Wall microseconds per call of fn() issued n times back to back, the clock stopped before the synchronize:
     the host's time of a call even where its GPU work is longer (while n calls fit the launch queue)."""
+    return _calls_us(fn, n, warmup, until_synced=False)
+
+
+def _calls_us(fn: Callable[[], object], n: int, warmup: int, until_synced: bool) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    if until_synced:
+        torch.cuda.synchronize()
     took = time.perf_counter() - start
     torch.cuda.synchronize()
     return took / n * 1e6
