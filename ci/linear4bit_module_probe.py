@@ -1,5 +1,5 @@
 """Host time of one 4-bit layer call as transformers makes it, `layer(x)` at decode (run on a GPU machine), and
-the device time behind it: a bf16 `nn.Linear`, bnb's `Linear4bit` (integration disabled), and enabled with each
+its synced latency (host + GPU): a bf16 `nn.Linear`, bnb's `Linear4bit` (integration disabled), and enabled with each
 decode choice, through bnb's own `Linear4bit.forward` (the op path) and through the integration's
 `Linear4bit.forward` (`tritonbits.integrations.bitsandbytes._linear4bit_forward`). Outputs of the two enabled
 paths are compared with `torch.equal` first. Modes are timed in blocks (enable/disable between them), the blocks

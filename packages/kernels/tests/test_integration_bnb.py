@@ -551,17 +551,41 @@ class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
 
 LEFT_TO_BNB = ["x requires grad", "bias requires grad", "weight requires grad", "x in another dtype",
                "bias in another dtype", "compute dtype not set yet", "no rows", "dispatch mode", "autocast", "vmap",
-               "jit trace", "disabled"]  # fmt: skip
+               "jit trace", "x a tensor subclass", "[K, N] quant state", "nested blocksize 128", "device not served",
+               "CPU layer with bnb's AVX512-BF16 path", "disabled"]  # fmt: skip
+
+
+class _Sub(torch.Tensor):
+    pass
 
 
 @pytest.mark.parametrize("case", LEFT_TO_BNB)
 def test_linear4bit_forward_leaves_the_rest_to_bnb(served, bnb_forward, case, device, gen):
     """Training, a cast, bnb's first call (it sets the compute dtype), an empty input, a dispatch mode, autocast,
-    functorch and jit transforms, a weight that requires grad, and a forward bound while enabled but called after
-    disable(): bnb's own forward runs, once."""
-    layer = linear4bit(device, gen, compute_dtype=None if case == "compute dtype not set yet" else torch.bfloat16)
+    functorch and jit transforms, a tensor subclass, a weight that requires grad, a quant state bnb handles
+    differently ([K, N]) or refuses (nested blocksize 128), a device not served, bnb's CPU repacking path, and a
+    forward bound while enabled but called after disable(): bnb's own forward runs, once."""
+    if case == "CPU layer with bnb's AVX512-BF16 path" and device.type == "cuda":
+        pytest.skip("the CPU is served only under the Triton interpreter (the CPU test session)")
+    if case in ("device not served", "CPU layer with bnb's AVX512-BF16 path"):
+        device = torch.device("cpu")  # a CPU layer; "cuda" alone served, or the CPU with bnb's repacking on
+        served = ("cuda",) if case == "device not served" else served
+    # no bias where x's dtype is the case (a bias in the compute dtype would hand the call on by itself)
+    layer = linear4bit(device, gen, bias=case != "x in another dtype",
+                       compute_dtype=None if case == "compute dtype not set yet" else torch.bfloat16)  # fmt: skip
+    if case == "compute dtype not set yet":  # bnb sets compute_type_is_set at its first call; here only that differs
+        layer.compute_dtype = torch.bfloat16
     x = torch.randn(0 if case == "no rows" else 2, 128, generator=gen).to(torch.bfloat16).to(device)
-    layer.bias.requires_grad_(case == "bias requires grad")
+    if case == "x a tensor subclass":
+        x = x.as_subclass(_Sub)
+    if case == "[K, N] quant state":  # bnb's deprecated orientation: it dequantizes and multiplies by the transpose
+        layer.weight.quant_state.shape = torch.Size([128, 96])
+    if case == "nested blocksize 128":
+        layer.weight.quant_state.state2.blocksize = 128
+    if case == "CPU layer with bnb's AVX512-BF16 path":
+        layer.support_avx512bf16_for_cpu = True
+    if layer.bias is not None:
+        layer.bias.requires_grad_(case == "bias requires grad")
     if case == "x in another dtype":
         x = x.half()
     if case == "bias in another dtype":
@@ -583,10 +607,15 @@ def test_linear4bit_forward_leaves_the_rest_to_bnb(served, bnb_forward, case, de
             out = torch.func.vmap(forward)(x.unsqueeze(1))
         elif case == "jit trace":
             out = torch.jit.trace(layer, x, check_trace=False)(x)
+        elif case == "nested blocksize 128":
+            with pytest.raises(NotImplementedError, match="blocksize"):  # bnb's error, not a silent other scale
+                forward(x)
+            out = x.new_empty(2, 96)
         else:
             out = forward(x)
     assert bnb_forward.n == 1, case
     assert out.shape[0] == x.shape[0] and out.shape[-1] == 96
+    assert layer.compute_type_is_set
 
 
 def test_linear4bit_forward_under_torch_compile(served, device, gen):
