@@ -3,15 +3,19 @@ bnb.matmul_4bit on one GPU: every candidate's output is checked against the K-aw
 (CUDA-graph medians, tritonbits_harness.timing.bench_graph); one line per (shape, M, dtype, candidate).
 
     python ci/linear4bit_mma_probe.py [--shapes KxN,...] [--ms 1,4,16] [--dtypes bf16] [--warps 2,4,8]
-        [--splits 1,2,4,8,16] [--prefetch 1] [--baseline FILE] [--parts] [--rep 20] [--no-bnb] [--check-only]
-        [--json PATH]
+        [--splits 1,2,4,8,16] [--kwarps 1] [--kwarps-splits 1,2] [--prefetch 1] [--baseline FILE] [--parts]
+        [--eager] [--rep 20] [--no-bnb] [--check-only] [--json PATH]
 
 --check-only runs the correctness cases only (fp16/bf16, nf4/fp4, nested or not, blocksizes 64/128/256, odd M
 and N, bias, a strided x), no timing. --baseline FILE also times another linear_4bit_mma.py with the same kernel
 arguments (`git show REV:packages/kernels/src/tritonbits/ops/linear_4bit_mma.py > FILE`, the working tree then
 holding a variant) at the same configs, so a kernel change is compared with its base in one run. --parts times,
 for the best mma config of each case, its mma kernel alone and its split-K reduction alone (buffers made outside
-the graph).
+the graph). --kwarps K,... adds configs whose warps split a program's K range (each K > 1 dividing the warps,
+at the --kwarps-splits only: one split is one launch, no workspace). --eager also times, per case, the op's eager
+call (`tritonbits.linear_4bit`, its plan and bound launches) with the best one-launch and the best two-launch
+config forced through `config_for`: seconds per call of 200 back-to-back calls and one synchronize
+(`timing.host_us`, the least disturbed of 9 interleaved rounds), the figure a host-bound decode loop sees.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ def _weight(n, k, dtype, gen, bs=64, qt="nf4", nested=True):
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(dtype)
     packed, qs = tritonbits.quantize_4bit(w, blocksize=bs, quant_type=qt, compress_statistics=nested)
     return w, packed, qs
+
+
+# (warps, splits, K warps) of the correctness cases: K warps dividing a split's segments or not (MASKED), with and
+# without a prefetch (split 3 runs without), one split or several
+CHECK_CONFIGS = ((4, 1, 1), (2, 2, 1), (8, 3, 1), (4, 1, 4), (8, 1, 8), (8, 3, 4), (4, 2, 2), (2, 1, 2))
 
 
 def check_cases(gen) -> int:
@@ -70,8 +79,8 @@ def check_cases(gen) -> int:
             print(f"check {name}: mma_ok refused", flush=True)
             fails += 1
             continue
-        for warps, split in ((4, 1), (2, 2), (8, 3)):
-            cfg = {"path": "mma", "warps": warps, "split_k": split, "prefetch": split != 3}
+        for warps, split, kwarps in CHECK_CONFIGS:
+            cfg = {"path": "mma", "warps": warps, "split_k": split, "kwarps": kwarps, "prefetch": split != 3}
             try:
                 y = L.forward_2d(x, pw, bias, config=cfg)
                 assert_matmul(y, x, wd, bias)
@@ -128,6 +137,59 @@ def parts(x, pw, cfg, rep):
     return times + [float("nan")] * (2 - len(times))
 
 
+def sweep_configs(args, k: int) -> list[tuple[int, int, int]]:
+    """(warps, splits, K warps) to time: every --warps x --splits with one K warp, and the --kwarps > 1 dividing the
+    warps at the --kwarps-splits."""
+    out = []
+    for warps in (int(v) for v in args.warps.split(",")):
+        for split in (int(v) for v in args.splits.split(",")):
+            if split > k // 256:
+                continue
+            out.append((warps, split, 1))
+            if split in {int(v) for v in args.kwarps_splits.split(",")}:
+                kws = (int(v) for v in args.kwarps.split(","))
+                out += [(warps, split, kw) for kw in kws if kw > 1 and warps % kw == 0]
+    return out
+
+
+def launches_of(cfg: dict, k: int) -> int:
+    """The op's launches for an mma config: one, or two where a split-K workspace is reduced."""
+    segs = k // 256
+    per = -(-segs // max(1, min(cfg["split_k"], segs)))
+    return 1 if -(-segs // per) == 1 else 2
+
+
+def eager(x, packed, qs, fns, res, rows, k, n, m, dname) -> None:
+    """The op's eager call with the best one-launch and the best two-launch mma config forced (see the module doc)."""
+    import copy
+
+    best: dict[int, tuple[float, dict]] = {}
+    for name, cfg, _fn in fns:
+        if cfg is not None and name.startswith("mma"):
+            nl = launches_of(cfg, k)
+            if nl not in best or res[name] < best[nl][0]:
+                best[nl] = (res[name], cfg)
+    calls = {}
+    config_for = L.config_for
+    for nl, (_t, cfg) in sorted(best.items()):
+        q2 = copy.copy(qs)  # a fresh quant state: its own prepared weight, so its own plans with this config
+        calls[f"eager {nl} launch(es) {cfg}"] = (q2, cfg)
+    timed = {}
+    try:
+        for q2, cfg in calls.values():
+            L.config_for = lambda device, x_dtype, m_, n_, k_, _cfg=cfg: dict(_cfg)
+            tritonbits.linear_4bit(x, packed, q2)  # plans with this config
+        L.config_for = config_for
+        funcs = {label: partial(tritonbits.linear_4bit, x, packed, q2) for label, (q2, _cfg) in calls.items()}
+        timed = timing.host_us_rounds(funcs, rounds=9, n=200)
+    finally:
+        L.config_for = config_for
+    line = " | ".join(f"{label}: {mn:.2f} us (median {md:.2f})" for label, (mn, md) in timed.items())
+    print(f"    eager K={k} N={n} M={m} {dname}: {line}", flush=True)
+    for label, (mn, md) in timed.items():
+        rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": label, "eager_us_min": mn, "eager_us_median": md})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the benchmark's shapes)")
@@ -135,7 +197,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--splits", default="1,2,4,8,16")
+    ap.add_argument("--kwarps", default="1")
+    ap.add_argument("--kwarps-splits", default="1,2")
     ap.add_argument("--prefetch", default="1")
+    ap.add_argument("--eager", action="store_true")
     ap.add_argument("--baseline", default=None, help="another linear_4bit_mma.py, timed at the same configs")
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--rep", type=int, default=20)
@@ -167,25 +232,23 @@ def main() -> None:
             for m in (int(v) for v in args.ms.split(",")):
                 x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
                 fns = [("op", None, partial(tritonbits.linear_4bit, x, packed, qs))]
-                for warps in (int(v) for v in args.warps.split(",")):
-                    for split in (int(v) for v in args.splits.split(",")):
-                        if split > k // 256:
+                for warps, split, kwarps in sweep_configs(args, k):
+                    for pf in (int(v) for v in args.prefetch.split(",")):
+                        cfg = {"path": "mma", "warps": warps, "split_k": split, "kwarps": kwarps,
+                               "prefetch": bool(pf)}  # fmt: skip
+                        try:
+                            y = L.forward_2d(x, pw, None, config=cfg)
+                            assert_matmul(y, x, wd)
+                        except Exception as exc:  # a probe: log and go on
+                            print(f"K={k} N={n} M={m} {dname} {cfg}: {type(exc).__name__}: {str(exc)[:300]}",
+                                  flush=True)  # fmt: skip
                             continue
-                        for pf in (int(v) for v in args.prefetch.split(",")):
-                            cfg = {"path": "mma", "warps": warps, "split_k": split, "prefetch": bool(pf)}
-                            try:
-                                y = L.forward_2d(x, pw, None, config=cfg)
-                                assert_matmul(y, x, wd)
-                            except Exception as exc:  # a probe: log and go on
-                                print(f"K={k} N={n} M={m} {dname} {cfg}: {type(exc).__name__}: {str(exc)[:300]}",
-                                      flush=True)  # fmt: skip
-                                continue
-                            fns.append((f"mma w{warps} s{split} pf{pf}", cfg,
-                                        partial(L.forward_2d, x, pw, None, config=cfg)))  # fmt: skip
-                            if base is not None:
-                                fn = with_kernel_of(base, partial(L.forward_2d, x, pw, None, config=cfg))
-                                assert_matmul(fn(), x, wd)
-                                fns.append((f"base w{warps} s{split} pf{pf}", cfg, fn))
+                        fns.append((f"mma w{warps} s{split} kw{kwarps} pf{pf}", cfg,
+                                    partial(L.forward_2d, x, pw, None, config=cfg)))  # fmt: skip
+                        if base is not None:
+                            fn = with_kernel_of(base, partial(L.forward_2d, x, pw, None, config=cfg))
+                            assert_matmul(fn(), x, wd)
+                            fns.append((f"base w{warps} s{split} kw{kwarps} pf{pf}", cfg, fn))
                 if not args.no_bnb:
                     fns.append(("bnb", None, partial(bnb.matmul_4bit, x, bq.t(), quant_state=bstate)))
                 res = {}
@@ -200,6 +263,8 @@ def main() -> None:
                       + (f" | base best {best_base[1]} {best_base[0]:.2f} ({best_base[0] / best[0]:.3f}x)"
                          if best_base else "")
                       + (f" bnb {res['bnb']:.2f}" if "bnb" in res else "") + f" | {line}", flush=True)  # fmt: skip
+                if args.eager:
+                    eager(x, packed, qs, fns, res, rows, k, n, m, dname)
                 if args.parts:
                     cfg = next(c for nm, c, _ in fns if nm == best[1])
                     kern, red = parts(x, pw, cfg, args.rep)

@@ -408,7 +408,7 @@ def test_large_shapes(m, out_dtype, device, gen, quantize, bnb_dequantize):
 KNOWN_CONFIG_KEYS = {"gemv2": {"path", "bm", "bn", "bk", "warps", "stages", "rows", "per_sm", "prefetch"},
                      "gemv": {"path", "bm", "bn", "bk", "warps", "stages", "split_k", "pair"},
                      "gemm": {"path", "bm", "bn", "bk", "warps", "stages", "split_k"}, "dequant": {"path"},
-                     "mma": {"path", "warps", "split_k", "prefetch"}}  # fmt: skip
+                     "mma": {"path", "warps", "split_k", "kwarps", "prefetch"}}  # fmt: skip
 
 
 def test_table_entries_are_reachable_and_valid():
@@ -423,6 +423,7 @@ def test_table_entries_are_reachable_and_valid():
             if cfg["path"] == "mma":  # 16-bit x, M <= 16 (mma_ok)
                 assert width == "x16" and int(m[1:]) <= L.mma4.MAX_M, (family, key)
                 assert {"warps", "split_k"} <= set(cfg) and cfg["warps"] in (1, 2, 4, 8), (family, key)
+                assert cfg["warps"] % cfg.get("kwarps", 1) == 0, (family, key)
             elif cfg["path"] == "gemv2":
                 assert {"bm", "bn", "bk", "warps"} <= set(cfg) and cfg["bm"] <= 4, (family, key)
                 assert cfg.get("prefetch", False) in (False, True), (family, key)

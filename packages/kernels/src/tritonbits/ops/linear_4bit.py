@@ -972,6 +972,9 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
     state = w.state
     n, bs = state.shape[0], state.blocksize
     warps = cfg.get("warps", 4)
+    kwarps = cfg.get("kwarps", 1)  # of the warps, those splitting the program's K range
+    if kwarps < 1 or warps % kwarps:
+        raise ValueError(f"config: an mma config's kwarps must divide its warps, got {cfg}")
     segs = k // mma4.SEGMENT
     per_split = triton.cdiv(segs, max(1, min(cfg.get("split_k", 1), segs)))
     split = triton.cdiv(segs, per_split)
@@ -984,12 +987,13 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
             m, n, k // 8, k // bs, x2.stride(0) // 2, out.stride(0), per_split * mma4.SEGMENT // 8)  # fmt: skip
     constexprs = {"BLOCKSIZE": bs, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
                   "HAS_BIAS": bias is not None, "SPLIT": ws is not None, "NT": 1 if m <= 8 else 2, "WARPS": warps,
+                  "KWARPS": kwarps, "MASKED": per_split % kwarps != 0 or (segs - (split - 1) * per_split) % kwarps != 0,
                   "PREFETCH": bool(cfg.get("prefetch", True)),
                   "TABLE": mma4.table_asm(formats.code_values(state.quant_type).tolist(), bf16),
                   "MMA": mma4.mma_asm(bf16)}  # fmt: skip
     slots = ((0, "x"),) + (((6, "bias"),) if bias is not None else ()) + ((7, "ws" if ws is not None else "out"),)
-    launches = [Launch(mma4.linear_4bit_mma_kernel, (triton.cdiv(n, 16 * warps), split, 1), args, constexprs,
-                       {"num_warps": warps}, slots)]  # fmt: skip
+    grid = (triton.cdiv(n, 16 * (warps // kwarps)), split, 1)
+    launches = [Launch(mma4.linear_4bit_mma_kernel, grid, args, constexprs, {"num_warps": warps}, slots)]
     if ws is not None:
         launches.append(_reduce_launch(ws, bias, out, False))
     return launches, ws

@@ -131,14 +131,24 @@ if gl is not None:
         )
 
     @gluon.jit
-    def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qblock, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr):
+    def _load(ptr, ok, MASKED: gl.constexpr, EVICT: gl.constexpr):
+        """ptr's values, zeros where not ok with MASKED (else every address is inside the split)."""
+        if MASKED:
+            return gl.load(ptr, mask=ok, other=0, eviction_policy=EVICT)
+        else:
+            return gl.load(ptr, eviction_policy=EVICT)
+
+    @gluon.jit
+    def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qblock, ok, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr,
+                MASKED: gl.constexpr):  # fmt: skip
+        """The blocks' fp32 absmax (nested: bnb's code2[q] * absmax2 + offset; _load's zeros where not ok)."""
         if NESTED:
-            q = gl.load(absmax_ptr + qblock).to(gl.int32)
-            a2 = gl.load(absmax2_ptr + qblock // BLOCKSIZE2)
+            q = _load(absmax_ptr + qblock, ok, MASKED, "").to(gl.int32)
+            a2 = _load(absmax2_ptr + qblock // BLOCKSIZE2, ok, MASKED, "")
             return gl.inline_asm_elementwise(_ABSMAX, "=r,r,r,r", [gl.load(code2_ptr + q), a2, off],
                                              dtype=gl.float32, is_pure=True, pack=1)  # fmt: skip
         else:
-            return gl.load(absmax_ptr + qblock)
+            return _load(absmax_ptr + qblock, ok, MASKED, "")
 
     @gluon.jit
     def _table(am, TABLE: gl.constexpr):
@@ -161,15 +171,17 @@ if gl is not None:
                                          pack=1)  # fmt: skip
 
     @gluon.jit
-    def _x_word(x_seg, i: gl.constexpr, L: gl.constexpr):
-        """x's 8 elements of the lane's word i as 4 bf16/f16 pairs (int32) of its batch row ([R, 4] each)."""
-        return _split4(gl.load(x_seg + 4 * i), L)
+    def _x_word(x_seg, ok, i: gl.constexpr, L: gl.constexpr, MASKED: gl.constexpr):
+        """x's 8 elements of the lane's word i as 4 bf16/f16 pairs (int32) of its batch row ([R, 4] each); _load's
+        zeros where not ok (a step past the split, whose products are then exact zeros)."""
+        return _split4(_load(x_seg + 4 * i, ok, MASKED, ""), L)
 
     @gluon.jit
-    def _x_segment(x_seg, L: gl.constexpr):
+    def _x_segment(x_seg, ok, L: gl.constexpr, MASKED: gl.constexpr):
         """The lane's 8 words of x for one segment (_x_word's pairs, word by word)."""
-        return (_x_word(x_seg, 0, L), _x_word(x_seg, 1, L), _x_word(x_seg, 2, L), _x_word(x_seg, 3, L),
-                _x_word(x_seg, 4, L), _x_word(x_seg, 5, L), _x_word(x_seg, 6, L), _x_word(x_seg, 7, L))  # fmt: skip
+        return (_x_word(x_seg, ok, 0, L, MASKED), _x_word(x_seg, ok, 1, L, MASKED), _x_word(x_seg, ok, 2, L, MASKED),
+                _x_word(x_seg, ok, 3, L, MASKED), _x_word(x_seg, ok, 4, L, MASKED), _x_word(x_seg, ok, 5, L, MASKED),
+                _x_word(x_seg, ok, 6, L, MASKED), _x_word(x_seg, ok, 7, L, MASKED))  # fmt: skip
 
     @gluon.jit
     def _word_mmas(wa, wb, ta, tb, xa, xb, acc0, acc1, NT: gl.constexpr, MMA: gl.constexpr):
@@ -201,16 +213,28 @@ if gl is not None:
             gl.store(out_ptr + n.to(gl.int64) * stride_om + rows, d.to(out_ptr.dtype.element_ty), mask=ok)
 
     @gluon.jit
-    def _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3, w3, qrow_a, qrow_b, t, kw,
-                   K_WORDS, BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr):  # fmt: skip
-        """The segment at word kw: its words of rows g ([R, 4, 8]) and g + 8, and the two rows' absmax ([R, 4];
-        qrow_*: the rows' first block, int64)."""
-        wa = gl.load(words_ptr + (row_a3 + (kw + w3)), eviction_policy="evict_first")
-        wb = gl.load(words_ptr + (row_b3 + (kw + w3)), eviction_policy="evict_first")
-        qcol = (8 * kw + 64 * t) // BLOCKSIZE  # [1, 4]: the lane's block in the row
-        am_a = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow_a + qcol, BLOCKSIZE2, NESTED)
-        am_b = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow_b + qcol, BLOCKSIZE2, NESTED)
+    def _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3, w3, qrow_a, qrow_b, t, kw3,
+                   kw, kw_hi, BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr,
+                   MASKED: gl.constexpr):  # fmt: skip
+        """The warp's segment at word kw ([R, 1]; kw3 the same as [R, 1, 1]): its words of rows g ([R, 4, 8]) and
+        g + 8, and the two rows' absmax ([R, 4]; qrow_*: the rows' first block, int64); with MASKED, zeros at kw >=
+        kw_hi (else every segment asked for is inside the split)."""
+        wa = _load(words_ptr + (row_a3 + (kw3 + w3)), kw3 < kw_hi, MASKED, "evict_first")
+        wb = _load(words_ptr + (row_b3 + (kw3 + w3)), kw3 < kw_hi, MASKED, "evict_first")
+        qcol = (8 * kw + 64 * t) // BLOCKSIZE  # [R, 4]: the lane's block in the row
+        am_a = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow_a + qcol, kw < kw_hi, BLOCKSIZE2, NESTED, MASKED)
+        am_b = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow_b + qcol, kw < kw_hi, BLOCKSIZE2, NESTED, MASKED)
         return wa, wb, am_a, am_b
+
+    @gluon.jit
+    def _fold(v, KWARPS: gl.constexpr, ROWS: gl.constexpr, SUM: gl.constexpr):
+        """[R, 4] (R = KWARPS x ROWS, the warps' K slices outermost) -> [ROWS, 4]: the slices' sum (SUM) or their
+        common value (an index all slices share)."""
+        v = gl.reshape(v, [KWARPS, ROWS, 4])
+        if SUM:
+            return gl.sum(v, axis=0)
+        else:
+            return gl.max(v, axis=0)
 
     @gluon.jit
     def _acc_add(a, b):
@@ -221,12 +245,16 @@ if gl is not None:
         x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
         M, N, K_WORDS, BLOCKS_PER_ROW, stride_xm, stride_om, words_per_split,
         BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
-        SPLIT: gl.constexpr, NT: gl.constexpr, WARPS: gl.constexpr, PREFETCH: gl.constexpr, TABLE: gl.constexpr,
-        MMA: gl.constexpr,
+        SPLIT: gl.constexpr, NT: gl.constexpr, WARPS: gl.constexpr, KWARPS: gl.constexpr, MASKED: gl.constexpr,
+        PREFETCH: gl.constexpr, TABLE: gl.constexpr, MMA: gl.constexpr,
     ):  # fmt: skip
         """out[n, rows] (n < M <= 8 NT) over the K split pid_s (words_per_split words, a multiple of 32), for the
-        16 WARPS W rows of program pid_r. x_ptr: x [M, K] (fp16/bf16, read as int32 pairs; row stride stride_xm pairs);
-        words_ptr: W as int32 words [N, K_WORDS = K / 8]; K a multiple of the blocksize."""
+        16 WN W rows of program pid_r (WN = WARPS / KWARPS). Warp w takes row group w % WN and, of the split's
+        segments, those with index = w // WN modulo KWARPS; the KWARPS partial sums are added at the end. MASKED:
+        some split's segments are not a multiple of KWARPS (the last steps' missing segments load as zeros). x_ptr:
+        x [M, K] (fp16/bf16, read as int32 pairs; row stride stride_xm pairs); words_ptr: W as int32 words
+        [N, K_WORDS = K / 8]; K a multiple of the blocksize."""
+        WN: gl.constexpr = WARPS // KWARPS
         R: gl.constexpr = 8 * WARPS
         L: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [WARPS, 1], [1, 0])
         L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])
@@ -236,7 +264,8 @@ if gl is not None:
         # [R, 4] indices: r = 8 warp + g, t
         r = gl.expand_dims(gl.arange(0, R, gl.SliceLayout(1, L)), 1)
         t = gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, L)), 0)
-        row_a = pid_r * (16 * WARPS) + (r // 8) * 16 + r % 8
+        row_a = pid_r * (16 * WN) + (r // 8 % WN) * 16 + r % 8
+        wk = r // 8 // WN  # [R, 1]: the warp's K slice
         row_b = row_a + 8
         qrow_a = gl.minimum(row_a, N - 1).to(gl.int64) * BLOCKS_PER_ROW  # rows past N re-read row N - 1
         qrow_b = gl.minimum(row_b, N - 1).to(gl.int64) * BLOCKS_PER_ROW
@@ -245,7 +274,8 @@ if gl is not None:
         i3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         t3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
         w3 = 8 * t3 + i3  # [1, 4, 8]: word i of lane t's 64 columns, from the segment's first word
-        row3 = pid_r * (16 * WARPS) + (r3 // 8) * 16 + r3 % 8
+        row3 = pid_r * (16 * WN) + (r3 // 8 % WN) * 16 + r3 % 8
+        wk3 = r3 // 8 // WN
         row_a3 = gl.minimum(row3, N - 1).to(gl.int64) * K_WORDS
         row_b3 = gl.minimum(row3 + 8, N - 1).to(gl.int64) * K_WORDS
         # x: the lane's batch row n = g (tile 0) and 8 + g (tile 1), [R, 4, 4] pairs a word. Rows past M read row
@@ -256,6 +286,7 @@ if gl is not None:
         xi = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)  # x as 4-byte pairs
         xa_rows = xi + gl.minimum(rx % 8, M - 1).to(gl.int64) * stride_xm + 32 * tx + jx
         xb_rows = xi + gl.minimum(rx % 8 + 8, M - 1).to(gl.int64) * stride_xm + 32 * tx + jx
+        wkx = rx // 8 // WN
         off = 0.0
         if NESTED:
             off = gl.load(offset_ptr)
@@ -266,27 +297,32 @@ if gl is not None:
         acc1 = (zero, zero, zero, zero)  # tile 1, even words
         acc2 = (zero, zero, zero, zero)  # tile 0, odd words (two mma chains)
         acc3 = (zero, zero, zero, zero)
+        steps = gl.cdiv((kw_hi - kw_lo) // 32, KWARPS)  # a warp's segments: step j is segment j KWARPS + wk
         if PREFETCH:
             nwa, nwb, nam_a, nam_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3,
-                                                w3, qrow_a, qrow_b, t, kw_lo, K_WORDS, BLOCKSIZE, BLOCKSIZE2,
-                                                NESTED)  # fmt: skip
-        for kw in range(kw_lo, kw_hi, 32):
+                                                w3, qrow_a, qrow_b, t, kw_lo + 32 * wk3, kw_lo + 32 * wk, kw_hi,
+                                                BLOCKSIZE, BLOCKSIZE2, NESTED, MASKED)  # fmt: skip
+        for j in range(0, steps):
+            kw0 = kw_lo + 32 * KWARPS * j  # the step's first segment (the warps' own follow it)
             if PREFETCH:
                 wa, wb, am_a, am_b = nwa, nwb, nam_a, nam_b
-                nxt = gl.minimum(kw + 32, kw_hi - 32)  # the last step re-reads its own segment
+                nxt = kw0 + 32 * KWARPS  # the next step's (MASKED: none past the split; else the last re-reads its own)
+                if not MASKED:
+                    nxt = gl.minimum(nxt, kw_hi - 32 * KWARPS)
                 nwa, nwb, nam_a, nam_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3,
-                                                    row_b3, w3, qrow_a, qrow_b, t, nxt, K_WORDS, BLOCKSIZE,
-                                                    BLOCKSIZE2, NESTED)  # fmt: skip
+                                                    row_b3, w3, qrow_a, qrow_b, t, nxt + 32 * wk3, nxt + 32 * wk,
+                                                    kw_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, MASKED)  # fmt: skip
             else:
                 wa, wb, am_a, am_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3,
-                                                w3, qrow_a, qrow_b, t, kw, K_WORDS, BLOCKSIZE, BLOCKSIZE2,
-                                                NESTED)  # fmt: skip
+                                                w3, qrow_a, qrow_b, t, kw0 + 32 * wk3, kw0 + 32 * wk, kw_hi,
+                                                BLOCKSIZE, BLOCKSIZE2, NESTED, MASKED)  # fmt: skip
+            kwx = kw0 + 32 * wkx
             ta = _table(am_a, TABLE)
             tb = _table(am_b, TABLE)
             wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _split8(wa, L)
             wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _split8(wb, L)
-            xa = _x_segment(xa_rows + 4 * kw, L)
-            xb = _x_segment(xb_rows + 4 * kw, L) if NT == 2 else xa
+            xa = _x_segment(xa_rows + 4 * kwx, kwx < kw_hi, L, MASKED)
+            xb = _x_segment(xb_rows + 4 * kwx, kwx < kw_hi, L, MASKED) if NT == 2 else xa
             acc0, acc1 = _word_mmas(wa0, wb0, ta, tb, xa[0], xb[0], acc0, acc1, NT, MMA)
             acc2, acc3 = _word_mmas(wa1, wb1, ta, tb, xa[1], xb[1], acc2, acc3, NT, MMA)
             acc0, acc1 = _word_mmas(wa2, wb2, ta, tb, xa[2], xb[2], acc0, acc1, NT, MMA)
@@ -296,12 +332,23 @@ if gl is not None:
             acc0, acc1 = _word_mmas(wa6, wb6, ta, tb, xa[6], xb[6], acc0, acc1, NT, MMA)
             acc2, acc3 = _word_mmas(wa7, wb7, ta, tb, xa[7], xb[7], acc2, acc3, NT, MMA)
         acc0 = _acc_add(acc0, acc2)
-        n0 = 2 * t
-        _store((acc0[0], acc0[1]), n0, row_a, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
-        _store((acc0[2], acc0[3]), n0, row_b, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
-        if NT == 2:
+        n0 = 2 * t + 0 * r
+        rows = row_a + 0 * t
+        if KWARPS > 1:  # the K slices' partial sums (Triton's cross-warp reduction) into [8 WN, 4]
+            acc0 = (_fold(acc0[0], KWARPS, 8 * WN, True), _fold(acc0[1], KWARPS, 8 * WN, True),
+                    _fold(acc0[2], KWARPS, 8 * WN, True), _fold(acc0[3], KWARPS, 8 * WN, True))  # fmt: skip
+            if NT == 2:
+                acc1 = _acc_add(acc1, acc3)
+                acc1 = (_fold(acc1[0], KWARPS, 8 * WN, True), _fold(acc1[1], KWARPS, 8 * WN, True),
+                        _fold(acc1[2], KWARPS, 8 * WN, True), _fold(acc1[3], KWARPS, 8 * WN, True))  # fmt: skip
+            n0 = _fold(n0, KWARPS, 8 * WN, False)
+            rows = _fold(rows, KWARPS, 8 * WN, False)
+        elif NT == 2:
             acc1 = _acc_add(acc1, acc3)
-            _store((acc1[0], acc1[1]), n0 + 8, row_a, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
-            _store((acc1[2], acc1[3]), n0 + 8, row_b, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        _store((acc0[0], acc0[1]), n0, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        _store((acc0[2], acc0[3]), n0, rows + 8, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        if NT == 2:
+            _store((acc1[0], acc1[1]), n0 + 8, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+            _store((acc1[2], acc1[3]), n0 + 8, rows + 8, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
 else:  # pragma: no cover
     linear_4bit_mma_kernel = None
