@@ -176,7 +176,27 @@ def test_linear_4bit_dump_keeps_every_candidate_and_the_heuristic():
         cands = tune.linear_4bit_candidates(case["m"], case["n"], case["k"], 132)
         assert len(r["times"]) == len({tune.config_json(c) for c in cands}) > 1
         assert r["heuristic"] == heuristic(case)
-        assert entries[r["key"]] == min(cands, key=lambda c: fake(case, c, 1))
+        # the near-tie rule: of the candidates within LINEAR_4BIT_TIE of the fastest, the fewest launches
+        fastest = min(fake(case, c, 1) for c in cands)
+        near = [c for c in cands if fake(case, c, 1) <= fastest * (1 + tune.LINEAR_4BIT_TIE)]
+        want = min(near, key=lambda c: (L.launch_count(c, case["m"], case["n"], case["k"]), fake(case, c, 1)))
+        assert entries[r["key"]] == want
+
+
+def test_the_near_tie_rule_takes_one_launch_only_within_the_tie():
+    """linear_4bit's tuner writes a one-launch config over a faster two-launch one only within LINEAR_4BIT_TIE."""
+    one = {"path": "mma", "warps": 4, "split_k": 1, "kwarps": 4, "prefetch": True}
+    two = {"path": "mma", "warps": 4, "split_k": 8, "prefetch": True}
+    case = {"m": 4, "n": 4096, "k": 4096, "dtype": "bf16"}
+    for slower, want in ((1.0 + tune.LINEAR_4BIT_TIE / 2, one), (1.0 + 2 * tune.LINEAR_4BIT_TIE, two)):
+        times = {tune.config_json(one): slower, tune.config_json(two): 1.0}
+        op = dataclasses.replace(tune.TUNABLE["linear_4bit"], candidates=lambda c: [two, one], cases=lambda: [case],
+                                 time=lambda c, cfg, rep, t=times: t[tune.config_json(cfg)])  # fmt: skip
+        from tritonbits_harness.bench.runner import progress_bar
+
+        with progress_bar(Console(quiet=True)) as progress:
+            entries = tune.sweep(op, 1, progress, {"k": case})
+        assert entries == {"k": want}, slower
 
 
 def test_sweep_refuses_an_op_without_a_table():

@@ -453,6 +453,23 @@ def test_a_family_without_a_table_takes_its_fallback(monkeypatch):
         assert configs.lookup("linear_4bit", torch.device("cuda", 0), key) == want, family
 
 
+def test_launch_count_is_the_launches_planned(device, gen, quantize):
+    """launch_count (the tuner's near-tie rank) against the launches each path actually plans."""
+    q, state = weight_of((64, 1024), torch.bfloat16, gen, quantize)
+    pw = L._prepare(q, state)
+    x = fresh_x((3, 1024), torch.bfloat16, gen, device)
+    out = torch.empty(3, 64, device=device, dtype=torch.bfloat16)
+    cfgs = [{"path": "mma", "warps": 4, "split_k": s, "kwarps": kw} for s, kw in ((1, 1), (1, 4), (2, 1), (4, 2))]
+    cfgs += [{"path": "gemm", "bm": 16, "bn": 64, "bk": 128, "warps": 4, "stages": 3, "split_k": s} for s in (1, 4)]
+    cfgs += [{"path": "gemv2", "bm": 4, "bn": 16, "bk": bk, "warps": 4, "stages": 1} for bk in (1024, 256)]
+    cfgs += [{"path": "gemv", "bm": 4, "bn": 32, "bk": 64, "warps": 4, "stages": 3, "split_k": s} for s in (1, 3)]
+    for cfg in cfgs:
+        planned = L._mma_launches(x, pw, None, out, cfg)[0] if cfg["path"] == "mma" else (
+            L.fused_launches(x, pw, None, out, cfg, use_asm=False)[0])  # fmt: skip
+        assert L.launch_count(cfg, 3, 64, 1024) == len(planned), cfg
+    assert L.launch_count({"path": "dequant"}, 300, 64, 1024) == 2
+
+
 def test_heuristic_without_a_table(device):
     for m in (1, 3, 4, 5, 8, 9, 16, 100, 256, 257, 4096):
         # the mma kernel up to MMA_MAX_M for 16-bit x and K a multiple of its segment (aligned_config asks again
@@ -472,14 +489,15 @@ def test_heuristic_without_a_table(device):
         for chosen in (mma, cfg, wide):
             if chosen["path"] != "dequant":
                 assert set(chosen) <= KNOWN_CONFIG_KEYS[chosen["path"]], chosen
-    # the heuristic's splits: MMA_SPLIT, fewer where K has fewer than 2 segments a split
-    assert [L.heuristic_config(torch.bfloat16, 1, 4096, k, 132)["split_k"] for k in (256, 512, 1024, 4096, 14336)] == [
-        1,
-        1,
-        2,
-        8,
-        8,
-    ]
+    # the heuristic's mma config (its NOTE): one launch, K warps filling about MMA_WARPS_TARGET warps over N / 16 row
+    # groups, at least 2 warps a program
+    picks = {(m, n): L.heuristic_config(torch.bfloat16, m, n, 4096, 132) for m in (1, 2, 4, 8) for n in
+             (1024, 4096, 14336, 28672)}  # fmt: skip
+    assert all(c["split_k"] == 1 and c["warps"] == max(c["kwarps"], 2) for c in picks.values()), picks
+    assert [picks[1, n]["kwarps"] for n in (1024, 4096, 14336, 28672)] == [8, 8, 8, 4]
+    assert [picks[8, n]["kwarps"] for n in (1024, 4096, 14336, 28672)] == [8, 8, 2, 1]
+    assert picks[2, 14336] == picks[1, 14336] and picks[4, 14336] == picks[8, 14336]
+    assert all(L.launch_count(c, m, n, 4096) == 1 for (m, n), c in picks.items())
 
     # HEURISTIC_GEMV2's NOTE: M=1 32 x 128 up to K=4096, 8 x 1024 above when 1024 divides K; M=2 16 x 512, 4 an SM
     def tile(m: int, k: int) -> tuple:

@@ -170,7 +170,7 @@ def test_mma_is_never_taken_where_it_cannot_run(device):
     are gemv2's / the gemm's; launch_fused refuses to hand the Gluon kernel to wrap_triton."""
     _, _, pw = _prepared(device, 64, 512)
     x = torch.randn(2, 512, device=device, dtype=torch.bfloat16)
-    cfg = L.heuristic_mma_config(512)
+    cfg = L.heuristic_mma_config(2, 64, 512)
     fallback = L.heuristic_config(x.dtype, 2, 64, 512, L._sm_count(device), mma=False)
     if device.type != "cuda" or not mma4.AVAILABLE:
         assert not L.mma_ok(pw, x, device)

@@ -491,7 +491,8 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr
 # ---------------------------------------------------------------------------------------------------
 # Configs: {"path", "bm", "bn", "bk", "split_k", "warps", "stages", "pair"} per GPU family and key; gemv2 takes
 # "rows" (W rows a program) or "per_sm" (programs an SM, the rows worked out from it; "rows" wins) instead of
-# "split_k", and "prefetch"; mma takes {"path", "warps", "split_k", "prefetch"}.
+# "split_k", and "prefetch"; mma takes {"path", "warps", "split_k", "kwarps", "prefetch"} (kwarps: of the warps, those
+# splitting a program's K range; 1 when absent).
 
 
 def bucket(x: int) -> int:
@@ -611,11 +612,49 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
 # mma_ok refuses there (fp16 x with a bf16 W, K not a multiple of 256, a torch.compile trace) takes
 # heuristic_config(mma=False), not the tuned gemm entry those keys held before.
 MMA_MAX_M = 8
-MMA_SPLIT = 8
 
 
-def heuristic_mma_config(k: int) -> dict:
-    return {"path": "mma", "warps": 4, "split_k": max(1, min(MMA_SPLIT, k // (2 * mma4.SEGMENT))), "prefetch": True}
+# NOTE: one launch (session 20): the heuristic's mma config is one K split whose program's warps split K (`kwarps`),
+# so an eager call launches one kernel and allocates no workspace: 15.8-16.4 us a call back to back against 25.4-26.2
+# us for session 17's 4 warps x 8 splits where the GPU time is small (H100, bf16, 4096 x 4096 and 4096 x 1024, M = 1
+# to 16; ci/linear4bit_mma_probe.py --eager, log docs/gpu-runs/logs/20261124T1625Z-nvidia-h100-mma-kwarps-probe.txt).
+# The K warps are chosen so that the grid holds about MMA_WARPS_TARGET[M bucket] warps (N / 16 row groups, each
+# worked by its K warps). CUDA-graph time against the probe's best config of each case: M = 1 1.00-1.02x at 4096 x
+# 4096, 14336 x 4096, 4096 x 28672 and 8192 x 28672, 1.10x at 4096 x 14336, 1.13x at 4096 x 1024 (64 row groups:
+# too few warps even at 8 K warps; every one-launch config was >= 1.12x there), where session 17's heuristic took
+# 1.00-1.06x; M = 8 1.00-1.03x except 1.12x at 4096 x 1024 (the old: 1.00-1.19x); M = 4 1.00x at three shapes, 1.10x
+# at 4096 x 28672, 1.13x at 4096 x 1024 and 1.25x at 8192 x 28672 (the old 1.00-1.06x). The tables name their own
+# configs at M = 4 and 8 (tuned with a one-launch preference, tritonbits_harness.tune's LINEAR_4BIT_TIE).
+MMA_WARPS_TARGET = {1: 6144, 2: 6144, 4: 2048, 8: 2048}
+
+
+def heuristic_mma_config(m: int, n: int, k: int) -> dict:
+    """One launch: 16-row groups of W, each taken by kwarps warps splitting K (a power of two <= 8, about
+    MMA_WARPS_TARGET warps over the grid), at least 2 warps a program."""
+    groups = triton.cdiv(n, 16)
+    target = MMA_WARPS_TARGET[bucket(min(max(m, 1), MMA_MAX_M))]
+    kwarps = 1 << max(0, min(3, round(math.log2(max(target / groups, 1)))))
+    return {"path": "mma", "warps": max(kwarps, 2), "split_k": 1, "kwarps": kwarps, "prefetch": True}
+
+
+def mma_splits(cfg: dict, k: int) -> tuple[int, int]:
+    """(splits, 256-column segments a split) of an mma config on K (a short last split where they do not divide)."""
+    segs = k // mma4.SEGMENT
+    per_split = triton.cdiv(segs, max(1, min(cfg.get("split_k", 1), segs)))
+    return triton.cdiv(segs, per_split), per_split
+
+
+def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
+    """Kernels one call launches with this config (no fallback applied): the fused kernel, plus the split-K
+    reduction where it splits K; dequantize + matmul: two."""
+    path = cfg.get("path")
+    if path == "mma":
+        return 1 if mma_splits(cfg, k)[0] == 1 else 2
+    if path not in ("gemv", "gemv2", "gemm") or not fused_ok(cfg, k):
+        return 2
+    bk = effective_bk(cfg, k)
+    splits = k // bk if path == "gemv2" else _splits(cfg, k, bk)[0]
+    return 1 if splits == 1 else 2
 
 
 def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int, mma: bool = True) -> dict:
@@ -625,7 +664,7 @@ def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int, mma
     dequantize + cuBLAS (the gemm's fp32 dot is not a tensor-core one)."""
     wide = x_dtype == torch.float32
     if mma and not wide and m <= MMA_MAX_M and k % mma4.SEGMENT == 0:
-        return heuristic_mma_config(k)
+        return heuristic_mma_config(m, n, k)
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
@@ -976,8 +1015,7 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
     if kwarps < 1 or warps % kwarps:
         raise ValueError(f"config: an mma config's kwarps must divide its warps, got {cfg}")
     segs = k // mma4.SEGMENT
-    per_split = triton.cdiv(segs, max(1, min(cfg.get("split_k", 1), segs)))
-    split = triton.cdiv(segs, per_split)
+    split, per_split = mma_splits(cfg, k)
     nested = w.code2 is not None
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
     dummy = w.absmax
@@ -987,6 +1025,7 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
             m, n, k // 8, k // bs, x2.stride(0) // 2, out.stride(0), per_split * mma4.SEGMENT // 8)  # fmt: skip
     constexprs = {"BLOCKSIZE": bs, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
                   "HAS_BIAS": bias is not None, "SPLIT": ws is not None, "NT": 1 if m <= 8 else 2, "WARPS": warps,
+                  # some split's segments not a multiple of the K warps: its last steps load zeros past the split
                   "KWARPS": kwarps, "MASKED": per_split % kwarps != 0 or (segs - (split - 1) * per_split) % kwarps != 0,
                   "PREFETCH": bool(cfg.get("prefetch", True)),
                   "TABLE": mma4.table_asm(formats.code_values(state.quant_type).tolist(), bf16),
