@@ -397,7 +397,7 @@ def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 # (warps, K splits, K warps) of the mma kernel (linear_4bit_mma, M <= 16): the probe's grid
 # (ci/linear4bit_mma_probe.py; 4 warps with 8 splits within 2.4% of each issue shape's best at M = 1 and 4 on the
 # H100, session 17), and one split with the warps splitting K (session 20: one launch, best or within 5% of the best
-# at most of the probe's M <= 8 cases, log docs/gpu-runs/logs/20261124T1625Z-nvidia-h100-mma-kwarps-probe.txt)
+# at most of the probe's M <= 8 cases, log docs/gpu-runs/logs/20261124T1616Z-nvidia-h100-mma-kwarps-probe.txt)
 MMA_WARPS = (2, 4, 8)
 MMA_SPLITS = (1, 2, 4, 8, 16)
 MMA_KWARPS = (2, 4, 8)
@@ -421,7 +421,7 @@ def mma_candidates(m: int, n: int, k: int) -> list[dict]:
 # us back to back against 25.4-26.2 us with two launches where the GPU time is small (4096 x 4096 and 4096 x 1024, M
 # = 1..16, H100, bf16; the ~9.5 us is the second bound launch and the workspace's allocation), so the tuner takes a
 # one-launch config within LINEAR_4BIT_TIE of the fastest: CUDA-graph time a few percent at most, host time a
-# launch less (log docs/gpu-runs/logs/20261124T1625Z-nvidia-h100-mma-kwarps-probe.txt).
+# launch less (log docs/gpu-runs/logs/20261124T1616Z-nvidia-h100-mma-kwarps-probe.txt).
 LINEAR_4BIT_TIE = 0.03
 
 

@@ -617,7 +617,7 @@ MMA_MAX_M = 8
 # NOTE: one launch (session 20): the heuristic's mma config is one K split whose program's warps split K (`kwarps`),
 # so an eager call launches one kernel and allocates no workspace: 15.8-16.4 us a call back to back against 25.4-26.2
 # us for session 17's 4 warps x 8 splits where the GPU time is small (H100, bf16, 4096 x 4096 and 4096 x 1024, M = 1
-# to 16; ci/linear4bit_mma_probe.py --eager, log docs/gpu-runs/logs/20261124T1625Z-nvidia-h100-mma-kwarps-probe.txt).
+# to 16; ci/linear4bit_mma_probe.py --eager, log docs/gpu-runs/logs/20261124T1616Z-nvidia-h100-mma-kwarps-probe.txt).
 # The K warps are chosen so that the grid holds about MMA_WARPS_TARGET[M bucket] warps (N / 16 row groups, each
 # worked by its K warps). CUDA-graph time against the probe's best config of each case: M = 1 1.00-1.02x at 4096 x
 # 4096, 14336 x 4096, 4096 x 28672 and 8192 x 28672, 1.10x at 4096 x 14336, 1.13x at 4096 x 1024 (64 row groups:
