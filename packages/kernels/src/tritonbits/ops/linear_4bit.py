@@ -614,27 +614,32 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
 MMA_MAX_M = 8
 
 
-# NOTE: one launch (session 20): the heuristic's mma config is one K split whose program's warps split K (`kwarps`),
-# so an eager call launches one kernel and allocates no workspace: 15.8-16.4 us a call back to back against 25.4-26.2
-# us for session 17's 4 warps x 8 splits where the GPU time is small (H100, bf16, 4096 x 4096 and 4096 x 1024, M = 1
-# to 16; ci/linear4bit_mma_probe.py --eager, log docs/gpu-runs/logs/20261124T1616Z-nvidia-h100-mma-kwarps-probe.txt).
-# The K warps are chosen so that the grid holds about MMA_WARPS_TARGET[M bucket] warps (N / 16 row groups, each
-# worked by its K warps). CUDA-graph time against the probe's best config of each case: M = 1 1.00-1.02x at 4096 x
-# 4096, 14336 x 4096, 4096 x 28672 and 8192 x 28672, 1.10x at 4096 x 14336, 1.13x at 4096 x 1024 (64 row groups:
-# too few warps even at 8 K warps; every one-launch config was >= 1.12x there), where session 17's heuristic took
-# 1.00-1.06x; M = 8 1.00-1.03x except 1.12x at 4096 x 1024 (the old: 1.00-1.19x); M = 4 1.00x at three shapes, 1.10x
-# at 4096 x 28672, 1.13x at 4096 x 1024 and 1.25x at 8192 x 28672 (the old 1.00-1.06x). The tables name their own
-# configs at M = 4 and 8 (tuned with a one-launch preference, tritonbits_harness.tune's LINEAR_4BIT_TIE).
-MMA_WARPS_TARGET = {1: 6144, 2: 6144, 4: 2048, 8: 2048}
+# NOTE: one launch where it measured as fast (session 20). An mma config with one K split whose program's warps
+# split K (`kwarps`) launches one kernel and allocates no workspace: an eager call took 15.8-16.4 us back to back
+# against 25.4-26.2 us for 4 warps x 8 splits where the GPU time is small (H100, bf16, 4096 x 4096 and 4096 x 1024,
+# M = 1 to 16; ci/linear4bit_mma_probe.py --eager, log docs/gpu-runs/logs/20261124T1616Z-nvidia-h100-mma-kwarps-
+# probe.txt). HEURISTIC_MMA takes, per M bucket and N range, that probe's best one-launch config where its CUDA-graph
+# time was within 3% of the best two-launch one at the probe's shapes (the tuner's rule, LINEAR_4BIT_TIE in
+# tritonbits_harness.tune), else session 17's 4 warps x 8 splits: N < 4096 (4096 x 1024: every one-launch config
+# 1.12-1.13x the 8-split one: too few 16-row groups), M <= 2 at 4096 x 14336 (4 K warps 1.06x) and M = 4 at N = 28672
+# (4 K warps 1.04-1.09x). Against each case's best config: M = 1 1.00-1.02x at 4096 x 4096, 14336 x 4096, 4096 x
+# 28672 and 8192 x 28672, 1.00x / 1.04x (two launches) at 4096 x 14336 / 4096 x 1024; M = 8 1.00-1.03x at five
+# shapes, 1.00x at 4096 x 1024 (two launches). The tables name their own configs at their M = 4 / 8 keys.
+_SPLIT8 = {"warps": 4, "split_k": 8}
+HEURISTIC_MMA = {  # M bucket: ((largest N, config), ...)
+    1: ((2048, _SPLIT8), (8192, {"warps": 8, "kwarps": 8}), (16384, _SPLIT8), (1 << 62, {"warps": 4, "kwarps": 4})),
+    4: ((2048, _SPLIT8), (8192, {"warps": 8, "kwarps": 8}), (16384, {"warps": 2, "kwarps": 2}), (1 << 62, _SPLIT8)),
+    8: ((2048, _SPLIT8), (8192, {"warps": 8, "kwarps": 8}), (16384, {"warps": 2, "kwarps": 2}),
+        (1 << 62, {"warps": 2, "kwarps": 1})),
+}  # fmt: skip
 
 
 def heuristic_mma_config(m: int, n: int, k: int) -> dict:
-    """One launch: 16-row groups of W, each taken by kwarps warps splitting K (a power of two <= 8, about
-    MMA_WARPS_TARGET warps over the grid), at least 2 warps a program."""
-    groups = triton.cdiv(n, 16)
-    target = MMA_WARPS_TARGET[bucket(min(max(m, 1), MMA_MAX_M))]
-    kwarps = 1 << max(0, min(3, round(math.log2(max(target / groups, 1)))))
-    return {"path": "mma", "warps": max(kwarps, 2), "split_k": 1, "kwarps": kwarps, "prefetch": True}
+    """HEURISTIC_MMA's config for M's bucket (M <= 2 takes M = 1's) and N; splits capped at K's segments / 2."""
+    rows = HEURISTIC_MMA[max(1, min(bucket(m), MMA_MAX_M)) if m > 2 else 1]
+    tile = next(cfg for largest, cfg in rows if n <= largest)
+    split = max(1, min(tile.get("split_k", 1), k // (2 * mma4.SEGMENT)))
+    return {"path": "mma", "warps": tile["warps"], "split_k": split, "kwarps": tile.get("kwarps", 1), "prefetch": True}
 
 
 def mma_splits(cfg: dict, k: int) -> tuple[int, int]:
