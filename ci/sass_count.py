@@ -23,7 +23,7 @@ makes on a GPU uses rcp.approx and 4 warps for a 4096-value tile. Needs no TRITO
 off here) and no CUDA device; uses Triton's binder internals (triton.runtime.jit), checked with triton 3.9 and
 with the GPU machine's 3.6 (on PYTHONPATH ahead of the venv's: docs/gpu-sessions.md). Also counted: linear_4bit's
 launches at M = 1, 2, 4 on an nf4 nested bs64 bf16 weight of --shape's N x K (the H100 table's configs, planned
-for 132 SMs).
+for 132 SMs), and with --mma its Gluon mma kernel at M = 1, 4, 8 (Gluon needs the GPU machine's 3.6 here).
 """
 
 from __future__ import annotations
@@ -233,6 +233,49 @@ def linear_4bit_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     return out
 
 
+def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
+    """linear_4bit's Gluon "mma" kernel at M = 1, 4, 8 with the H100 table's config, else the heuristic's (one launch
+    with K warps, or the 8-split config), on an nf4 nested bs64 bf16 weight [n_rows, k]; planned with `_mma_launches`
+    (the op checks `mma_ok` on a GPU only). Needs a Triton with Gluon (the GPU machine's 3.6 on PYTHONPATH)."""
+    from tritonbits.ops import linear_4bit as l4
+
+    if l4.mma4.linear_4bit_mma_kernel is None:
+        raise SystemExit("--mma: this Triton has no Gluon (put the GPU machine's 3.6 on PYTHONPATH: module doc)")
+    w = _planned_weight(n_rows, k)
+    out = []
+    for m in (1, 4, 8):
+        x2 = torch.empty(m, k, dtype=torch.bfloat16)
+        y = torch.empty(m, n_rows, dtype=torch.bfloat16)
+        key = l4.config_key(x2.dtype, m, n_rows, k)
+        cfg = configs.family_table("linear_4bit", "h100").get(key) or l4.heuristic_mma_config(m, n_rows, k)
+        la = l4._mma_launches(x2, w, None, y, cfg)[0][0]
+        # values a program: its W rows (16 a row group, warps / kwarps groups) x its split's K columns
+        rows = 16 * la.constexprs["WARPS"] // la.constexprs["KWARPS"]
+        out.append(Launch(f"linear_4bit m{m} mma {' '.join(f'{a}={b}' for a, b in cfg.items() if a != 'path')}",
+                          la.fn, la.grid, la.args, la.constexprs, _apply_warps(la.options, num_warps),
+                          rows * k // la.grid[1]))  # fmt: skip
+    return out
+
+
+def _planned_weight(n_rows: int, k: int):
+    """A prepared nf4 nested bs64 bf16 weight [n_rows, k] of CPU tensors (planned only, never read)."""
+    from tritonbits.quant_state import NestedState, QuantState, prepare
+
+    cpu = torch.device("cpu")
+    blocks = n_rows * k // 64
+    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=torch.Size((n_rows, k)),
+                       dtype=torch.bfloat16, blocksize=64, quant_type="nf4", offset=torch.zeros(()),
+                       state2=NestedState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32),
+                                          code=formats.code_table("dynamic", cpu)),
+                       code=formats.code_table("nf4", cpu))  # fmt: skip
+    check_device = _runtime.check_device
+    _runtime.check_device = lambda name, t, *_: t.device  # type: ignore[assignment]  # CPU tensors, planned only
+    try:
+        return prepare(torch.empty(n_rows * k // 2, 1, dtype=torch.uint8), state)
+    finally:
+        _runtime.check_device = check_device  # type: ignore[assignment]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Compile and count
 
@@ -248,7 +291,12 @@ def compile_launch(launch: Launch, target: GPUTarget):
         del kwargs["fpsan_homomorphic_casts"]
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel: its own AST source (explicit layouts)
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        source = GluonASTSource
+    return triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def tool_path(name: str) -> str:
@@ -344,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rcp", choices=b8.RCP_MODES, help=f"quantizers' reciprocal (default {b8.RCP_GPU!r})")
     parser.add_argument("--num-warps", type=int, help="override every launch's warps")
     parser.add_argument("--dump", type=Path, help="write each config's .sass, .ptx and .ttgir here")
+    parser.add_argument("--mma", action="store_true", help="also linear_4bit's Gluon mma kernel at M = 1, 4, 8 "
+                        "(needs Gluon: the GPU machine's Triton 3.6 on PYTHONPATH)")  # fmt: skip
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         print("note: a CUDA device is present; compiling offline for the --arch target anyway", file=sys.stderr)
@@ -356,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(v) for v in args.shape.lower().split("x")]
     if len(dims) == 2:  # linear_4bit's weight is N x K
         launches += linear_4bit_launches(dims[0], dims[1], warps)
+        if args.mma:
+            launches += linear_4bit_mma_launches(dims[0], dims[1], warps)
     words = [w for o in args.only for w in o.split()]
     launches = [la for la in launches if all(w in la.name for w in words)]
     if args.dump is not None:

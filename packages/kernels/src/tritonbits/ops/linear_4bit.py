@@ -620,7 +620,7 @@ MMA_MAX_M = 8
 # M = 1 to 16; ci/linear4bit_mma_probe.py --eager, log docs/gpu-runs/logs/20261124T1616Z-nvidia-h100-mma-kwarps-
 # probe.txt). HEURISTIC_MMA takes, per M bucket and N range, that probe's best one-launch config where its CUDA-graph
 # time was within 3% of the best two-launch one at the probe's shapes (the tuner's rule, LINEAR_4BIT_TIE in
-# tritonbits_harness.tune), else session 17's 4 warps x 8 splits: N < 4096 (4096 x 1024: every one-launch config
+# tritonbits_harness.tune), else session 17's 4 warps x 8 splits: N <= 2048 (4096 x 1024: every one-launch config
 # 1.12-1.13x the 8-split one: too few 16-row groups), M <= 2 at 4096 x 14336 (4 K warps 1.06x) and M = 4 at N = 28672
 # (4 K warps 1.04-1.09x). Against each case's best config: M = 1 1.00-1.02x at 4096 x 4096, 14336 x 4096, 4096 x
 # 28672 and 8192 x 28672, 1.00x / 1.04x (two launches) at 4096 x 14336 / 4096 x 1024; M = 8 1.00-1.03x at five
