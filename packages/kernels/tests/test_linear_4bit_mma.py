@@ -196,30 +196,43 @@ def test_mma_launch_plan_with_k_warps(device):
     out = torch.empty(3, n, device=device, dtype=torch.bfloat16)
     for warps, split, kwarps, grid, masked in ((4, 1, 1, (16, 1, 1), False), (4, 1, 4, (63, 1, 1), True),
                                                (8, 1, 8, (63, 1, 1), True), (8, 5, 2, (16, 5, 1), True),
-                                               (2, 5, 1, (32, 5, 1), False), (8, 1, 2, (16, 1, 1), True)):  # fmt: skip
+                                               (2, 5, 1, (32, 5, 1), False), (8, 1, 2, (16, 1, 1), True),
+                                               (4, 3, 2, (32, 3, 1), True)):  # fmt: skip  # 2, 2, 1 segments
         cfg = {"path": "mma", "warps": warps, "split_k": split, "kwarps": kwarps, "prefetch": True}
         launches, ws = L._mma_launches(x, pw, None, out, cfg)
         assert launches[0].grid == grid, cfg
         assert launches[0].constexprs["KWARPS"] == kwarps and launches[0].constexprs["MASKED"] is masked, cfg
         assert (len(launches), ws is None) == ((1, True) if split == 1 else (2, False)), cfg
         assert launches[0].constexprs["SPLIT"] is (split > 1), cfg
-    for bad in (3, 0, 16):
+    for bad in (3, 0, 16, -2, 2.0, True):
         with pytest.raises(ValueError, match="kwarps"):
             L._mma_launches(x, pw, None, out, {"path": "mma", "warps": 8, "split_k": 1, "kwarps": bad})
+    for bad in (3, 6, 0, 4.0):
+        with pytest.raises(ValueError, match="warps"):
+            L._mma_launches(x, pw, None, out, {"path": "mma", "warps": bad, "split_k": 1, "kwarps": 1})
 
 
-GPU_FORCED = [  # (M, blocksize, nested, warps, split, K warps): M up to 16 (two n tiles), blocksizes up to the whole
-    # K; K warps (the program's warps splitting its K range) in one split or several, dividing a split's 256-column
-    # segments or not (K = 4096: 16 segments; 3 splits of 6, 6, 4: the masked steps)
-    (1, 64, True, 4, 8, 1), (3, 64, False, 2, 1, 1), (8, 128, True, 8, 3, 1), (9, 64, True, 4, 2, 1),
-    (16, 256, False, 2, 4, 1), (16, 512, True, 4, 1, 1), (5, 4096, True, 1, 16, 1), (12, 1024, False, 8, 5, 1),
-    (1, 64, True, 4, 1, 4), (8, 64, False, 8, 1, 8), (2, 128, True, 2, 1, 2), (16, 64, True, 4, 1, 2),
-    (7, 256, True, 8, 3, 4), (4, 64, False, 8, 3, 8), (13, 1024, True, 4, 3, 4),
+GPU_FORCED = [  # (M, blocksize, nested, warps, split, K warps, K, prefetch): M up to 16 (two n tiles), blocksizes up to
+    # the whole K; K warps (the program's warps splitting its K range) in one split or several, dividing a split's
+    # 256-column segments or not (K = 4096: 16 segments, 3 splits of 6, 6, 4; K = 768: 2 splits of 2 and 1, only the
+    # last split uneven; K = 256: one segment for 8 K warps, 7 of them with none)
+    (1, 64, True, 4, 8, 1, 4096, True), (3, 64, False, 2, 1, 1, 4096, False), (8, 128, True, 8, 3, 1, 4096, False),
+    (9, 64, True, 4, 2, 1, 4096, True), (16, 256, False, 2, 4, 1, 4096, True), (16, 512, True, 4, 1, 1, 4096, False),
+    (5, 4096, True, 1, 16, 1, 4096, True), (12, 1024, False, 8, 5, 1, 4096, False),
+    (1, 64, True, 4, 1, 4, 4096, False), (8, 64, False, 8, 1, 8, 4096, True), (2, 128, True, 2, 1, 2, 4096, True),
+    (16, 64, True, 4, 1, 2, 4096, True), (7, 256, True, 8, 3, 4, 4096, False), (4, 64, False, 8, 3, 8, 4096, True),
+    (13, 1024, True, 4, 3, 4, 4096, False), (6, 64, True, 4, 1, 4, 4096, True), (11, 64, True, 4, 3, 4, 4096, True),
+    (3, 64, True, 4, 2, 2, 768, True), (10, 128, False, 4, 2, 2, 768, False), (1, 64, True, 8, 1, 8, 256, True),
+    (9, 256, True, 8, 1, 8, 256, False),
 ]  # fmt: skip
 
 
+# the cases whose launch has masked steps, worked out by hand (segments a split vs K warps)
+MASKED_CASES = [c for c in GPU_FORCED if (c[5], c[6], c[4]) in {(4, 4096, 3), (8, 4096, 3), (2, 768, 2), (8, 256, 1)}]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", GPU_FORCED, ids=lambda c: "m{}-bs{}-nested{}-w{}-s{}-kw{}".format(*c))
+@pytest.mark.parametrize("case", GPU_FORCED, ids=lambda c: "m{}-bs{}-nested{}-w{}-s{}-kw{}-k{}-pf{}".format(*c))
 def test_forced_mma_configs_against_the_policy(device, dtype, case):
     """The mma kernel itself (forced configs, not the table's) on fresh random problems: N not a multiple of a
     program's rows, a bias, x rows inside a wider buffer; every result within the K-aware policy, out poisoned."""
@@ -228,15 +241,16 @@ def test_forced_mma_configs_against_the_policy(device, dtype, case):
     import tritonbits
     from tritonbits_harness.tolerance import assert_matmul
 
-    m, bs, nested, warps, split, kwarps = case
-    n, k = 1000, 4096
+    m, bs, nested, warps, split, kwarps, k, prefetch = case
+    n = 1000
     packed, qs, pw = _prepared(device, n, k, bs, dtype, nested)
     wd = tritonbits.dequantize_4bit(packed, qs)
     x = torch.randn(m, k + 128, device=device, dtype=dtype)[:, 64 : 64 + k]
     bias = torch.randn(n, device=device, dtype=dtype)
     assert L.mma_ok(pw, x, device)
-    cfg = {"path": "mma", "warps": warps, "split_k": split, "kwarps": kwarps,
-           "prefetch": split % 2 == 0 or kwarps in (2, 8)}  # fmt: skip
+    cfg = {"path": "mma", "warps": warps, "split_k": split, "kwarps": kwarps, "prefetch": prefetch}
+    launch = L._mma_launches(x, pw, bias, torch.empty(m, n, device=device, dtype=dtype), cfg)[0][0]
+    assert launch.constexprs["MASKED"] is (case in MASKED_CASES), case
     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
     L.launch_fused(x, pw, bias, out, cfg)
     assert_matmul(out, x, wd, bias)

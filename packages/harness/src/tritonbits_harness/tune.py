@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def sweep(
             raise ValueError(f"{op.name}: no candidate config for {case}")
         for cfg in candidates:
             ms = op.time(case, cfg, rep_ms)
+            if not math.isfinite(ms):  # a NaN would stick as the best (every comparison with it is False)
+                ms = float("inf")
             times[config_json(cfg)] = ms
             if best is None or ms < best[0]:
                 best = (ms, cfg)
@@ -407,7 +410,7 @@ def mma_candidates(m: int, n: int, k: int) -> list[dict]:
     """mma configs for M <= 16 (x and W of one 16-bit dtype, K a multiple of 256: the tuner's cases are)."""
     from tritonbits.ops import linear_4bit as L
 
-    if m > L.mma4.MAX_M or k % L.mma4.SEGMENT:
+    if m > L.mma4.MAX_M or k % L.mma4.SEGMENT or k < L.mma4.SEGMENT:
         return []
     segs = k // L.mma4.SEGMENT
     out = [{"path": "mma", "warps": warps, "split_k": split, "prefetch": True}

@@ -621,7 +621,7 @@ MMA_MAX_M = 8
 # probe.txt). HEURISTIC_MMA takes, per M bucket and N range, that probe's best one-launch config where its CUDA-graph
 # time was within 3% of the best two-launch one at the probe's shapes (the tuner's rule, LINEAR_4BIT_TIE in
 # tritonbits_harness.tune), else session 17's 4 warps x 8 splits: N <= 2048 (4096 x 1024: every one-launch config
-# 1.12-1.13x the 8-split one: too few 16-row groups), M <= 2 at 4096 x 14336 (4 K warps 1.06x) and M = 4 at N = 28672
+# 1.09-1.12x the 8-split one: too few 16-row groups), M <= 2 at 4096 x 14336 (4 K warps 1.06x) and M = 4 at N = 28672
 # (4 K warps 1.04-1.09x). Against each case's best config: M = 1 1.00-1.02x at 4096 x 4096, 14336 x 4096, 4096 x
 # 28672 and 8192 x 28672, 1.00x / 1.04x (two launches) at 4096 x 14336 / 4096 x 1024; M = 8 1.00-1.03x at five
 # shapes, 1.00x at 4096 x 1024 (two launches). The tables name their own configs at their M = 4 / 8 keys.
@@ -642,6 +642,10 @@ def heuristic_mma_config(m: int, n: int, k: int) -> dict:
     return {"path": "mma", "warps": tile["warps"], "split_k": split, "kwarps": tile.get("kwarps", 1), "prefetch": True}
 
 
+def _pow2_int(v) -> bool:
+    return type(v) is int and v >= 1 and v & (v - 1) == 0
+
+
 def mma_splits(cfg: dict, k: int) -> tuple[int, int]:
     """(splits, 256-column segments a split) of an mma config on K (a short last split where they do not divide)."""
     segs = k // mma4.SEGMENT
@@ -653,8 +657,8 @@ def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
     """Kernels one call launches with this config (no fallback applied): the fused kernel, plus the split-K
     reduction where it splits K; dequantize + matmul: two."""
     path = cfg.get("path")
-    if path == "mma":
-        return 1 if mma_splits(cfg, k)[0] == 1 else 2
+    if path == "mma":  # K under one segment: mma_ok refuses it, and so does launch_count's arithmetic
+        return 1 if k >= mma4.SEGMENT and mma_splits(cfg, k)[0] == 1 else 2
     if path not in ("gemv", "gemv2", "gemm") or not fused_ok(cfg, k):
         return 2
     bk = effective_bk(cfg, k)
@@ -1010,15 +1014,17 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
 
 
 def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Launch], torch.Tensor | None]:
-    """mma (M <= 16, `mma_ok`): one program per (16 * warps W rows, K split of whole 256-column segments); splits
-    > 1 go through the split-K workspace and _splitk_reduce_kernel (split order 0..S-1)."""
+    """mma (M <= 16, `mma_ok`): one program per (16 * warps / kwarps W rows, K split of whole 256-column segments);
+    with kwarps > 1 the program's warps split its K range and add their partial sums in the program; splits > 1 go
+    through the split-K workspace and _splitk_reduce_kernel (split order 0..S-1)."""
     m, k = x2.shape
     state = w.state
     n, bs = state.shape[0], state.blocksize
     warps = cfg.get("warps", 4)
     kwarps = cfg.get("kwarps", 1)  # of the warps, those splitting the program's K range
-    if kwarps < 1 or warps % kwarps:
-        raise ValueError(f"config: an mma config's kwarps must divide its warps, got {cfg}")
+    if not _pow2_int(warps) or not _pow2_int(kwarps) or warps % kwarps:
+        raise ValueError(f"config: an mma config's warps and kwarps must be powers of two, kwarps dividing warps, "
+                         f"got {cfg}")  # fmt: skip
     segs = k // mma4.SEGMENT
     split, per_split = mma_splits(cfg, k)
     nested = w.code2 is not None

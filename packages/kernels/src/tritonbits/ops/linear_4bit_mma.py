@@ -17,13 +17,18 @@ Layout (one warp): lane = 4 g + t. A warp owns 16 W rows at a time (g and g + 8,
 so its 8 words of row g and 8 of row g + 8 each feed two mmas with its own table. x's row n = g (and 8 + g for
 the second n tile) is the B operand, held by the lanes of group g. The K loop walks the segments of the
 program's split; D (the mma accumulators: rows g, g + 8 by batch rows 2t, 2t + 1) stays in registers; splits > 1
-go through the split-K workspace as the other fused kernels do.
+go through the split-K workspace as the other fused kernels do. With KWARPS > 1 (the config's `kwarps`) a program's
+warps split its K range instead of each taking its own rows: warp w takes row group w mod (WARPS / KWARPS) and every
+KWARPS-th segment of the split (MASKED: zeros past the split's last segment), and the K slices' partial sums are
+added in the program (`_fold`, Triton's cross-warp reduction) before the bias: one split then needs no workspace
+and no second launch.
 
 GPU only (Gluon, inline PTX; no interpreter): the op uses it on CUDA sm80+ with a Triton it was run on
 (`AVAILABLE`), K a multiple of 256, blocksize a multiple of 64, x contiguous along K and W's words 4-byte
 aligned (linear_4bit.mma_ok). Sum order: the tensor core's inside each 16-column step;
-the steps of even and of odd words in two fp32 chains, each in K order, added at the end of the split; then the
-splits in order 0..S-1.
+the steps of even and of odd words in two fp32 chains, each in K order, added at the end of the split (with K
+warps: each warp's chains over its own segments, then the warps' sums by a fixed cross-warp tree); then the splits
+in order 0..S-1.
 """
 
 from __future__ import annotations
