@@ -197,21 +197,8 @@ def linear_4bit_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     """The fused 4-bit linear's launches at M = 1, 2, 4 (the H100 table's configs, else the heuristic's: gemv2 and
     its split-K reduction) on an nf4 nested bs64 bf16 weight [n_rows, k]."""
     from tritonbits.ops import linear_4bit as l4
-    from tritonbits.quant_state import NestedState, QuantState, prepare
 
-    cpu = torch.device("cpu")
-    blocks = n_rows * k // 64
-    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=torch.Size((n_rows, k)),
-                       dtype=torch.bfloat16, blocksize=64, quant_type="nf4", offset=torch.zeros(()),
-                       state2=NestedState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32),
-                                          code=formats.code_table("dynamic", cpu)),
-                       code=formats.code_table("nf4", cpu))  # fmt: skip
-    check_device = _runtime.check_device
-    _runtime.check_device = lambda name, t, *_: t.device  # type: ignore[assignment]  # CPU tensors, planned only
-    try:
-        w = prepare(torch.empty(n_rows * k // 2, 1, dtype=torch.uint8), state)
-    finally:
-        _runtime.check_device = check_device  # type: ignore[assignment]
+    w = _planned_weight(n_rows, k)
     out = []
     for m in (1, 2, 4):
         x2 = torch.empty(m, k, dtype=torch.bfloat16)
