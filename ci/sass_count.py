@@ -201,10 +201,7 @@ def linear_4bit_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     w = _planned_weight(n_rows, k)
     out = []
     for m in (1, 2, 4):
-        x2 = torch.empty(m, k, dtype=torch.bfloat16)
-        y = torch.empty(m, n_rows, dtype=torch.bfloat16)
-        key = l4.config_key(x2.dtype, m, n_rows, k)
-        cfg = configs.family_table("linear_4bit", "h100").get(key) or l4.heuristic_config(x2.dtype, m, n_rows, k, 132)
+        x2, y, cfg = _problem(m, n_rows, k, lambda mm: l4.heuristic_config(torch.bfloat16, mm, n_rows, k, 132))
         sm_count = l4._sm_count
         l4._sm_count = lambda device: 132  # type: ignore[assignment]  # the split-K reduction's grid as on an H100
         try:
@@ -231,10 +228,7 @@ def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     w = _planned_weight(n_rows, k)
     out = []
     for m in (1, 4, 8):
-        x2 = torch.empty(m, k, dtype=torch.bfloat16)
-        y = torch.empty(m, n_rows, dtype=torch.bfloat16)
-        key = l4.config_key(x2.dtype, m, n_rows, k)
-        cfg = configs.family_table("linear_4bit", "h100").get(key) or l4.heuristic_mma_config(m, n_rows, k)
+        x2, y, cfg = _problem(m, n_rows, k, lambda mm: l4.heuristic_mma_config(mm, n_rows, k))
         la = l4._mma_launches(x2, w, None, y, cfg)[0][0]
         # values a program: its W rows (16 a row group, warps / kwarps groups) x its split's K columns
         rows = 16 * la.constexprs["WARPS"] // la.constexprs["KWARPS"]
@@ -242,6 +236,15 @@ def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
                           la.fn, la.grid, la.args, la.constexprs, _apply_warps(la.options, num_warps),
                           rows * k // la.grid[1]))  # fmt: skip
     return out
+
+
+def _problem(m: int, n_rows: int, k: int, fallback):
+    """(x [m, k], out [m, n_rows], config) in bf16: the H100 table's config for the key, else `fallback(m)`."""
+    from tritonbits.ops import linear_4bit as l4
+
+    key = l4.config_key(torch.bfloat16, m, n_rows, k)
+    cfg = configs.family_table("linear_4bit", "h100").get(key) or fallback(m)
+    return torch.empty(m, k, dtype=torch.bfloat16), torch.empty(m, n_rows, dtype=torch.bfloat16), cfg
 
 
 def _planned_weight(n_rows: int, k: int):
