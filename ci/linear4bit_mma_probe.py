@@ -60,7 +60,8 @@ def check_cases(gen) -> int:
                 for bs in (64, 128, 256):
                     cases.append((dname, qt, nested, bs, 3, 1000, 512, False, False))
     cases += [("bf16", "nf4", True, 64, m, 4096, 1024, True, False) for m in (1, 2, 5, 8, 9, 16)]
-    cases += [("fp16", "nf4", True, 64, m, 1000, 768, True, True) for m in (1, 7, 13)]
+    cases += [("fp16", "nf4", True, 64, m, 1000, 768, True, True) for m in (1, 7, 13, 29, 64)]
+    cases += [("bf16", "fp4", False, 128, m, 2000, 1024, True, False) for m in (17, 32, 47)]
     cases += [
         ("bf16", "nf4", True, 64, 4, 77, 256, False, False),
         ("bf16", "nf4", True, 64, 1, 4097, 2048, True, False),
@@ -110,7 +111,12 @@ def kernel_of(mod):
 
     def launches_of(x2, w, bias, out, cfg):
         launches, ws = _MMA_LAUNCHES(x2, w, bias, out, cfg)
-        launches[0] = launches[0]._replace(fn=mod.linear_4bit_mma_kernel)
+        la = launches[0]
+        if "x_sn" not in mod.linear_4bit_mma_kernel.arg_names:  # session 20's kernel: x in place, one row stride
+            if x2.shape[0] > L.mma4.DIRECT_MAX_M:
+                raise ValueError("the baseline kernel reads x in place only (M <= DIRECT_MAX_M)")
+            la = la._replace(args=la.args[:13] + la.args[16:])  # x_sn is its stride_xm; no x_st4, x_ss4, x_si4
+        launches[0] = la._replace(fn=mod.linear_4bit_mma_kernel)
         return launches, ws
 
     L._mma_launches = launches_of

@@ -136,18 +136,19 @@ def _prepared(device, n: int, k: int, blocksize: int = 64, dtype=torch.bfloat16,
 
 
 def test_mma_problem_ok_refuses_what_the_kernel_does_not_cover(device):
-    """mma_problem_ok (the contract, checked on any machine) takes x and W of one 16-bit dtype, 1 <= M <= 16, K a
+    """mma_problem_ok (the contract, checked on any machine) takes x and W of one 16-bit dtype, 1 <= M <= 64, K a
     multiple of 256 and of the blocksize (a multiple of 64), x 16-byte aligned, contiguous along K with an even
     row stride; each refusal below breaks exactly one of these."""
     _, _, pw = _prepared(device, 64, 512)
     x = torch.randn(16, 512, device=device, dtype=torch.bfloat16)
     assert L.mma_problem_ok(pw, x) and L.mma_problem_ok(pw, x[:1]) and L.mma_problem_ok(pw, x[3:5])
+    assert L.mma_problem_ok(pw, torch.randn(64, 512, device=device, dtype=torch.bfloat16))
     buf = torch.randn(2, 1024 + 8, device=device, dtype=torch.bfloat16)
     assert L.mma_problem_ok(pw, buf[:, 8:520])  # a row stride of 1032 elements, 16 bytes in
     refused = {
         "fp32 x": x.float(),
         "fp16 x, bf16 W": x.half(),
-        "M=17": torch.randn(17, 512, device=device, dtype=torch.bfloat16),
+        "M=65": torch.randn(65, 512, device=device, dtype=torch.bfloat16),
         "M=0": x[:0],
         "strided along K": torch.randn(2, 1024, device=device, dtype=torch.bfloat16)[:, ::2],
         "odd row stride": torch.randn(2, 1025, device=device, dtype=torch.bfloat16)[:, :512],
@@ -212,7 +213,8 @@ def test_mma_launch_plan_with_k_warps(device):
             L._mma_launches(x, pw, None, out, {"path": "mma", "warps": bad, "split_k": 1, "kwarps": 1})
 
 
-GPU_FORCED = [  # (M, blocksize, nested, warps, split, K warps, K, prefetch): M up to 16 (two n tiles), blocksizes up to
+GPU_FORCED = [  # (M, blocksize, nested, warps, split, K warps, K, prefetch): M up to 64 (eight n tiles; above 8 x is
+    # read from its lane-order copy), blocksizes up to
     # the whole K; K warps (the program's warps splitting its K range) in one split or several, dividing a split's
     # 256-column segments or not (K = 4096: 16 segments, 3 splits of 6, 6, 4; K = 768: 2 splits of 2 and 1, only the
     # last split uneven; K = 256: one segment for 8 K warps, 7 of them with none)
@@ -223,7 +225,9 @@ GPU_FORCED = [  # (M, blocksize, nested, warps, split, K warps, K, prefetch): M 
     (16, 64, True, 4, 1, 2, 4096, True), (7, 256, True, 8, 3, 4, 4096, False), (4, 64, False, 8, 3, 8, 4096, True),
     (13, 1024, True, 4, 3, 4, 4096, False), (6, 64, True, 4, 1, 4, 4096, True), (11, 64, True, 4, 3, 4, 4096, True),
     (3, 64, True, 4, 2, 2, 768, True), (10, 128, False, 4, 2, 2, 768, False), (1, 64, True, 8, 1, 8, 256, True),
-    (9, 256, True, 8, 1, 8, 256, False),
+    (9, 256, True, 8, 1, 8, 256, False), (17, 64, True, 4, 2, 1, 4096, True), (32, 64, True, 4, 1, 4, 4096, True),
+    (33, 128, False, 8, 3, 1, 4096, False), (64, 64, True, 4, 8, 1, 4096, True), (64, 64, True, 8, 1, 8, 4096, True),
+    (48, 256, True, 4, 2, 2, 768, True), (61, 64, False, 8, 1, 8, 256, False), (40, 64, True, 2, 1, 1, 768, False),
 ]  # fmt: skip
 
 
@@ -254,3 +258,45 @@ def test_forced_mma_configs_against_the_policy(device, dtype, case):
     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
     L.launch_fused(x, pw, bias, out, cfg)
     assert_matmul(out, x, wd, bias)
+
+
+@pytest.mark.parametrize("lanes", [False, True])
+def test_x_strides_address_the_lanes_pairs(lanes):
+    """The kernel's x address, n x_sn + 4 (t x_st4 + s x_ss4 + i x_si4) + p (in 4-byte pairs), reads pair p of word i
+    of lane t's 64 columns of segment s of batch row n, from x in place (rows inside a wider buffer) and from
+    `lane_order`'s copy alike (checked on the CPU with the kernel's formula over every index)."""
+    m, k = 11, 768
+    buf = torch.randint(-(2**15), 2**15, (m, k + 64), dtype=torch.int16)
+    x = buf[:, 32 : 32 + k]
+    src = mma4.lane_order(x) if lanes else x
+    assert not lanes or src.is_contiguous()
+    pairs = src.view(torch.int32).flatten() if lanes else buf.view(torch.int32).flatten()[16:]  # x: 32 elements in
+    x_sn, x_st4, x_ss4, x_si4 = mma4.x_strides(m, x.stride(0), lanes)
+    n, s, t, i, p = torch.meshgrid(*(torch.arange(v) for v in (m, k // 256, 4, 8, 4)), indexing="ij")
+    got = pairs[n * x_sn + 4 * (t * x_st4 + s * x_ss4 + i * x_si4) + p]
+    want = x.contiguous().view(torch.int32)[n, 128 * s + 32 * t + 4 * i + p]
+    assert torch.equal(got, want)
+
+
+def test_lane_order_plan_reads_each_calls_x(device):
+    """An eager call above DIRECT_MAX_M through the op's plan (its bound launch after the first call) copies each
+    call's own x into lane order: a second x through the same plan gets its own product."""
+    if device.type != "cuda" or not mma4.AVAILABLE:
+        pytest.skip("needs a CUDA device with the Triton the Gluon kernel ran on (runs in the GPU sessions)")
+    import tritonbits
+    from tritonbits_harness.tolerance import assert_matmul
+
+    m, n, k = 24, 1000, 1024
+    packed, qs, _pw = _prepared(device, n, k)
+    wd = tritonbits.dequantize_4bit(packed, qs)
+    cfg = {"path": "mma", "warps": 4, "split_k": 1, "kwarps": 2, "prefetch": True}
+    config_for = L.config_for
+    L.config_for = lambda *a: dict(cfg)
+    try:
+        for _ in range(3):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            assert_matmul(tritonbits.linear_4bit(x, packed, qs), x, wd)
+    finally:
+        L.config_for = config_for
+    plans = list(L._prepare(packed, qs).launches.get("linear_4bit", {}).values())
+    assert len(plans) == 1 and plans[0].lanes and all(step.bound is not None for step in plans[0].steps)

@@ -1031,17 +1031,21 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
     dummy = w.absmax
     bf16 = state.dtype == torch.bfloat16
-    args = (x2, words_of(w), w.absmax, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
-            w.offset if nested else dummy, bias if bias is not None else dummy, ws if ws is not None else out,
-            m, n, k // 8, k // bs, x2.stride(0) // 2, out.stride(0), per_split * mma4.SEGMENT // 8)  # fmt: skip
+    lanes = m > mma4.DIRECT_MAX_M  # x through lane_order's copy (mma4's NOTE)
+    args = (mma4.lane_order(x2) if lanes else x2, words_of(w), w.absmax, w.code2 if nested else dummy,
+            w.absmax2 if nested else dummy, w.offset if nested else dummy, bias if bias is not None else dummy,
+            ws if ws is not None else out, m, n, k // 8, k // bs, *mma4.x_strides(m, x2.stride(0), lanes),
+            out.stride(0), per_split * mma4.SEGMENT // 8)  # fmt: skip
     constexprs = {"BLOCKSIZE": bs, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
-                  "HAS_BIAS": bias is not None, "SPLIT": ws is not None, "NT": 1 if m <= 8 else 2, "WARPS": warps,
+                  "HAS_BIAS": bias is not None, "SPLIT": ws is not None, "NT": triton.next_power_of_2(-(-m // 8)),
+                  "WARPS": warps,
                   # some split's segments not a multiple of the K warps: its last steps load zeros past the split
                   "KWARPS": kwarps, "MASKED": per_split % kwarps != 0 or (segs - (split - 1) * per_split) % kwarps != 0,
                   "PREFETCH": bool(cfg.get("prefetch", True)),
                   "TABLE": mma4.table_asm(formats.code_values(state.quant_type).tolist(), bf16),
                   "MMA": mma4.mma_asm(bf16)}  # fmt: skip
-    slots = ((0, "x"),) + (((6, "bias"),) if bias is not None else ()) + ((7, "ws" if ws is not None else "out"),)
+    slots = ((0, "xl" if lanes else "x"),) + (((6, "bias"),) if bias is not None else ()) + \
+        ((7, "ws" if ws is not None else "out"),)  # fmt: skip
     grid = (triton.cdiv(n, 16 * (warps // kwarps)), split, 1)
     launches = [Launch(mma4.linear_4bit_mma_kernel, grid, args, constexprs, {"num_warps": warps}, slots)]
     if ws is not None:
@@ -1166,7 +1170,7 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
 # direct call) a plan's launch goes through the kernel's CachedLauncher with the same arguments.
 
 PLANS_PER_WEIGHT = 16
-_VALUE_NAMES = ("x", "bias", "out", "out16", "ws", "wd", "wd16")  # the per-call values, in `values` order
+_VALUE_NAMES = ("x", "bias", "out", "out16", "ws", "wd", "wd16", "xl")  # the per-call values, in `values` order
 _VALUE_INDEX = {name: i for i, name in enumerate(_VALUE_NAMES)}
 
 
@@ -1208,7 +1212,7 @@ class _Step:
 class _Plan:
     """Everything an eager call with one key needs besides its tensors (see the NOTE above)."""
 
-    __slots__ = ("bias_copy", "dequant", "device", "dtype", "out_shape", "steps", "view16", "wd_dtype",
+    __slots__ = ("bias_copy", "dequant", "device", "dtype", "lanes", "out_shape", "steps", "view16", "wd_dtype",
                  "work_shape", "x2_shape")  # fmt: skip
 
     def __init__(self, x: torch.Tensor, bias, w: PreparedWeight):
@@ -1238,6 +1242,7 @@ class _Plan:
             self.work_shape = None if ws is None else tuple(ws.shape)
         names = {name for launch in launches for _, name in launch.slots}
         self.view16 = bool(names & {"out16", "wd16"})
+        self.lanes = "xl" in names  # the mma kernel reads x from its lane-order copy
         self.steps = tuple(_Step(launch, device) for launch in launches)
 
     def run(self, x: torch.Tensor, bias) -> torch.Tensor:
@@ -1245,13 +1250,14 @@ class _Plan:
         device = self.device
         if self.dequant:
             wd = torch.empty(self.work_shape or (), dtype=self.wd_dtype, device=device)  # the [N, K] buffer
-            self.steps[0]((x2, bias, None, None, None, wd, wd.view(torch.int16) if self.view16 else wd))
+            self.steps[0]((x2, bias, None, None, None, wd, wd.view(torch.int16) if self.view16 else wd, None))
             return matmul_dequantized(x2, wd, bias).reshape(self.out_shape)
         if self.bias_copy and bias is not None:
             bias = bias.contiguous()
         out = torch.empty(*self.out_shape, dtype=self.dtype, device=device)  # sizes as ints: dequant_bias's NOTE
         ws = None if self.work_shape is None else torch.empty(*self.work_shape, dtype=torch.float32, device=device)
-        values = (x2, bias, out, out.view(torch.int16) if self.view16 else out, ws, None, None)
+        values = (x2, bias, out, out.view(torch.int16) if self.view16 else out, ws, None, None,
+                  mma4.lane_order(x2) if self.lanes else None)  # fmt: skip
         for step in self.steps:
             step(values)
         return out

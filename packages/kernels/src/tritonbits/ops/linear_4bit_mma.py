@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import struct
 
+import torch
 import triton
 
 try:  # Gluon: triton >= 3.5
@@ -48,7 +49,25 @@ except ImportError:  # pragma: no cover - the CPU toolchain has Gluon too
 TESTED_TRITON = ("3.6",)
 AVAILABLE = gluon is not None and any(triton.__version__.startswith(v) for v in TESTED_TRITON)
 SEGMENT = 256  # K columns a warp covers a step: 4 lanes x 64
-MAX_M = 16  # two n tiles of the m16n8k16 mma
+MAX_M = 64  # eight n tiles of the m16n8k16 mma
+# NOTE: above this M the kernel reads x from `lane_order`'s copy (one more launch). Read in place, a warp's x load
+# touches 4 lines per batch row (each lane t reads its own block's columns), and from M = 16 on that costs more than
+# the decode saves (session 17: 1.12-1.24x the gemm's time at M = 16); the copy makes it one 512-byte run.
+DIRECT_MAX_M = 8
+
+
+def lane_order(x2: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of SEGMENT, contiguous along K) -> its copy in the kernel's lane order, [K / 256, 8, M,
+    4, 8]: segment s, word i, batch row n, lane t, the word's 8 elements (x[n, 256 s + 64 t + 8 i + e]), so that a
+    warp's load of word i (8 batch rows by 4 lanes) is one contiguous run."""
+    m, k = x2.shape
+    return x2.view(m, k // SEGMENT, 4, 8, 8).permute(1, 3, 0, 2, 4).contiguous()
+
+
+def x_strides(m: int, row_stride: int, lanes: bool) -> tuple[int, int, int, int]:
+    """The kernel's x_sn (in 4-byte pairs), x_st4, x_ss4, x_si4 (in 16-byte quads of pairs, so that the compiler
+    sees every word's 4 pairs 16-byte aligned) for x in place (row stride in elements) or `lane_order`'s copy."""
+    return (16, 1, 32 * m, 4 * m) if lanes else (row_stride // 2, 8, 32, 1)
 
 
 def _f32_hex(value: float) -> str:
@@ -176,36 +195,45 @@ if gl is not None:
                                          pack=1)  # fmt: skip
 
     @gluon.jit
-    def _x_word(x_seg, ok, i: gl.constexpr, L: gl.constexpr, MASKED: gl.constexpr):
-        """x's 8 elements of the lane's word i as 4 bf16/f16 pairs (int32) of its batch row ([R, 4] each); _load's
-        zeros where not ok (a step past the split, whose products are then exact zeros)."""
-        return _split4(_load(x_seg + 4 * i, ok, MASKED, ""), L)
+    def _split_pairs(v, L: gl.constexpr):
+        """[R, 4, NT, 4] (the 4 pairs in one thread) -> its 4 slices [R, 4, NT] in layout L (register renames)."""
+        v = v.reshape([v.shape[0], 4, v.shape[2], 2, 2])
+        e, o = v.split()
+        v0, v2 = e.split()
+        v1, v3 = o.split()
+        return (
+            gl.convert_layout(v0, L, assert_trivial=True),
+            gl.convert_layout(v1, L, assert_trivial=True),
+            gl.convert_layout(v2, L, assert_trivial=True),
+            gl.convert_layout(v3, L, assert_trivial=True),
+        )
 
     @gluon.jit
-    def _x_segment(x_seg, ok, L: gl.constexpr, MASKED: gl.constexpr):
-        """The lane's 8 words of x for one segment (_x_word's pairs, word by word)."""
-        return (_x_word(x_seg, ok, 0, L, MASKED), _x_word(x_seg, ok, 1, L, MASKED), _x_word(x_seg, ok, 2, L, MASKED),
-                _x_word(x_seg, ok, 3, L, MASKED), _x_word(x_seg, ok, 4, L, MASKED), _x_word(x_seg, ok, 5, L, MASKED),
-                _x_word(x_seg, ok, 6, L, MASKED), _x_word(x_seg, ok, 7, L, MASKED))  # fmt: skip
+    def _x_word(x_seg, ok, i, x_si4, L: gl.constexpr, MASKED: gl.constexpr):
+        """x's 8 elements of the lane's word i for each n tile, as 4 bf16/f16 pairs (int32 [R, 4, NT] each);
+        _load's zeros where not ok (a step past the split, whose products are then exact zeros)."""
+        return _split_pairs(_load(x_seg + 4 * (x_si4 * i), ok, MASKED, ""), L)
 
     @gluon.jit
-    def _word_mmas(wa, wb, ta, tb, xa, xb, acc0, acc1, NT: gl.constexpr, MMA: gl.constexpr):
-        """One word of row g (wa) and of row g + 8 (wb): two mmas per n tile."""
+    def _word_mmas(wa, wb, ta, tb, xw, acc, MMA: gl.constexpr):
+        """One word of row g (wa) and of row g + 8 (wb), [R, 4] each: two mmas per n tile (x's pairs xw, the
+        accumulators acc [R, 4, NT]; the word's A operand is the same for every tile)."""
         p0, p1, p2, p3 = _decode(wa, ta)
         q0, q1, q2, q3 = _decode(wb, tb)
-        acc0 = _mma(p0, q0, p1, q1, xa[0], xa[1], acc0, MMA)
-        acc0 = _mma(p2, q2, p3, q3, xa[2], xa[3], acc0, MMA)
-        if NT == 2:
-            acc1 = _mma(p0, q0, p1, q1, xb[0], xb[1], acc1, MMA)
-            acc1 = _mma(p2, q2, p3, q3, xb[2], xb[3], acc1, MMA)
-        return acc0, acc1
+        acc = _mma(gl.expand_dims(p0, 2), gl.expand_dims(q0, 2), gl.expand_dims(p1, 2), gl.expand_dims(q1, 2),
+                   xw[0], xw[1], acc, MMA)  # fmt: skip
+        return _mma(gl.expand_dims(p2, 2), gl.expand_dims(q2, 2), gl.expand_dims(p3, 2), gl.expand_dims(q3, 2),
+                    xw[2], xw[3], acc, MMA)  # fmt: skip
 
     @gluon.jit
     def _store(acc, n0, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS: gl.constexpr,
                SPLIT: gl.constexpr):  # fmt: skip
-        """acc[j] = D[rows, n0 + j] (j = 0, 1): into the workspace [S, M, N] or, + bias, into out."""
+        """acc = D[rows, n0], D[rows, n0 + 1], D[rows + 8, n0], D[rows + 8, n0 + 1] ([R, 4, NT] each): into the
+        workspace [S, M, N] or, + bias, into out."""
         _store1(acc[0], n0, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
         _store1(acc[1], n0 + 1, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        _store1(acc[2], n0, rows + 8, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        _store1(acc[3], n0 + 1, rows + 8, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
 
     @gluon.jit
     def _store1(d, n, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr):
@@ -233,13 +261,18 @@ if gl is not None:
 
     @gluon.jit
     def _fold(v, KWARPS: gl.constexpr, ROWS: gl.constexpr, SUM: gl.constexpr):
-        """[R, 4] (R = KWARPS x ROWS, the warps' K slices outermost) -> [ROWS, 4]: the slices' sum (SUM) or their
-        common value (an index all slices share)."""
-        v = gl.reshape(v, [KWARPS, ROWS, 4])
+        """[R, 4, NT] (R = KWARPS x ROWS, the warps' K slices outermost) -> [ROWS, 4, NT]: the slices' sum (SUM) or
+        their common value (an index all slices share)."""
+        v = gl.reshape(v, [KWARPS, ROWS, 4, v.shape[2]])
         if SUM:
             return gl.sum(v, axis=0)
         else:
             return gl.max(v, axis=0)
+
+    @gluon.jit
+    def _fold4(a, KWARPS: gl.constexpr, ROWS: gl.constexpr):
+        return (_fold(a[0], KWARPS, ROWS, True), _fold(a[1], KWARPS, ROWS, True), _fold(a[2], KWARPS, ROWS, True),
+                _fold(a[3], KWARPS, ROWS, True))  # fmt: skip
 
     @gluon.jit
     def _acc_add(a, b):
@@ -248,7 +281,7 @@ if gl is not None:
     @gluon.jit
     def linear_4bit_mma_kernel(
         x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
-        M, N, K_WORDS, BLOCKS_PER_ROW, stride_xm, stride_om, words_per_split,
+        M, N, K_WORDS, BLOCKS_PER_ROW, x_sn, x_st4, x_ss4, x_si4, stride_om, words_per_split,
         BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr, NT: gl.constexpr, WARPS: gl.constexpr, KWARPS: gl.constexpr, MASKED: gl.constexpr,
         PREFETCH: gl.constexpr, TABLE: gl.constexpr, MMA: gl.constexpr,
@@ -257,13 +290,15 @@ if gl is not None:
         16 WN W rows of program pid_r (WN = WARPS / KWARPS). Warp w takes row group w % WN and, of the split's
         segments, those with index = w // WN modulo KWARPS; the KWARPS partial sums are added at the end. MASKED:
         some split's segments are not a multiple of KWARPS (the last steps' missing segments load as zeros). x_ptr:
-        x [M, K] (fp16/bf16, read as int32 pairs; row stride stride_xm pairs); words_ptr: W as int32 words
-        [N, K_WORDS = K / 8]; K a multiple of the blocksize."""
+        x read as int32 pairs, pair p of word i of lane t's 64 columns of segment s, batch row n, at
+        n x_sn + 4 (t x_st4 + s x_ss4 + i x_si4) + p (`x_strides`); words_ptr: W as int32 words [N, K_WORDS = K /
+        8]; K a multiple of the blocksize."""
         WN: gl.constexpr = WARPS // KWARPS
         R: gl.constexpr = 8 * WARPS
-        L: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [WARPS, 1], [1, 0])
+        LN: gl.constexpr = gl.BlockedLayout([1, 1, NT], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])  # [R, 4, NT]
+        L: gl.constexpr = gl.SliceLayout(2, LN)  # [R, 4]
         L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])
-        LX: gl.constexpr = gl.BlockedLayout([1, 1, 4], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])
+        LX: gl.constexpr = gl.BlockedLayout([1, 1, NT, 4], [8, 4, 1, 1], [WARPS, 1, 1, 1], [3, 2, 1, 0])
         pid_r = gl.program_id(0)
         pid_s = gl.program_id(1)
         # [R, 4] indices: r = 8 warp + g, t
@@ -283,25 +318,28 @@ if gl is not None:
         wk3 = r3 // 8 // WN
         row_a3 = gl.minimum(row3, N - 1).to(gl.int64) * K_WORDS
         row_b3 = gl.minimum(row3 + 8, N - 1).to(gl.int64) * K_WORDS
-        # x: the lane's batch row n = g (tile 0) and 8 + g (tile 1), [R, 4, 4] pairs a word. Rows past M read row
-        # M - 1: B's column n only reaches D's column n, which is not stored
-        rx = gl.expand_dims(gl.expand_dims(gl.arange(0, R, gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
-        tx = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
-        jx = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+        # x: [R, 4, NT, 4] pairs of the lane's batch rows n = 8 tile + g. Rows past M read row M - 1: B's column n
+        # only reaches D's column n, which is not stored
+        LX3: gl.constexpr = gl.SliceLayout(3, LX)
+        rx = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            gl.arange(0, R, gl.SliceLayout(1, gl.SliceLayout(2, LX3))), 1), 2), 3)  # fmt: skip
+        tx = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, LX3))), 0), 2), 3)  # fmt: skip
+        nx = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            gl.arange(0, NT, gl.SliceLayout(0, gl.SliceLayout(1, LX3))), 0), 1), 3)  # fmt: skip
+        jx = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LX)))), 0), 1), 2)  # fmt: skip
         xi = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)  # x as 4-byte pairs
-        xa_rows = xi + gl.minimum(rx % 8, M - 1).to(gl.int64) * stride_xm + 32 * tx + jx
-        xb_rows = xi + gl.minimum(rx % 8 + 8, M - 1).to(gl.int64) * stride_xm + 32 * tx + jx
+        x_lanes = xi + gl.minimum(8 * nx + rx % 8, M - 1).to(gl.int64) * x_sn + 4 * (x_st4 * tx) + jx
         wkx = rx // 8 // WN
         off = 0.0
         if NESTED:
             off = gl.load(offset_ptr)
         kw_lo = pid_s * words_per_split
         kw_hi = gl.minimum(kw_lo + words_per_split, K_WORDS)
-        zero = gl.zeros([R, 4], gl.float32, L)
-        acc0 = (zero, zero, zero, zero)  # tile 0, even words
-        acc1 = (zero, zero, zero, zero)  # tile 1, even words
-        acc2 = (zero, zero, zero, zero)  # tile 0, odd words (two mma chains)
-        acc3 = (zero, zero, zero, zero)
+        zero = gl.zeros([R, 4, NT], gl.float32, LN)
+        acc_e = (zero, zero, zero, zero)  # even words
+        acc_o = (zero, zero, zero, zero)  # odd words (two mma chains)
         steps = gl.cdiv((kw_hi - kw_lo) // 32, KWARPS)  # a warp's segments: step j is segment j KWARPS + wk
         if PREFETCH:
             nwa, nwb, nam_a, nam_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3,
@@ -321,39 +359,29 @@ if gl is not None:
                 wa, wb, am_a, am_b = _seg_loads(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, row_a3, row_b3,
                                                 w3, qrow_a, qrow_b, t, kw0 + 32 * wk3, kw0 + 32 * wk, kw_hi,
                                                 BLOCKSIZE, BLOCKSIZE2, NESTED, MASKED)  # fmt: skip
-            kwx = kw0 + 32 * wkx
+            kwx = kw0 + 32 * wkx  # [R, 1, 1, 1]: the warp's segment
+            x_seg = x_lanes + 4 * (x_ss4 * (kwx // 32))
+            x_ok = kwx < kw_hi
             ta = _table(am_a, TABLE)
             tb = _table(am_b, TABLE)
             wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7 = _split8(wa, L)
             wb0, wb1, wb2, wb3, wb4, wb5, wb6, wb7 = _split8(wb, L)
-            xa = _x_segment(xa_rows + 4 * kwx, kwx < kw_hi, L, MASKED)
-            xb = _x_segment(xb_rows + 4 * kwx, kwx < kw_hi, L, MASKED) if NT == 2 else xa
-            acc0, acc1 = _word_mmas(wa0, wb0, ta, tb, xa[0], xb[0], acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa1, wb1, ta, tb, xa[1], xb[1], acc2, acc3, NT, MMA)
-            acc0, acc1 = _word_mmas(wa2, wb2, ta, tb, xa[2], xb[2], acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa3, wb3, ta, tb, xa[3], xb[3], acc2, acc3, NT, MMA)
-            acc0, acc1 = _word_mmas(wa4, wb4, ta, tb, xa[4], xb[4], acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa5, wb5, ta, tb, xa[5], xb[5], acc2, acc3, NT, MMA)
-            acc0, acc1 = _word_mmas(wa6, wb6, ta, tb, xa[6], xb[6], acc0, acc1, NT, MMA)
-            acc2, acc3 = _word_mmas(wa7, wb7, ta, tb, xa[7], xb[7], acc2, acc3, NT, MMA)
-        acc0 = _acc_add(acc0, acc2)
-        n0 = 2 * t + 0 * r
-        rows = row_a + 0 * t
-        if KWARPS > 1:  # the K slices' partial sums (Triton's cross-warp reduction) into [8 WN, 4]
-            acc0 = (_fold(acc0[0], KWARPS, 8 * WN, True), _fold(acc0[1], KWARPS, 8 * WN, True),
-                    _fold(acc0[2], KWARPS, 8 * WN, True), _fold(acc0[3], KWARPS, 8 * WN, True))  # fmt: skip
-            if NT == 2:
-                acc1 = _acc_add(acc1, acc3)
-                acc1 = (_fold(acc1[0], KWARPS, 8 * WN, True), _fold(acc1[1], KWARPS, 8 * WN, True),
-                        _fold(acc1[2], KWARPS, 8 * WN, True), _fold(acc1[3], KWARPS, 8 * WN, True))  # fmt: skip
+            acc_e = _word_mmas(wa0, wb0, ta, tb, _x_word(x_seg, x_ok, 0, x_si4, LN, MASKED), acc_e, MMA)
+            acc_o = _word_mmas(wa1, wb1, ta, tb, _x_word(x_seg, x_ok, 1, x_si4, LN, MASKED), acc_o, MMA)
+            acc_e = _word_mmas(wa2, wb2, ta, tb, _x_word(x_seg, x_ok, 2, x_si4, LN, MASKED), acc_e, MMA)
+            acc_o = _word_mmas(wa3, wb3, ta, tb, _x_word(x_seg, x_ok, 3, x_si4, LN, MASKED), acc_o, MMA)
+            acc_e = _word_mmas(wa4, wb4, ta, tb, _x_word(x_seg, x_ok, 4, x_si4, LN, MASKED), acc_e, MMA)
+            acc_o = _word_mmas(wa5, wb5, ta, tb, _x_word(x_seg, x_ok, 5, x_si4, LN, MASKED), acc_o, MMA)
+            acc_e = _word_mmas(wa6, wb6, ta, tb, _x_word(x_seg, x_ok, 6, x_si4, LN, MASKED), acc_e, MMA)
+            acc_o = _word_mmas(wa7, wb7, ta, tb, _x_word(x_seg, x_ok, 7, x_si4, LN, MASKED), acc_o, MMA)
+        acc = _acc_add(acc_e, acc_o)
+        nt = gl.expand_dims(gl.expand_dims(gl.arange(0, NT, gl.SliceLayout(0, gl.SliceLayout(1, LN))), 0), 1)
+        n0 = gl.expand_dims(2 * t + 0 * r, 2) + 8 * nt  # [R, 4, NT]: D's batch row of acc[0]
+        rows = gl.expand_dims(row_a + 0 * t, 2) + 0 * nt
+        if KWARPS > 1:  # the K slices' partial sums (Triton's cross-warp reduction) into [8 WN, 4, NT]
+            acc = _fold4(acc, KWARPS, 8 * WN)
             n0 = _fold(n0, KWARPS, 8 * WN, False)
             rows = _fold(rows, KWARPS, 8 * WN, False)
-        elif NT == 2:
-            acc1 = _acc_add(acc1, acc3)
-        _store((acc0[0], acc0[1]), n0, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
-        _store((acc0[2], acc0[3]), n0, rows + 8, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
-        if NT == 2:
-            _store((acc1[0], acc1[1]), n0 + 8, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
-            _store((acc1[2], acc1[3]), n0 + 8, rows + 8, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
+        _store(acc, n0, rows, M, N, pid_s, bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT)
 else:  # pragma: no cover
     linear_4bit_mma_kernel = None
