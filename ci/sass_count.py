@@ -229,8 +229,8 @@ def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     out = []
     for m in (1, 4, 8, 16, 32, 64):
         x2, y, cfg = _problem(m, n_rows, k, lambda mm: l4.heuristic_mma_config(mm, n_rows, k))
-        if cfg.get("path") != "mma":  # a key the table gives another path
-            cfg = l4.heuristic_mma_config(m, n_rows, k)
+        if cfg.get("path") != "mma":  # a key the table gives another path (or the heuristic none: session 17's)
+            cfg = l4.heuristic_mma_config(m, n_rows, k) or {"path": "mma", "warps": 4, "split_k": 8, "prefetch": True}
         la = l4._mma_launches(x2, w, None, y, cfg)[0][0]
         # values a program: its W rows (16 a row group, warps / kwarps groups) x its split's K columns
         rows = 16 * la.constexprs["WARPS"] // la.constexprs["KWARPS"]

@@ -397,20 +397,25 @@ def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     return out
 
 
-# (warps, K splits, K warps) of the mma kernel (linear_4bit_mma, M <= 16): the probe's grid
+# (warps, K splits, K warps) of the mma kernel (linear_4bit_mma): the probe's grid
 # (ci/linear4bit_mma_probe.py; 4 warps with 8 splits within 2.4% of each issue shape's best at M = 1 and 4 on the
 # H100, session 17), and one split with the warps splitting K (session 20: one launch, best or within 5% of the best
 # at most of the probe's M <= 8 cases, log docs/gpu-runs/logs/20261124T1616Z-nvidia-h100-mma-kwarps-probe.txt)
 MMA_WARPS = (2, 4, 8)
 MMA_SPLITS = (1, 2, 4, 8, 16)
 MMA_KWARPS = (2, 4, 8)
+# NOTE: the kernel takes M <= 64, but at M = 64 its best config took 1.36-1.79x the gemm's time at every issue shape
+# (H100, session 21, log docs/gpu-runs/logs/20261124T1913Z-nvidia-h100-mma-ntiles-probe.txt), so the tuner times it
+# up to M = 32 only (M = 32: 0.82-1.11x the gemm's best there)
+MMA_TUNE_MAX_M = 32
 
 
 def mma_candidates(m: int, n: int, k: int) -> list[dict]:
-    """mma configs for M <= 16 (x and W of one 16-bit dtype, K a multiple of 256: the tuner's cases are)."""
+    """mma configs for M <= MMA_TUNE_MAX_M (x and W of one 16-bit dtype, K a multiple of 256: the tuner's cases
+    are)."""
     from tritonbits.ops import linear_4bit as L
 
-    if m > L.mma4.MAX_M or k % L.mma4.SEGMENT or k < L.mma4.SEGMENT:
+    if m > min(MMA_TUNE_MAX_M, L.mma4.MAX_M) or k % L.mma4.SEGMENT or k < L.mma4.SEGMENT:
         return []
     segs = k // L.mma4.SEGMENT
     out = [{"path": "mma", "warps": warps, "split_k": split, "prefetch": True}

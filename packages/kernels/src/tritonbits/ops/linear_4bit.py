@@ -611,7 +611,14 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
 # heuristic keeps it to M <= MMA_MAX_M. The table's M=4/8 keys name it (retuned with it on both GPUs); a problem
 # mma_ok refuses there (fp16 x with a bf16 W, K not a multiple of 256, a torch.compile trace) takes
 # heuristic_config(mma=False), not the tuned gemm entry those keys held before.
-MMA_MAX_M = 8
+# Session 21: with the n tiles a tensor dimension and x read from its lane-order copy above M = 8 (mma4's NOTE), M = 16
+# took 0.69-0.93x the gemm's time (the copy included) at every issue shape with N > 2048, the one-launch 4 warps / 4 K
+# warps config within 6.1% of each shape's best (ci/linear4bit_mma_probe.py, log docs/gpu-runs/logs/20261124T1913Z-
+# nvidia-h100-mma-ntiles-probe.txt: 4096 x 14336 27.6 against 34.1 us, 8192 x 28672 87.0 against 126.2); M = 32
+# 0.82-1.11x and M = 64 1.36-1.79x (four and eight n tiles: x's loads from L2 with few warps a scheduler), so the
+# heuristic stops at M = 16 and the tables may name it up to M = 32 (tune.MMA_TUNE_MAX_M). N <= 2048 at M > 8 was not
+# measured: it keeps the gemm.
+MMA_MAX_M = 16
 
 
 # NOTE: one launch where it measured as fast (session 20). An mma config with one K split whose program's warps
@@ -631,13 +638,17 @@ HEURISTIC_MMA = {  # M bucket: ((largest N, config), ...)
     4: ((2048, _SPLIT8), (8192, {"warps": 8, "kwarps": 8}), (16384, {"warps": 2, "kwarps": 2}), (1 << 62, _SPLIT8)),
     8: ((2048, _SPLIT8), (8192, {"warps": 8, "kwarps": 8}), (16384, {"warps": 2, "kwarps": 2}),
         (1 << 62, {"warps": 2, "kwarps": 1})),
+    16: ((2048, None), (1 << 62, {"warps": 4, "kwarps": 4})),  # None: not mma (the NOTE on MMA_MAX_M)
 }  # fmt: skip
 
 
-def heuristic_mma_config(m: int, n: int, k: int) -> dict:
-    """HEURISTIC_MMA's config for M's bucket (M <= 2 takes M = 1's) and N; splits capped at K's segments / 2."""
+def heuristic_mma_config(m: int, n: int, k: int) -> dict | None:
+    """HEURISTIC_MMA's config for M's bucket (M <= 2 takes M = 1's) and N (None where it names no mma config);
+    splits capped at K's segments / 2."""
     rows = HEURISTIC_MMA[max(1, min(bucket(m), MMA_MAX_M)) if m > 2 else 1]
     tile = next(cfg for largest, cfg in rows if n <= largest)
+    if tile is None:
+        return None
     split = max(1, min(tile.get("split_k", 1), k // (2 * mma4.SEGMENT)))
     return {"path": "mma", "warps": tile["warps"], "split_k": split, "kwarps": tile.get("kwarps", 1), "prefetch": True}
 
@@ -673,7 +684,9 @@ def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int, mma
     dequantize + cuBLAS (the gemm's fp32 dot is not a tensor-core one)."""
     wide = x_dtype == torch.float32
     if mma and not wide and m <= MMA_MAX_M and k % mma4.SEGMENT == 0:
-        return heuristic_mma_config(m, n, k)
+        cfg = heuristic_mma_config(m, n, k)
+        if cfg is not None:
+            return cfg
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
@@ -767,7 +780,7 @@ def words_of(w: PreparedWeight) -> torch.Tensor | None:
 
 
 def mma_problem_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
-    """The problems the "mma" kernel's contract covers, whatever the machine: 1 <= M <= 16, K > 0 a multiple of
+    """The problems the "mma" kernel's contract covers, whatever the machine: 1 <= M <= 64, K > 0 a multiple of
     256 and of the blocksize, a blocksize that is a multiple of 64, x and W both fp16 or both bf16, W readable as
     int32 words, and x readable as 4-byte pairs: 16-byte aligned (the plans' key records that), contiguous along
     K, an even row stride."""
@@ -1014,7 +1027,7 @@ def _gemm_launches(x2, w: PreparedWeight, words, bias, out, cfg: dict, bk: int,
 
 
 def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Launch], torch.Tensor | None]:
-    """mma (M <= 16, `mma_ok`): one program per (16 * warps / kwarps W rows, K split of whole 256-column segments);
+    """mma (M <= 64, `mma_ok`): one program per (16 * warps / kwarps W rows, K split of whole 256-column segments);
     with kwarps > 1 the program's warps split its K range and add their partial sums in the program; splits > 1 go
     through the split-K workspace and _splitk_reduce_kernel (split order 0..S-1)."""
     m, k = x2.shape
