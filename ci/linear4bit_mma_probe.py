@@ -10,8 +10,8 @@ bnb.matmul_4bit on one GPU: every candidate's output is checked against the K-aw
 and N, bias, a strided x), no timing. --baseline FILE also times another linear_4bit_mma.py with the same kernel
 arguments (`git show REV:packages/kernels/src/tritonbits/ops/linear_4bit_mma.py > FILE`, the working tree then
 holding a variant) at the same configs, so a kernel change is compared with its base in one run. --parts times,
-for the best mma config of each case, its mma kernel alone and its split-K reduction alone (buffers made outside
-the graph). --kwarps K,... adds configs whose warps split a program's K range (each K > 1 dividing the warps,
+for the best mma config of each case, its lane-order copy (M > 8), its mma kernel and its split-K reduction alone
+(buffers made outside the graph). --kwarps K,... adds configs whose warps split a program's K range (each K > 1 dividing the warps,
 at the --kwarps-splits only: one split is one launch, no workspace). --eager also times, per case, the op's eager
 call (`tritonbits.linear_4bit`, its plan and bound launches) with the best one-launch and the best two-launch
 config forced through `config_for`: seconds per call of 200 back-to-back calls and one synchronize
@@ -111,12 +111,13 @@ def kernel_of(mod):
 
     def launches_of(x2, w, bias, out, cfg):
         launches, ws = _MMA_LAUNCHES(x2, w, bias, out, cfg)
-        la = launches[0]
+        j = next(i for i, la in enumerate(launches) if la.fn is L.mma4.linear_4bit_mma_kernel)
+        la = launches[j]
         if "x_sn" not in mod.linear_4bit_mma_kernel.arg_names:  # session 20's kernel: x in place, one row stride
             if x2.shape[0] > L.mma4.DIRECT_MAX_M:
                 raise ValueError("the baseline kernel reads x in place only (M <= DIRECT_MAX_M)")
             la = la._replace(args=la.args[:13] + la.args[16:])  # x_sn is its stride_xm; no x_st4, x_ss4, x_si4
-        launches[0] = la._replace(fn=mod.linear_4bit_mma_kernel)
+        launches[j] = la._replace(fn=mod.linear_4bit_mma_kernel)
         return launches, ws
 
     L._mma_launches = launches_of
@@ -135,12 +136,14 @@ def with_kernel_of(mod, fn):
 
 
 def parts(x, pw, cfg, rep):
-    """(mma kernel alone, split-K reduction alone) in us for one config, buffers allocated outside the graph."""
+    """(lane-order copy, mma kernel, split-K reduction) alone in us for one config (nan where the config has none),
+    buffers allocated outside the graph."""
     out = torch.empty(x.shape[0], pw.state.shape[0], device="cuda", dtype=x.dtype)
     launches, _ws = L.fused_launches(x, pw, None, out, cfg, True)
-    times = [timing.bench_graph(partial(L._launch, launch, x.device, None, True), rep=rep) * 1e3
-             for launch in launches]  # fmt: skip
-    return times + [float("nan")] * (2 - len(times))
+    times = {la.fn: timing.bench_graph(partial(L._launch, la, x.device, None, True), rep=rep) * 1e3
+             for la in launches}  # fmt: skip
+    fns = (L.mma4._lane_order_kernel, L.mma4.linear_4bit_mma_kernel, L._splitk_reduce_kernel)
+    return [times.get(fn, float("nan")) for fn in fns]
 
 
 def sweep_configs(args, k: int) -> list[tuple[int, int, int]]:
@@ -273,10 +276,11 @@ def main() -> None:
                     eager(x, packed, qs, fns, res, rows, k, n, m, dname)
                 if args.parts:
                     cfg = next(c for nm, c, _ in fns if nm == best[1])
-                    kern, red = parts(x, pw, cfg, args.rep)
-                    print(f"    parts of {best[1]}: kernel {kern:.2f} us, reduction {red:.2f} us", flush=True)
+                    copy, kern, red = parts(x, pw, cfg, args.rep)
+                    print(f"    parts of {best[1]}: lane-order copy {copy:.2f} us, kernel {kern:.2f} us, reduction "
+                          f"{red:.2f} us", flush=True)  # fmt: skip
                     rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": f"parts {best[1]}", "config": cfg,
-                                 "kernel_us": kern, "reduce_us": red})  # fmt: skip
+                                 "copy_us": copy, "kernel_us": kern, "reduce_us": red})  # fmt: skip
             del w, wd, pw, packed
             print(f"[{time.time() - t_start:.0f} s]", flush=True)
     if args.json:

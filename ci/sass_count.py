@@ -231,7 +231,7 @@ def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
         x2, y, cfg = _problem(m, n_rows, k, lambda mm: l4.heuristic_mma_config(mm, n_rows, k))
         if cfg.get("path") != "mma":  # a key the table gives another path (or the heuristic none: session 17's)
             cfg = l4.heuristic_mma_config(m, n_rows, k) or {"path": "mma", "warps": 4, "split_k": 8, "prefetch": True}
-        la = l4._mma_launches(x2, w, None, y, cfg)[0][0]
+        la = next(la for la in l4._mma_launches(x2, w, None, y, cfg)[0] if la.fn is l4.mma4.linear_4bit_mma_kernel)
         # values a program: its W rows (16 a row group, warps / kwarps groups) x its split's K columns
         rows = 16 * la.constexprs["WARPS"] // la.constexprs["KWARPS"]
         out.append(Launch(f"linear_4bit m{m} mma {' '.join(f'{a}={b}' for a, b in cfg.items() if a != 'path')}",

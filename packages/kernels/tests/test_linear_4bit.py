@@ -467,6 +467,12 @@ def test_launch_count_is_the_launches_planned(device, gen, quantize):
         planned = L._mma_launches(x, pw, None, out, cfg)[0] if cfg["path"] == "mma" else (
             L.fused_launches(x, pw, None, out, cfg, use_asm=False)[0])  # fmt: skip
         assert L.launch_count(cfg, 3, 64, 1024) == len(planned), cfg
+    x12 = fresh_x((12, 1024), torch.bfloat16, gen, device)  # above DIRECT_MAX_M: the lane-order copy first
+    out12 = torch.empty(12, 64, device=device, dtype=torch.bfloat16)
+    for cfg in cfgs[:4]:
+        planned = L._mma_launches(x12, pw, None, out12, cfg)[0]
+        assert L.launch_count(cfg, 12, 64, 1024) == len(planned), cfg
+        assert planned[0].fn is L.mma4._lane_order_kernel and planned[1].slots[0] == (0, "xl"), cfg
     assert L.launch_count({"path": "dequant"}, 300, 64, 1024) == 2
 
 

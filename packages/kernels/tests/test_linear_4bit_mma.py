@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import triton
 
 from tritonbits import formats
 from tritonbits.ops import linear_4bit as L
@@ -253,7 +254,8 @@ def test_forced_mma_configs_against_the_policy(device, dtype, case):
     bias = torch.randn(n, device=device, dtype=dtype)
     assert L.mma_ok(pw, x, device)
     cfg = {"path": "mma", "warps": warps, "split_k": split, "kwarps": kwarps, "prefetch": prefetch}
-    launch = L._mma_launches(x, pw, bias, torch.empty(m, n, device=device, dtype=dtype), cfg)[0][0]
+    launches = L._mma_launches(x, pw, bias, torch.empty(m, n, device=device, dtype=dtype), cfg)[0]
+    launch = next(la for la in launches if la.fn is mma4.linear_4bit_mma_kernel)
     assert launch.constexprs["MASKED"] is (case in MASKED_CASES), case
     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
     L.launch_fused(x, pw, bias, out, cfg)
@@ -300,3 +302,15 @@ def test_lane_order_plan_reads_each_calls_x(device):
         L.config_for = config_for
     plans = list(L._prepare(packed, qs).launches.get("linear_4bit", {}).values())
     assert len(plans) == 1 and plans[0].lanes and all(step.bound is not None for step in plans[0].steps)
+
+
+def test_lane_order_kernel_copies_as_lane_order(device):
+    """_lane_order_kernel (the op's copy of x above DIRECT_MAX_M) writes exactly lane_order's layout, from x rows
+    inside a wider buffer, odd M, a partial last program (runs in the interpreter on the CPU)."""
+    for m, k in ((11, 768), (1, 256), (64, 512)):
+        x = torch.randn(m, k + 64, device=device, dtype=torch.bfloat16)[:, 32 : 32 + k]
+        xl = torch.full((m * k,), float("nan"), device=device, dtype=torch.bfloat16)
+        units = m * k // 8
+        mma4._lane_order_kernel[(triton.cdiv(units, mma4.LANE_BLOCK),)](x, xl, m, x.stride(0), units,
+                                                                       BLOCK=mma4.LANE_BLOCK)  # fmt: skip
+        assert torch.equal(xl, mma4.lane_order(x).flatten()), (m, k)

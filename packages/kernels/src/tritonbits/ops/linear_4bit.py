@@ -666,10 +666,10 @@ def mma_splits(cfg: dict, k: int) -> tuple[int, int]:
 
 def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
     """Kernels one call launches with this config (no fallback applied): the fused kernel, plus the split-K
-    reduction where it splits K; dequantize + matmul: two."""
+    reduction where it splits K, plus the mma's lane-order copy of x above DIRECT_MAX_M; dequantize + matmul: two."""
     path = cfg.get("path")
     if path == "mma":  # K under one segment: mma_ok refuses it, and so does launch_count's arithmetic
-        return 1 if k >= mma4.SEGMENT and mma_splits(cfg, k)[0] == 1 else 2
+        return (1 if k >= mma4.SEGMENT and mma_splits(cfg, k)[0] == 1 else 2) + (m > mma4.DIRECT_MAX_M)
     if path not in ("gemv", "gemv2", "gemm") or not fused_ok(cfg, k):
         return 2
     bk = effective_bk(cfg, k)
@@ -1044,8 +1044,9 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
     dummy = w.absmax
     bf16 = state.dtype == torch.bfloat16
-    lanes = m > mma4.DIRECT_MAX_M  # x through lane_order's copy (mma4's NOTE)
-    args = (mma4.lane_order(x2) if lanes else x2, words_of(w), w.absmax, w.code2 if nested else dummy,
+    lanes = m > mma4.DIRECT_MAX_M  # x through its lane-order copy (mma4's NOTE), made by the first launch
+    xl = torch.empty(m * k, dtype=x2.dtype, device=x2.device) if lanes else None
+    args = (xl if lanes else x2, words_of(w), w.absmax, w.code2 if nested else dummy,
             w.absmax2 if nested else dummy, w.offset if nested else dummy, bias if bias is not None else dummy,
             ws if ws is not None else out, m, n, k // 8, k // bs, *mma4.x_strides(m, x2.stride(0), lanes),
             out.stride(0), per_split * mma4.SEGMENT // 8)  # fmt: skip
@@ -1061,13 +1062,19 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
         ((7, "ws" if ws is not None else "out"),)  # fmt: skip
     grid = (triton.cdiv(n, 16 * (warps // kwarps)), split, 1)
     launches = [Launch(mma4.linear_4bit_mma_kernel, grid, args, constexprs, {"num_warps": warps}, slots)]
+    if lanes:
+        units = m * k // 8
+        launches.insert(0, Launch(mma4._lane_order_kernel, (triton.cdiv(units, mma4.LANE_BLOCK), 1, 1),
+                                  (x2, xl, m, x2.stride(0), units), {"BLOCK": mma4.LANE_BLOCK}, {"num_warps": 4},
+                                  ((0, "x"), (1, "xl"))))  # fmt: skip
     if ws is not None:
         launches.append(_reduce_launch(ws, bias, out, False))
     return launches, ws
 
 
 _LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemv2_kernel,
-                                                 _linear_4bit_gemm_kernel, _splitk_reduce_kernel)}  # fmt: skip
+                                                 _linear_4bit_gemm_kernel, _splitk_reduce_kernel,
+                                                 mma4._lane_order_kernel)}  # fmt: skip
 if mma4.linear_4bit_mma_kernel is not None:
     _LAUNCHERS[mma4.linear_4bit_mma_kernel] = CachedLauncher(mma4.linear_4bit_mma_kernel)
 
@@ -1255,7 +1262,7 @@ class _Plan:
             self.work_shape = None if ws is None else tuple(ws.shape)
         names = {name for launch in launches for _, name in launch.slots}
         self.view16 = bool(names & {"out16", "wd16"})
-        self.lanes = "xl" in names  # the mma kernel reads x from its lane-order copy
+        self.lanes = "xl" in names  # the mma kernel reads x from its lane-order copy (a per-call buffer)
         self.steps = tuple(_Step(launch, device) for launch in launches)
 
     def run(self, x: torch.Tensor, bias) -> torch.Tensor:
@@ -1269,8 +1276,8 @@ class _Plan:
             bias = bias.contiguous()
         out = torch.empty(*self.out_shape, dtype=self.dtype, device=device)  # sizes as ints: dequant_bias's NOTE
         ws = None if self.work_shape is None else torch.empty(*self.work_shape, dtype=torch.float32, device=device)
-        values = (x2, bias, out, out.view(torch.int16) if self.view16 else out, ws, None, None,
-                  mma4.lane_order(x2) if self.lanes else None)  # fmt: skip
+        xl = torch.empty(x2.numel(), dtype=self.dtype, device=device) if self.lanes else None
+        values = (x2, bias, out, out.view(torch.int16) if self.view16 else out, ws, None, None, xl)
         for step in self.steps:
             step(values)
         return out
