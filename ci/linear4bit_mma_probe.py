@@ -11,8 +11,8 @@ and N, bias, a strided x), no timing. --baseline FILE also times another linear_
 arguments (`git show REV:packages/kernels/src/tritonbits/ops/linear_4bit_mma.py > FILE`, the working tree then
 holding a variant) at the same configs, so a kernel change is compared with its base in one run. --parts times,
 for the best mma config of each case, its lane-order copy (M > 8), its mma kernel and its split-K reduction alone
-(buffers made outside the graph). --kwarps K,... adds configs whose warps split a program's K range (each K > 1 dividing the warps,
-at the --kwarps-splits only: one split is one launch, no workspace). --eager also times, per case, the op's eager
+(buffers made outside the graph). --kwarps K,... adds configs whose warps split a program's K range (each K > 1
+dividing the warps, at the --kwarps-splits only: one split is one launch, no workspace). --eager also times, per case, the op's eager
 call (`tritonbits.linear_4bit`, its plan and bound launches) with the best one-launch and the best two-launch
 config forced through `config_for`: seconds per call of 200 back-to-back calls and one synchronize
 (`timing.host_us`, the least disturbed of 9 interleaved rounds), the figure a host-bound decode loop sees.
