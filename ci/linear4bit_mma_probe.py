@@ -6,15 +6,15 @@ bnb.matmul_4bit on one GPU: every candidate's output is checked against the K-aw
         [--splits 1,2,4,8,16] [--kwarps 1] [--kwarps-splits 1,2] [--prefetch 1] [--baseline FILE] [--parts]
         [--eager] [--rep 20] [--no-bnb] [--check-only] [--json PATH]
 
---check-only runs the correctness cases only (fp16/bf16, nf4/fp4, nested or not, blocksizes 64/128/256, odd M
-and N, bias, a strided x), no timing. --baseline FILE also times another linear_4bit_mma.py with the same kernel
+--check-only runs the correctness cases only (fp16/bf16, nf4/fp4, nested or not, blocksizes 64/128/256, odd M and
+N, bias, a strided x), no timing. --baseline FILE also times another linear_4bit_mma.py with the same kernel
 arguments (`git show REV:packages/kernels/src/tritonbits/ops/linear_4bit_mma.py > FILE`, the working tree then
-holding a variant) at the same configs, so a kernel change is compared with its base in one run. --parts times,
-for the best mma config of each case, its lane-order copy (M > 8), its mma kernel and its split-K reduction alone
+holding a variant) at the same configs, so a kernel change is compared with its base in one run. --parts times, for
+the best mma config of each case, its lane-order copy (M > 8), its mma kernel and its split-K reduction alone
 (buffers made outside the graph). --kwarps K,... adds configs whose warps split a program's K range (each K > 1
-dividing the warps, at the --kwarps-splits only: one split is one launch, no workspace). --eager also times, per case, the op's eager
-call (`tritonbits.linear_4bit`, its plan and bound launches) with the best one-launch and the best two-launch
-config forced through `config_for`: seconds per call of 200 back-to-back calls and one synchronize
+dividing the warps, at the --kwarps-splits only: one split is one launch, no workspace). --eager also times, per
+case, the op's eager call (`tritonbits.linear_4bit`, its plan and bound launches) with the best one-launch and the
+best two-launch config forced through `config_for`: seconds per call of 200 back-to-back calls and one synchronize
 (`timing.host_us`, the least disturbed of 9 interleaved rounds), the figure a host-bound decode loop sees.
 """
 
