@@ -161,11 +161,10 @@ def sweep_configs(args, k: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def launches_of(cfg: dict, k: int) -> int:
-    """The op's launches for an mma config: one, or two where a split-K workspace is reduced."""
-    segs = k // 256
-    per = -(-segs // max(1, min(cfg["split_k"], segs)))
-    return 1 if -(-segs // per) == 1 else 2
+def launches_of(cfg: dict, m: int, n: int, k: int) -> int:
+    """The op's launches for an mma config (`launch_count`: the kernel, the split-K reduction where it splits K, the
+    lane-order copy above M = 8)."""
+    return L.launch_count(cfg, m, n, k)
 
 
 def eager(x, packed, qs, fns, res, rows, k, n, m, dname) -> None:
@@ -175,7 +174,7 @@ def eager(x, packed, qs, fns, res, rows, k, n, m, dname) -> None:
     best: dict[int, tuple[float, dict]] = {}
     for name, cfg, _fn in fns:
         if cfg is not None and name.startswith("mma"):
-            nl = launches_of(cfg, k)
+            nl = launches_of(cfg, m, n, k)
             if nl not in best or res[name] < best[nl][0]:
                 best[nl] = (res[name], cfg)
     calls = {}

@@ -23,7 +23,7 @@ makes on a GPU uses rcp.approx and 4 warps for a 4096-value tile. Needs no TRITO
 off here) and no CUDA device; uses Triton's binder internals (triton.runtime.jit), checked with triton 3.9 and
 with the GPU machine's 3.6 (on PYTHONPATH ahead of the venv's: docs/gpu-sessions.md). Also counted: linear_4bit's
 launches at M = 1, 2, 4 on an nf4 nested bs64 bf16 weight of --shape's N x K (the H100 table's configs, planned
-for 132 SMs), and with --mma its Gluon mma kernel at M = 1, 4, 8 (Gluon needs the GPU machine's 3.6 here).
+for 132 SMs), and with --mma its Gluon mma kernel at M = 1, 4, 8, 16, 32, 64 (Gluon needs the GPU machine's 3.6 here).
 """
 
 from __future__ import annotations
@@ -218,9 +218,10 @@ def linear_4bit_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
 
 
 def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
-    """linear_4bit's Gluon "mma" kernel at M = 1, 4, 8 with the H100 table's config, else the heuristic's (one launch
-    with K warps, or the 8-split config), on an nf4 nested bs64 bf16 weight [n_rows, k]; planned with `_mma_launches`
-    (the op checks `mma_ok` on a GPU only). Needs a Triton with Gluon (the GPU machine's 3.6 on PYTHONPATH)."""
+    """linear_4bit's Gluon "mma" kernel at M = 1, 4, 8, 16, 32, 64 with the H100 table's config, else the
+    heuristic's (one launch with K warps, or the 8-split config), on an nf4 nested bs64 bf16 weight [n_rows, k];
+    planned with `_mma_launches` (the op checks `mma_ok` on a GPU only). Needs a Triton with Gluon (the GPU
+    machine's 3.6 on PYTHONPATH)."""
     from tritonbits.ops import linear_4bit as l4
 
     if l4.mma4.linear_4bit_mma_kernel is None:
@@ -228,7 +229,7 @@ def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     w = _planned_weight(n_rows, k)
     out = []
     for m in (1, 4, 8, 16, 32, 64):
-        x2, y, cfg = _problem(m, n_rows, k, lambda mm: l4.heuristic_mma_config(mm, n_rows, k))
+        x2, y, cfg = _problem(m, n_rows, k, lambda mm: l4.heuristic_mma_config(mm, n_rows, k) or {})
         if cfg.get("path") != "mma":  # a key the table gives another path (or the heuristic none: session 17's)
             cfg = l4.heuristic_mma_config(m, n_rows, k) or {"path": "mma", "warps": 4, "split_k": 8, "prefetch": True}
         la = next(la for la in l4._mma_launches(x2, w, None, y, cfg)[0] if la.fn is l4.mma4.linear_4bit_mma_kernel)
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rcp", choices=b8.RCP_MODES, help=f"quantizers' reciprocal (default {b8.RCP_GPU!r})")
     parser.add_argument("--num-warps", type=int, help="override every launch's warps")
     parser.add_argument("--dump", type=Path, help="write each config's .sass, .ptx and .ttgir here")
-    parser.add_argument("--mma", action="store_true", help="also linear_4bit's Gluon mma kernel at M = 1, 4, 8 "
+    parser.add_argument("--mma", action="store_true", help="also linear_4bit's Gluon mma kernel at M = 1..64 "
                         "(needs Gluon: the GPU machine's Triton 3.6 on PYTHONPATH)")  # fmt: skip
     args = parser.parse_args(argv)
     if torch.cuda.is_available():

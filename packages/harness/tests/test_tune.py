@@ -207,3 +207,15 @@ def test_sweep_refuses_an_op_without_a_table():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_main_needs_a_gpu():
     assert tune.main(["--gpu", "h100"]) == 2
+
+
+def test_mma_candidates_stop_at_mma_tune_max_m():
+    """The tuner times the mma kernel up to MMA_TUNE_MAX_M (its NOTE: it lost at M = 64), one split with K warps
+    included, and none where K is not a multiple of its 256-column segment."""
+    from tritonbits_harness import tune
+
+    assert tune.mma_candidates(tune.MMA_TUNE_MAX_M + 1, 4096, 4096) == []
+    cands = tune.mma_candidates(tune.MMA_TUNE_MAX_M, 4096, 4096)
+    assert cands and all(c["path"] == "mma" for c in cands)
+    assert any(c["split_k"] == 1 and c.get("kwarps", 1) > 1 for c in cands)
+    assert tune.mma_candidates(16, 4096, 4096 + 128) == []

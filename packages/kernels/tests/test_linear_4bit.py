@@ -420,7 +420,7 @@ def test_table_entries_are_reachable_and_valid():
             dtype = torch.float32 if width == "x32" else torch.bfloat16
             assert L.config_key(dtype, int(m[1:]), int(n[1:]), int(k[1:])) == key, (family, key)
             assert cfg["path"] in ("gemv", "gemv2", "gemm", "dequant", "mma"), (family, key)
-            if cfg["path"] == "mma":  # 16-bit x, M <= 16 (mma_ok)
+            if cfg["path"] == "mma":  # 16-bit x, M <= mma4.MAX_M (mma_ok; the tuner writes it up to M = 32)
                 assert width == "x16" and int(m[1:]) <= L.mma4.MAX_M, (family, key)
                 assert {"warps", "split_k"} <= set(cfg) and cfg["warps"] in (1, 2, 4, 8), (family, key)
                 assert cfg["warps"] % cfg.get("kwarps", 1) == 0, (family, key)
@@ -508,6 +508,12 @@ def test_heuristic_without_a_table(device):
                                                                    (2, 1, 1, 1)]  # fmt: skip
     assert mma_of(2, 14336) == mma_of(1, 14336) and mma_of(3, 28672) == mma_of(4, 28672) == (4, 8, 1, 2)
     assert [mma_of(1, 1024, k)[1] for k in (256, 512, 1024, 4096, 14336)] == [1, 1, 2, 8, 8]
+    # M = 9..16 (session 21): 4 warps, 4 K warps (one mma launch after the lane-order copy) where N > 2048; no mma
+    # config at N <= 2048 (not measured there), so the gemm; above M = 16 the gemm
+    assert [mma_of(m, n) for m, n in ((9, 4096), (16, 14336), (16, 28672))] == [(4, 1, 4, 2)] * 3
+    assert L.heuristic_mma_config(16, 2048, 4096) is None and L.heuristic_mma_config(12, 2049, 4096) is not None
+    assert L.heuristic_config(torch.bfloat16, 12, 1024, 4096, 132)["path"] == "gemm"
+    assert L.heuristic_config(torch.bfloat16, 17, 4096, 4096, 132)["path"] == "gemm"
 
     # HEURISTIC_GEMV2's NOTE: M=1 32 x 128 up to K=4096, 8 x 1024 above when 1024 divides K; M=2 16 x 512, 4 an SM
     def tile(m: int, k: int) -> tuple:

@@ -1,6 +1,7 @@
 """linear_4bit's "mma" kernel: its PTX (the per-block table and the byte-permute decode) run by a small PTX
 emulator on the CPU, so the selector arithmetic is checked where the kernel cannot run (Gluon has no
-interpreter); the GPU sessions run the kernel itself through test_linear_4bit (the op takes it for M <= 8)."""
+interpreter); the GPU sessions run the kernel itself through test_linear_4bit (the op's heuristic takes it for M <= 16,
+the tables up to M = 32) and the forced configs below (M up to 64)."""
 
 from __future__ import annotations
 
@@ -292,16 +293,26 @@ def test_lane_order_plan_reads_each_calls_x(device):
     packed, qs, _pw = _prepared(device, n, k)
     wd = tritonbits.dequantize_4bit(packed, qs)
     cfg = {"path": "mma", "warps": 4, "split_k": 1, "kwarps": 2, "prefetch": True}
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+    xs = {  # x as a caller may hand it: contiguous, [2, 12, K], rows K + 4 apart (the copy kernel's unaligned rows)
+        "2-D": lambda: torch.randn(m, k, device=device, dtype=torch.bfloat16),
+        "3-D": lambda: torch.randn(2, m // 2, k, device=device, dtype=torch.bfloat16),
+        "row stride K + 4": lambda: torch.randn(m, k + 4, device=device, dtype=torch.bfloat16)[:, :k],
+    }
     config_for = L.config_for
     L.config_for = lambda *a: dict(cfg)
     try:
-        for _ in range(3):
-            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            assert_matmul(tritonbits.linear_4bit(x, packed, qs), x, wd)
+        for name, make in xs.items():
+            for _ in range(3):
+                x = make()
+                y = tritonbits.linear_4bit(x, packed, qs, bias)
+                assert y.shape == (*x.shape[:-1], n), name
+                assert_matmul(y.reshape(m, n), x.reshape(m, k), wd, bias)
     finally:
         L.config_for = config_for
     plans = list(L._prepare(packed, qs).launches.get("linear_4bit", {}).values())
-    assert len(plans) == 1 and plans[0].lanes and all(step.bound is not None for step in plans[0].steps)
+    assert len(plans) == len(xs) and all(p.lanes for p in plans)
+    assert all(step.bound is not None for p in plans for step in p.steps)
 
 
 def test_lane_order_kernel_copies_as_lane_order(device):

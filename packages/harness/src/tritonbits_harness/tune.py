@@ -521,7 +521,8 @@ def _linear_4bit_time(case: dict, config: dict, rep_ms: int) -> float:
         out = L.forward_2d(x, prepared, None, config=config)
     except triton.runtime.errors.OutOfResources:  # a tile this GPU cannot hold is no candidate here
         return float("inf")
-    assert_matmul(out[:8], x[:8], wd)
+    rows = out.shape[0] if config.get("path") == "mma" else 8  # mma: every n tile (M <= MMA_TUNE_MAX_M)
+    assert_matmul(out[:rows], x[:rows], wd)
     return timing.bench_graph(functools.partial(L.forward_2d, x, prepared, None, config=config), rep=rep_ms)
 
 

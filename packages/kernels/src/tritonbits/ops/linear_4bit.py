@@ -10,8 +10,11 @@ below 2**-126 is a signed zero: `_triton_helpers.mul_ftz`), so every weight the 
 dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
-Four paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic_config for keys the table
-lacks: gemv2 up to M=2, the tensor-core gemm up to M=128 for 16-bit x, dequantize + cuBLAS above: see its NOTE):
+Five paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic_config for keys the table
+lacks: for 16-bit x the mma kernel up to M=16 (M=8 where N <= 2048), the tensor-core gemm up to M=128,
+dequantize + cuBLAS above; gemv2 where mma cannot run at M <= 2: see the NOTEs):
+- "mma" (16-bit x, M <= 16 by default, up to 64 by config): linear_4bit_mma's Gluon kernel (per-block tables in
+  each thread, byte-permute decode straight into mma.sync operands; its module doc);
 - "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
   decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
@@ -19,10 +22,10 @@ lacks: gemv2 up to M=2, the tensor-core gemm up to M=128 for 16-bit x, dequantiz
   words: `aligned_config`);
 - "gemv2" (M <= 2 by default): x's K chunk held in registers while a program walks down W's rows; W read as int32
   words, each decoded by one PTX block (shuffle lookup, mul.rn.ftz, one rounding conversion);
-- "gemm" (M = 3..128 by default): W as the tensor-core dot's left operand (out^T = W @ x^T: BLOCK_N rows of W
-  are the long side of the tile, so a small M pads only the short one); W read as int32 words, decoded by the
-  same PTX lookup straight to W's 16-bit dtype, interleaved into K order in registers, fed to tl.dot with x's
-  chunk (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
+- "gemm" (M = 17..128 by default, and where mma cannot run): W as the tensor-core dot's left operand (out^T = W @
+  x^T: BLOCK_N rows of W are the long side of the tile, so a small M pads only the short one); W read as int32
+  words, decoded by the same PTX lookup straight to W's 16-bit dtype, interleaved into K order in registers, fed to
+  tl.dot with x's chunk (fp16/bf16 operands when x and W share that dtype, else fp32 with input_precision="ieee");
 - "dequant" (large M, or K not a multiple of the K tile): dequantize_4bit + torch.matmul (cuBLAS).
 Summation order (documented for the accuracy policy, tritonbits_harness.tolerance.MATMUL_FP32_ACC): inside a
 program, fp32 products added chunk by chunk in K order (gemv: per lane, then a tree sum across the K/2 lanes;
@@ -608,9 +611,9 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
 # faster than the table's entries (4096 x 14336: 22.1 vs 33.5 us, bnb 64.4; 8192 x 28672: 73.1 vs 121.2, bnb
 # 347.9). 4 warps with 8 K splits was within 2.4% of each shape's best at M=1 and M=4. At M=16 (two n tiles) it
 # took 1.12-1.24x the gemm's time (x is re-read by every lane group from L1: 4x the line accesses of M=4), so the
-# heuristic keeps it to M <= MMA_MAX_M. The table's M=4/8 keys name it (retuned with it on both GPUs); a problem
-# mma_ok refuses there (fp16 x with a bf16 W, K not a multiple of 256, a torch.compile trace) takes
-# heuristic_config(mma=False), not the tuned gemm entry those keys held before.
+# heuristic kept it to M <= 8 then. The tables' M=4/8/16 keys and four of their M=32 keys name it (retuned with it on
+# both GPUs); a problem mma_ok refuses there (fp16 x with a bf16 W, K not a multiple of 256, a torch.compile trace)
+# takes heuristic_config(mma=False), not the tuned gemm entry those keys held before.
 # Session 21: with the n tiles a tensor dimension and x read from its lane-order copy above M = 8 (mma4's NOTE), M = 16
 # took 0.69-0.93x the gemm's time (the copy included) at every issue shape with N > 2048, the one-launch 4 warps / 4 K
 # warps config within 6.1% of each shape's best (ci/linear4bit_mma_probe.py, log docs/gpu-runs/logs/20261124T1826Z-
@@ -783,7 +786,7 @@ def mma_problem_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
     """The problems the "mma" kernel's contract covers, whatever the machine: 1 <= M <= 64, K > 0 a multiple of
     256 and of the blocksize, a blocksize that is a multiple of 64, x and W both fp16 or both bf16, W readable as
     int32 words, and x readable as 4-byte pairs: 16-byte aligned (the plans' key records that), contiguous along
-    K, an even row stride."""
+    K, an even row stride; above DIRECT_MAX_M, M K < 2^32 (the lane-order copy's int32 offsets)."""
     m, k = x2.shape
     state = w.state
     return bool(
@@ -796,6 +799,7 @@ def mma_problem_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
         and x2.dtype in (torch.float16, torch.bfloat16)
         and (x2.stride(1) == 1 and (m == 1 or x2.stride(0) % 2 == 0))
         and _runtime.address_aligned(x2, 16)
+        and (m <= mma4.DIRECT_MAX_M or m * k < 2**32)  # the lane-order copy's int32 offsets (pairs: M K / 2)
         and words_of(w) is not None
     )  # fmt: skip
 
@@ -825,7 +829,8 @@ def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device)
 class Launch(NamedTuple):
     """One kernel launch on validated arguments. `slots`: (position in args, name) of each argument that is a
     per-call tensor ("x", "bias", "out", "out16": out's int16 view, "ws": the split-K workspace, "wd", "wd16":
-    the dequantized weight buffer and its int16 view), which the eager plans pass anew on every call."""
+    the dequantized weight buffer and its int16 view, "xl": the mma path's lane-order copy of x), which the eager
+    plans pass anew on every call."""
 
     fn: Any
     grid: tuple[int, int, int]

@@ -1,4 +1,4 @@
-"""linear_4bit's "mma" kernel (M <= 16, x and W both fp16 or both bf16): each block's 16 weights as a table in the
+"""linear_4bit's "mma" kernel (M <= 64, x and W both fp16 or both bf16): each block's 16 weights as a table in the
 thread's registers, looked up by byte permutes straight into tensor-core operands.
 
 The decode is the work at small M (docs/kernels/linear_4bit.md: ~6.3-6.7 SASS instructions a weight in gemv2 and
@@ -14,10 +14,12 @@ products are the weights' exact ones (fp32 accumulation, the tensor core's order
 
 Layout (one warp): lane = 4 g + t. A warp owns 16 W rows at a time (g and g + 8, the mma's two row halves) and a
 256-column segment: lane t owns columns [64 t, 64 t + 64) of it, a block of blocksize 64 (or part of a bigger one),
-so its 8 words of row g and 8 of row g + 8 each feed two mmas with its own table. x's row n = g (and 8 + g for
-the second n tile) is the B operand, held by the lanes of group g. The K loop walks the segments of the
-program's split; D (the mma accumulators: rows g, g + 8 by batch rows 2t, 2t + 1) stays in registers; splits > 1
-go through the split-K workspace as the other fused kernels do. With KWARPS > 1 (the config's `kwarps`) a program's
+so its 8 words of row g and 8 of row g + 8 each feed two mmas per n tile with its own table. The batch rows are NT
+n tiles of 8 (NT = 1, 2, 4, 8: a tensor dimension, [R, 4, NT]); x's row n = 8 tile + g is tile's B operand, held
+by the lanes of group g, read in place up to DIRECT_MAX_M rows and above from `lane_order`'s copy (made by
+_lane_order_kernel: one 512-byte run a warp load). The K loop walks the segments of the program's split; D (the mma
+accumulators: rows g, g + 8 by batch rows 8 tile + 2t, 8 tile + 2t + 1) stays in registers; splits > 1 go through
+the split-K workspace as the other fused kernels do. With KWARPS > 1 (the config's `kwarps`) a program's
 warps split its K range instead of each taking its own rows: warp w takes row group w mod (WARPS / KWARPS) and every
 KWARPS-th segment of the split (MASKED: zeros past the split's last segment), and the K slices' partial sums are
 added in the program (`_fold`, Triton's cross-warp reduction) before the bias: one split then needs no workspace
