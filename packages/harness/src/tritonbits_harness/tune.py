@@ -404,7 +404,7 @@ def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 MMA_WARPS = (2, 4, 8)
 MMA_SPLITS = (1, 2, 4, 8, 16)
 MMA_KWARPS = (2, 4, 8)
-# NOTE: the kernel takes M <= 64, but at M = 64 its best config took 1.36-1.79x the gemm's time at every issue shape
+# NOTE: the kernel takes M <= 64, but at M = 64 its best config took 1.31-1.79x the gemm's time at every issue shape
 # (H100, session 21, log docs/gpu-runs/logs/20261124T1826Z-nvidia-h100-mma-ntiles-probe.txt), so the tuner times it
 # up to M = 32 only (M = 32: 0.82-1.11x the gemm's best there)
 MMA_TUNE_MAX_M = 32

@@ -618,7 +618,7 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
 # took 0.69-0.93x the gemm's time (the copy included) at every issue shape with N > 2048, the one-launch 4 warps / 4 K
 # warps config within 6.1% of each shape's best (ci/linear4bit_mma_probe.py, log docs/gpu-runs/logs/20261124T1826Z-
 # nvidia-h100-mma-ntiles-probe.txt: 4096 x 14336 27.6 against 34.1 us, 8192 x 28672 87.0 against 126.2); M = 32
-# 0.82-1.11x and M = 64 1.36-1.79x (four and eight n tiles: x's loads from L2 with few warps a scheduler), so the
+# 0.82-1.11x and M = 64 1.31-1.79x (four and eight n tiles: x's loads from L2 with few warps a scheduler), so the
 # heuristic stops at M = 16 and the tables may name it up to M = 32 (tune.MMA_TUNE_MAX_M). N <= 2048 at M > 8 was not
 # measured: it keeps the gemm.
 MMA_MAX_M = 16
