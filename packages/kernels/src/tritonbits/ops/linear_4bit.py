@@ -611,7 +611,7 @@ def heuristic_gemm_config(m: int, n: int, k: int, sms: int) -> dict:
 # faster than the table's entries (4096 x 14336: 22.1 vs 33.5 us, bnb 64.4; 8192 x 28672: 73.1 vs 121.2, bnb
 # 347.9). 4 warps with 8 K splits was within 2.4% of each shape's best at M=1 and M=4. At M=16 (two n tiles) it
 # took 1.12-1.24x the gemm's time (x is re-read by every lane group from L1: 4x the line accesses of M=4), so the
-# heuristic kept it to M <= 8 then. The tables' M=4/8/16 keys and four of their M=32 keys name it (retuned with it on
+# heuristic kept it to M <= 8 then. The tables' M=4/8/16 keys and three of their M=32 keys name it (retuned with it on
 # both GPUs); a problem mma_ok refuses there (fp16 x with a bf16 W, K not a multiple of 256, a torch.compile trace)
 # takes heuristic_config(mma=False), not the tuned gemm entry those keys held before.
 # Session 21: with the n tiles a tensor dimension and x read from its lane-order copy above M = 8 (mma4's NOTE), M = 16

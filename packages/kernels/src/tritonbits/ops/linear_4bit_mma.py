@@ -167,7 +167,12 @@ if gl is not None:
     @gluon.jit
     def _split4(v, L: gl.constexpr):
         """[R, 4, 4] (the 4 in one thread) -> its 4 slices [R, 4] in layout L."""
-        v = v.reshape([v.shape[0], 4, 2, 2])
+        return _split22(v.reshape([v.shape[0], 4, 2, 2]), L)
+
+    @gluon.jit
+    def _split22(v, L: gl.constexpr):
+        """[..., 2, 2] (the last two dimensions in one thread) -> its 4 slices [...] (element 2a + b at [a, b]) in
+        layout L (register renames only)."""
         e, o = v.split()
         v0, v2 = e.split()
         v1, v3 = o.split()
@@ -220,17 +225,8 @@ if gl is not None:
 
     @gluon.jit
     def _split_pairs(v, L: gl.constexpr):
-        """[R, 4, NT, 4] (the 4 pairs in one thread) -> its 4 slices [R, 4, NT] in layout L (register renames)."""
-        v = v.reshape([v.shape[0], 4, v.shape[2], 2, 2])
-        e, o = v.split()
-        v0, v2 = e.split()
-        v1, v3 = o.split()
-        return (
-            gl.convert_layout(v0, L, assert_trivial=True),
-            gl.convert_layout(v1, L, assert_trivial=True),
-            gl.convert_layout(v2, L, assert_trivial=True),
-            gl.convert_layout(v3, L, assert_trivial=True),
-        )
+        """[R, 4, NT, 4] (the 4 pairs in one thread) -> its 4 slices [R, 4, NT] in layout L."""
+        return _split22(v.reshape([v.shape[0], 4, v.shape[2], 2, 2]), L)
 
     @gluon.jit
     def _x_word(x_seg, ok, i, x_si4, L: gl.constexpr, MASKED: gl.constexpr):
