@@ -1,6 +1,7 @@
 """tritonbits_harness.e2e's bookkeeping: target judging, divergence, the report section (the flow itself runs
 in packages/kernels/tests/test_integration_bnb.py on a tiny model, and on a GPU as `nox -s e2e-<gpu>`)."""
 
+import pytest
 import torch
 
 from tritonbits_harness import e2e
@@ -123,3 +124,60 @@ def test_qlora_steps_interleave_on_the_same_batches():
         assert len(r["step_s_all"]) == 3 and len(r["losses"]) == 4
         assert r["step_s_min"] <= r["step_s_median"] and r["peak_step_bytes"] is None  # no CUDA: no memory figure
     assert out["bnb"]["losses"] == out["tritonbits"]["losses"]
+
+
+class _CacheModel:
+    """A stand-in for a transformers model: config, generate() logging what it is given."""
+
+    def __init__(self):
+        from transformers import LlamaConfig
+
+        self.config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, vocab_size=16)  # fmt: skip
+        self.seen = []
+
+    def generate(self, **kwargs):
+        self.seen.append(kwargs)
+        return kwargs["input_ids"]
+
+
+def test_static_generate_one_cache_reset_between_calls(monkeypatch):
+    """Every call gets the same StaticCache and the compile config; the cache is reset before every call but the
+    first (a fresh cache has nothing to reset)."""
+    pytest.importorskip("transformers")
+    model = _CacheModel()
+    run = e2e.StaticGenerate(model, max_cache_len=12, compile_config="cc")
+    resets = []
+    monkeypatch.setattr(run.cache, "reset", lambda: resets.append(1))
+    ids = torch.ones(1, 3, dtype=torch.long)
+    for n in range(3):
+        e2e.generate(run, ids, 4)
+        assert len(resets) == n
+    assert all(k["past_key_values"] is run.cache and k["compile_config"] == "cc" for k in model.seen)
+
+
+def test_allow_and_forbid_compiled_decode():
+    class M:
+        def _valid_auto_compile_criteria(self, *args):
+            return False
+
+    m = M()
+    e2e.allow_compiled_decode(m)
+    assert m._valid_auto_compile_criteria(None, None) is True
+    m._compiled_call = object()
+    e2e.forbid_compiled_decode(m)
+    assert m._valid_auto_compile_criteria() is False and not hasattr(m, "_compiled_call")
+
+
+def test_time_generates_back_to_back():
+    """interleave=False: each run's warm-ups (the full token count with warmup_tokens=None) and timed calls in one
+    context, one run after the other; the warm-up times are reported."""
+    log = _Log()
+    runs = {name: (_Generator(log, name, i), log.context(name)) for i, name in enumerate(("a", "b"))}
+    warm = {}
+    out = e2e.time_generates(runs, torch.ones(1, 2, dtype=torch.long), 5, torch.device("cpu"), repeats=2,
+                             interleave=False, warmup_tokens=None, warmups=2, warmup_s=warm)  # fmt: skip
+    assert log.events == [e for n in ("a", "b") for e in
+                          [("enter", n), *[("generate", n, 5)] * 4, ("exit", n)]]  # fmt: skip
+    assert set(warm) == {"a", "b"} and all(len(v) == 2 for v in warm.values())
+    assert set(out) == {"a", "b"}

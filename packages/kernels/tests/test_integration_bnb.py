@@ -410,18 +410,66 @@ def test_decode_keeps_bnb_fused_kernel(served, calls, decode, device, gen):
     assert calls.total() == 0
 
 
+@pytest.mark.parametrize("capturing", [False, True])
 @pytest.mark.parametrize("decode", tb_bnb.DECODE_CHOICES)
-def test_who_serves_each_m(decode):
+def test_who_serves_each_m(decode, capturing, monkeypatch):
     """The routing rules at their boundaries: bnb's fused kernel steps aside (_linear_decodes) and linear_4bit
-    serves (_linear_serves) per decode choice and M (rows of A, any leading dims)."""
+    serves (_linear_serves) per decode choice and M (rows of A, any leading dims); while a CUDA graph is being
+    captured "auto" gives linear_4bit the rows it leaves to bnb otherwise."""
+    monkeypatch.setattr(tb_bnb, "_capturing", lambda A: capturing)
     e = types.SimpleNamespace(decode=decode)
     lo, hi = tb_bnb.AUTO_BNB_DECODE_MAX_M, tb_bnb.AUTO_LINEAR_MAX_M
     for m in (1, lo, lo + 1, hi, hi + 1, 4096):
         A = torch.empty(1, m, 8)
-        steps_aside = {"bnb": False, "tritonbits": True, "auto": m > lo}[decode]
-        serves = {"bnb": False, "tritonbits": True, "auto": lo < m <= hi}[decode]
+        steps_aside = {"bnb": False, "tritonbits": True, "auto": m > lo or capturing}[decode]
+        serves = {"bnb": False, "tritonbits": True, "auto": (lo < m or capturing) and m <= hi}[decode]
         assert tb_bnb._linear_decodes(e, A) == steps_aside, m
         assert tb_bnb._linear_serves(e, A) == serves, m
+
+
+def test_capturing_asks_cuda_only(monkeypatch):
+    """_capturing is False for a tensor off CUDA whatever the CUDA stream does (the query is not even asked)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: pytest.fail("asked"))
+    assert tb_bnb._capturing(torch.empty(1, 8)) is False
+
+
+@needs_linear_4bit
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["gemm_4bit", "gemv_4bit"])
+def test_auto_serves_one_row_in_graph_capture(served, calls, op, device, gen):
+    """decode="auto" at one row: bnb's fused kernel eagerly; linear_4bit while a CUDA graph is captured, and the
+    graph's replay gives the very bits of an eager linear_4bit call (decode="tritonbits") on fresh input."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs")
+    x = weight(gen, device, torch.bfloat16, (512, 256))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=op == "gemm_4bit")
+    A = torch.randn(1, 256, generator=gen).to(torch.bfloat16).to(device)
+
+    def run():
+        if op == "gemm_4bit":
+            args, kwargs = gemm_args(q, s)
+            return torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
+        return torch.ops.bitsandbytes.gemv_4bit(A, q, list(s.shape), s.absmax, s.code, 64)
+
+    tb_bnb.enable(served, decode="tritonbits")
+    run()  # compiles linear_4bit's kernel outside the capture
+    tb_bnb.enable(served, decode="auto")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # eager, one row: bnb's kernel
+    torch.cuda.current_stream().wait_stream(stream)
+    assert calls.n["linear_4bit"] == 1  # the decode="tritonbits" call only
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run()
+    assert calls.n["linear_4bit"] == 2
+    A.copy_(torch.randn(1, 256, generator=gen).to(torch.bfloat16))
+    got.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    tb_bnb.enable(served, decode="tritonbits")
+    assert_exact(got, run())
 
 
 @pytest.mark.parametrize("decode", ["fast", None, 1, "BNB"])
@@ -720,6 +768,39 @@ def test_tiny_llama_end_to_end(calls, served, device, tmp_path):
     assert grads_b.keys() == grads_t.keys() and grads_b
     for name in grads_b:
         assert_exact(grads_t[name], grads_b[name])
+
+
+def test_tiny_llama_compiled_static_decode(served, device, tmp_path):
+    """The e2e benchmark's compiled decode (phase 2b: StaticGenerate, transformers' static cache and compiled
+    decode step; Dynamo with the eager backend here) on the tiny config: the compiled step is the one that ran,
+    and the enabled model generates bnb's tokens. CPU only: there tritonbits computes bnb's bytes; on CUDA the
+    one-row products differ by design (linear_4bit under capture: test_auto_serves_one_row_in_graph_capture)."""
+    pytest.importorskip("transformers")
+    if device.type == "cuda":
+        pytest.skip("exact only under the interpreter; the CUDA route is test_auto_serves_one_row_in_graph_capture's")
+    from transformers import CompileConfig
+
+    from tritonbits_harness import e2e
+
+    cfg = e2e.llama_config(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=128)
+    e2e.save_random_model(cfg, tmp_path, seed=0)
+    ids = torch.randint(3, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2)).to(device)
+    tokens = {}
+    for mode in ("bnb", "tritonbits"):
+        ctx = tb_bnb.enabled(served) if mode == "tritonbits" else contextlib.nullcontext()
+        with ctx:
+            model = e2e.load_4bit(tmp_path, device)
+            e2e.allow_compiled_decode(model)
+            run = e2e.StaticGenerate(model, 6 + 5, CompileConfig(backend="eager", mode="default"))
+            try:
+                tokens[mode] = [e2e.generate(run, ids, 5) for _ in range(2)]  # the second call resets the cache
+                assert hasattr(model, "_compiled_call")
+            finally:
+                e2e.forbid_compiled_decode(model)
+                torch._dynamo.reset()
+    assert_exact(tokens["bnb"][1], tokens["bnb"][0])
+    for got, want in zip(tokens["tritonbits"], tokens["bnb"], strict=True):
+        assert_exact(got, want)
 
 
 def test_bnb_dynamic_code_takes_the_table_encoder(integration, device, gen, monkeypatch):

@@ -11,6 +11,8 @@ Phases (each one's failure is caught into the record, the others still run):
 2. decode: greedy generate() of 128 new tokens at batch 1 and 8, tokens/s for bnb, enabled and the bf16 model,
    the best of three runs, bnb's and enabled's interleaved round by round; the generated tokens of bnb vs
    enabled compared (first divergence per row);
+   2b. decode_compiled: the same through transformers' static cache and compiled decode step (StaticGenerate:
+   torch.compile "reduce-overhead", CUDA graphs), where the host time of a step is gone and the kernels decide;
 3. qlora: a QLoRA step (peft LoRA r=16 on all linear layers, bf16 adapters, AdamW, batch 4 x 512): the two
    models trained side by side, their steps interleaved (8 timed after 2 warm-up steps each): median and best
    step time, the largest step peak of memory, and the losses, bnb vs enabled;
@@ -48,6 +50,12 @@ TARGETS = {
     "decode_b1_speedup_vs_bf16": 1.2,
     "decode_b8_speedup_vs_bnb": 1.5,
     "qlora_step_speedup_vs_bnb": 1.1,
+}
+# The same decode targets, judged again on the compiled static-cache decode (phase decode_compiled)
+COMPILED_TARGETS = {
+    "decode_compiled_b1_speedup_vs_bnb": 1.5,
+    "decode_compiled_b1_speedup_vs_bf16": 1.2,
+    "decode_compiled_b8_speedup_vs_bnb": 1.5,
 }
 
 
@@ -162,6 +170,42 @@ def _mode(name: str, devices: tuple[str, ...]):
     return contextlib.nullcontext()
 
 
+class StaticGenerate:
+    """``generate()`` with transformers' static cache and its compiled decode step (transformers' own recipe for a
+    static cache: the prefill runs eagerly, every decode step through ``model.get_compiled_call(compile_config)``;
+    transformers' default CompileConfig is Inductor, mode "reduce-overhead" (CUDA graphs), static shapes). One
+    ``StaticCache`` per (model, batch), reset before each call after the first, so that the compiled step and its
+    CUDA graphs meet the same cache tensors on every call. Call ``allow_compiled_decode(model)`` first."""
+
+    def __init__(self, model, max_cache_len: int, compile_config):
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.compile_config = compile_config
+        self.calls = 0
+
+    def generate(self, **kwargs):
+        if self.calls:
+            self.cache.reset()
+        self.calls += 1
+        return self.model.generate(past_key_values=self.cache, compile_config=self.compile_config, **kwargs)
+
+
+def allow_compiled_decode(model) -> None:
+    """Let ``generate()`` compile `model`'s decode step given a static cache.
+    NOTE: transformers does so by itself for the bf16 model but not for a bnb 4-bit one (its quantizer's
+    ``is_compileable`` is False in transformers 5), although bnb 0.50's 4-bit layers trace without a graph break
+    (a tiny Llama: one graph, checked with torch._dynamo.explain); setting the check on the instance, for every
+    model alike, makes the three decode through the same compiled call. ``forbid_compiled_decode`` undoes it."""
+    model._valid_auto_compile_criteria = lambda *args, **kwargs: True
+
+
+def forbid_compiled_decode(model) -> None:
+    for name in ("_valid_auto_compile_criteria", "_compiled_call", "_last_compile_config"):
+        model.__dict__.pop(name, None)
+
+
 def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -176,23 +220,54 @@ def _alternating(runs: dict, round_: int) -> list:
     return items if round_ % 2 == 0 else items[::-1]
 
 
-def time_generates(runs: dict, ids, new_tokens, device, repeats=3) -> dict[str, tuple[float, torch.Tensor]]:
+def _timed_generate(model, ids, new_tokens, device) -> tuple[float, torch.Tensor]:
+    _sync(device)
+    t0 = time.perf_counter()
+    tokens = generate(model, ids, new_tokens)
+    _sync(device)
+    return time.perf_counter() - t0, tokens
+
+
+def time_generates(
+    runs: dict,
+    ids,
+    new_tokens,
+    device,
+    repeats=3,
+    interleave=True,
+    warmup_tokens: int | None = 4,
+    warmups: int = 1,
+    warmup_s: dict | None = None,
+) -> dict[str, tuple[float, torch.Tensor]]:
     """{name: (best seconds of `repeats` runs, the generated tokens)} for runs {name: (model, context factory)}:
-    each warmed up once, then the runs interleaved round by round, the order reversed every other round (a burst
-    of host noise on a shared machine lands on every run of a round, not on one run's whole measurement)."""
-    for model, context in runs.values():
-        with context():
-            generate(model, ids, 4)
+    each warmed up `warmups` times (`warmup_tokens` new tokens; None: `new_tokens`, as a static cache sized by
+    the call needs), then the runs interleaved round by round, the order reversed every other round (a burst
+    of host noise on a shared machine lands on every run of a round, not on one run's whole measurement). With
+    interleave=False each run's warm-ups and timed calls go back to back, inside one context (a compiled run:
+    its CUDA graphs are recorded once, by its own warm-ups). `warmup_s`: filled with each run's warm-up times."""
+    warm = new_tokens if warmup_tokens is None else warmup_tokens
     times: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, torch.Tensor] = {}
+    if not interleave:
+        for name, (model, context) in runs.items():
+            with context():
+                spent = [_timed_generate(model, ids, warm, device)[0] for _ in range(warmups)]
+                for _ in range(repeats):
+                    seconds, tokens[name] = _timed_generate(model, ids, new_tokens, device)
+                    times[name].append(seconds)
+            if warmup_s is not None:
+                warmup_s[name] = spent
+        return {name: (min(times[name]), tokens[name]) for name in runs}
+    for name, (model, context) in runs.items():
+        with context():
+            spent = [_timed_generate(model, ids, warm, device)[0] for _ in range(warmups)]
+        if warmup_s is not None:
+            warmup_s[name] = spent
     for r in range(repeats):
         for name, (model, context) in _alternating(runs, r):
             with context():
-                _sync(device)
-                t0 = time.perf_counter()
-                tokens[name] = generate(model, ids, new_tokens)
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
+                seconds, tokens[name] = _timed_generate(model, ids, new_tokens, device)
+                times[name].append(seconds)
     return {name: (min(times[name]), tokens[name]) for name in runs}
 
 
@@ -409,6 +484,58 @@ class Run:
             del bf16
         self.results["decode"] = out
 
+    def decode_compiled(self, path) -> None:
+        """Phase 2b: the decode of phase 2 through transformers' static cache and compiled decode step
+        (StaticGenerate: CUDA graphs on the GPU), bnb vs enabled (decode="auto") vs the bf16 model, each mode's
+        runs back to back (its warm-ups compile and record its graphs); the same prompts as phase 2. A CUDA
+        graph replays the kernels it recorded whatever enable() says later, so each model keeps one mode here:
+        decode="tritonbits" is not timed (with "auto" the one-row products run linear_4bit under capture too)."""
+        from transformers import CompileConfig
+
+        a = self.args
+        cc = CompileConfig(backend="eager", mode="default") if a.tiny else CompileConfig()
+        out: dict = {"new_tokens": a.new_tokens, "prompt_len": a.prompt_len, "compile_config": cc.to_dict()}
+        models = {"bnb": self.models["bnb"], "tritonbits": self.models["tritonbits"]}
+        if a.bf16:
+            models["bf16"] = load_bf16(path, self.device)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        old_limit = getattr(torch._dynamo.config, limit)
+        setattr(torch._dynamo.config, limit, max(old_limit, 64))  # a graph per model and batch: no eager fallback
+        gen = torch.Generator().manual_seed(1)
+        try:
+            for model in models.values():
+                allow_compiled_decode(model)
+            for batch in a.batches:
+                ids = getattr(self, "decode_ids", {}).get(batch)
+                if ids is None:
+                    ids = torch.randint(3, self.cfg.vocab_size, (batch, a.prompt_len), generator=gen).to(self.device)
+                runs = {mode: (StaticGenerate(model, a.prompt_len + a.new_tokens, cc),
+                               functools.partial(_mode, mode, self.devices))
+                        for mode, model in models.items()}  # fmt: skip
+                warm: dict = {}
+                row: dict = {}
+                timed = time_generates(runs, ids, a.new_tokens, self.device, interleave=False, warmup_tokens=None,
+                                       warmups=2, warmup_s=warm)  # fmt: skip
+                for mode, (seconds, _) in timed.items():
+                    row[f"{mode}_tok_s"] = batch * a.new_tokens / seconds
+                    row[f"{mode}_warmup_s"] = warm[mode]
+                    self.log(f"  compiled decode batch {batch} {mode}: {row[f'{mode}_tok_s']:.1f} tok/s (warm-ups "
+                             f"{', '.join(f'{w:.1f}' for w in warm[mode])} s)")  # fmt: skip
+                div = first_divergence(timed["bnb"][1], timed["tritonbits"][1])
+                row["first_divergence"] = div
+                row["tokens_equal"] = all(d is None for d in div)
+                row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
+                if "bf16" in models:
+                    row["speedup_vs_bf16"] = row["tritonbits_tok_s"] / row["bf16_tok_s"]
+                out[f"batch{batch}"] = row
+        finally:
+            setattr(torch._dynamo.config, limit, old_limit)
+            for model in models.values():
+                forbid_compiled_decode(model)
+            models.clear()
+            torch._dynamo.reset()
+        self.results["decode_compiled"] = out
+
     def qlora(self) -> None:
         try:
             import peft  # noqa: F401
@@ -474,6 +601,8 @@ class Run:
             self.phase("load", lambda: self.load(tmp))
             if len(self.models) == 2:
                 self.phase("decode", lambda: self.decode(tmp))
+                if a.compiled_decode:
+                    self.phase("decode_compiled", lambda: self.decode_compiled(tmp))
                 if a.profile:
                     self.phase("profile_decode", self.profile_decode)
                 if a.qlora_steps:
@@ -513,7 +642,15 @@ def judge(results: dict) -> dict:
         "decode_b8_speedup_vs_bnb": b8.get("speedup_vs_bnb"),
         "qlora_step_speedup_vs_bnb": ql.get("speedup"),
     }
-    out = {k: {"target": TARGETS[k], "measured": v, "met": None if v is None else v >= TARGETS[k]}
+    cdec = results.get("decode_compiled", {})
+    c1, c8 = cdec.get("batch1", {}), cdec.get("batch8", {})
+    figures |= {
+        "decode_compiled_b1_speedup_vs_bnb": c1.get("speedup_vs_bnb"),
+        "decode_compiled_b1_speedup_vs_bf16": c1.get("speedup_vs_bf16"),
+        "decode_compiled_b8_speedup_vs_bnb": c8.get("speedup_vs_bnb"),
+    }
+    targets = TARGETS | COMPILED_TARGETS
+    out = {k: {"target": targets[k], "measured": v, "met": None if v is None else v >= targets[k]}
            for k, v in figures.items()}  # fmt: skip
     ratio = ql.get("peak_memory_ratio")
     out["qlora_peak_memory_vs_bnb"] = {"target": 1.0, "measured": ratio, "met": None if ratio is None else ratio <= 1.0}
@@ -544,6 +681,12 @@ def summary(record: dict, console) -> None:
             console.print(f"decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}, "
                           f"bf16 {row.get('bf16_tok_s', float('nan')):.1f} tok/s; tokens equal: {row['tokens_equal']} "
                           f"(first divergence per row: {row['first_divergence']})")  # fmt: skip
+    for key, row in r.get("decode_compiled", {}).items():
+        if key.startswith("batch"):
+            console.print(f"compiled decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits "
+                          f"{row['tritonbits_tok_s']:.1f}, bf16 {row.get('bf16_tok_s', float('nan')):.1f} tok/s; "
+                          f"tokens equal: {row['tokens_equal']} (first divergence per row: "
+                          f"{row['first_divergence']})")  # fmt: skip
     if "qlora" in r:
         q = r["qlora"]
         console.print(f"qlora: bnb {q['bnb']['step_s_median'] * 1e3:.1f} ms, tritonbits "
@@ -595,6 +738,13 @@ def markdown_section(record: dict) -> list[str]:
             out.append(f"- decode {key}: bnb {row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}{bf16} "
                        f"tok/s; generated tokens equal: {row['tokens_equal']} (first divergence per row: "
                        f"{row['first_divergence']})")  # fmt: skip
+    for key, row in r.get("decode_compiled", {}).items():
+        if key.startswith("batch"):
+            bf16 = f", bf16 {row['bf16_tok_s']:.1f}" if "bf16_tok_s" in row else ""
+            out.append(f"- decode {key}, static cache + compiled decode step (CUDA graphs): bnb "
+                       f"{row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}{bf16} tok/s; generated "
+                       f"tokens equal: {row['tokens_equal']} (first divergence per row: "
+                       f"{row['first_divergence']})")  # fmt: skip
     if "qlora" in r:
         q = r["qlora"]
         bnb, tb = q["bnb"], q["tritonbits"]
@@ -629,6 +779,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--load-repeats", type=int, default=3)
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument(
+        "--no-compiled-decode",
+        dest="compiled_decode",
+        action="store_false",
+        help="skip phase 2b (static cache, compiled decode step)",
+    )
     p.add_argument("--qlora-batch", type=int, default=4)
     p.add_argument("--qlora-seq", type=int, default=512)
     p.add_argument("--qlora-steps", type=int, default=8)

@@ -22,9 +22,10 @@ bnb's own kernel for each op and key is captured first (``torch.library.get_kern
 case tritonbits does not serve. Where bnb's CUDA ``gemm_4bit`` would run its fused kernel (small M: decode),
 ``enable(decode=...)`` chooses: "bnb" keeps bnb's kernel (called directly, ``_gemm_4bit_kernel_impl``, behind
 the same heuristic bnb applies), "tritonbits" runs ``tritonbits.linear_4bit`` (for every product),
-"auto" (the default) keeps bnb's kernel up to ``AUTO_BNB_DECODE_MAX_M`` rows and runs ``linear_4bit`` from there
-to ``AUTO_LINEAR_MAX_M`` rows (on CUDA), whoever bnb would have picked. Every other product (bnb's own
-dequantize + F.linear fallback) is tritonbits' one-launch dequantize + F.linear.
+"auto" (the default) keeps bnb's kernel up to ``AUTO_BNB_DECODE_MAX_M`` rows (except while a CUDA graph is being
+captured) and runs ``linear_4bit`` from there to ``AUTO_LINEAR_MAX_M`` rows (on CUDA), whoever bnb would have
+picked. Every other product (bnb's own dequantize + F.linear fallback) is tritonbits' one-launch dequantize +
+F.linear.
 ``disable()`` destroys the fragment (the dispatcher goes back to bnb's registrations) and puts bnb's functions
 back. Served, and what falls back: docs/integrations.md.
 
@@ -314,20 +315,32 @@ def _has_linear_4bit() -> bool:
 AUTO_BNB_DECODE_MAX_M = 1
 AUTO_LINEAR_MAX_M = 128
 DECODE_CHOICES = ("auto", "bnb", "tritonbits")
+# NOTE: ...except while a CUDA graph is being captured (torch.compile's "reduce-overhead", transformers' compiled
+# static-cache decode, a hand-made torch.cuda.graph): a replay runs the kernels without the host code around them,
+# so only the kernels' speed counts, and at one row linear_4bit's mma kernel is the faster one (1.20-1.41x bnb's
+# fused kernel, bench-h100 records 20261124T190854Z / 191025Z, CUDA graphs). The query costs ~1 us of host time,
+# asked at M <= AUTO_BNB_DECODE_MAX_M only.
+
+
+def _capturing(A: torch.Tensor) -> bool:
+    """Whether the current CUDA stream is capturing a graph (A on a CUDA device)."""
+    return A.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _linear_decodes(e: _Enabled, A: torch.Tensor) -> bool:
     """Whether bnb's fused small-M kernel steps aside for tritonbits where bnb would run it (enable's decode)."""
     if e.decode == "auto":
-        return A.numel() // A.shape[-1] > AUTO_BNB_DECODE_MAX_M
+        return A.numel() // A.shape[-1] > AUTO_BNB_DECODE_MAX_M or _capturing(A)
     return e.decode == "tritonbits"
 
 
 def _linear_serves(e: _Enabled, A: torch.Tensor) -> bool:
     """Whether tritonbits.linear_4bit runs this product: every M with decode="tritonbits"; with "auto" the rows
-    between AUTO_BNB_DECODE_MAX_M and AUTO_LINEAR_MAX_M."""
+    between AUTO_BNB_DECODE_MAX_M and AUTO_LINEAR_MAX_M, and those up to AUTO_BNB_DECODE_MAX_M too while a CUDA
+    graph is being captured."""
     if e.decode == "auto":
-        return AUTO_BNB_DECODE_MAX_M < A.numel() // A.shape[-1] <= AUTO_LINEAR_MAX_M
+        m = A.numel() // A.shape[-1]
+        return AUTO_BNB_DECODE_MAX_M < m <= AUTO_LINEAR_MAX_M or (m <= AUTO_BNB_DECODE_MAX_M and _capturing(A))
     return e.decode == "tritonbits"
 
 
@@ -586,8 +599,8 @@ def enable(devices: Sequence[str] = ("cuda",), decode: str = "auto") -> None:
     tritonbits on ``devices`` ("cuda"; "cpu" only under the Triton interpreter). ``decode``: who runs the
     small-M products of ``gemm_4bit`` (and ``gemv_4bit``): "bnb" (its fused kernel where bnb would run it),
     "tritonbits" (``linear_4bit``, every M) or "auto" (the one measured faster at that M: bnb's kernel up to
-    ``AUTO_BNB_DECODE_MAX_M`` rows, ``linear_4bit`` up to ``AUTO_LINEAR_MAX_M``); every other product is
-    tritonbits' dequantize + ``F.linear``.
+    ``AUTO_BNB_DECODE_MAX_M`` rows outside CUDA-graph capture, ``linear_4bit`` up to ``AUTO_LINEAR_MAX_M``); every
+    other product is tritonbits' dequantize + ``F.linear``.
     Idempotent: enabling again with the same arguments does nothing; with others, it re-enables with those.
     Raises ImportError when bitsandbytes is missing and RuntimeError when its version is outside the tested
     range."""
