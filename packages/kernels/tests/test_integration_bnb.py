@@ -427,6 +427,28 @@ def test_who_serves_each_m(decode, capturing, monkeypatch):
         assert tb_bnb._linear_serves(e, A) == serves, m
 
 
+def test_quant_type_of_remembers_and_rechecks(monkeypatch, device):
+    """gemv_4bit's code tensor: matched once (a host read), remembered, matched again after an in-place change;
+    inside a capture an unmatched code gives None without a host read (bnb's kernel then serves the call)."""
+    monkeypatch.setattr(tb_bnb, "_CODE_TYPES", {})
+    code = F.get_4bit_type("nf4", device=device)
+    assert tb_bnb._quant_type_of(code) == "nf4"
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: reads.append(1) or real_cpu(t, *a, **k))
+    assert tb_bnb._quant_type_of(code) == "nf4" and tb_bnb._quant_type_of(code[:]) == "nf4" and not reads
+    code[3] += 0.25  # no longer NF4's values
+    assert tb_bnb._quant_type_of(code) is None and len(reads) == 1
+    code[3] -= 0.25
+    assert tb_bnb._quant_type_of(code) == "nf4" and len(reads) == 2
+    monkeypatch.setattr(tb_bnb, "_capturing", lambda A: True)
+    fp4 = F.get_4bit_type("fp4", device=device)
+    assert tb_bnb._quant_type_of(fp4) is None and len(reads) == 2
+    assert tb_bnb._quant_type_of(code) == "nf4"  # remembered: no read needed
+    monkeypatch.setattr(tb_bnb, "_capturing", lambda A: False)
+    assert tb_bnb._quant_type_of(fp4) == "fp4" and len(reads) == 3
+
+
 def test_capturing_asks_cuda_only(monkeypatch):
     """_capturing is False for a tensor off CUDA whatever the CUDA stream does (the query is not even asked)."""
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: pytest.fail("asked"))

@@ -502,7 +502,11 @@ class Run:
         old_limit = getattr(torch._dynamo.config, limit)
         setattr(torch._dynamo.config, limit, max(old_limit, 64))  # a graph per model and batch: no eager fallback
         gen = torch.Generator().manual_seed(1)
+        from torch._dynamo.utils import counters
+
+        counters["inductor"].clear()
         try:
+            torch._logging.set_logs(perf_hints=True)
             for model in models.values():
                 allow_compiled_decode(model)
             for batch in a.batches:
@@ -521,6 +525,9 @@ class Run:
                     row[f"{mode}_warmup_s"] = warm[mode]
                     self.log(f"  compiled decode batch {batch} {mode}: {row[f'{mode}_tok_s']:.1f} tok/s (warm-ups "
                              f"{', '.join(f'{w:.1f}' for w in warm[mode])} s)")  # fmt: skip
+                # Inductor counts each compiled graph it did not put in a CUDA graph (the reason goes to the
+                # perf_hints log, on for this phase)
+                row["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
                 div = first_divergence(timed["bnb"][1], timed["tritonbits"][1])
                 row["first_divergence"] = div
                 row["tokens_equal"] = all(d is None for d in div)
@@ -528,7 +535,14 @@ class Run:
                 if "bf16" in models:
                     row["speedup_vs_bf16"] = row["tritonbits_tok_s"] / row["bf16_tok_s"]
                 out[f"batch{batch}"] = row
+                if a.profile and batch == 1:  # where a compiled step's time goes (16 tokens, the same cache)
+                    for mode in ("bnb", "tritonbits"):
+                        with _mode(mode, self.devices):
+                            self.profiles[f"decode_compiled_b1_{mode}"] = profile_table(
+                                lambda run=runs[mode][0], ids=ids: generate(run, ids, 16), self.device
+                            )
         finally:
+            torch._logging.set_logs()
             setattr(torch._dynamo.config, limit, old_limit)
             for model in models.values():
                 forbid_compiled_decode(model)

@@ -422,13 +422,32 @@ def _op_gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
 
 
 def _quant_type_of(code: torch.Tensor) -> str | None:
-    """gemv_4bit gets the 16 code values, not the type's name: match them (a host read of 16 floats; bnb
-    0.50.2 no longer calls gemv_4bit on CUDA from matmul_4bit, so this is off the hot path)."""
+    """gemv_4bit gets the 16 code values, not the type's name: match them, a host read of 16 floats the first
+    time a code tensor is seen (bnb 0.50.2 no longer calls gemv_4bit on CUDA from matmul_4bit, so this is off
+    its hot path), remembered in _CODE_TYPES. Inside a CUDA-graph capture a host read is not allowed: a code
+    tensor not matched before gives None there (bnb's kernel serves that call)."""
+    key = (code.data_ptr(), code.device, code.dtype, tuple(code.shape), code.stride())
+    hit = _CODE_TYPES.get(key)
+    if hit is not None and hit[0]._version == hit[1] == code._version:
+        return hit[2]
+    if _capturing(code):
+        return None
     values = code.detach().float().cpu()
-    for name in formats.QUANT_TYPES:
-        if values.numel() == 16 and torch.equal(values, formats.code_values(name).float()):
-            return name
-    return None
+    name = None
+    for candidate in formats.QUANT_TYPES:
+        if values.numel() == 16 and torch.equal(values, formats.code_values(candidate).float()):
+            name = candidate
+    if len(_CODE_TYPES) >= _CODE_TYPES_MAX:
+        _CODE_TYPES.pop(next(iter(_CODE_TYPES)))
+    _CODE_TYPES[key] = (code.detach(), code._version, name)
+    return name
+
+
+# code tensors matched by _quant_type_of: (address, device, dtype, shape, strides) -> (the tensor, its version
+# counter at the match, the type). The entry holds the tensor, so no other storage can take its address while it
+# lives; an in-place change of the values bumps the version and the next call matches again. FIFO, bounded.
+_CODE_TYPES: dict[tuple, tuple[torch.Tensor, int, str | None]] = {}
+_CODE_TYPES_MAX = 256
 
 
 _OPS = {
