@@ -346,11 +346,11 @@ def test_gemm_4bit(integration, calls, m, out_dtype, device, gen):
         want = torch.nn.functional.linear(A, w, bias)
     tb_bnb.enable(("cuda",) if device.type == "cuda" else ("cuda", "cpu"))
     got = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
-    served = calls.n["dequantize_4bit"] + calls.n["linear_4bit"]
     bnb_fused = device.type == "cuda" and tb_bnb._bnb_takes_fused_cuda(A, s.shape, 64)
     linear = device.type == "cuda" and tb_bnb.AUTO_BNB_DECODE_MAX_M < m <= tb_bnb.AUTO_LINEAR_MAX_M
     if bnb_fused and m <= tb_bnb.AUTO_BNB_DECODE_MAX_M:
-        assert served == 0  # decode="auto" keeps bnb's fused kernel at M=1
+        # decode="auto" keeps bnb's fused kernel at M=1 (and runs linear_4bit once, unused: _warm)
+        assert calls.n["dequantize_4bit"] == 0 and calls.n["linear_4bit"] == 1
     elif linear:
         assert calls.n["linear_4bit"] == 1 and calls.n["dequantize_4bit"] == 0
     else:
@@ -405,9 +405,11 @@ def test_decode_keeps_bnb_fused_kernel(served, calls, decode, device, gen):
     q1, s1 = F.quantize_4bit(x, quant_type="nf4")
     want_v = torch.ops.bitsandbytes.gemv_4bit(A, q1, list(s1.shape), s1.absmax, s1.code, 64)
     tb_bnb.enable(served, decode=decode)
-    assert_exact(torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs), want)
-    assert_exact(torch.ops.bitsandbytes.gemv_4bit(A, q1, list(s1.shape), s1.absmax, s1.code, 64), want_v)
-    assert calls.total() == 0
+    for _ in range(2):
+        assert_exact(torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs), want)
+        assert_exact(torch.ops.bitsandbytes.gemv_4bit(A, q1, list(s1.shape), s1.absmax, s1.code, 64), want_v)
+    # "auto" runs linear_4bit once per layer beside bnb's gemm_4bit kernel (unused: _warm), "bnb" never
+    assert calls.total() == calls.n["linear_4bit"] == (1 if decode == "auto" else 0)
 
 
 @pytest.mark.parametrize("capturing", [False, True])
@@ -447,6 +449,10 @@ def test_quant_type_of_remembers_and_rechecks(monkeypatch, device):
     assert tb_bnb._quant_type_of(code) == "nf4"  # remembered: no read needed
     monkeypatch.setattr(tb_bnb, "_capturing", lambda A: False)
     assert tb_bnb._quant_type_of(fp4) == "fp4" and len(reads) == 3
+    with torch.inference_mode():  # no version counter: matched on every call, never kept
+        inf = F.get_4bit_type("nf4", device=device)
+    assert tb_bnb._quant_type_of(inf) == "nf4" and tb_bnb._quant_type_of(inf) == "nf4" and len(reads) == 5
+    assert len(tb_bnb._CODE_TYPES) == 2
 
 
 def test_capturing_asks_cuda_only(monkeypatch):
@@ -455,12 +461,39 @@ def test_capturing_asks_cuda_only(monkeypatch):
     assert tb_bnb._capturing(torch.empty(1, 8)) is False
 
 
+def _captured(run, warm: bool):
+    """run() captured in a CUDA graph, after an eager call on a side stream (the warm-up torch.cuda.graph's docs
+    ask for) when `warm`; the graph and its output."""
+    if warm:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run()
+    return graph, got
+
+
+def _replayed(graph, got, A, gen):
+    A.copy_(torch.randn(A.shape, generator=gen).to(A.dtype))
+    got.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    return got
+
+
 @needs_linear_4bit
 @pytest.mark.gpu
+@pytest.mark.parametrize("warm", ["auto", "tritonbits", None])
 @pytest.mark.parametrize("op", ["gemm_4bit", "gemv_4bit"])
-def test_auto_serves_one_row_in_graph_capture(served, calls, op, device, gen):
-    """decode="auto" at one row: bnb's fused kernel eagerly; linear_4bit while a CUDA graph is captured, and the
-    graph's replay gives the very bits of an eager linear_4bit call (decode="tritonbits") on fresh input."""
+def test_auto_one_row_in_graph_capture(served, calls, op, warm, device, gen):
+    """decode="auto" at one row: bnb's fused kernel eagerly (gemm_4bit also runs linear_4bit once, unused, so that
+    a capture finds it compiled); inside a capture linear_4bit where its launches are ready, bnb's kernel where
+    they are not (a capture refuses a kernel load). Warm-ups: "auto" (the capture's eager warm-up under auto),
+    "tritonbits" (an eager decode="tritonbits" call first), None (captured cold: a fresh weight, no eager call).
+    The replay, on fresh input, gives the very bits of the same kernel's eager call."""
     if device.type != "cuda":
         pytest.skip("CUDA graphs")
     x = weight(gen, device, torch.bfloat16, (512, 256))
@@ -473,25 +506,39 @@ def test_auto_serves_one_row_in_graph_capture(served, calls, op, device, gen):
             return torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
         return torch.ops.bitsandbytes.gemv_4bit(A, q, list(s.shape), s.absmax, s.code, 64)
 
-    tb_bnb.enable(served, decode="tritonbits")
-    run()  # compiles linear_4bit's kernel outside the capture
+    before = 0
+    if warm == "tritonbits":
+        tb_bnb.enable(served, decode="tritonbits")
+        run()
+        before = 1
     tb_bnb.enable(served, decode="auto")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # eager, one row: bnb's kernel
-    torch.cuda.current_stream().wait_stream(stream)
-    assert calls.n["linear_4bit"] == 1  # the decode="tritonbits" call only
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = run()
-    assert calls.n["linear_4bit"] == 2
-    A.copy_(torch.randn(1, 256, generator=gen).to(torch.bfloat16))
-    got.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    tb_bnb.enable(served, decode="tritonbits")
-    assert_exact(got, run())
+    # gemv_4bit under "auto" never runs linear_4bit eagerly at one row: ready only after decode="tritonbits"
+    linear = warm == "tritonbits" or (warm == "auto" and op == "gemm_4bit")
+    graph, got = _captured(run, warm == "auto")
+    assert calls.n["linear_4bit"] == before + (2 if linear and warm == "auto" else 1 if linear else 0)
+    got = _replayed(graph, got, A, gen)
+    calls.n["linear_4bit"] = 0
+    tb_bnb.enable(served, decode="tritonbits" if linear else "bnb")
+    assert_exact(got, run())  # the same kernel eagerly
+    assert calls.n["linear_4bit"] == (1 if linear else 0)
+
+
+@needs_linear_4bit
+def test_launches_ready(served, device, gen):
+    """linear_4bit.launches_ready: False before a call, True after it (its steps bound; the interpreter binds
+    nothing), False for another x layout and after the quant state changed; it validates and builds nothing."""
+    from tritonbits.ops.linear_4bit import launches_ready
+
+    x = weight(gen, device, torch.bfloat16, (512, 256))
+    q, s = tritonbits.quantize_4bit(x, quant_type="nf4")
+    A = torch.randn(1, 256, generator=gen).to(torch.bfloat16).to(device)
+    w = q.reshape(-1, 1)
+    assert not launches_ready(A, w, s)
+    tritonbits.linear_4bit(A, w, s)
+    assert launches_ready(A, w, s) == (device.type == "cuda")
+    assert not launches_ready(A.reshape(1, 1, 256), w, s) and not launches_ready(A, w, s, torch.zeros_like(A[0]))
+    s.blocksize = 128
+    assert not launches_ready(A, w, s)
 
 
 @pytest.mark.parametrize("decode", ["fast", None, 1, "BNB"])

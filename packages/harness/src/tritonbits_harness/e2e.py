@@ -487,9 +487,11 @@ class Run:
     def decode_compiled(self, path) -> None:
         """Phase 2b: the decode of phase 2 through transformers' static cache and compiled decode step
         (StaticGenerate: CUDA graphs on the GPU), bnb vs enabled (decode="auto") vs the bf16 model, each mode's
-        runs back to back (its warm-ups compile and record its graphs); the same prompts as phase 2. A CUDA
-        graph replays the kernels it recorded whatever enable() says later, so each model keeps one mode here:
-        decode="tritonbits" is not timed (with "auto" the one-row products run linear_4bit under capture too)."""
+        runs back to back after two full-length warm-ups; the same prompts as phase 2. The enabled model reuses
+        the Inductor graph traced for bnb's (the same ops: bnb's torch.library ops, whose kernel is chosen at run
+        time) and records its own CUDA graphs (cudagraph trees check the weights' addresses). A CUDA graph replays
+        the kernels it recorded whatever enable() says later, so each model keeps one mode here: decode="tritonbits"
+        is not timed (with "auto" the one-row products run linear_4bit under capture too)."""
         from transformers import CompileConfig
 
         a = self.args
@@ -504,7 +506,7 @@ class Run:
         gen = torch.Generator().manual_seed(1)
         from torch._dynamo.utils import counters
 
-        counters["inductor"].clear()
+        self.results["decode_compiled"] = out  # what finished stays, should a later batch fail
         try:
             torch._logging.set_logs(perf_hints=True)
             for model in models.values():
@@ -513,6 +515,7 @@ class Run:
                 ids = getattr(self, "decode_ids", {}).get(batch)
                 if ids is None:
                     ids = torch.randint(3, self.cfg.vocab_size, (batch, a.prompt_len), generator=gen).to(self.device)
+                counters["inductor"].clear()
                 runs = {mode: (StaticGenerate(model, a.prompt_len + a.new_tokens, cc),
                                functools.partial(_mode, mode, self.devices))
                         for mode, model in models.items()}  # fmt: skip
@@ -542,13 +545,12 @@ class Run:
                                 lambda run=runs[mode][0], ids=ids: generate(run, ids, 16), self.device
                             )
         finally:
-            torch._logging.set_logs()
+            torch._logging.set_logs()  # the defaults (a TORCH_LOGS setting is not put back)
             setattr(torch._dynamo.config, limit, old_limit)
             for model in models.values():
                 forbid_compiled_decode(model)
             models.clear()
             torch._dynamo.reset()
-        self.results["decode_compiled"] = out
 
     def qlora(self) -> None:
         try:

@@ -343,6 +343,17 @@ def _identity(A: torch.Tensor, qs) -> tuple:
 _PREPARED: dict[int, PreparedWeight] = {}
 
 
+def prepared_entry(A: torch.Tensor, quant_state) -> PreparedWeight | None:
+    """prepare's cached entry for (A, quant_state) while it is current; None where prepare would validate and
+    build (nothing is validated, built or cached here: a CUDA-graph capture may ask)."""
+    try:
+        key = _identity(A, quant_state)
+    except (AttributeError, TypeError):
+        return None
+    entry = _PREPARED.get(id(quant_state))
+    return entry if entry is not None and entry.key == key else None
+
+
 def prepare(A: torch.Tensor, quant_state) -> PreparedWeight:
     """Validate (A, quant_state) once and cache the kernel arguments per quant state. A later call with the
     same quant state is served from the cache only while every field `validate` reads is unchanged (same

@@ -253,11 +253,15 @@ def _is_dynamic_code(code: torch.Tensor) -> bool:
     table object, and only for that object does quantize_blockwise take its bucket-table encoder ("table"; else
     the binary search, ~3x the instructions per value): the values are compared once per tensor (a device sync),
     again after an in-place change or a `.data` swap, never while a CUDA graph is being captured."""
+    if code.is_inference():  # no version counter: compared on every call
+        if code.is_cuda and _capturing(code):
+            return False
+        return bool(torch.equal(code, formats.code_table("dynamic", code.device)))
     key = (code._version, code.data_ptr())
     hit = _dynamic_codes.get(id(code))
     if hit is not None and hit[0]() is code and hit[1:3] == key:
         return hit[3]
-    if code.is_cuda and torch.cuda.is_current_stream_capturing():
+    if code.is_cuda and _capturing(code):
         return False
     equal = bool(torch.equal(code, formats.code_table("dynamic", code.device)))
     ident = id(code)
@@ -323,8 +327,46 @@ DECODE_CHOICES = ("auto", "bnb", "tritonbits")
 
 
 def _capturing(A: torch.Tensor) -> bool:
-    """Whether the current CUDA stream is capturing a graph (A on a CUDA device)."""
-    return A.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether A's CUDA device's current stream is capturing a graph (False off CUDA)."""
+    if A.device.type != "cuda":
+        return False
+    index = A.device.index
+    if index is None or index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(index):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _ready(A: torch.Tensor, B: torch.Tensor, state: QuantState, bias) -> bool:
+    """Whether linear_4bit can take this product now: always outside a capture; inside one only when the call's
+    launches are compiled and bound already (a capture refuses a kernel compile or module load: the product then
+    goes where an eager call of this M would go)."""
+    if not _capturing(A):
+        return True
+    from ..ops.linear_4bit import launches_ready
+
+    return launches_ready(A, _frozen(B).reshape(-1, 1), state, bias)
+
+
+# NOTE: ...and so that a capture finds linear_4bit ready at one row, "auto"'s eager one-row calls (bnb's kernel)
+# run linear_4bit once per layer too, result unused (its compile and first launch, once; _WARMED by id of bnb's
+# per-block scales tensor, an entry dying with it), since a capture's own eager warm-up runs those calls.
+_WARMED: dict[int, None] = {}
+
+
+def _warm(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+          absmax_offset) -> None:  # fmt: skip
+    scales = absmax if absmax_8bit is None else absmax_8bit
+    ident = id(scales)
+    if ident in _WARMED or not _servable(A, B, shapeB, absmax, absmax_8bit, absmax_code, absmax_offset):
+        return
+    try:
+        weakref.finalize(scales, _WARMED.pop, ident, None)
+    except TypeError:  # takes no weak reference: never warmed
+        return
+    _WARMED[ident] = None
+    state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
+    tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
 
 
 def _linear_decodes(e: _Enabled, A: torch.Tensor) -> bool:
@@ -377,20 +419,32 @@ def _gemm_4bit(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, a
     if _bnb_decodes(e, A, shapeB, blocksize):
         from bitsandbytes.backends.cuda import ops as cuda_ops
 
+        if linear and e.decode == "auto":
+            _warm(e, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
         return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                                absmax_code, absmax_offset)  # fmt: skip
-    ok = (A.numel() > 0 and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B) and len(shapeB) == 2
-          and absmax.dtype == torch.float32 and absmax.is_contiguous()
-          and (absmax_8bit is None or (absmax_8bit.dtype == torch.uint8 and absmax_8bit.is_contiguous()
-                                       and absmax_code is not None and absmax_offset is not None)))  # fmt: skip
-    if not ok:
+    if not _servable(A, B, shapeB, absmax, absmax_8bit, absmax_code, absmax_offset):
         return e.original("gemm_4bit", A.device)(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                                  absmax_code, absmax_offset)  # fmt: skip
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
     if linear and _linear_serves(e, A):
-        return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+        if _ready(A, B, state, bias):
+            return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+        if _bnb_takes_fused_cuda(A, shapeB, blocksize):  # captured, linear_4bit not ready: as an eager call
+            from bitsandbytes.backends.cuda import ops as cuda_ops
+
+            return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                                                   absmax_code, absmax_offset)  # fmt: skip
     # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
     return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
+
+
+def _servable(A, B, shapeB, absmax, absmax_8bit, absmax_code, absmax_offset) -> bool:
+    """The arguments tritonbits takes for gemm_4bit (anything else goes to bnb's own kernel)."""
+    return (A.numel() > 0 and A.dtype in formats.FLOAT_DTYPES and _packed_ok(B) and len(shapeB) == 2
+            and absmax.dtype == torch.float32 and absmax.is_contiguous()
+            and (absmax_8bit is None or (absmax_8bit.dtype == torch.uint8 and absmax_8bit.is_contiguous()
+                                         and absmax_code is not None and absmax_offset is not None)))  # fmt: skip
 
 
 def _op_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
@@ -403,6 +457,8 @@ def _op_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
     if quant_type is None:
         return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type)
+    if not _ready(A, B, state, None):  # captured, linear_4bit not ready: bnb's kernel (a one-row gemv)
+        return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
     return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state)  # type: ignore[attr-defined]
 
 
@@ -426,8 +482,9 @@ def _quant_type_of(code: torch.Tensor) -> str | None:
     time a code tensor is seen (bnb 0.50.2 no longer calls gemv_4bit on CUDA from matmul_4bit, so this is off
     its hot path), remembered in _CODE_TYPES. Inside a CUDA-graph capture a host read is not allowed: a code
     tensor not matched before gives None there (bnb's kernel serves that call)."""
+    cacheable = not code.is_inference()  # an inference tensor has no version counter: matched every call
     key = (code.data_ptr(), code.device, code.dtype, tuple(code.shape), code.stride())
-    hit = _CODE_TYPES.get(key)
+    hit = _CODE_TYPES.get(key) if cacheable else None
     if hit is not None and hit[0]._version == hit[1] == code._version:
         return hit[2]
     if _capturing(code):
@@ -437,15 +494,18 @@ def _quant_type_of(code: torch.Tensor) -> str | None:
     for candidate in formats.QUANT_TYPES:
         if values.numel() == 16 and torch.equal(values, formats.code_values(candidate).float()):
             name = candidate
-    if len(_CODE_TYPES) >= _CODE_TYPES_MAX:
-        _CODE_TYPES.pop(next(iter(_CODE_TYPES)))
-    _CODE_TYPES[key] = (code.detach(), code._version, name)
+    if cacheable:
+        if len(_CODE_TYPES) >= _CODE_TYPES_MAX:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # another thread may be evicting too
+                del _CODE_TYPES[next(iter(_CODE_TYPES))]
+        _CODE_TYPES[key] = (code.detach(), code._version, name)
     return name
 
 
 # code tensors matched by _quant_type_of: (address, device, dtype, shape, strides) -> (the tensor, its version
 # counter at the match, the type). The entry holds the tensor, so no other storage can take its address while it
-# lives; an in-place change of the values bumps the version and the next call matches again. FIFO, bounded.
+# lives; an in-place change of the values bumps the version and the next call matches again (not a change made
+# through `.data` or another alias with a counter of its own: not seen). FIFO, bounded.
 _CODE_TYPES: dict[tuple, tuple[torch.Tensor, int, str | None]] = {}
 _CODE_TYPES_MAX = 256
 

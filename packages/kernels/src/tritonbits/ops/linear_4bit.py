@@ -48,7 +48,7 @@ import triton.language as tl
 from .. import _runtime, configs, formats
 from .._launcher import BoundLaunch, CachedLauncher
 from .._triton_helpers import mul_ftz, mul_ftz_add_rn, store_float
-from ..quant_state import PreparedWeight, QuantState, prepare, validate
+from ..quant_state import PreparedWeight, QuantState, prepare, prepared_entry, validate
 from . import dequantize_4bit as dq
 from . import linear_4bit_mma as mma4
 
@@ -1312,6 +1312,23 @@ def _plan_for(x, bias, w: PreparedWeight, key: tuple | None) -> _Plan | None:
             del plans[next(iter(plans))]
     plans[key] = plan
     return plan
+
+
+def launches_ready(x, weight, quant_state, bias=None) -> bool:
+    """Whether an eager ``linear_4bit(x, weight, quant_state, bias)`` would run only launches compiled and bound
+    already: the weight's validation cached and current, the call's plan made, every step bound. A CUDA-graph
+    capture can run such a call; a first call compiles and loads kernels (and may build tables), which a capture
+    refuses (integrations.bitsandbytes asks this before it gives a captured product to linear_4bit). Nothing is
+    validated or built here."""
+    if isinstance(weight, torch.nn.Parameter):
+        weight = weight.data
+    if quant_state is None or not isinstance(weight, torch.Tensor):
+        return False
+    w = prepared_entry(weight, quant_state)
+    key = _plan_key(x, bias)
+    plans = None if w is None else w.launches.get("linear_4bit")
+    plan = plans.get(key) if plans is not None and key is not None else None
+    return plan is not None and all(step.bound is not None for step in plan.steps)
 
 
 # ---------------------------------------------------------------------------------------------------
