@@ -524,6 +524,28 @@ def test_auto_one_row_in_graph_capture(served, calls, op, warm, device, gen):
 
 
 @needs_linear_4bit
+@pytest.mark.gpu
+def test_auto_warm_refused_keeps_bnbs_result(served, device, gen, monkeypatch):
+    """ "auto"'s one-time linear_4bit call beside bnb's one-row kernel (_warm) is optional: where linear_4bit
+    refuses the arguments, the call still returns bnb's result, bit for bit."""
+    x = weight(gen, device, torch.bfloat16, (512, 256))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    A = torch.randn(1, 256, generator=gen).to(torch.bfloat16).to(device)
+    args, kwargs = gemm_args(q, s)
+    want = torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs)
+    refused = []
+
+    def refuse(*a, **k):
+        refused.append(1)
+        raise ValueError("x: refused")
+
+    monkeypatch.setattr(tritonbits, "linear_4bit", refuse)
+    tb_bnb.enable(served, decode="auto")
+    assert_exact(torch.ops.bitsandbytes.gemm_4bit(A, *args, **kwargs), want)
+    assert refused == [1]
+
+
+@needs_linear_4bit
 def test_launches_ready(served, device, gen):
     """linear_4bit.launches_ready: False before a call, True after it (its steps bound; the interpreter binds
     nothing), False for another x layout and after the quant state changed; it validates and builds nothing."""

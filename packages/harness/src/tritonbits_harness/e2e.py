@@ -295,6 +295,17 @@ def _timed_quantize(device: torch.device):
         F.quantize_4bit = inner
 
 
+def _compare(row: dict, bnb_tokens: torch.Tensor, tritonbits_tokens: torch.Tensor) -> None:
+    """A decode row's comparisons: the first divergence per row of the two token sets, and the enabled model's
+    tokens/s over bnb's (and the bf16 model's, where the row has it)."""
+    div = first_divergence(bnb_tokens, tritonbits_tokens)
+    row["first_divergence"] = div
+    row["tokens_equal"] = all(d is None for d in div)
+    row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
+    if "bf16_tok_s" in row:
+        row["speedup_vs_bf16"] = row["tritonbits_tok_s"] / row["bf16_tok_s"]
+
+
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> list[int | None]:
     """Per row, the index of the first differing generated token (None where the rows are equal)."""
     rows = []
@@ -468,12 +479,7 @@ class Run:
                     tokens[mode, batch] = toks
                     row[f"{mode}_tok_s"] = batch * a.new_tokens / s
                     self.log(f"  decode batch {batch} {mode}: {row[f'{mode}_tok_s']:.1f} tok/s")
-                div = first_divergence(tokens["bnb", batch], tokens["tritonbits", batch])
-                row["first_divergence"] = div
-                row["tokens_equal"] = all(d is None for d in div)
-                row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
-                if bf16 is not None:
-                    row["speedup_vs_bf16"] = row["tritonbits_tok_s"] / row["bf16_tok_s"]
+                _compare(row, tokens["bnb", batch], tokens["tritonbits", batch])
                 # enable(decode="tritonbits"): linear_4bit's decode kernel in every layer, for the record
                 row["linear_first_divergence"] = first_divergence(tokens["bnb", batch],
                                                                   tokens["tritonbits_linear", batch])  # fmt: skip
@@ -531,12 +537,7 @@ class Run:
                 # Inductor counts each compiled graph it did not put in a CUDA graph (the reason goes to the
                 # perf_hints log, on for this phase)
                 row["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
-                div = first_divergence(timed["bnb"][1], timed["tritonbits"][1])
-                row["first_divergence"] = div
-                row["tokens_equal"] = all(d is None for d in div)
-                row["speedup_vs_bnb"] = row["tritonbits_tok_s"] / row["bnb_tok_s"]
-                if "bf16" in models:
-                    row["speedup_vs_bf16"] = row["tritonbits_tok_s"] / row["bf16_tok_s"]
+                _compare(row, timed["bnb"][1], timed["tritonbits"][1])
                 out[f"batch{batch}"] = row
                 if a.profile and batch == 1:  # where a compiled step's time goes (16 tokens, the same cache)
                     for mode in ("bnb", "tritonbits"):

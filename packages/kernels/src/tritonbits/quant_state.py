@@ -343,28 +343,30 @@ def _identity(A: torch.Tensor, qs) -> tuple:
 _PREPARED: dict[int, PreparedWeight] = {}
 
 
+def _lookup(A: torch.Tensor, quant_state) -> tuple[tuple | None, PreparedWeight | None]:
+    """(A, quant_state)'s identity key (None: not a quant state) and prepare's entry for it while current."""
+    try:
+        key = _identity(A, quant_state)
+    except (AttributeError, TypeError):  # not a quant state: from_any says what is missing
+        return None, None
+    entry = _PREPARED.get(id(quant_state))
+    return key, (entry if entry is not None and entry.key == key else None)
+
+
 def prepared_entry(A: torch.Tensor, quant_state) -> PreparedWeight | None:
     """prepare's cached entry for (A, quant_state) while it is current; None where prepare would validate and
     build (nothing is validated, built or cached here: a CUDA-graph capture may ask)."""
-    try:
-        key = _identity(A, quant_state)
-    except (AttributeError, TypeError):
-        return None
-    entry = _PREPARED.get(id(quant_state))
-    return entry if entry is not None and entry.key == key else None
+    return _lookup(A, quant_state)[1]
 
 
 def prepare(A: torch.Tensor, quant_state) -> PreparedWeight:
     """Validate (A, quant_state) once and cache the kernel arguments per quant state. A later call with the
     same quant state is served from the cache only while every field `validate` reads is unchanged (same
     tensors, addresses, dtypes, shapes, strides; same blocksize, quant_type, dtype and shape)."""
-    try:
-        key = _identity(A, quant_state)
-    except (AttributeError, TypeError):  # not a quant state: from_any says what is missing
-        key = None
+    key, current = _lookup(A, quant_state)
+    if current is not None:
+        return current
     entry = _PREPARED.get(id(quant_state))
-    if entry is not None and key is not None and entry.key == key:
-        return entry
     state = QuantState.from_any(quant_state)
     validate(A, state)
     if state is quant_state:  # the entry must not keep the quant_state itself alive, nor follow its edits

@@ -322,8 +322,9 @@ DECODE_CHOICES = ("auto", "bnb", "tritonbits")
 # NOTE: ...except while a CUDA graph is being captured (torch.compile's "reduce-overhead", transformers' compiled
 # static-cache decode, a hand-made torch.cuda.graph): a replay runs the kernels without the host code around them,
 # so only the kernels' speed counts, and at one row linear_4bit's mma kernel is the faster one (1.20-1.41x bnb's
-# fused kernel, bench-h100 records 20261124T190854Z / 191025Z, CUDA graphs). The query costs ~1 us of host time,
-# asked at M <= AUTO_BNB_DECODE_MAX_M only.
+# fused kernel, bench-h100 records 20261124T190854Z / 191025Z, CUDA graphs). The capture query (`_capturing`) is
+# asked by "auto" at M <= AUTO_BNB_DECODE_MAX_M and before every product linear_4bit serves (`_ready`); its host
+# time was not measured.
 
 
 def _capturing(A: torch.Tensor) -> bool:
@@ -366,7 +367,16 @@ def _warm(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax
         return
     _WARMED[ident] = None
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
-    tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+    with contextlib.suppress(TypeError, ValueError):  # an argument linear_4bit refuses: bnb's kernel serves anyway
+        tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+
+
+def _bnb_fused(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset):
+    """bnb's fused small-M kernel, called directly as bnb's own gemm_4bit kernel does."""
+    from bitsandbytes.backends.cuda import ops as cuda_ops
+
+    return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
+                                           absmax_code, absmax_offset)  # fmt: skip
 
 
 def _linear_decodes(e: _Enabled, A: torch.Tensor) -> bool:
@@ -417,12 +427,9 @@ def _gemm_4bit(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, a
     # checked first, before anything else costs host time: where bnb's fused decode kernel stays (enable's
     # `decode`), it is called directly, as bnb's own gemm_4bit kernel does
     if _bnb_decodes(e, A, shapeB, blocksize):
-        from bitsandbytes.backends.cuda import ops as cuda_ops
-
         if linear and e.decode == "auto":
             _warm(e, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
-        return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
-                                               absmax_code, absmax_offset)  # fmt: skip
+        return _bnb_fused(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset)
     if not _servable(A, B, shapeB, absmax, absmax_8bit, absmax_code, absmax_offset):
         return e.original("gemm_4bit", A.device)(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
                                                  absmax_code, absmax_offset)  # fmt: skip
@@ -431,10 +438,8 @@ def _gemm_4bit(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, a
         if _ready(A, B, state, bias):
             return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
         if _bnb_takes_fused_cuda(A, shapeB, blocksize):  # captured, linear_4bit not ready: as an eager call
-            from bitsandbytes.backends.cuda import ops as cuda_ops
-
-            return cuda_ops._gemm_4bit_kernel_impl(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit,
-                                                   absmax_code, absmax_offset)  # fmt: skip
+            return _bnb_fused(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
+                              absmax_offset)  # fmt: skip
     # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
     return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
 
