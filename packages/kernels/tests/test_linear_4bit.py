@@ -408,7 +408,8 @@ def test_large_shapes(m, out_dtype, device, gen, quantize, bnb_dequantize):
 KNOWN_CONFIG_KEYS = {"gemv2": {"path", "bm", "bn", "bk", "warps", "stages", "rows", "per_sm", "prefetch"},
                      "gemv": {"path", "bm", "bn", "bk", "warps", "stages", "split_k", "pair"},
                      "gemm": {"path", "bm", "bn", "bk", "warps", "stages", "split_k"}, "dequant": {"path"},
-                     "mma": {"path", "warps", "split_k", "kwarps", "prefetch"}}  # fmt: skip
+                     "mma": {"path", "warps", "split_k", "kwarps", "prefetch"},
+                     "wgmma": {"path", "bm", "wg", "split_k", "async"}}  # fmt: skip
 
 
 def test_table_entries_are_reachable_and_valid():
@@ -419,8 +420,12 @@ def test_table_entries_are_reachable_and_valid():
             assert width in ("x16", "x32"), (family, key)
             dtype = torch.float32 if width == "x32" else torch.bfloat16
             assert L.config_key(dtype, int(m[1:]), int(n[1:]), int(k[1:])) == key, (family, key)
-            assert cfg["path"] in ("gemv", "gemv2", "gemm", "dequant", "mma"), (family, key)
-            if cfg["path"] == "mma":  # 16-bit x, M <= mma4.MAX_M (mma_ok; the tuner writes it up to M = 32)
+            assert cfg["path"] in ("gemv", "gemv2", "gemm", "dequant", "mma", "wgmma"), (family, key)
+            if cfg["path"] == "wgmma":  # 16-bit x, M in the kernel's range (a bucket of M = 17..256)
+                assert width == "x16" and L.wg4.MIN_M <= int(m[1:]) <= L.wg4.MAX_M, (family, key)
+                assert cfg["bm"] in L.WGMMA_BM and cfg["wg"] in L.WGMMA_WG and cfg["async"] in (False, True)
+                assert type(cfg["split_k"]) is int and cfg["split_k"] >= 1, (family, key)
+            elif cfg["path"] == "mma":  # 16-bit x, M <= mma4.MAX_M (mma_ok; the tuner writes it up to M = 32)
                 assert width == "x16" and int(m[1:]) <= L.mma4.MAX_M, (family, key)
                 assert {"warps", "split_k"} <= set(cfg) and cfg["warps"] in (1, 2, 4, 8), (family, key)
                 assert cfg["warps"] % cfg.get("kwarps", 1) == 0, (family, key)

@@ -425,6 +425,27 @@ def mma_candidates(m: int, n: int, k: int) -> list[dict]:
     return out
 
 
+# the wgmma kernel (linear_4bit_wgmma, sm90): the probe's grid (ci/linear4bit_wgmma_probe.py, H100, session 23, log
+# docs/gpu-runs/logs/20261124T2203Z-nvidia-h100-wgmma-probe.txt): BLOCK_M M's bucket (at least 32, at most 128) and
+# half of it, one or two warpgroups, 1-4 K splits, products asynchronous or not
+WGMMA_WG = (1, 2)
+WGMMA_SPLITS = (1, 2, 4)
+
+
+def wgmma_candidates(m: int, n: int, k: int) -> list[dict]:
+    """wgmma configs for wg4.MIN_M <= M <= wg4.MAX_M and K a multiple of 256 (the tuner refuses them where
+    `wgmma_ok` does: another GPU)."""
+    from tritonbits.ops import linear_4bit as L
+
+    if not L.wg4.MIN_M <= m <= L.wg4.MAX_M or k % L.wg4.SEGMENT or k < L.wg4.SEGMENT:
+        return []
+    top = min(128, max(32, L.bucket(m)))
+    segs = k // L.wg4.SEGMENT
+    return [{"path": "wgmma", "bm": bm, "wg": wg, "split_k": split, "async": asy}
+            for bm in sorted({top, max(32, top // 2)}) for wg in WGMMA_WG for split in WGMMA_SPLITS
+            for asy in (True, False) if split <= segs]  # fmt: skip
+
+
 # NOTE: an eager linear_4bit call with a one-launch config (no split-K workspace, no reduction kernel) took 15.8-16.4
 # us back to back against 25.4-26.2 us with two launches where the GPU time is small (4096 x 4096 and 4096 x 1024, M
 # = 1..16, H100, bf16; the ~9.5 us is the second bound launch and the workspace's allocation), so the tuner takes a
@@ -442,13 +463,13 @@ def linear_4bit_launches(case: dict, config: dict) -> int:
 
 def linear_4bit_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """Configs worth timing for one (M, N, K): gemv2 tiles up to M=4, gemv tiles up to M=8 on small weights (both
-    decode tables), tensor-core gemm tiles up to M=256, dequantize + cuBLAS from M=16; split-K from the op's own rule
-    (`_split_for`)."""
+    decode tables), mma up to MMA_TUNE_MAX_M, wgmma at M = 17..256, tensor-core gemm tiles up to M=256, dequantize +
+    cuBLAS from M=16; split-K from the op's own rule (`_split_for`)."""
     import triton
 
     from tritonbits.ops import linear_4bit as L
 
-    out: list[dict] = gemv2_candidates(m, n, k, sms) + mma_candidates(m, n, k)
+    out: list[dict] = gemv2_candidates(m, n, k, sms) + mma_candidates(m, n, k) + wgmma_candidates(m, n, k)
     if m <= 8 and n * k < GEMV_MAX_NK:
         bm = L.bucket(m)
         for bn, bk, warps in GEMV_TILES:
@@ -517,19 +538,23 @@ def _linear_4bit_time(case: dict, config: dict, rep_ms: int) -> float:
     x, prepared, wd = _linear_4bit_operands(case["m"], case["k"], case["n"], case["dtype"])
     if config.get("path") == "mma" and not L.mma_ok(prepared, x, x.device):
         return float("inf")  # else it would time the heuristic's fallback under the mma name
+    if config.get("path") == "wgmma" and not L.wgmma_ok(prepared, x, x.device):
+        return float("inf")  # likewise (not an sm90 GPU)
     try:
         out = L.forward_2d(x, prepared, None, config=config)
     except triton.runtime.errors.OutOfResources:  # a tile this GPU cannot hold is no candidate here
         return float("inf")
     rows = out.shape[0] if config.get("path") == "mma" else 8  # mma: every n tile (M <= MMA_TUNE_MAX_M)
     assert_matmul(out[:rows], x[:rows], wd)
+    if config.get("path") == "wgmma":  # and the last BLOCK_M tile's last rows
+        assert_matmul(out[-8:], x[-8:], wd)
     return timing.bench_graph(functools.partial(L.forward_2d, x, prepared, None, config=config), rep=rep_ms)
 
 
 register(TunableOp(
     name="linear_4bit",
-    description="path (gemv | gemv2 | gemm | mma | dequant) and tile/split-K per x width and power-of-two M, N, K"
-    " buckets",
+    description="path (gemv | gemv2 | gemm | mma | wgmma | dequant) and tile/split-K per x width and power-of-two M,"
+    " N, K buckets",
     cases=_linear_4bit_cases,
     key=_linear_4bit_key,
     candidates=lambda case: linear_4bit_candidates(

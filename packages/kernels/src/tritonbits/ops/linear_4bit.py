@@ -10,11 +10,14 @@ below 2**-126 is a signed zero: `_triton_helpers.mul_ftz`), so every weight the 
 dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
-Five paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic_config for keys the table
-lacks: for 16-bit x the mma kernel up to M=16 (M=8 where N <= 2048), the tensor-core gemm up to M=128,
-dequantize + cuBLAS above; gemv2 where mma cannot run at M <= 2: see the NOTEs):
+Six paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic_config for keys the table
+lacks: for 16-bit x the mma kernel up to M=16 (M=8 where N <= 2048), on Hopper (sm90) the wgmma kernel at M=17..256,
+elsewhere the tensor-core gemm up to M=128, dequantize + cuBLAS above; gemv2 where mma cannot run at M <= 2: see the
+NOTEs):
 - "mma" (16-bit x, M <= 16 by default, up to 64 by config): linear_4bit_mma's Gluon kernel (per-block tables in
   each thread, byte-permute decode straight into mma.sync operands; its module doc);
+- "wgmma" (16-bit x on sm90, M = 17..256 by default): linear_4bit_wgmma's Gluon kernel (the same decode straight
+  into wgmma's register operand, x's copy in the kernel's K order through shared memory; its module doc);
 - "gemv" (small M): a program owns BLOCK_N rows of W and a K range (split-K); each packed byte is read once,
   decoded in registers (a 256-entry pair table or the 16-entry code table), scaled by the row's absmax for this
   K chunk, rounded to W's dtype and multiplied into a [BLOCK_M, BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
@@ -29,8 +32,9 @@ dequantize + cuBLAS above; gemv2 where mma cannot run at M <= 2: see the NOTEs):
 - "dequant" (large M, or K not a multiple of the K tile): dequantize_4bit + torch.matmul (cuBLAS).
 Summation order (documented for the accuracy policy, tritonbits_harness.tolerance.MATMUL_FP32_ACC): inside a
 program, fp32 products added chunk by chunk in K order (gemv: per lane, then a tree sum across the K/2 lanes;
-gemm: tl.dot's order); with split-K, each split's fp32 partial goes to a workspace and a second kernel adds the
-partials in split order 0..S-1, then the bias, and rounds once. Deterministic: no atomics.
+gemm: tl.dot's order; mma and wgmma: their module docs); with split-K, each split's fp32 partial goes to a
+workspace and a second kernel adds the partials in split order 0..S-1, then the bias, and rounds once.
+Deterministic: no atomics.
 Autograd: d x = grad @ dequant(W) (dequantize + matmul), d bias = grad summed over rows; W is frozen.
 """
 
@@ -51,6 +55,7 @@ from .._triton_helpers import mul_ftz, mul_ftz_add_rn, store_float
 from ..quant_state import PreparedWeight, QuantState, prepare, prepared_entry, validate
 from . import dequantize_4bit as dq
 from . import linear_4bit_mma as mma4
+from . import linear_4bit_wgmma as wg4
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _W_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # W_DTYPE / DOT_DTYPE constexprs
@@ -669,10 +674,13 @@ def mma_splits(cfg: dict, k: int) -> tuple[int, int]:
 
 def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
     """Kernels one call launches with this config (no fallback applied): the fused kernel, plus the split-K
-    reduction where it splits K, plus the mma's lane-order copy of x above DIRECT_MAX_M; dequantize + matmul: two."""
+    reduction where it splits K, plus the mma's lane-order copy of x above DIRECT_MAX_M and the wgmma's copy of x;
+    dequantize + matmul: two."""
     path = cfg.get("path")
     if path == "mma":  # K under one segment: mma_ok refuses it, and so does launch_count's arithmetic
         return (1 if k >= mma4.SEGMENT and mma_splits(cfg, k)[0] == 1 else 2) + (m > mma4.DIRECT_MAX_M)
+    if path == "wgmma":  # x's copy, the kernel, and the reduction where it splits K
+        return 2 + (k >= wg4.SEGMENT and mma_splits(cfg, k)[0] > 1)
     if path not in ("gemv", "gemv2", "gemm") or not fused_ok(cfg, k):
         return 2
     bk = effective_bk(cfg, k)
@@ -680,16 +688,53 @@ def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
     return 1 if splits == 1 else 2
 
 
-def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int, mma: bool = True) -> dict:
+# NOTE: the wgmma kernel (linear_4bit_wgmma), H100, bf16, nf4 nested bs64, CUDA graphs, x's copy included
+# (ci/linear4bit_wgmma_probe.py, log docs/gpu-runs/logs/20261124T2203Z-nvidia-h100-wgmma-probe.txt; every config first
+# checked against the K-aware policy): at the six issue shapes its best config took 0.78-0.86x the op's time of the
+# day at M = 32 (mma / gemm), 0.63-0.87x at M = 64 and 0.69-0.76x at M = 128 (the gemm), 0.66-0.87x at M = 256
+# (dequantize + cuBLAS); 4096 x 14336: 27.8 / 32.7 / 40.5 / 78.1 us at M = 32 / 64 / 128 / 256 (the op 35.7 / 51.0 /
+# 58.8 / 105.5, dense bf16 44.0 / 44.2 / 45.9 / 50.9). Best configs: one warpgroup (64 W rows a program) and
+# BLOCK_M = M up to M = 64, two warpgroups with BLOCK_M = 128 above; asynchronous products as fast as synchronous
+# ones or faster at most points. HEURISTIC_WGMMA_TARGET: splits (a power of two, at most 4) until the programs reach
+# it: 512 up to M = 64 (4096 x 28672 M = 32: 448 programs, 2 splits 45.7 us against 49.0 for one), 96 above (4096 x
+# 6144 M = 128: 48 programs, 2 splits 25.5 against 30.2 for 4; 4096 x 14336 M = 128: 112 programs, one split 40.5
+# against 49.2 for 2). At the probe's 24 cases the rule's config takes 1.00-1.08x the best config's time (the H100
+# table names the best ones at those keys). Not measured on the H200 (its table's M = 32..128 keys keep their gemm
+# and mma entries; keys without one take this rule there too) nor for N <= 2048.
+HEURISTIC_WGMMA_TARGET = {64: 512, 256: 96}  # largest M bucket: programs to reach by splitting K
+HEURISTIC_WGMMA_MAX_SPLIT = 4
+WGMMA_MIN_N = 2048  # the heuristic's wgmma above this N only (NOTE: smaller N not measured)
+
+
+def heuristic_wgmma_config(m: int, n: int, k: int) -> dict:
+    """The NOTE's rule: BLOCK_M = max(32, M's bucket) with one warpgroup up to M = 64, else 128 with two; K split
+    until the programs reach HEURISTIC_WGMMA_TARGET (at most HEURISTIC_WGMMA_MAX_SPLIT, and K's segments / 2)."""
+    bm_bucket = max(32, bucket(m))
+    bm, wg = (bm_bucket, 1) if bm_bucket <= 64 else (128, 2)
+    target = next(t for largest, t in sorted(HEURISTIC_WGMMA_TARGET.items()) if bm_bucket <= largest)
+    programs = triton.cdiv(n, 64 * wg) * triton.cdiv(m, bm)
+    split = 1
+    while split < HEURISTIC_WGMMA_MAX_SPLIT and programs * split < target:
+        split *= 2
+    split = max(1, min(split, k // (2 * wg4.SEGMENT)))
+    return {"path": "wgmma", "bm": bm, "wg": wg, "split_k": split, "async": True}
+
+
+def heuristic_config(x_dtype: torch.dtype, m: int, n: int, k: int, sms: int, mma: bool = True,
+                     wgmma: bool = False) -> dict:  # fmt: skip
     """For keys the GPU family's table lacks: the mma kernel up to MMA_MAX_M for 16-bit x (where `mma_ok` takes
-    the problem: else `aligned_config` asks again with mma=False), gemv2 up to M=2 (see its NOTE), the
-    tensor-core gemm up to HEURISTIC_GEMM_MAX_M, dequantize + cuBLAS above. fp32 x: gemv2 up to M=4, then
-    dequantize + cuBLAS (the gemm's fp32 dot is not a tensor-core one)."""
+    the problem: else `aligned_config` asks again with mma=False), with wgmma (an sm90 device: `config_for`) the
+    wgmma kernel at M = wg4.MIN_M..wg4.MAX_M (where `wgmma_ok` refuses the problem `aligned_config` asks again
+    without it), gemv2 up to M=2 (see its NOTE), the tensor-core gemm up to HEURISTIC_GEMM_MAX_M, dequantize +
+    cuBLAS above. fp32 x: gemv2 up to M=4, then dequantize + cuBLAS (the gemm's fp32 dot is not a tensor-core
+    one)."""
     wide = x_dtype == torch.float32
     if mma and not wide and m <= MMA_MAX_M and k % mma4.SEGMENT == 0:
         cfg = heuristic_mma_config(m, n, k)
         if cfg is not None:
             return cfg
+    if wgmma and not wide and wg4.MIN_M <= m <= wg4.MAX_M and n > WGMMA_MIN_N and k % wg4.SEGMENT == 0:
+        return heuristic_wgmma_config(m, n, k)
     if m > (4 if wide else 2):
         return heuristic_gemm_config(m, n, k, sms) if not wide and m <= HEURISTIC_GEMM_MAX_M else {"path": "dequant"}
     bm = bucket(m)
@@ -715,8 +760,22 @@ def _tuned(device: torch.device, key: str) -> dict | None:
 
 
 def config_for(device: torch.device, x_dtype: torch.dtype, m: int, n: int, k: int) -> dict:
-    """The tuned config of this problem's bucket on device's GPU family, else `heuristic_config`."""
-    return _tuned(device, config_key(x_dtype, m, n, k)) or heuristic_config(x_dtype, m, n, k, _sm_count(device))
+    """The tuned config of this problem's bucket on device's GPU family, else `heuristic_config` (with the wgmma
+    kernel where the device has it)."""
+    return _tuned(device, config_key(x_dtype, m, n, k)) or heuristic_config(
+        x_dtype, m, n, k, _sm_count(device), wgmma=wgmma_device(device)
+    )
+
+
+@functools.cache
+def wgmma_device(device: torch.device) -> bool:
+    """Whether device runs the wgmma kernel: CUDA sm90 (Hopper: wgmma is sm90a's) with the Triton it ran on."""
+    return bool(
+        wg4.AVAILABLE
+        and device.type == "cuda"
+        and not _runtime.INTERPRET
+        and torch.cuda.get_device_capability(device) == (9, 0)
+    )  # fmt: skip
 
 
 @functools.cache
@@ -750,8 +809,8 @@ def fused_ok(cfg: dict, k: int) -> bool:
     empty K takes F.linear's zeros (+ bias) (gemv2 left its output unwritten there, seen under the interpreter)."""
     if k == 0:
         return False
-    if cfg.get("path") == "mma":
-        return True  # aligned_config keeps it only where mma_ok
+    if cfg.get("path") in ("mma", "wgmma"):
+        return True  # aligned_config keeps it only where mma_ok / wgmma_ok
     if cfg.get("path") in ("gemv2", "gemm") and k % 8:
         return False
     return cfg.get("path") in ("gemv", "gemv2", "gemm") and effective_bk(cfg, k) > 0
@@ -761,7 +820,10 @@ def aligned_config(cfg: dict, w: PreparedWeight, x_dtype: torch.dtype, m: int, n
                    device: torch.device, x2: torch.Tensor | None = None) -> dict:  # fmt: skip
     """cfg, unless it reads the packed bytes as int32 words (gemv2, gemm) and they are not 4-byte aligned: then
     the gemv up to M=4, dequantize + matmul above (the gemv re-reads W for every 4 rows of x). An "mma" config
-    where `mma_ok` refuses the problem (or no x2 is given) takes heuristic_config instead."""
+    where `mma_ok` refuses the problem (or no x2 is given) takes heuristic_config instead; so does a "wgmma" config
+    where `wgmma_ok` refuses it."""
+    if cfg.get("path") == "wgmma" and (x2 is None or not wgmma_ok(w, x2, device)):
+        cfg = heuristic_config(x_dtype, m, n, k, _sm_count(device))
     if cfg.get("path") == "mma" and (x2 is None or not mma_ok(w, x2, device)):
         cfg = heuristic_config(x_dtype, m, n, k, _sm_count(device), mma=False)
     if cfg.get("path") in ("gemv2", "gemm") and words_of(w) is None:
@@ -783,15 +845,30 @@ def words_of(w: PreparedWeight) -> torch.Tensor | None:
 
 
 def mma_problem_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
-    """The problems the "mma" kernel's contract covers, whatever the machine: 1 <= M <= 64, K > 0 a multiple of
-    256 and of the blocksize, a blocksize that is a multiple of 64, x and W both fp16 or both bf16, W readable as
-    int32 words, and x readable as 4-byte pairs: 16-byte aligned (the plans' key records that), contiguous along
-    K, an even row stride; above DIRECT_MAX_M, M K < 2^32 (the lane-order copy's int32 offsets)."""
+    """The problems the "mma" kernel's contract covers, whatever the machine: 1 <= M <= 64 and `table_decode_ok`;
+    above DIRECT_MAX_M, M K < 2^32 (the lane-order copy's int32 offsets)."""
+    m, k = x2.shape
+    return bool(
+        1 <= m <= mma4.MAX_M
+        and (m <= mma4.DIRECT_MAX_M or m * k < 2**32)  # the lane-order copy's int32 offsets (pairs: M K / 2)
+        and table_decode_ok(w, x2)
+    )  # fmt: skip
+
+
+def wgmma_problem_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
+    """The problems the "wgmma" kernel's contract covers, whatever the machine: M >= 1 and `table_decode_ok` (its
+    copy of x and its own offsets are int64)."""
+    return bool(x2.shape[0] >= 1 and table_decode_ok(w, x2))
+
+
+def table_decode_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
+    """What the mma and wgmma kernels' decode and x reads need: K > 0 a multiple of 256 and of the blocksize, a
+    blocksize that is a multiple of 64, x and W both fp16 or both bf16, W readable as int32 words, and x readable
+    as 4-byte pairs: 16-byte aligned (the plans' key records that), contiguous along K, an even row stride."""
     m, k = x2.shape
     state = w.state
     return bool(
-        1 <= m <= mma4.MAX_M
-        and k > 0
+        k > 0
         and k % mma4.SEGMENT == 0
         and state.blocksize % 64 == 0
         and k % state.blocksize == 0
@@ -799,7 +876,6 @@ def mma_problem_ok(w: PreparedWeight, x2: torch.Tensor) -> bool:
         and x2.dtype in (torch.float16, torch.bfloat16)
         and (x2.stride(1) == 1 and (m == 1 or x2.stride(0) % 2 == 0))
         and _runtime.address_aligned(x2, 16)
-        and (m <= mma4.DIRECT_MAX_M or m * k < 2**32)  # the lane-order copy's int32 offsets (pairs: M K / 2)
         and words_of(w) is not None
     )  # fmt: skip
 
@@ -816,6 +892,11 @@ def mma_ok(w: PreparedWeight, x2: torch.Tensor, device: torch.device) -> bool:
     )  # fmt: skip
 
 
+def wgmma_ok(w: PreparedWeight, x2: torch.Tensor, device: torch.device) -> bool:
+    """Whether the "wgmma" kernel (linear_4bit_wgmma) runs this problem: `wgmma_device` and `wgmma_problem_ok`."""
+    return bool(wgmma_device(device) and wgmma_problem_ok(w, x2))
+
+
 def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device) -> int:
     """The gemm's operand dtype code: x's and W's 16-bit dtype where they agree (products exact in the fp32
     accumulator), else fp32 with input_precision="ieee" (no TF32); fp32 under the interpreter (its dot has no
@@ -829,8 +910,8 @@ def _dot_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, device: torch.device)
 class Launch(NamedTuple):
     """One kernel launch on validated arguments. `slots`: (position in args, name) of each argument that is a
     per-call tensor ("x", "bias", "out", "out16": out's int16 view, "ws": the split-K workspace, "wd", "wd16":
-    the dequantized weight buffer and its int16 view, "xl": the mma path's lane-order copy of x), which the eager
-    plans pass anew on every call."""
+    the dequantized weight buffer and its int16 view, "xl": the mma path's lane-order copy of x, or the wgmma
+    path's copy), which the eager plans pass anew on every call."""
 
     fn: Any
     grid: tuple[int, int, int]
@@ -849,9 +930,9 @@ def launch_fused(x2, w: PreparedWeight, bias, out, cfg: dict, *, kernel_wrap=Non
     use_asm = USE_ASM_DEFAULT if use_asm is None else use_asm
     if use_asm and _runtime.INTERPRET:
         raise ValueError("use_asm=True needs a GPU: the Triton interpreter cannot run inline PTX")
-    if kernel_wrap is not None and cfg.get("path") == "mma":
-        raise ValueError("launch_fused: the mma path is a Gluon kernel, which wrap_triton cannot take (forward_2d "
-                         "takes the heuristic's other paths under a triton_op)")  # fmt: skip
+    if kernel_wrap is not None and cfg.get("path") in ("mma", "wgmma"):
+        raise ValueError(f"launch_fused: the {cfg['path']} path is a Gluon kernel, which wrap_triton cannot take "
+                         "(forward_2d takes the heuristic's other paths under a triton_op)")  # fmt: skip
     launches, _ws = fused_launches(x2, w, bias, out, cfg, use_asm)
     for launch in launches:
         _launch(launch, x2.device, kernel_wrap, use_asm)
@@ -871,6 +952,8 @@ def fused_launches(
         raise ValueError(f"fused_launches: {cfg} is not a fused config for K={k} and this weight")
     if cfg["path"] == "mma":
         return _mma_launches(x2, w, bias, out, cfg)
+    if cfg["path"] == "wgmma":
+        return _wgmma_launches(x2, w, bias, out, cfg)
     bk = effective_bk(cfg, k)
     if cfg["path"] in ("gemv2", "gemm"):
         words = words_of(w)
@@ -1077,11 +1160,56 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
     return launches, ws
 
 
+WGMMA_BM = (32, 64, 128)  # BLOCK_M: x's two segment buffers take 2 KB a batch row of shared memory (256 KB at 128)
+WGMMA_WG = (1, 2)  # warpgroups a program (64 W rows each)
+
+
+def _wgmma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Launch], torch.Tensor | None]:
+    """wgmma (sm90, `wgmma_ok`): x's copy in the kernel's K order (_x_perm_kernel, into a per-call buffer "xl"),
+    then one program per (64 wg W rows, bm batch rows, K split of whole 256-column segments); splits > 1 go through
+    the split-K workspace and _splitk_reduce_kernel (split order 0..S-1)."""
+    m, k = x2.shape
+    state = w.state
+    n, bs = state.shape[0], state.blocksize
+    bm, wg, asy = cfg.get("bm"), cfg.get("wg", 1), cfg.get("async", True)
+    split_k = cfg.get("split_k", 1)
+    if bm not in WGMMA_BM or wg not in WGMMA_WG or type(asy) is not bool or type(split_k) is not int or split_k < 1:
+        raise ValueError(f"config: a wgmma config takes bm in {WGMMA_BM}, wg in {WGMMA_WG}, async a bool and "
+                         f"split_k an int >= 1, got {cfg}")  # fmt: skip
+    split, per_split = mma_splits(cfg, k)
+    nested = w.code2 is not None
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
+    xl = torch.empty(m * k, dtype=x2.dtype, device=x2.device)
+    dummy = w.absmax
+    bf16 = state.dtype == torch.bfloat16
+    args = (xl, words_of(w), w.absmax, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
+            w.offset if nested else dummy, bias if bias is not None else dummy, ws if ws is not None else out,
+            m, n, k, k // 8, k // bs, out.stride(0), per_split)  # fmt: skip
+    constexprs = {"BLOCKSIZE": bs, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
+                  "HAS_BIAS": bias is not None, "SPLIT": ws is not None, "BM": bm, "WG": wg,
+                  "TABLE": mma4.table_asm(formats.code_values(state.quant_type).tolist(), bf16), "BF16": bf16,
+                  "ASYNC": asy}  # fmt: skip
+    slots = ((0, "xl"),) + (((6, "bias"),) if bias is not None else ()) + ((7, "ws" if ws is not None else "out"),)
+    units = m * k // 2
+    launches = [
+        Launch(wg4._x_perm_kernel, (triton.cdiv(units, wg4.X_PERM_BLOCK), 1, 1), (x2, xl, m, x2.stride(0), k),
+               {"BLOCK": wg4.X_PERM_BLOCK}, {"num_warps": 4}, ((0, "x"), (1, "xl"))),
+        Launch(wg4.linear_4bit_wgmma_kernel, (triton.cdiv(n, 64 * wg), triton.cdiv(m, bm), split), args, constexprs,
+               {"num_warps": 4 * wg}, slots),
+    ]  # fmt: skip
+    if ws is not None:
+        launches.append(_reduce_launch(ws, bias, out, False))
+    return launches, ws
+
+
 _LAUNCHERS = {fn: CachedLauncher(fn) for fn in (_linear_4bit_gemv_kernel, _linear_4bit_gemv2_kernel,
                                                  _linear_4bit_gemm_kernel, _splitk_reduce_kernel,
                                                  mma4._lane_order_kernel)}  # fmt: skip
 if mma4.linear_4bit_mma_kernel is not None:
     _LAUNCHERS[mma4.linear_4bit_mma_kernel] = CachedLauncher(mma4.linear_4bit_mma_kernel)
+_LAUNCHERS[wg4._x_perm_kernel] = CachedLauncher(wg4._x_perm_kernel)
+if wg4.linear_4bit_wgmma_kernel is not None:
+    _LAUNCHERS[wg4.linear_4bit_wgmma_kernel] = CachedLauncher(wg4.linear_4bit_wgmma_kernel)
 
 
 def matmul_dequantized(x2: torch.Tensor, wd: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -1102,7 +1230,7 @@ def forward_2d(x2: torch.Tensor, w: PreparedWeight, bias: torch.Tensor | None, *
     state = w.state
     n = state.shape[0]
     cfg = config or config_for(x2.device, x2.dtype, m, n, k)
-    if kernel_wrap is not None and cfg.get("path") == "mma":  # a Gluon kernel: not through wrap_triton
+    if kernel_wrap is not None and cfg.get("path") in ("mma", "wgmma"):  # Gluon kernels: not through wrap_triton
         cfg = heuristic_config(x2.dtype, m, n, k, _sm_count(x2.device), mma=False)
     cfg = aligned_config(cfg, w, x2.dtype, m, n, k, x2.device, x2)
     if fused_ok(cfg, k):
@@ -1267,7 +1395,7 @@ class _Plan:
             self.work_shape = None if ws is None else tuple(ws.shape)
         names = {name for launch in launches for _, name in launch.slots}
         self.view16 = bool(names & {"out16", "wd16"})
-        self.lanes = "xl" in names  # the mma kernel reads x from its lane-order copy (a per-call buffer)
+        self.lanes = "xl" in names  # the mma / wgmma kernel reads x from its copy (a per-call buffer)
         self.steps = tuple(_Step(launch, device) for launch in launches)
 
     def run(self, x: torch.Tensor, bias) -> torch.Tensor:

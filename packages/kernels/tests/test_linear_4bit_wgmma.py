@@ -1,0 +1,193 @@
+"""linear_4bit's "wgmma" kernel (sm90): the K order its decode and its x copy share, checked on the CPU (the copy
+kernel in the interpreter, the operand's assembly mirrored in torch); the kernel itself on an sm90 GPU in the GPU
+sessions (forced configs against the K-aware policy, the op's choice on the H100 table's keys, the eager plans)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from tritonbits.ops import linear_4bit as L
+from tritonbits.ops import linear_4bit_wgmma as wg4
+from tritonbits.quant_state import prepare
+
+
+def _prepared(device, n: int, k: int, blocksize: int = 64, dtype=torch.bfloat16, nested: bool = True,
+              quant_type: str = "nf4"):  # fmt: skip
+    import tritonbits
+
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    packed, qs = tritonbits.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    return packed, qs, prepare(packed, qs)
+
+
+def _needs_sm90(device):
+    if device.type != "cuda" or not L.wgmma_device(device):
+        pytest.skip("needs an sm90 GPU with the Triton the Gluon kernel ran on (runs in the H100/H200 GPU sessions)")
+
+
+def test_x_perm_is_a_permutation_within_each_segment():
+    """x_perm moves each column inside its own 256-column segment and every column once: logical 32 i + 16 j0 +
+    8 h + 2 q + e from physical 64 q + 8 i + 4 j0 + 2 h + e (the module doc's formula, over every index)."""
+    m, k = 3, 768
+    x = torch.arange(m * k, dtype=torch.int32).view(m, k)
+    xp = wg4.x_perm(x)
+    s, i, j0, h, q, e = torch.meshgrid(*(torch.arange(v) for v in (k // 256, 8, 2, 2, 4, 2)), indexing="ij")
+    logical = 256 * s + 32 * i + 16 * j0 + 8 * h + 2 * q + e
+    physical = 256 * s + 64 * q + 8 * i + 4 * j0 + 2 * h + e
+    assert torch.equal(xp[:, logical.flatten()], x[:, physical.flatten()])
+    assert torch.equal(xp.sort(dim=1).values, x)
+
+
+def test_x_perm_kernel_copies_as_x_perm(device):
+    """_x_perm_kernel (the op's copy of x for the wgmma kernel) writes exactly x_perm's layout, from x rows inside
+    a wider buffer, odd M, a partial last program (runs in the interpreter on the CPU)."""
+    for m, k in ((11, 768), (1, 256), (37, 512)):
+        x = torch.randn(m, k + 64, device=device, dtype=torch.bfloat16)[:, 32 : 32 + k]
+        xp = torch.full((m * k,), float("nan"), device=device, dtype=torch.bfloat16)
+        units = m * k // 2
+        wg4._x_perm_kernel[(triton.cdiv(units, wg4.X_PERM_BLOCK),)](x, xp, m, x.stride(0), k,
+                                                                    BLOCK=wg4.X_PERM_BLOCK)  # fmt: skip
+        assert torch.equal(xp.view(m, k), wg4.x_perm(x)), (m, k)
+
+
+def _a_tile_mirror(words: torch.Tensor, sub: int) -> torch.Tensor:
+    """The kernel's _a_tile in torch: decoded words [R, 4 (lane q's block), 8 (word i), 8 (element)] -> sub-tile
+    `sub`'s operand [R, 64] with the kernel's join / permute / reshape order (join appends the last axis)."""
+    wa, wb = words[:, :, 2 * sub], words[:, :, 2 * sub + 1]  # [R, 4, 8]: words i2 = 0 and 1
+
+    def joined(w):  # _j2(_j2(_j2(a0, a1), _j2(a2, a3)), _j2(_j2(a4, a5), _j2(a6, a7))): [R, 4, e, h, j0]
+        return w.view(w.shape[0], 4, 2, 2, 2).permute(0, 1, 4, 3, 2)
+
+    t = torch.stack((joined(wa), joined(wb)), dim=-1)  # [R, q, e, h, j0, i2]
+    return t.permute(0, 5, 4, 3, 1, 2).reshape(t.shape[0], 64)  # gl.permute((0, 5, 4, 3, 1, 2)), gl.reshape
+
+
+def test_decoded_operand_and_x_copy_share_the_k_order():
+    """The products the kernel forms, sum over sub-tiles s and columns l of A_s[r, l] * x_perm(x)[n, 64 s + l],
+    equal W @ x^T: the operand's assembly (mirrored from _a_tile) and x_perm put the same physical column at each
+    logical one. Integer values, so the sums are exact."""
+    gen = torch.Generator().manual_seed(0)
+    r, m, k = 16, 5, 512
+    w = torch.randint(-8, 8, (r, k), generator=gen, dtype=torch.int64)
+    x = torch.randint(-8, 8, (m, k), generator=gen, dtype=torch.int64)
+    xp = wg4.x_perm(x)
+    got = torch.zeros(r, m, dtype=torch.int64)
+    for seg in range(k // 256):
+        words = w[:, 256 * seg : 256 * (seg + 1)].reshape(r, 4, 8, 8)  # lane q's block, word i, element
+        for s in range(4):
+            a = _a_tile_mirror(words, s)
+            got += a @ xp[:, 256 * seg + 64 * s : 256 * seg + 64 * (s + 1)].T
+    assert torch.equal(got, w @ x.T)
+    # and a wrong order would be caught: the same sums with x in physical order differ
+    wrong = sum(_a_tile_mirror(w[:, :256].reshape(r, 4, 8, 8), s) @ x[:, 64 * s : 64 * (s + 1)].T for s in range(4))
+    assert not torch.equal(wrong, w[:, :256] @ x[:, :256].T)
+
+
+def test_decode16_asm_keeps_the_decodes_operands():
+    """decode16_asm is decode_asm with its inputs renumbered ($4..$12 -> $8..$16) and its four pair outputs moved
+    into eight 16-bit ones, the lower element first."""
+    asm = wg4.decode16_asm()
+    body = L.mma4.decode_asm()
+    for i in range(4, 13):
+        assert body.count(f"${i},") + body.count(f"${i};") == asm.count(f"${i + 4},") + asm.count(f"${i + 4};"), i
+    for j in range(4):
+        assert f"mov.b32 {{${2 * j}, ${2 * j + 1}}}, p{j};" in asm
+
+
+def test_wgmma_config_rule_and_refusals(device):
+    """heuristic_wgmma_config (the NOTE's rule) and the plan's refusals of a bad wgmma config (by name)."""
+    for m, n, k, want in (
+        (17, 4096, 4096, (32, 1, 4)),
+        (64, 14336, 4096, (64, 1, 4)),
+        (128, 14336, 4096, (128, 2, 1)),
+        (200, 4096, 4096, (128, 2, 2)),
+        (32, 28672, 8192, (32, 1, 2)),
+        (64, 4096, 512, (64, 1, 1)),
+    ):
+        cfg = L.heuristic_wgmma_config(m, n, k)
+        assert (cfg["path"], cfg["bm"], cfg["wg"], cfg["split_k"], cfg["async"]) == ("wgmma", *want, True), (m, n, k)
+    for m in (1, 16, 17, 256, 257):  # the heuristic's range, N above WGMMA_MIN_N, 16-bit x, K in whole segments
+        for n, k, dtype in ((4096, 4096, torch.bfloat16), (2048, 4096, torch.float16), (4096, 4096, torch.float32),
+                            (4096, 4096 + 64, torch.bfloat16)):  # fmt: skip
+            path = L.heuristic_config(dtype, m, n, k, 132, wgmma=True)["path"]
+            wanted = 17 <= m <= 256 and n > 2048 and dtype != torch.float32 and k % 256 == 0
+            assert (path == "wgmma") == wanted, (m, n, k, dtype, path)
+            assert L.heuristic_config(dtype, m, n, k, 132)["path"] != "wgmma"
+    _, _, pw = _prepared(device, 64, 512)
+    x = torch.randn(20, 512, device=device, dtype=torch.bfloat16)
+    out = torch.empty(20, 64, device=device, dtype=torch.bfloat16)
+    for bad in ({"bm": 48}, {"bm": 256}, {"wg": 4}, {"async": 1}, {"split_k": 0}, {"bm": None}):
+        cfg = {"path": "wgmma", "bm": 64, "wg": 1, "split_k": 1, "async": True, **bad}
+        with pytest.raises(ValueError, match="wgmma config"):
+            L._wgmma_launches(x, pw, None, out, cfg)
+    launches, ws = L._wgmma_launches(x, pw, None, out, {"path": "wgmma", "bm": 32, "wg": 2, "split_k": 2,
+                                                         "async": False})  # fmt: skip
+    assert [la.fn for la in launches] == [wg4._x_perm_kernel, wg4.linear_4bit_wgmma_kernel, L._splitk_reduce_kernel]
+    assert launches[1].grid == (1, 1, 2) and launches[1].slots[0] == (0, "xl") and ws.shape == (2, 20, 64)
+    assert L.launch_count({"path": "wgmma", "bm": 32, "wg": 2, "split_k": 2}, 20, 64, 512) == len(launches)
+    assert L.launch_count({"path": "wgmma", "bm": 32, "wg": 2, "split_k": 1}, 20, 64, 512) == 2
+
+
+def test_wgmma_ok_follows_the_device_and_the_problem(device):
+    """wgmma_problem_ok (the contract on any machine) refuses what the decode cannot read; wgmma_ok also needs
+    an sm90 device (never the CPU or the interpreter)."""
+    _, _, pw = _prepared(device, 64, 512)
+    x = torch.randn(300, 512, device=device, dtype=torch.bfloat16)
+    assert L.wgmma_problem_ok(pw, x) and L.wgmma_problem_ok(pw, x[:17])
+    assert not L.wgmma_problem_ok(pw, x.half()) and not L.wgmma_problem_ok(pw, x[:, :256].contiguous()[:, 1:])
+    assert not L.wgmma_problem_ok(pw, torch.randn(512, 300, device=device, dtype=torch.bfloat16).T)
+    assert L.wgmma_ok(pw, x, device) == (device.type == "cuda" and L.wgmma_device(device))
+    assert not L.wgmma_ok(pw, x, torch.device("cpu"))
+
+
+GPU_FORCED = [  # (M, N, K, blocksize, nested, quant type, bm, wg, split, async)
+    (17, 1000, 4096, 64, True, "nf4", 32, 1, 1, True), (64, 1000, 4096, 128, False, "fp4", 64, 2, 3, False),
+    (100, 2000, 768, 256, True, "nf4", 128, 2, 2, True), (129, 1000, 1024, 64, True, "fp4", 64, 1, 4, True),
+    (256, 4096, 512, 512, False, "nf4", 128, 2, 1, False), (33, 600, 4096, 4096, True, "nf4", 32, 2, 16, True),
+    (200, 1000, 256, 64, True, "nf4", 128, 1, 1, True), (5, 1000, 2048, 64, True, "nf4", 32, 1, 2, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_FORCED, ids=lambda c: "m{}-n{}-k{}-bs{}-nested{}-{}-bm{}-wg{}-s{}-a{}".format(*c))
+def test_forced_wgmma_configs_against_the_policy(device, dtype, case):
+    """The wgmma kernel itself (forced configs) on fresh random problems: N and M not multiples of a program's
+    tile, splits that do not divide K's segments, a bias, x rows inside a wider buffer; out poisoned; every result
+    within the K-aware policy."""
+    _needs_sm90(device)
+    import tritonbits
+    from tritonbits_harness.tolerance import assert_matmul
+
+    m, n, k, bs, nested, qt, bm, wg, split, asy = case
+    packed, qs, pw = _prepared(device, n, k, bs, dtype, nested, qt)
+    wd = tritonbits.dequantize_4bit(packed, qs)
+    x = torch.randn(m, k + 128, device=device, dtype=dtype)[:, 64 : 64 + k]
+    bias = torch.randn(n, device=device, dtype=dtype)
+    assert L.wgmma_ok(pw, x, device)
+    out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+    L.launch_fused(x, pw, bias, out, {"path": "wgmma", "bm": bm, "wg": wg, "split_k": split, "async": asy})
+    assert_matmul(out, x, wd, bias)
+
+
+def test_the_op_takes_wgmma_where_the_table_or_rule_names_it(device):
+    """On an sm90 GPU the op's own choice at M = 17..256 is the wgmma kernel (the H100 table's keys, the rule
+    elsewhere), its plans pass each call's own x through the copy, and the result is within the policy."""
+    _needs_sm90(device)
+    import tritonbits
+    from tritonbits_harness.tolerance import assert_matmul
+
+    n, k = 4096, 1024
+    packed, qs, pw = _prepared(device, n, k)
+    wd = tritonbits.dequantize_4bit(packed, qs)
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+    for m in (17, 64, 130):
+        cfg = L.aligned_config(L.config_for(device, torch.bfloat16, m, n, k), pw, torch.bfloat16, m, n, k, device,
+                               torch.empty(m, k, device=device, dtype=torch.bfloat16))  # fmt: skip
+        assert cfg["path"] == "wgmma", (m, cfg)
+        for _ in range(3):  # the first call plans, the next ones run the bound launches with fresh x
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            assert_matmul(tritonbits.linear_4bit(x, packed, qs, bias), x, wd, bias)
+    plans = L._prepare(packed, qs).launches["linear_4bit"].values()
+    assert all(p.lanes and p.steps[0].launcher is L._launcher_of(wg4._x_perm_kernel) for p in plans)
