@@ -702,7 +702,9 @@ def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
 # table names the best ones at those keys). The H200 (same probe, log docs/gpu-runs/logs/20261124T2232Z-nvidia-h200-
 # wgmma-probe.txt; 22 of the 24 cases before its time limit): the rule within 0.999-1.019x of the best config at all
 # 22, the best config 1.13-1.57x faster than the H200 table's gemm / mma entries of the time at M = 32..128 (its
-# table now names the best configs at those 22 keys; (8192, 28672) M = 128 keeps its gemm entry). N <= 2048 was not
+# table now names the best configs at those 22 keys; (8192, 28672) M = 128 keeps its gemm entry). At M = 256 the
+# H200's dequantize + cuBLAS took 26.0 / 39.3 us at 4096 x 4096 / 6144 (bench 20261124T203350Z) where the wgmma
+# kernel took 27.2 / 40.2 (bench 20261124T223952Z): the H200 table names dequantize there. N <= 2048 was not
 # measured: the rule stays above WGMMA_MIN_N.
 HEURISTIC_WGMMA_TARGET = {64: 512, 256: 96}  # largest M bucket: programs to reach by splitting K
 HEURISTIC_WGMMA_MAX_SPLIT = 4
