@@ -23,7 +23,8 @@ makes on a GPU uses rcp.approx and 4 warps for a 4096-value tile. Needs no TRITO
 off here) and no CUDA device; uses Triton's binder internals (triton.runtime.jit), checked with triton 3.9 and
 with the GPU machine's 3.6 (on PYTHONPATH ahead of the venv's: docs/gpu-sessions.md). Also counted: linear_4bit's
 launches at M = 1, 2, 4 on an nf4 nested bs64 bf16 weight of --shape's N x K (the H100 table's configs, planned
-for 132 SMs), and with --mma its Gluon mma kernel at M = 1, 4, 8, 16, 32, 64 (Gluon needs the GPU machine's 3.6 here).
+for 132 SMs), with --mma its Gluon mma kernel at M = 1, 4, 8, 16, 32, 64 and with --wgmma its Gluon wgmma kernel at
+M = 32, 64, 128, 256 (Gluon needs the GPU machine's 3.6 here).
 """
 
 from __future__ import annotations
@@ -241,6 +242,28 @@ def linear_4bit_mma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
     return out
 
 
+def linear_4bit_wgmma_launches(n_rows: int, k: int, num_warps) -> list[Launch]:
+    """linear_4bit's Gluon "wgmma" kernel (sm90) at M = 32, 64, 128, 256 with the H100 table's config, else the
+    heuristic's, on an nf4 nested bs64 bf16 weight [n_rows, k]; planned with `_wgmma_launches` (the op checks
+    `wgmma_ok` on an sm90 GPU only). Needs the GPU machine's 3.6 on PYTHONPATH."""
+    from tritonbits.ops import linear_4bit as l4
+
+    if l4.wg4.linear_4bit_wgmma_kernel is None:
+        raise SystemExit("--wgmma: this Triton has no Gluon (put the GPU machine's 3.6 on PYTHONPATH: module doc)")
+    w = _planned_weight(n_rows, k)
+    out = []
+    for m in (32, 64, 128, 256):
+        x2, y, cfg = _problem(m, n_rows, k, lambda mm: l4.heuristic_wgmma_config(mm, n_rows, k))
+        if cfg.get("path") != "wgmma":  # a key the table gives another path
+            cfg = l4.heuristic_wgmma_config(m, n_rows, k)
+        la = next(la for la in l4._wgmma_launches(x2, w, None, y, cfg)[0] if la.fn is l4.wg4.linear_4bit_wgmma_kernel)
+        rows = 64 * la.constexprs["WG"]  # values a program: its W rows x its split's K columns
+        out.append(Launch(f"linear_4bit m{m} wgmma {' '.join(f'{a}={b}' for a, b in cfg.items() if a != 'path')}",
+                          la.fn, la.grid, la.args, la.constexprs, _apply_warps(la.options, num_warps),
+                          rows * k // la.grid[2]))  # fmt: skip
+    return out
+
+
 def _problem(m: int, n_rows: int, k: int, fallback):
     """(x [m, k], out [m, n_rows], config) in bf16: the H100 table's config for the key, else `fallback(m)`."""
     from tritonbits.ops import linear_4bit as l4
@@ -387,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump", type=Path, help="write each config's .sass, .ptx and .ttgir here")
     parser.add_argument("--mma", action="store_true", help="also linear_4bit's Gluon mma kernel at M = 1..64 "
                         "(needs Gluon: the GPU machine's Triton 3.6 on PYTHONPATH)")  # fmt: skip
+    parser.add_argument("--wgmma", action="store_true", help="also linear_4bit's Gluon wgmma kernel (sm90) at M = "
+                        "32..256 (needs Gluon: the GPU machine's Triton 3.6 on PYTHONPATH)")  # fmt: skip
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
         print("note: a CUDA device is present; compiling offline for the --arch target anyway", file=sys.stderr)
@@ -401,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         launches += linear_4bit_launches(dims[0], dims[1], warps)
         if args.mma:
             launches += linear_4bit_mma_launches(dims[0], dims[1], warps)
+        if args.wgmma:
+            launches += linear_4bit_wgmma_launches(dims[0], dims[1], warps)
     words = [w for o in args.only for w in o.split()]
     launches = [la for la in launches if all(w in la.name for w in words)]
     if args.dump is not None:

@@ -704,7 +704,9 @@ def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
 # 22, the best config 1.13-1.57x faster than the H200 table's gemm / mma entries of the time at M = 32..128 (its
 # table now names the best configs at those 22 keys; (8192, 28672) M = 128 keeps its gemm entry). At M = 256 the
 # H200's dequantize + cuBLAS took 26.0 / 39.3 us at 4096 x 4096 / 6144 (bench 20261124T203350Z) where the wgmma
-# kernel took 27.2 / 40.2 (bench 20261124T223952Z): the H200 table names dequantize there. N <= 2048 was not
+# kernel took 27.2 / 40.2 (bench 20261124T223952Z), and in one run with that table 26.0 / 38.9 against the wgmma's
+# best 26.7 / 40.0 (log docs/gpu-runs/logs/20261124T2246Z-nvidia-h200-wgmma-probe-m256.txt): the H200 table names
+# dequantize there. N <= 2048 was not
 # measured: the rule stays above WGMMA_MIN_N.
 HEURISTIC_WGMMA_TARGET = {64: 512, 256: 96}  # largest M bucket: programs to reach by splitting K
 HEURISTIC_WGMMA_MAX_SPLIT = 4
