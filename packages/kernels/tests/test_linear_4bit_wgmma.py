@@ -53,8 +53,9 @@ def test_x_perm_kernel_copies_as_x_perm(device):
 
 
 def _a_tile_mirror(words: torch.Tensor, sub: int) -> torch.Tensor:
-    """The kernel's _a_tile in torch: decoded words [R, 4 (lane q's block), 8 (word i), 8 (element)] -> sub-tile
-    `sub`'s operand [R, 64] with the kernel's join / permute / reshape order (join appends the last axis)."""
+    """A torch mirror of the kernel's _a_tile (it restates the kernel's join / permute / reshape order, join
+    appending the last axis: a change there must be mirrored here; the GPU tests check the kernel itself): decoded
+    words [R, 4 (lane q's block), 8 (word i), 8 (element)] -> sub-tile `sub`'s operand [R, 64]."""
     wa, wb = words[:, :, 2 * sub], words[:, :, 2 * sub + 1]  # [R, 4, 8]: words i2 = 0 and 1
 
     def joined(w):  # _j2(_j2(_j2(a0, a1), _j2(a2, a3)), _j2(_j2(a4, a5), _j2(a6, a7))): [R, 4, e, h, j0]
@@ -118,40 +119,83 @@ def test_wgmma_config_rule_and_refusals(device):
     _, _, pw = _prepared(device, 64, 512)
     x = torch.randn(20, 512, device=device, dtype=torch.bfloat16)
     out = torch.empty(20, 64, device=device, dtype=torch.bfloat16)
-    for bad in ({"bm": 48}, {"bm": 256}, {"wg": 4}, {"async": 1}, {"split_k": 0}, {"bm": None}):
+    bads = ({"bm": 48}, {"bm": 256}, {"bm": 64.0}, {"wg": 4}, {"wg": 1.0}, {"wg": True}, {"async": 1},
+            {"split_k": 0}, {"split_k": 2.0}, {"bm": None}, {"splitk": 2}, {"warps": 8})  # fmt: skip
+    for bad in bads:
         cfg = {"path": "wgmma", "bm": 64, "wg": 1, "split_k": 1, "async": True, **bad}
         with pytest.raises(ValueError, match="wgmma config"):
             L._wgmma_launches(x, pw, None, out, cfg)
+        # and through the op on any machine: checked before a machine that cannot run it replaces the config
+        with pytest.raises(ValueError, match="wgmma config"):
+            L.forward_2d(x, pw, None, config=cfg)
+    with pytest.raises(ValueError, match="rows of x"):  # the grid's second dimension
+        L._wgmma_launches(torch.empty(32 * 65535 + 1, 512, dtype=torch.bfloat16, device="meta"), pw, None, out,
+                          {"path": "wgmma", "bm": 32})  # fmt: skip
     launches, ws = L._wgmma_launches(x, pw, None, out, {"path": "wgmma", "bm": 32, "wg": 2, "split_k": 2,
                                                          "async": False})  # fmt: skip
     assert [la.fn for la in launches] == [wg4._x_perm_kernel, wg4.linear_4bit_wgmma_kernel, L._splitk_reduce_kernel]
     assert launches[1].grid == (1, 1, 2) and launches[1].slots[0] == (0, "xl") and ws.shape == (2, 20, 64)
     assert L.launch_count({"path": "wgmma", "bm": 32, "wg": 2, "split_k": 2}, 20, 64, 512) == len(launches)
     assert L.launch_count({"path": "wgmma", "bm": 32, "wg": 2, "split_k": 1}, 20, 64, 512) == 2
+    for launch in launches:  # the cached launcher's fast path passes constexprs positionally
+        L._LAUNCHERS[launch.fn].check_order(len(launch.args), launch.constexprs)
+    with pytest.raises(ValueError, match="wrap_triton"):  # Gluon: not under a triton_op
+        L.launch_fused(x, pw, None, out, {"path": "wgmma", "bm": 32}, kernel_wrap=lambda fn: fn,
+                       use_asm=True if device.type == "cuda" else None)  # fmt: skip
 
 
 def test_wgmma_ok_follows_the_device_and_the_problem(device):
-    """wgmma_problem_ok (the contract on any machine) refuses what the decode cannot read; wgmma_ok also needs
-    an sm90 device (never the CPU or the interpreter)."""
+    """wgmma_problem_ok (the contract on any machine) refuses what the decode and the x copy cannot read, each case
+    breaking one condition; wgmma_ok also needs an sm90 device, so a refused config becomes the heuristic's choice
+    without it (aligned_config): never the CPU or the interpreter."""
     _, _, pw = _prepared(device, 64, 512)
     x = torch.randn(300, 512, device=device, dtype=torch.bfloat16)
-    assert L.wgmma_problem_ok(pw, x) and L.wgmma_problem_ok(pw, x[:17])
-    assert not L.wgmma_problem_ok(pw, x.half()) and not L.wgmma_problem_ok(pw, x[:, :256].contiguous()[:, 1:])
-    assert not L.wgmma_problem_ok(pw, torch.randn(512, 300, device=device, dtype=torch.bfloat16).T)
-    assert L.wgmma_ok(pw, x, device) == (device.type == "cuda" and L.wgmma_device(device))
-    assert not L.wgmma_ok(pw, x, torch.device("cpu"))
+    assert L.wgmma_problem_ok(pw, x) and L.wgmma_problem_ok(pw, x[:17]) and L.wgmma_problem_ok(pw, x[:1])
+    buf = torch.randn(4, 1024 + 16, device=device, dtype=torch.bfloat16)
+    assert L.wgmma_problem_ok(pw, buf[:, 8:520])  # rows 1040 elements apart, 16 bytes in
+    refused = {
+        "fp16 x, bf16 W": x.half(),
+        "K not a multiple of 256": torch.randn(4, 255, device=device, dtype=torch.bfloat16),
+        "not contiguous along K": torch.randn(512, 300, device=device, dtype=torch.bfloat16).T,
+        "4 bytes in, not 16": buf[:, 2:514],
+        "odd row stride": torch.randn(4, 513, device=device, dtype=torch.bfloat16)[:, :512],
+    }
+    for name, bad in refused.items():
+        assert not L.wgmma_problem_ok(pw, bad), name
+    cfg = {"path": "wgmma", "bm": 32, "wg": 1, "split_k": 1, "async": True}
+
+    def without_wgmma(m, x2=None):  # the heuristic's choice, as aligned_config would check it in turn
+        chosen = L.heuristic_config(x.dtype, m, 64, 512, L._sm_count(device))
+        return L.aligned_config(chosen, pw, x.dtype, m, 64, 512, device, x2)
+
+    assert L.aligned_config(cfg, pw, x.dtype, 300, 64, 512, device) == without_wgmma(300)  # no x: never wgmma
+    for name, bad in refused.items():
+        if bad.dtype == x.dtype and bad.shape[1] == 512:
+            m = bad.shape[0]
+            assert L.aligned_config(cfg, pw, x.dtype, m, 64, 512, device, bad) == without_wgmma(m, bad), name
+    if device.type != "cuda" or not L.wgmma_device(device):
+        assert not L.wgmma_ok(pw, x, device)
+        assert L.aligned_config(cfg, pw, x.dtype, 300, 64, 512, device, x) == without_wgmma(300, x)
 
 
-GPU_FORCED = [  # (M, N, K, blocksize, nested, quant type, bm, wg, split, async)
-    (17, 1000, 4096, 64, True, "nf4", 32, 1, 1, True), (64, 1000, 4096, 128, False, "fp4", 64, 2, 3, False),
-    (100, 2000, 768, 256, True, "nf4", 128, 2, 2, True), (129, 1000, 1024, 64, True, "fp4", 64, 1, 4, True),
-    (256, 4096, 512, 512, False, "nf4", 128, 2, 1, False), (33, 600, 4096, 4096, True, "nf4", 32, 2, 16, True),
-    (200, 1000, 256, 64, True, "nf4", 128, 1, 1, True), (5, 1000, 2048, 64, True, "nf4", 32, 1, 2, False),
-]  # fmt: skip
+GPU_FORCED = [  # (M, N, K, blocksize, nested, quant type, bm, wg, split, async, bias)
+    (17, 1000, 4096, 64, True, "nf4", 32, 1, 1, True, True),
+    (64, 1000, 4096, 128, False, "fp4", 64, 2, 3, False, False),
+    (100, 2000, 768, 256, True, "nf4", 128, 2, 2, True, True),
+    (129, 1000, 1024, 64, True, "fp4", 64, 1, 4, True, False),
+    (256, 4096, 512, 512, False, "nf4", 128, 2, 1, False, True),
+    (33, 600, 4096, 4096, True, "nf4", 32, 2, 16, True, True),
+    (200, 1000, 256, 64, True, "nf4", 128, 1, 1, True, False),
+    (5, 1000, 2048, 64, True, "nf4", 32, 1, 2, False, True),
+    (1, 1000, 1024, 64, True, "nf4", 32, 1, 1, True, False),
+    (1, 700, 512, 64, False, "fp4", 64, 2, 2, False, True),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", GPU_FORCED, ids=lambda c: "m{}-n{}-k{}-bs{}-nested{}-{}-bm{}-wg{}-s{}-a{}".format(*c))
+@pytest.mark.parametrize(
+    "case", GPU_FORCED, ids=lambda c: "m{}-n{}-k{}-bs{}-nested{}-{}-bm{}-wg{}-s{}-a{}-b{}".format(*c)
+)
 def test_forced_wgmma_configs_against_the_policy(device, dtype, case):
     """The wgmma kernel itself (forced configs) on fresh random problems: N and M not multiples of a program's
     tile, splits that do not divide K's segments, a bias, x rows inside a wider buffer; out poisoned; every result
@@ -160,11 +204,11 @@ def test_forced_wgmma_configs_against_the_policy(device, dtype, case):
     import tritonbits
     from tritonbits_harness.tolerance import assert_matmul
 
-    m, n, k, bs, nested, qt, bm, wg, split, asy = case
+    m, n, k, bs, nested, qt, bm, wg, split, asy, with_bias = case
     packed, qs, pw = _prepared(device, n, k, bs, dtype, nested, qt)
     wd = tritonbits.dequantize_4bit(packed, qs)
     x = torch.randn(m, k + 128, device=device, dtype=dtype)[:, 64 : 64 + k]
-    bias = torch.randn(n, device=device, dtype=dtype)
+    bias = torch.randn(n, device=device, dtype=dtype) if with_bias else None
     assert L.wgmma_ok(pw, x, device)
     out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
     L.launch_fused(x, pw, bias, out, {"path": "wgmma", "bm": bm, "wg": wg, "split_k": split, "async": asy})
@@ -172,8 +216,8 @@ def test_forced_wgmma_configs_against_the_policy(device, dtype, case):
 
 
 def test_the_op_takes_wgmma_where_the_table_or_rule_names_it(device):
-    """On an sm90 GPU the op's own choice at M = 17..256 is the wgmma kernel (the H100 table's keys, the rule
-    elsewhere), its plans pass each call's own x through the copy, and the result is within the policy."""
+    """On an sm90 GPU the op's own choice at M = 17..256 is the wgmma kernel where the rule names it (K = 1024: no
+    table key), its plans pass each call's own x through the copy, and the result is within the policy."""
     _needs_sm90(device)
     import tritonbits
     from tritonbits_harness.tolerance import assert_matmul
@@ -191,3 +235,49 @@ def test_the_op_takes_wgmma_where_the_table_or_rule_names_it(device):
             assert_matmul(tritonbits.linear_4bit(x, packed, qs, bias), x, wd, bias)
     plans = L._prepare(packed, qs).launches["linear_4bit"].values()
     assert all(p.lanes and p.steps[0].launcher is L._launcher_of(wg4._x_perm_kernel) for p in plans)
+
+
+def test_the_tables_wgmma_entries_are_what_the_op_runs(device):
+    """At a key both tables name a wgmma config for ((4096, 4096) at M = 64), the op on an sm90 GPU runs exactly
+    that entry, and its result (x of three layouts: contiguous, rows in a wider buffer, a 3-D view) is within the
+    policy."""
+    _needs_sm90(device)
+    import tritonbits
+    from tritonbits import configs
+    from tritonbits_harness.tolerance import assert_matmul
+
+    m, n, k = 64, 4096, 4096
+    key = L.config_key(torch.bfloat16, m, n, k)
+    entry = configs.lookup("linear_4bit", device, key)
+    assert entry is not None and entry["path"] == "wgmma", entry
+    assert L.config_for(device, torch.bfloat16, m, n, k) == entry
+    packed, qs, _pw = _prepared(device, n, k)
+    wd = tritonbits.dequantize_4bit(packed, qs)
+    for x in (torch.randn(m, k, device=device, dtype=torch.bfloat16),
+              torch.randn(m, k + 64, device=device, dtype=torch.bfloat16)[:, 32 : 32 + k],
+              torch.randn(2, m // 2, k, device=device, dtype=torch.bfloat16)):  # fmt: skip
+        y = tritonbits.linear_4bit(x, packed, qs)
+        assert_matmul(y.reshape(m, n), x.reshape(m, k), wd)
+
+
+def test_wgmma_in_a_cuda_graph(device):
+    """The wgmma path's launches (the x copy, the kernel, the split-K reduction) captured in a CUDA graph after an
+    eager warm-up; each replay on fresh x gives its own product."""
+    _needs_sm90(device)
+    import tritonbits
+    from tritonbits_harness.tolerance import assert_matmul
+
+    m, n, k = 48, 4096, 2048
+    packed, qs, _pw = _prepared(device, n, k)
+    wd = tritonbits.dequantize_4bit(packed, qs)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+    y = tritonbits.linear_4bit(x, packed, qs, bias)  # warm-up: compiles and binds
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = tritonbits.linear_4bit(x, packed, qs, bias)
+    for _ in range(3):
+        x.copy_(torch.randn(m, k, device=device, dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matmul(y, x, wd, bias)

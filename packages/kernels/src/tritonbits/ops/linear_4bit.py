@@ -11,9 +11,9 @@ dequantize_4bit's output bit for bit.
 x: [..., K] fp16/bf16/fp32 (any strides); out: [..., N] in x's dtype.
 
 Six paths, chosen per M bucket from configs/linear_4bit.json (`config_for`; heuristic_config for keys the table
-lacks: for 16-bit x the mma kernel up to M=16 (M=8 where N <= 2048), on Hopper (sm90) the wgmma kernel at M=17..256,
-elsewhere the tensor-core gemm up to M=128, dequantize + cuBLAS above; gemv2 where mma cannot run at M <= 2: see the
-NOTEs):
+lacks: for 16-bit x the mma kernel up to M=16 (M=8 where N <= 2048), on Hopper (sm90) the wgmma kernel at M=17..256
+for N > 2048 and K a multiple of 256, elsewhere the tensor-core gemm up to M=128, dequantize + cuBLAS above; gemv2
+where mma cannot run at M <= 2: see the NOTEs):
 - "mma" (16-bit x, M <= 16 by default, up to 64 by config): linear_4bit_mma's Gluon kernel (per-block tables in
   each thread, byte-permute decode straight into mma.sync operands; its module doc);
 - "wgmma" (16-bit x on sm90, M = 17..256 by default): linear_4bit_wgmma's Gluon kernel (the same decode straight
@@ -693,9 +693,11 @@ def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
 # checked against the K-aware policy): at the six issue shapes its best config took 0.78-0.86x the op's time of the
 # day at M = 32 (mma / gemm), 0.63-0.87x at M = 64 and 0.69-0.76x at M = 128 (the gemm), 0.66-0.87x at M = 256
 # (dequantize + cuBLAS); 4096 x 14336: 27.8 / 32.7 / 40.5 / 78.1 us at M = 32 / 64 / 128 / 256 (the op 35.7 / 51.0 /
-# 58.8 / 105.5, dense bf16 44.0 / 44.2 / 45.9 / 50.9). Best configs: one warpgroup (64 W rows a program) and
-# BLOCK_M = M up to M = 64, two warpgroups with BLOCK_M = 128 above; asynchronous products as fast as synchronous
-# ones or faster at most points. HEURISTIC_WGMMA_TARGET: splits (a power of two, at most 4) until the programs reach
+# 58.8 / 105.5, dense bf16 44.0 / 44.2 / 45.9 / 50.9). Best configs: BLOCK_M = M up to M = 64, mostly with one
+# warpgroup (64 W rows a program; two at 3 of those 12 cases, within 0.7-2.3% with one: 4096 x 4096 at M = 32 and
+# 64, 4096 x 28672 at M = 64), two warpgroups with BLOCK_M = 128 above; asynchronous products as fast as
+# synchronous ones or faster at most points. HEURISTIC_WGMMA_TARGET: splits (a power of two, at most 4) until the
+# programs reach
 # it: 512 up to M = 64 (4096 x 28672 M = 32: 448 programs, 2 splits 45.7 us against 49.0 for one), 96 above (4096 x
 # 6144 M = 128: 48 programs, 2 splits 25.5 against 30.2 for 4; 4096 x 14336 M = 128: 112 programs, one split 40.5
 # against 49.2 for 2). At the probe's 24 cases the rule's config takes 1.00-1.08x the best config's time (the H100
@@ -703,10 +705,11 @@ def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
 # wgmma-probe.txt; 22 of the 24 cases before its time limit): the rule within 0.999-1.019x of the best config at all
 # 22, the best config 1.13-1.57x faster than the H200 table's gemm / mma entries of the time at M = 32..128 (its
 # table now names the best configs at those 22 keys; (8192, 28672) M = 128 keeps its gemm entry). At M = 256 the
-# H200's dequantize + cuBLAS took 26.0 / 39.3 us at 4096 x 4096 / 6144 (bench 20261124T203350Z) where the wgmma
-# kernel took 27.2 / 40.2 (bench 20261124T223952Z), and in one run with that table 26.0 / 38.9 against the wgmma's
-# best 26.7 / 40.0 (log docs/gpu-runs/logs/20261124T2246Z-nvidia-h200-wgmma-probe-m256.txt): the H200 table names
-# dequantize there. N <= 2048 was not
+# H200's dequantize + cuBLAS took 26.0 / 39.3 us at 4096 x 4096 / 6144 (bench 20261124T203350Z / 203524Z) where the
+# wgmma kernel took 27.2 / 40.2 (bench 20261124T223952Z / 224117Z; in that run's own dequantize + F.linear rows 26.8
+# / 40.8), and in one run with that table 26.0 / 38.9 against the wgmma's best 26.7 / 40.0 (log docs/gpu-runs/logs/
+# 20261124T2246Z-nvidia-h200-wgmma-probe-m256.txt): the H200 table names dequantize there (at 4096 x 6144 the runs
+# disagree by 1-3%: a tie). N <= 2048 was not
 # measured: the rule stays above WGMMA_MIN_N.
 HEURISTIC_WGMMA_TARGET = {64: 512, 256: 96}  # largest M bucket: programs to reach by splitting K
 HEURISTIC_WGMMA_MAX_SPLIT = 4
@@ -829,8 +832,10 @@ def aligned_config(cfg: dict, w: PreparedWeight, x_dtype: torch.dtype, m: int, n
     the gemv up to M=4, dequantize + matmul above (the gemv re-reads W for every 4 rows of x). An "mma" config
     where `mma_ok` refuses the problem (or no x2 is given) takes heuristic_config instead; so does a "wgmma" config
     where `wgmma_ok` refuses it."""
-    if cfg.get("path") == "wgmma" and (x2 is None or not wgmma_ok(w, x2, device)):
-        cfg = heuristic_config(x_dtype, m, n, k, _sm_count(device))
+    if cfg.get("path") == "wgmma":
+        check_wgmma_config(cfg)  # on every machine, before a refusal replaces it
+        if x2 is None or not wgmma_ok(w, x2, device):
+            cfg = heuristic_config(x_dtype, m, n, k, _sm_count(device))
     if cfg.get("path") == "mma" and (x2 is None or not mma_ok(w, x2, device)):
         cfg = heuristic_config(x_dtype, m, n, k, _sm_count(device), mma=False)
     if cfg.get("path") in ("gemv2", "gemm") and words_of(w) is None:
@@ -1167,8 +1172,20 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
     return launches, ws
 
 
-WGMMA_BM = (32, 64, 128)  # BLOCK_M: x's two segment buffers take 2 KB a batch row of shared memory (256 KB at 128)
+WGMMA_BM = (32, 64, 128)  # BLOCK_M: x's two segment buffers take 1 KB a batch row of shared memory (128 KB at 128)
 WGMMA_WG = (1, 2)  # warpgroups a program (64 W rows each)
+WGMMA_KEYS = frozenset({"path", "bm", "wg", "split_k", "async"})
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the wgmma kernel's batch-row tiles)
+
+
+def check_wgmma_config(cfg: dict) -> None:
+    """A "wgmma" config's shape, checked before anything else reads it (a typo must not run another config): only
+    WGMMA_KEYS, bm in WGMMA_BM and wg in WGMMA_WG (ints), async a bool, split_k an int >= 1."""
+    bm, wg, asy, split_k = cfg.get("bm"), cfg.get("wg", 1), cfg.get("async", True), cfg.get("split_k", 1)
+    if (set(cfg) - WGMMA_KEYS or type(bm) is not int or bm not in WGMMA_BM or type(wg) is not int
+            or wg not in WGMMA_WG or type(asy) is not bool or type(split_k) is not int or split_k < 1):  # fmt: skip
+        raise ValueError(f"config: a wgmma config takes only the keys {sorted(WGMMA_KEYS)}, bm in {WGMMA_BM}, wg in "
+                         f"{WGMMA_WG}, async a bool and split_k an int >= 1, got {cfg}")  # fmt: skip
 
 
 def _wgmma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Launch], torch.Tensor | None]:
@@ -1178,11 +1195,10 @@ def _wgmma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[L
     m, k = x2.shape
     state = w.state
     n, bs = state.shape[0], state.blocksize
-    bm, wg, asy = cfg.get("bm"), cfg.get("wg", 1), cfg.get("async", True)
-    split_k = cfg.get("split_k", 1)
-    if bm not in WGMMA_BM or wg not in WGMMA_WG or type(asy) is not bool or type(split_k) is not int or split_k < 1:
-        raise ValueError(f"config: a wgmma config takes bm in {WGMMA_BM}, wg in {WGMMA_WG}, async a bool and "
-                         f"split_k an int >= 1, got {cfg}")  # fmt: skip
+    check_wgmma_config(cfg)
+    bm, wg, asy = cfg["bm"], cfg.get("wg", 1), cfg.get("async", True)
+    if triton.cdiv(m, bm) > MAX_GRID_Y:
+        raise ValueError(f"config: a wgmma config with bm={bm} takes at most {MAX_GRID_Y * bm} rows of x, got {m}")
     split, per_split = mma_splits(cfg, k)
     nested = w.code2 is not None
     ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else None

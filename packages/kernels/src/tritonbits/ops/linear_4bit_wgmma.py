@@ -17,8 +17,8 @@ Logical column l of a segment's sub-tile s (l = 32 i2 + 16 j0 + 8 h + 2 q + e) h
 64 q + 16 s + 8 i2 + 4 j0 + 2 h + e: word 2 s + i2 of lane q's block, its element 4 j0 + 2 h + e (bnb's high nibble
 is the even element). A program takes BN = 64 WG W rows (WG warpgroups, each its own 64) and BM batch rows over its K
 split; the accumulator [BN, BM] stays in registers (wgmma's layout), then goes to out (+ bias) or to the split-K
-workspace. With ASYNC the four sub-tiles' products are issued asynchronously, each decode overlapping the previous
-product (one in flight).
+workspace. With ASYNC the four sub-tiles' products are issued asynchronously, each decode overlapping the product
+before it (at most two in flight; an A tile's registers kept until its product is done).
 
 Sum order: the tensor core's inside each 16-column step (in the permuted K order), then the steps in order, fp32;
 then the splits in order 0..S-1 (_splitk_reduce_kernel). GPU only (Gluon, inline PTX, wgmma: sm90); the op takes it
@@ -45,8 +45,8 @@ try:  # Gluon and its Hopper ops: triton >= 3.5
 except ImportError:  # pragma: no cover - the CPU toolchain has Gluon too
     gluon = gl = None
 
-# NOTE: the Triton this kernel has run on (GPU probe and tests: Triton 3.6 on the H100); the same gate as the mma
-# kernel's (Gluon is experimental: any other version takes the other paths)
+# NOTE: the Triton this kernel has run on (GPU probes and tests: Triton 3.6 on the H100 and the H200); the same gate
+# as the mma kernel's (Gluon is experimental: any other version takes the other paths)
 AVAILABLE = mma4.AVAILABLE and gl is not None
 SEGMENT = 256  # K columns a step: 4 lanes x 64 (as the mma kernel)
 MIN_M, MAX_M = 17, 256  # the heuristic's range (NOTE on HEURISTIC_WGMMA in linear_4bit)
@@ -131,8 +131,8 @@ if gl is not None:
     @gluon.jit
     def _x_tiles(xp_ptr, K, M, pid_m, BM: gl.constexpr, WARPS: gl.constexpr):
         """Pointers [4 BM, 64] into x_perm's copy of a segment's four x sub-tiles (row s BM + m: batch row m, the
-        segment's columns 64 s .. 64 s + 63, already in the kernel's K order; 16-byte runs) and their mask (rows
-        past M read row M - 1 there: B's column m only reaches D's column m, which is not stored)."""
+        segment's columns 64 s .. 64 s + 63, already in the kernel's K order; 16-byte runs) and their mask (rows past
+        M are not read: cp.async fills them with zeros; B's column m only reaches D's column m, not stored there)."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
         r = gl.expand_dims(gl.arange(0, 4 * BM, gl.SliceLayout(1, XL)), 1)
         m = r % BM + pid_m * BM
@@ -259,7 +259,7 @@ if gl is not None:
         mm = gl.expand_dims(gl.arange(0, BM, gl.SliceLayout(0, OL)), 0) + pid_m * BM
         ok = (rr < N) & (mm < M)
         if SPLIT:
-            gl.store(out_ptr + (pid_s * M + mm).to(gl.int64) * N + rr, d, mask=ok)
+            gl.store(out_ptr + (pid_s.to(gl.int64) * M + mm) * N + rr, d, mask=ok)
         else:
             if HAS_BIAS:
                 d += gl.load(bias_ptr + rr, mask=rr < N, other=0.0).to(gl.float32)
