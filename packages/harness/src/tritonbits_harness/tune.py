@@ -523,7 +523,8 @@ def _linear_4bit_heuristic(case: dict) -> dict:
     from .bench import linear_4bit as bench
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return L.heuristic_config(bench.DTYPES[case["dtype"]], case["m"], case["n"], case["k"], sms)
+    return L.heuristic_config(bench.DTYPES[case["dtype"]], case["m"], case["n"], case["k"], sms,
+                              wgmma=L.wgmma_device(torch.device("cuda", 0)))  # fmt: skip
 
 
 def _linear_4bit_time(case: dict, config: dict, rep_ms: int) -> float:
