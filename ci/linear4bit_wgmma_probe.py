@@ -24,11 +24,10 @@ import tritonbits
 from tritonbits.ops import linear_4bit as L
 from tritonbits.quant_state import prepare
 from tritonbits_harness import timing
-from tritonbits_harness.bench.linear_4bit import parse_shapes
+from tritonbits_harness.bench.linear_4bit import DTYPES, parse_shapes
 from tritonbits_harness.tolerance import assert_matmul
 from tritonbits_harness.tune import wgmma_candidates
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECK_CONFIGS = ((64, 1, 1, True), (32, 1, 3, False), (128, 2, 2, True), (64, 2, 1, False), (32, 2, 1, True))
 
 
