@@ -3,16 +3,21 @@ bnb.matmul_4bit at M = 17..256.
 
     python ci/linear4bit_wgmma_probe.py [--shapes KxN,...] [--ms 32,64,128,256] [--dtypes bf16]
                                         [--check-only] [--skip-check] [--json FILE] [--rep MS]
+                                        [--baseline FILE] [--async-only]
 
 The configs are the tuner's (tritonbits_harness.tune.wgmma_candidates), run through the op's own launches
 (linear_4bit.forward_2d with the config: x's copy in the kernel's K order, the kernel, the split-K reduction).
 Every timed config is first checked against the K-aware policy (tritonbits_harness.tolerance.assert_matmul); the
 checks cover nf4/fp4, nested or not, blocksizes 64-256, fp16/bf16, bias, x rows inside a wider buffer, M and N not
-multiples of the tile, and split K. Times are CUDA-graph medians (tritonbits_harness.timing.bench_graph), in us."""
+multiples of the tile, and split K. Times are CUDA-graph medians (tritonbits_harness.timing.bench_graph), in us.
+--baseline FILE times another version of ops/linear_4bit_wgmma.py (a copy of the file, as committed before a change)
+at the same configs in the same process, its rows named "base ...": the op's launches with that module's kernels."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import time
 from functools import partial
@@ -28,7 +33,15 @@ from tritonbits_harness.bench.linear_4bit import DTYPES, parse_shapes
 from tritonbits_harness.tolerance import assert_matmul
 from tritonbits_harness.tune import wgmma_candidates
 
-CHECK_CONFIGS = ((64, 1, 1, True), (32, 1, 3, False), (128, 2, 2, True), (64, 2, 1, False), (32, 2, 1, True))
+CHECK_CONFIGS = (
+    (64, 1, 1, True),
+    (32, 1, 3, False),
+    (128, 2, 2, True),
+    (64, 2, 1, False),
+    (32, 2, 1, True),
+    (256, 2, 1, True),
+    (256, 1, 2, False),
+)
 
 
 def _weight(n, k, dtype, gen, bs=64, qt="nf4", nested=True):
@@ -77,6 +90,31 @@ def check_cases(gen) -> int:
     return fails
 
 
+def load_baseline(path: str):
+    """Another version of linear_4bit_wgmma (a copy of the module's file), its kernels given launchers."""
+    spec = importlib.util.spec_from_file_location("wgmma_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    L._LAUNCHERS[mod._x_perm_kernel] = L.CachedLauncher(mod._x_perm_kernel)
+    L._LAUNCHERS[mod.linear_4bit_wgmma_kernel] = L.CachedLauncher(mod.linear_4bit_wgmma_kernel)
+    return mod
+
+
+@contextlib.contextmanager
+def _module(mod):
+    """The op's wgmma launches built from mod's kernels inside the block."""
+    old, L.wg4 = L.wg4, mod
+    try:
+        yield
+    finally:
+        L.wg4 = old
+
+
+def _with(mod, fn):
+    with _module(mod):
+        return fn()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the benchmark's shapes)")
@@ -86,7 +124,10 @@ def main() -> None:
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--baseline", default=None, help="a copy of linear_4bit_wgmma.py to time beside this one")
+    ap.add_argument("--async-only", action="store_true", help="only the configs with asynchronous products")
     args = ap.parse_args()
+    base = load_baseline(args.baseline) if args.baseline else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} triton {triton.__version__}", flush=True)
     if not args.skip_check:
@@ -111,21 +152,34 @@ def main() -> None:
                        ("dense", partial(torch.nn.functional.linear, x, w)),
                        ("bnb", partial(bnb.matmul_4bit, x, bq.t(), quant_state=bstate))]  # fmt: skip
                 for cfg in wgmma_candidates(m, n, k):
-                    try:
-                        assert_matmul(L.forward_2d(x, pw, None, config=cfg), x, wd)
-                    except Exception as exc:  # a probe: log and go on
-                        print(f"K={k} N={n} M={m} {_name(cfg)}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    if args.async_only and not cfg["async"]:
                         continue
-                    fns.append((_name(cfg), partial(L.forward_2d, x, pw, None, config=cfg)))
+                    for prefix, mod in (("", None), ("base ", base)):
+                        if prefix and (mod is None or cfg["bm"] > 128):  # the baseline's buffers: bm <= 128
+                            continue
+                        run = partial(L.forward_2d, x, pw, None, config=cfg)
+                        if mod is not None:
+                            run = partial(_with, mod, run)
+                        try:
+                            assert_matmul(run(), x, wd)
+                        except Exception as exc:  # a probe: log and go on
+                            print(f"K={k} N={n} M={m} {prefix}{_name(cfg)}: {type(exc).__name__}: {str(exc)[:300]}",
+                                  flush=True)  # fmt: skip
+                            continue
+                        fns.append((prefix + _name(cfg), run))
                 res = {nm: timing.bench_graph(fn, rep=args.rep) * 1e3 for nm, fn in fns}
                 best = min((v, nm) for nm, v in res.items() if nm.startswith("wg"))
+                if base is not None:
+                    bbest = min((v, nm) for nm, v in res.items() if nm.startswith("base"))
+                    print(f"K={k:5d} N={n:5d} M={m:3d} {dname}: baseline best {bbest[1]} {bbest[0]:.2f} us, this "
+                          f"version's best / baseline's {best[0] / bbest[0]:.3f}", flush=True)  # fmt: skip
                 for nm, v in res.items():
                     rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": nm, "us": v})
                 print(
                     f"K={k:5d} N={n:5d} M={m:3d} {dname}: best {best[1]} {best[0]:.2f} us | op {res['op']:.2f} "
                     f"dense {res['dense']:.2f} bnb {res['bnb']:.2f} | x op {res['op'] / best[0]:.2f} x dense "
                     f"{res['dense'] / best[0]:.2f} x bnb {res['bnb'] / best[0]:.2f} | "
-                    + " ".join(f"{nm[3:]}={v:.1f}" for nm, v in res.items() if nm.startswith("wg")),
+                    + " ".join(f"{nm.replace('wg ', '')}={v:.1f}" for nm, v in res.items() if "wg" in nm),
                     flush=True,
                 )
             del w, wd, pw, packed

@@ -103,7 +103,8 @@ def test_wgmma_config_rule_and_refusals(device):
         (17, 4096, 4096, (32, 1, 4)),
         (64, 14336, 4096, (64, 1, 4)),
         (128, 14336, 4096, (128, 2, 1)),
-        (200, 4096, 4096, (128, 2, 2)),
+        (200, 4096, 4096, (256, 2, 4)),
+        (256, 14336, 4096, (256, 2, 1)),
         (32, 28672, 8192, (32, 1, 2)),
         (64, 4096, 512, (64, 1, 1)),
     ):
@@ -119,7 +120,7 @@ def test_wgmma_config_rule_and_refusals(device):
     _, _, pw = _prepared(device, 64, 512)
     x = torch.randn(20, 512, device=device, dtype=torch.bfloat16)
     out = torch.empty(20, 64, device=device, dtype=torch.bfloat16)
-    bads = ({"bm": 48}, {"bm": 256}, {"bm": 64.0}, {"wg": 4}, {"wg": 1.0}, {"wg": True}, {"async": 1},
+    bads = ({"bm": 48}, {"bm": 512}, {"bm": 64.0}, {"wg": 4}, {"wg": 1.0}, {"wg": True}, {"async": 1},
             {"split_k": 0}, {"split_k": 2.0}, {"bm": None}, {"splitk": 2}, {"warps": 8})  # fmt: skip
     for bad in bads:
         cfg = {"path": "wgmma", "bm": 64, "wg": 1, "split_k": 1, "async": True, **bad}
@@ -189,6 +190,10 @@ GPU_FORCED = [  # (M, N, K, blocksize, nested, quant type, bm, wg, split, async,
     (5, 1000, 2048, 64, True, "nf4", 32, 1, 2, False, True),
     (1, 1000, 1024, 64, True, "nf4", 32, 1, 1, True, False),
     (1, 700, 512, 64, False, "fp4", 64, 2, 2, False, True),
+    (256, 1000, 4096, 64, True, "nf4", 256, 2, 1, True, True),  # the sub-tile pipeline (bm >= 128)
+    (300, 2000, 1536, 128, False, "fp4", 256, 1, 2, False, False),
+    (130, 600, 768, 64, True, "nf4", 256, 2, 3, True, False),
+    (77, 1000, 2048, 256, True, "nf4", 128, 1, 1, True, True),
 ]
 
 

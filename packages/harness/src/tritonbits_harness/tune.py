@@ -439,7 +439,7 @@ def wgmma_candidates(m: int, n: int, k: int) -> list[dict]:
 
     if not L.wg4.MIN_M <= m <= L.wg4.MAX_M or k % L.wg4.SEGMENT or k < L.wg4.SEGMENT:
         return []
-    top = min(128, max(32, L.bucket(m)))
+    top = min(256, max(32, L.bucket(m)))
     segs = k // L.wg4.SEGMENT
     return [{"path": "wgmma", "bm": bm, "wg": wg, "split_k": split, "async": asy}
             for bm in sorted({top, max(32, top // 2)}) for wg in WGMMA_WG for split in WGMMA_SPLITS

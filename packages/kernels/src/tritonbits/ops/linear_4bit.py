@@ -717,10 +717,10 @@ WGMMA_MIN_N = 2048  # the heuristic's wgmma above this N only (NOTE: smaller N n
 
 
 def heuristic_wgmma_config(m: int, n: int, k: int) -> dict:
-    """The NOTE's rule: BLOCK_M = max(32, M's bucket) with one warpgroup up to M = 64, else 128 with two; K split
+    """The NOTE's rule: BLOCK_M = max(32, M's bucket) with one warpgroup up to M = 64, else with two; K split
     until the programs reach HEURISTIC_WGMMA_TARGET (at most HEURISTIC_WGMMA_MAX_SPLIT, and K's segments / 2)."""
     bm_bucket = max(32, bucket(m))
-    bm, wg = (bm_bucket, 1) if bm_bucket <= 64 else (128, 2)
+    bm, wg = (bm_bucket, 1) if bm_bucket <= 64 else (bm_bucket, 2)
     target = next(t for largest, t in sorted(HEURISTIC_WGMMA_TARGET.items()) if bm_bucket <= largest)
     programs = triton.cdiv(n, 64 * wg) * triton.cdiv(m, bm)
     split = 1
@@ -1172,7 +1172,9 @@ def _mma_launches(x2, w: PreparedWeight, bias, out, cfg: dict) -> tuple[list[Lau
     return launches, ws
 
 
-WGMMA_BM = (32, 64, 128)  # BLOCK_M: x's two segment buffers take 1 KB a batch row of shared memory (128 KB at 128)
+# BLOCK_M (wgmma's N): x's shared memory is 1 KB a batch row up to 64 (two segment buffers), 512 bytes from 128 (four
+# sub-tile buffers: 128 KB at 256)
+WGMMA_BM = (32, 64, 128, 256)
 WGMMA_WG = (1, 2)  # warpgroups a program (64 W rows each)
 WGMMA_KEYS = frozenset({"path", "bm", "wg", "split_k", "async"})
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the wgmma kernel's batch-row tiles)

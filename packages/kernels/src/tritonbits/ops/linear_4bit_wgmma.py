@@ -99,6 +99,7 @@ if gl is not None:
     _DECODE16 = gl.constexpr(decode16_asm())
     _SEG = gl.constexpr(SEGMENT)
     _DECODE16_IO = gl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r")
+    _ABSMAX = gl.constexpr(mma4._ABSMAX_ASM)
 
     @gluon.jit
     def _decode16(word, tab, BF16: gl.constexpr):
@@ -129,7 +130,7 @@ if gl is not None:
         return gl.convert_layout(gl.reshape(t, [t.shape[0], 64]), AL, assert_trivial=True)
 
     @gluon.jit
-    def _x_tiles(xp_ptr, K, M, pid_m, BM: gl.constexpr, WARPS: gl.constexpr):
+    def _seg_x_tiles(xp_ptr, K, M, pid_m, BM: gl.constexpr, WARPS: gl.constexpr):
         """Pointers [4 BM, 64] into x_perm's copy of a segment's four x sub-tiles (row s BM + m: batch row m, the
         segment's columns 64 s .. 64 s + 63, already in the kernel's K order; 16-byte runs) and their mask (rows past
         M are not read: cp.async fills them with zeros; B's column m only reaches D's column m, not stored there)."""
@@ -140,13 +141,13 @@ if gl is not None:
         return xp_ptr + gl.minimum(m, M - 1).to(gl.int64) * K + c, (m < M) & (c >= 0)
 
     @gluon.jit
-    def _x_copy(xs, x_ptrs, x_ok):
+    def _seg_x_copy(xs, x_ptrs, x_ok):
         """A segment's four x sub-tiles into xs [4 BM, 64] (one cp.async group)."""
         async_copy.async_copy_global_to_shared(xs, x_ptrs, mask=x_ok)
         async_copy.commit_group()
 
     @gluon.jit
-    def _x_sub(xs, s: gl.constexpr, BM: gl.constexpr):
+    def _seg_x_sub(xs, s: gl.constexpr, BM: gl.constexpr):
         """Sub-tile s of xs as wgmma's B operand [64, BM]."""
         return xs.slice(s * BM, BM, dim=0).permute((1, 0))
 
@@ -161,7 +162,7 @@ if gl is not None:
         fence_async_shared()
         gl.thread_barrier()  # every warp's copies into xs landed, and every warp is past its reads of xs_next
         nxt = gl.minimum(seg + 1, seg_hi - 1)  # the last segment re-reads its own
-        _x_copy(xs_next, x_ptrs + nxt * _SEG, x_ok)
+        _seg_x_copy(xs_next, x_ptrs + nxt * _SEG, x_ok)
         nwords = gl.load(words_ptr + (w_off + nxt * 32), eviction_policy="evict_first")
         nam = mma4._absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow + (nxt * _SEG + 64 * q2) // BLOCKSIZE,
                            q2 < 4, BLOCKSIZE2, NESTED, False)  # fmt: skip
@@ -169,22 +170,168 @@ if gl is not None:
         w0, w1, w2, w3, w4, w5, w6, w7 = mma4._split8(words, L)
         if ASYNC:  # each decode overlaps the product before it (one in flight; its A registers kept until done)
             a0 = _a_tile(w0, w1, tab, AL, BF16)
-            tok = warpgroup_mma(a0, _x_sub(xs, 0, BM), acc, is_async=True)
+            tok = warpgroup_mma(a0, _seg_x_sub(xs, 0, BM), acc, is_async=True)
             a1 = _a_tile(w2, w3, tab, AL, BF16)
-            tok = warpgroup_mma(a1, _x_sub(xs, 1, BM), tok, is_async=True)
+            tok = warpgroup_mma(a1, _seg_x_sub(xs, 1, BM), tok, is_async=True)
             tok, a0 = warpgroup_mma_wait(1, deps=(tok, a0))
             a2 = _a_tile(w4, w5, tab, AL, BF16)
-            tok = warpgroup_mma(a2, _x_sub(xs, 2, BM), tok, is_async=True)
+            tok = warpgroup_mma(a2, _seg_x_sub(xs, 2, BM), tok, is_async=True)
             tok, a1 = warpgroup_mma_wait(1, deps=(tok, a1))
             a3 = _a_tile(w6, w7, tab, AL, BF16)
-            tok = warpgroup_mma(a3, _x_sub(xs, 3, BM), tok, is_async=True)
+            tok = warpgroup_mma(a3, _seg_x_sub(xs, 3, BM), tok, is_async=True)
             acc, a2, a3 = warpgroup_mma_wait(0, deps=(tok, a2, a3))
         else:
-            acc = warpgroup_mma(_a_tile(w0, w1, tab, AL, BF16), _x_sub(xs, 0, BM), acc)
-            acc = warpgroup_mma(_a_tile(w2, w3, tab, AL, BF16), _x_sub(xs, 1, BM), acc)
-            acc = warpgroup_mma(_a_tile(w4, w5, tab, AL, BF16), _x_sub(xs, 2, BM), acc)
-            acc = warpgroup_mma(_a_tile(w6, w7, tab, AL, BF16), _x_sub(xs, 3, BM), acc)
+            acc = warpgroup_mma(_a_tile(w0, w1, tab, AL, BF16), _seg_x_sub(xs, 0, BM), acc)
+            acc = warpgroup_mma(_a_tile(w2, w3, tab, AL, BF16), _seg_x_sub(xs, 1, BM), acc)
+            acc = warpgroup_mma(_a_tile(w4, w5, tab, AL, BF16), _seg_x_sub(xs, 2, BM), acc)
+            acc = warpgroup_mma(_a_tile(w6, w7, tab, AL, BF16), _seg_x_sub(xs, 3, BM), acc)
         return nwords, nam, acc
+
+    @gluon.jit
+    def _sub_x_tiles(xp_ptr, K, M, pid_m, BM: gl.constexpr, WARPS: gl.constexpr):
+        """Pointers [BM, 64] into x_perm's copy of one x sub-tile (row m: batch row m, the segment's first 64 columns,
+        already in the kernel's K order; 16-byte runs; sub-tile u of the row is 64 u columns further) and their mask
+        (rows past M are not read: cp.async fills them with zeros; B's column m only reaches D's column m, not stored
+        there)."""
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+        m = gl.expand_dims(gl.arange(0, BM, gl.SliceLayout(1, XL)), 1) + pid_m * BM
+        c = gl.expand_dims(gl.arange(0, 64, gl.SliceLayout(0, XL)), 0)
+        return xp_ptr + gl.minimum(m, M - 1).to(gl.int64) * K + c, (m < M) & (c >= 0)
+
+    @gluon.jit
+    def _sub_x_copy(xs, unit, units_hi, x_ptrs, x_ok):
+        """x sub-tile `unit` (64-column steps of the row) into xs [BM, 64] (one cp.async group; past the split's last
+        sub-tile, the last one again, so that every step commits one group)."""
+        u = gl.minimum(unit, units_hi - 1)
+        async_copy.async_copy_global_to_shared(xs, x_ptrs + u * 64, mask=x_ok)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _sub_x_b(xs):
+        """A sub-tile's buffer as wgmma's B operand [64, BM]."""
+        return xs.permute((1, 0))
+
+    @gluon.jit
+    def _step(xs, xs_fill, unit, units_hi, x_ptrs, x_ok, w_a, w_b, tab, tok, a_prev, AL: gl.constexpr,
+              BF16: gl.constexpr, PEND: gl.constexpr):  # fmt: skip
+        """One x sub-tile: its copy landed (at most one later group pending) and is visible to every warp's wgmma,
+        every warp is past the step before (so xs_fill, read two steps back, is free: each warp waited for that
+        product before this barrier); the copy two sub-tiles ahead into xs_fill; then this sub-tile's A tile
+        (words w_a, w_b of each lane's block) and its product, asynchronous, the one before it then waited for."""
+        async_copy.wait_group(1)
+        fence_async_shared()
+        gl.thread_barrier()
+        _sub_x_copy(xs_fill, unit + 2, units_hi, x_ptrs, x_ok)
+        a = _a_tile(w_a, w_b, tab, AL, BF16)
+        tok = warpgroup_mma(a, _sub_x_b(xs), tok, is_async=True)
+        tok, a_prev = warpgroup_mma_wait(PEND, deps=(tok, a_prev))
+        return tok, a
+
+    @gluon.jit
+    def _am_raw(absmax_ptr, absmax2_ptr, qblock, NESTED: gl.constexpr, BLOCKSIZE2: gl.constexpr):
+        """A segment's absmax, first stage: the quantized absmax (nested: u8 index, and its absmax2) or the fp32
+        absmax itself, loaded two segments ahead so that the code2 gather after it does not wait on it."""
+        if NESTED:
+            return gl.load(absmax_ptr + qblock).to(gl.int32), gl.load(absmax2_ptr + qblock // BLOCKSIZE2)
+        else:
+            a = gl.load(absmax_ptr + qblock)
+            return a, a
+
+    @gluon.jit
+    def _am_gather(code2_ptr, q, NESTED: gl.constexpr):
+        """Second stage, one segment ahead: code2[q] (nested), else the absmax as loaded."""
+        if NESTED:
+            return gl.load(code2_ptr + q)
+        else:
+            return q
+
+    @gluon.jit
+    def _am_final(c2, a2, off, NESTED: gl.constexpr):
+        """Last stage, in the segment: bnb's nested absmax, code2[q] * absmax2 + offset (mul.ftz, add)."""
+        if NESTED:
+            return gl.inline_asm_elementwise(_ABSMAX, "=r,r,r,r", [c2, a2, off], dtype=gl.float32, is_pure=True,
+                                             pack=1)  # fmt: skip
+        else:
+            return c2
+
+    @gluon.jit
+    def _segments(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2, seg_lo,
+                  seg_hi, BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr,
+                  NESTED: gl.constexpr, TABLE: gl.constexpr, L: gl.constexpr, AL: gl.constexpr, ACC: gl.constexpr,
+                  XS: gl.constexpr, BF16: gl.constexpr, ASYNC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  WARPS: gl.constexpr):  # fmt: skip
+        """The segment pipeline (BM <= 64): two buffers of a whole segment's four x sub-tiles, one segment ahead, one
+        barrier a segment, every product done at the segment's end. Returns the accumulator."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        x_ptrs, x_ok = _seg_x_tiles(xp_ptr, K, M, pid_m, BM, WARPS)
+        xs_a = gl.allocate_shared_memory(DT, [4 * BM, 64], XS)
+        xs_b = gl.allocate_shared_memory(DT, [4 * BM, 64], XS)
+        acc = gl.zeros([BN, BM], gl.float32, ACC)
+        _seg_x_copy(xs_a, x_ptrs + seg_lo * _SEG, x_ok)  # the first segment's x, words and absmax
+        words = gl.load(words_ptr + (w_off + seg_lo * 32), eviction_policy="evict_first")
+        am = mma4._absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow + (seg_lo * _SEG + 64 * q2) // BLOCKSIZE,
+                          q2 < 4, BLOCKSIZE2, NESTED, False)  # fmt: skip
+        for seg in range(seg_lo, seg_hi, 2):  # two segments a step: x's two buffers by name
+            words, am, acc = _segment(seg, seg_hi, xs_a, xs_b, x_ptrs, x_ok, words, am, acc, words_ptr, w_off,
+                                      absmax_ptr, code2_ptr, absmax2_ptr, off, qrow, q2, BLOCKSIZE, BLOCKSIZE2,
+                                      NESTED, TABLE, L, AL, BF16, ASYNC, BM)  # fmt: skip
+            if seg + 1 < seg_hi:
+                words, am, acc = _segment(seg + 1, seg_hi, xs_b, xs_a, x_ptrs, x_ok, words, am, acc, words_ptr,
+                                          w_off, absmax_ptr, code2_ptr, absmax2_ptr, off, qrow, q2, BLOCKSIZE,
+                                          BLOCKSIZE2, NESTED, TABLE, L, AL, BF16, ASYNC, BM)  # fmt: skip
+        return acc
+
+    @gluon.jit
+    def _subtiles(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2, seg_lo,
+                  seg_hi, BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr,
+                  NESTED: gl.constexpr, TABLE: gl.constexpr, L: gl.constexpr, AL: gl.constexpr, ACC: gl.constexpr,
+                  XS: gl.constexpr, BF16: gl.constexpr, ASYNC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  WARPS: gl.constexpr):  # fmt: skip
+        """The sub-tile pipeline (BM >= 128): four buffers of one x sub-tile each, two sub-tiles ahead, a barrier a
+        sub-tile, one product left in flight across sub-tiles and segments; the absmax two segments ahead (_am_raw).
+        Returns the accumulator."""
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        PEND: gl.constexpr = 1 if ASYNC else 0  # products left in flight after each issue
+        qcol = (64 * q2) // BLOCKSIZE  # [1, 4]: lane q's block within a segment
+        x_ptrs, x_ok = _sub_x_tiles(xp_ptr, K, M, pid_m, BM, WARPS)
+        # x's four sub-tile buffers [BM, 64]: sub-tile s of every segment in buffer s, copied two sub-tiles ahead
+        x0 = gl.allocate_shared_memory(DT, [BM, 64], XS)
+        x1 = gl.allocate_shared_memory(DT, [BM, 64], XS)
+        x2 = gl.allocate_shared_memory(DT, [BM, 64], XS)
+        x3 = gl.allocate_shared_memory(DT, [BM, 64], XS)
+        u_lo = 4 * seg_lo
+        u_hi = 4 * seg_hi
+        _sub_x_copy(x0, u_lo, u_hi, x_ptrs, x_ok)
+        _sub_x_copy(x1, u_lo + 1, u_hi, x_ptrs, x_ok)
+        last = seg_hi - 1
+        words = gl.load(words_ptr + (w_off + seg_lo * 32), eviction_policy="evict_first")
+        q_a, a2_a = _am_raw(absmax_ptr, absmax2_ptr, qrow + (seg_lo * _SEG) // BLOCKSIZE + qcol, NESTED, BLOCKSIZE2)
+        c2 = _am_gather(code2_ptr, q_a, NESTED)  # this segment's, gathered
+        a2 = a2_a
+        s1 = gl.minimum(seg_lo + 1, last)
+        q_n, a2_n = _am_raw(absmax_ptr, absmax2_ptr, qrow + (s1 * _SEG) // BLOCKSIZE + qcol, NESTED, BLOCKSIZE2)
+        acc = gl.zeros([BN, BM], gl.float32, ACC)
+        a_prev = gl.zeros([BN, 64], DT, AL)  # the last product's A registers, kept until it is done
+        tok = acc
+        for seg in range(seg_lo, seg_hi):
+            u = 4 * seg
+            nxt = gl.minimum(seg + 1, last)  # the last segment re-reads its own
+            nwords = gl.load(words_ptr + (w_off + nxt * 32), eviction_policy="evict_first")
+            nc2 = _am_gather(code2_ptr, q_n, NESTED)  # the next segment's (its q arrived during this one's)
+            na2 = a2_n
+            s2 = gl.minimum(seg + 2, last)
+            q_n, a2_n = _am_raw(absmax_ptr, absmax2_ptr, qrow + (s2 * _SEG) // BLOCKSIZE + qcol, NESTED, BLOCKSIZE2)
+            tab = mma4._table(_am_final(c2, a2, off, NESTED), TABLE)
+            w0, w1, w2, w3, w4, w5, w6, w7 = mma4._split8(words, L)
+            tok, a_prev = _step(x0, x2, u, u_hi, x_ptrs, x_ok, w0, w1, tab, tok, a_prev, AL, BF16, PEND)
+            tok, a_prev = _step(x1, x3, u + 1, u_hi, x_ptrs, x_ok, w2, w3, tab, tok, a_prev, AL, BF16, PEND)
+            tok, a_prev = _step(x2, x0, u + 2, u_hi, x_ptrs, x_ok, w4, w5, tab, tok, a_prev, AL, BF16, PEND)
+            tok, a_prev = _step(x3, x1, u + 3, u_hi, x_ptrs, x_ok, w6, w7, tab, tok, a_prev, AL, BF16, PEND)
+            words = nwords
+            c2 = nc2
+            a2 = na2
+        acc, a_prev = warpgroup_mma_wait(0, deps=(tok, a_prev))
+        return acc
 
     @gluon.jit
     def linear_4bit_wgmma_kernel(
@@ -231,27 +378,19 @@ if gl is not None:
         r2 = gl.expand_dims(gl.arange(0, BN, gl.SliceLayout(1, L)), 1)
         q2 = gl.expand_dims(gl.arange(0, 4, gl.SliceLayout(0, L)), 0)
         qrow = gl.minimum(pid_n * BN + r2, N - 1).to(gl.int64) * BLOCKS_PER_ROW  # [BN, 1]: the rows' first block
-        x_ptrs, x_ok = _x_tiles(xp_ptr, K, M, pid_m, BM, WARPS)
-        xs_a = gl.allocate_shared_memory(DT, [4 * BM, 64], XS)
-        xs_b = gl.allocate_shared_memory(DT, [4 * BM, 64], XS)
         off = 0.0
         if NESTED:
             off = gl.load(offset_ptr)
         seg_lo = pid_s * segs_per_split
         seg_hi = gl.minimum(seg_lo + segs_per_split, K // _SEG)
-        acc = gl.zeros([BN, BM], gl.float32, ACC)
-        _x_copy(xs_a, x_ptrs + seg_lo * _SEG, x_ok)  # the first segment's x, words and absmax
-        words = gl.load(words_ptr + (w_off + seg_lo * 32), eviction_policy="evict_first")
-        am = mma4._absmax(absmax_ptr, code2_ptr, absmax2_ptr, off, qrow + (seg_lo * _SEG + 64 * q2) // BLOCKSIZE,
-                          q2 < 4, BLOCKSIZE2, NESTED, False)  # fmt: skip
-        for seg in range(seg_lo, seg_hi, 2):  # two segments a step: x's two buffers by name
-            words, am, acc = _segment(seg, seg_hi, xs_a, xs_b, x_ptrs, x_ok, words, am, acc, words_ptr, w_off,
-                                      absmax_ptr, code2_ptr, absmax2_ptr, off, qrow, q2, BLOCKSIZE, BLOCKSIZE2,
-                                      NESTED, TABLE, L, AL, BF16, ASYNC, BM)  # fmt: skip
-            if seg + 1 < seg_hi:
-                words, am, acc = _segment(seg + 1, seg_hi, xs_b, xs_a, x_ptrs, x_ok, words, am, acc, words_ptr,
-                                          w_off, absmax_ptr, code2_ptr, absmax2_ptr, off, qrow, q2, BLOCKSIZE,
-                                          BLOCKSIZE2, NESTED, TABLE, L, AL, BF16, ASYNC, BM)  # fmt: skip
+        if BM >= 128:
+            acc = _subtiles(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2,
+                            seg_lo, seg_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, TABLE, L, AL, ACC, XS, BF16, ASYNC, BM, BN,
+                            WARPS)  # fmt: skip
+        else:
+            acc = _segments(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2,
+                            seg_lo, seg_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, TABLE, L, AL, ACC, XS, BF16, ASYNC, BM, BN,
+                            WARPS)  # fmt: skip
         async_copy.wait_group(0)
         OL: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, WARPS], [0, 1])  # rows along the lanes: coalesced
         d = gl.convert_layout(acc, OL)
