@@ -709,7 +709,14 @@ def launch_count(cfg: dict, m: int, n: int, k: int) -> int:
 # wgmma kernel took 27.2 / 40.2 (bench 20261124T223952Z / 224117Z; in that run's own dequantize + F.linear rows 26.8
 # / 40.8), and in one run with that table 26.0 / 38.9 against the wgmma's best 26.7 / 40.0 (log docs/gpu-runs/logs/
 # 20261124T2246Z-nvidia-h200-wgmma-probe-m256.txt): the H200 table names dequantize there (at 4096 x 6144 the runs
-# disagree by 1-3%: a tie). N <= 2048 was not
+# disagree by 1-3%: a tie). Session 24 (the sub-tile pipeline and BLOCK_M = 256, linear_4bit_wgmma's module doc; logs
+# docs/gpu-runs/logs/20261125T0015Z-nvidia-h100-wgmma-hybrid-probe.txt and 20261125T0030Z-nvidia-h200-wgmma-hybrid-
+# probe.txt, M = 128 / 256 at the six shapes): above M = 128 the rule takes BLOCK_M = 256 with two warpgroups (each
+# weight decoded once; 0.73-0.89x the best config of session 23's kernel at the four larger shapes on both GPUs); at
+# those 24 cases the rule's config took 1.00-1.06x the best config's time (1.057 / 1.035 at 4096 x 4096 M = 256, where
+# BLOCK_M = 128 with one warpgroup and one split was best; 1.055 / 1.038 at 14336 x 4096 M = 128), and both tables name
+# the best ones at those keys (the H200's (4096, 4096) M = 256 key dequantize + cuBLAS, 26.6 us against the wgmma
+# kernel's 26.3 in that probe and 26.9 against 28.4 in the bench record 20261125T003727Z: a tie). N <= 2048 was not
 # measured: the rule stays above WGMMA_MIN_N.
 HEURISTIC_WGMMA_TARGET = {64: 512, 256: 96}  # largest M bucket: programs to reach by splitting K
 HEURISTIC_WGMMA_MAX_SPLIT = 4

@@ -10,15 +10,21 @@ mma.sync m16n8k16 A fragment (lane 4 g + q: rows g, g + 8 of its warp's 16; colu
 16-column step), and the K order inside a 256-column segment is permuted so that lane q's columns are its own
 quantization block's (64 q .. 64 q + 63: the block's table is in its registers). The warpgroup's B operand, x's
 [64, BM] sub-tile, is read by every warp of the program from shared memory: x is copied once per call into that K
-order (`x_perm`, `_x_perm_kernel`) and each segment's four sub-tiles go into shared memory by cp.async, one segment
-ahead (two buffers).
+order (`x_perm`, `_x_perm_kernel`) and goes into shared memory by cp.async, by one of two pipelines:
+- the segment pipeline (BM <= 64, `_segments`): two buffers of a whole segment's four sub-tiles (1 KB a batch row), one
+  segment ahead, one barrier a segment, every product done at the segment's end;
+- the sub-tile pipeline (BM >= 128, `_subtiles`): four buffers of one sub-tile each (512 bytes a batch row: 128 KB at
+  BM = 256, which the segment pipeline could not hold), two sub-tiles ahead, a barrier a sub-tile, one product left in
+  flight across sub-tiles and segments, the absmax loaded two segments ahead (`_am_raw`, `_am_gather`, `_am_final`) so
+  that its code2 gather does not wait on the quantized absmax's load. At BM = 256 (M = 256 in one program) each weight
+  is decoded once.
 
 Logical column l of a segment's sub-tile s (l = 32 i2 + 16 j0 + 8 h + 2 q + e) holds physical column
 64 q + 16 s + 8 i2 + 4 j0 + 2 h + e: word 2 s + i2 of lane q's block, its element 4 j0 + 2 h + e (bnb's high nibble
 is the even element). A program takes BN = 64 WG W rows (WG warpgroups, each its own 64) and BM batch rows over its K
 split; the accumulator [BN, BM] stays in registers (wgmma's layout), then goes to out (+ bias) or to the split-K
-workspace. With ASYNC the four sub-tiles' products are issued asynchronously, each decode overlapping the product
-before it (at most two in flight; an A tile's registers kept until its product is done).
+workspace. With ASYNC the sub-tiles' products are issued asynchronously, each decode overlapping the product before it
+(at most two in flight; an A tile's registers kept until its product is done).
 
 Sum order: the tensor core's inside each 16-column step (in the permuted K order), then the steps in order, fp32;
 then the splits in order 0..S-1 (_splitk_reduce_kernel). GPU only (Gluon, inline PTX, wgmma: sm90); the op takes it
@@ -383,6 +389,15 @@ if gl is not None:
             off = gl.load(offset_ptr)
         seg_lo = pid_s * segs_per_split
         seg_hi = gl.minimum(seg_lo + segs_per_split, K // _SEG)
+        # NOTE: which pipeline (H100 / H200, bf16, CUDA graphs; ci/linear4bit_wgmma_probe.py --baseline, session 23's
+        # kernel, the segment pipeline at every BM, timed beside this one in one process; logs docs/gpu-runs/logs/
+        # 20261125T0005Z-nvidia-h100-wgmma-subtile-probe.txt, 20261125T0015Z-nvidia-h100-wgmma-hybrid-probe.txt,
+        # 20261125T0030Z-nvidia-h200-wgmma-hybrid-probe.txt): the sub-tile pipeline's best config took 0.73-0.98x the
+        # segment pipeline's best time at M = 256 (BM = 256: 4096 x 14336 57.9 against 77.2 us on the H100), 0.98-1.04x
+        # at M = 128 and 1.00-1.06x at M = 32 / 64 (four barriers a segment where the segment pipeline has two), so the
+        # sub-tile pipeline runs from BM = 128 on. At M = 128 the bench records (20261125T004858Z / 005032Z, H200
+        # 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096, 4096 x 4096 and 4096 x 6144; at BM =
+        # 128 with two warpgroups the segment pipeline may be the better one there (not changed: no GPU time left).
         if BM >= 128:
             acc = _subtiles(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2,
                             seg_lo, seg_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, TABLE, L, AL, ACC, XS, BF16, ASYNC, BM, BN,
