@@ -396,8 +396,9 @@ if gl is not None:
         # segment pipeline's best time at M = 256 (BM = 256: 4096 x 14336 57.9 against 77.2 us on the H100), 0.98-1.04x
         # at M = 128 and 1.00-1.06x at M = 32 / 64 (four barriers a segment where the segment pipeline has two), so the
         # sub-tile pipeline runs from BM = 128 on. At M = 128 the bench records (20261125T004858Z / 005032Z, H200
-        # 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096, 4096 x 4096 and 4096 x 6144; at BM =
-        # 128 with two warpgroups the segment pipeline may be the better one there (not changed: no GPU time left).
+        # 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096, 4096 x 4096 and 4096 x 6144;
+        # at BM = 128 with two warpgroups the segment pipeline may be the better one there (not changed: no GPU time
+        # left).
         if BM >= 128:
             acc = _subtiles(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2,
                             seg_lo, seg_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, TABLE, L, AL, ACC, XS, BF16, ASYNC, BM, BN,
