@@ -194,6 +194,7 @@ GPU_FORCED = [  # (M, N, K, blocksize, nested, quant type, bm, wg, split, async,
     (300, 2000, 1536, 128, False, "fp4", 256, 1, 2, False, False),
     (130, 600, 768, 64, True, "nf4", 256, 2, 3, True, False),
     (77, 1000, 2048, 256, True, "nf4", 128, 1, 1, True, True),
+    (300, 1000, 4096, 1024, True, "nf4", 256, 2, 3, True, True),  # nested, blocksize > 256, two batch-row tiles
 ]
 
 
@@ -242,16 +243,17 @@ def test_the_op_takes_wgmma_where_the_table_or_rule_names_it(device):
     assert all(p.lanes and p.steps[0].launcher is L._launcher_of(wg4._x_perm_kernel) for p in plans)
 
 
-def test_the_tables_wgmma_entries_are_what_the_op_runs(device):
-    """At a key both tables name a wgmma config for ((4096, 4096) at M = 64), the op on an sm90 GPU runs exactly
-    that entry, and its result (x of three layouts: contiguous, rows in a wider buffer, a 3-D view) is within the
-    policy."""
+@pytest.mark.parametrize("mnk", [(64, 4096, 4096), (256, 14336, 4096)])
+def test_the_tables_wgmma_entries_are_what_the_op_runs(device, mnk):
+    """At keys both tables name a wgmma config for ((4096, 4096) at M = 64; (4096, 14336) at M = 256, BLOCK_M = 256
+    since session 24), the op on an sm90 GPU runs exactly that entry, and its result (x of three layouts:
+    contiguous, rows in a wider buffer, a 3-D view) is within the policy."""
     _needs_sm90(device)
     import tritonbits
     from tritonbits import configs
     from tritonbits_harness.tolerance import assert_matmul
 
-    m, n, k = 64, 4096, 4096
+    m, n, k = mnk
     key = L.config_key(torch.bfloat16, m, n, k)
     entry = configs.lookup("linear_4bit", device, key)
     assert entry is not None and entry["path"] == "wgmma", entry

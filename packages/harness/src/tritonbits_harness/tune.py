@@ -426,7 +426,8 @@ def mma_candidates(m: int, n: int, k: int) -> list[dict]:
 
 
 # the wgmma kernel (linear_4bit_wgmma, sm90): the probe's grid (ci/linear4bit_wgmma_probe.py, H100, session 23, log
-# docs/gpu-runs/logs/20261124T2203Z-nvidia-h100-wgmma-probe.txt): BLOCK_M M's bucket (at least 32, at most 128) and
+# docs/gpu-runs/logs/20261124T2203Z-nvidia-h100-wgmma-probe.txt): BLOCK_M M's bucket (at least 32, at most 256 since
+# session 24) and
 # half of it, one or two warpgroups, 1-4 K splits, products asynchronous or not
 WGMMA_WG = (1, 2)
 WGMMA_SPLITS = (1, 2, 4)

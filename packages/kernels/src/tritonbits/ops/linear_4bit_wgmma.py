@@ -14,10 +14,10 @@ order (`x_perm`, `_x_perm_kernel`) and goes into shared memory by cp.async, by o
 - the segment pipeline (BM <= 64, `_segments`): two buffers of a whole segment's four sub-tiles (1 KB a batch row), one
   segment ahead, one barrier a segment, every product done at the segment's end;
 - the sub-tile pipeline (BM >= 128, `_subtiles`): four buffers of one sub-tile each (512 bytes a batch row: 128 KB at
-  BM = 256, which the segment pipeline could not hold), two sub-tiles ahead, a barrier a sub-tile, one product left in
-  flight across sub-tiles and segments, the absmax loaded two segments ahead (`_am_raw`, `_am_gather`, `_am_final`) so
-  that its code2 gather does not wait on the quantized absmax's load. At BM = 256 (M = 256 in one program) each weight
-  is decoded once.
+  BM = 256, which the segment pipeline could not hold), two sub-tiles ahead, a barrier a sub-tile (two as compiled:
+  Triton adds one after each cp.async wait), one product left in flight across sub-tiles and segments, the absmax
+  loaded two segments ahead (`_am_raw`, `_am_gather`, `_am_final`) so that its code2 gather does not wait on the
+  quantized absmax's load. At BM = 256 (M = 256 in one program) each weight is decoded once.
 
 Logical column l of a segment's sub-tile s (l = 32 i2 + 16 j0 + 8 h + 2 q + e) holds physical column
 64 q + 16 s + 8 i2 + 4 j0 + 2 h + e: word 2 s + i2 of lane q's block, its element 4 j0 + 2 h + e (bnb's high nibble
@@ -394,11 +394,11 @@ if gl is not None:
         # 20261125T0005Z-nvidia-h100-wgmma-subtile-probe.txt, 20261125T0015Z-nvidia-h100-wgmma-hybrid-probe.txt,
         # 20261125T0030Z-nvidia-h200-wgmma-hybrid-probe.txt): the sub-tile pipeline's best config took 0.73-0.98x the
         # segment pipeline's best time at M = 256 (BM = 256: 4096 x 14336 57.9 against 77.2 us on the H100), 0.98-1.04x
-        # at M = 128 and 1.00-1.06x at M = 32 / 64 (four barriers a segment where the segment pipeline has two), so the
-        # sub-tile pipeline runs from BM = 128 on. At M = 128 the bench records (20261125T004858Z / 005032Z, H200
-        # 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096, 4096 x 4096 and 4096 x 6144;
-        # at BM = 128 with two warpgroups the segment pipeline may be the better one there (not changed: no GPU time
-        # left).
+        # at M = 128 and 0.98-1.06x at M = 32 / 64 (eight barriers a segment as compiled where the segment pipeline
+        # has two), so the sub-tile pipeline runs from BM = 128 on. At M = 128 the bench records (20261125T004858Z /
+        # 005032Z, H200 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096, 4096 x 4096 and
+        # 4096 x 6144; at BM = 128 with two warpgroups the segment pipeline may be the better one there (not changed:
+        # no GPU time left; patch docs/gpu-runs/logs/20261125T0100Z-wgmma-subtile-rule.patch).
         if BM >= 128:
             acc = _subtiles(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2,
                             seg_lo, seg_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, TABLE, L, AL, ACC, XS, BF16, ASYNC, BM, BN,
