@@ -169,8 +169,10 @@ def main() -> None:
                         fns.append((prefix + _name(cfg), run))
                 res = {nm: timing.bench_graph(fn, rep=args.rep) * 1e3 for nm, fn in fns}
                 best = min((v, nm) for nm, v in res.items() if nm.startswith("wg"))
-                if base is not None:
-                    bbest = min((v, nm) for nm, v in res.items() if nm.startswith("base"))
+                bbest = min(((v, nm) for nm, v in res.items() if nm.startswith("base")), default=None)
+                if base is not None and bbest is None:
+                    print(f"K={k:5d} N={n:5d} M={m:3d} {dname}: the baseline ran no config", flush=True)
+                elif bbest is not None:
                     print(f"K={k:5d} N={n:5d} M={m:3d} {dname}: baseline best {bbest[1]} {bbest[0]:.2f} us, this "
                           f"version's best / baseline's {best[0] / bbest[0]:.3f}", flush=True)  # fmt: skip
                 for nm, v in res.items():
