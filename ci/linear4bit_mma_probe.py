@@ -3,14 +3,15 @@ bnb.matmul_4bit on one GPU: every candidate's output is checked against the K-aw
 (CUDA-graph medians, tritonbits_harness.timing.bench_graph); one line per (shape, M, dtype, candidate).
 
     python ci/linear4bit_mma_probe.py [--shapes KxN,...] [--ms 1,4,16] [--dtypes bf16] [--warps 2,4,8]
-        [--splits 1,2,4,8,16] [--kwarps 1] [--kwarps-splits 1,2] [--prefetch 1] [--baseline FILE] [--parts]
-        [--eager] [--rep 20] [--no-bnb] [--check-only] [--json PATH]
+        [--splits 1,2,4,8,16] [--kwarps 1] [--kwarps-splits 1,2] [--prefetch 1] [--baseline FILE
+        [--baseline-unchecked]] [--parts] [--eager] [--rep 20] [--no-bnb] [--check-only] [--json PATH]
 
 --check-only runs the correctness cases only (fp16/bf16, nf4/fp4, nested or not, blocksizes 64/128/256, odd M and
 N, bias, a strided x), no timing. --baseline FILE also times another linear_4bit_mma.py with the same kernel
 arguments (`git show REV:packages/kernels/src/tritonbits/ops/linear_4bit_mma.py > FILE`, the working tree then
-holding a variant) at the same configs, so a kernel change is compared with its base in one run. --parts times, for
-the best mma config of each case, its lane-order copy (M > 8), its mma kernel and its split-K reduction alone
+holding a variant) at the same configs, so a kernel change is compared with its base in one run
+(--baseline-unchecked: its outputs not checked, for a timing-only ablation that is wrong by design). --parts times,
+for the best mma config of each case, its lane-order copy (M > 8), its mma kernel and its split-K reduction alone
 (buffers made outside the graph). --kwarps K,... adds configs whose warps split a program's K range (each K > 1
 dividing the warps, at the --kwarps-splits only: one split is one launch, no workspace). --eager also times, per
 case, the op's eager call (`tritonbits.linear_4bit`, its plan and bound launches) with the best one-launch and the
@@ -210,6 +211,11 @@ def main() -> None:
     ap.add_argument("--prefetch", default="1")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--baseline", default=None, help="another linear_4bit_mma.py, timed at the same configs")
+    ap.add_argument(
+        "--baseline-unchecked",
+        action="store_true",
+        help="time the baseline without checking its outputs (an ablation that is wrong by design)",
+    )
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--rep", type=int, default=20)
     ap.add_argument("--no-bnb", action="store_true")
@@ -255,7 +261,10 @@ def main() -> None:
                                     partial(L.forward_2d, x, pw, None, config=cfg)))  # fmt: skip
                         if base is not None:
                             fn = with_kernel_of(base, partial(L.forward_2d, x, pw, None, config=cfg))
-                            assert_matmul(fn(), x, wd)
+                            if args.baseline_unchecked:
+                                fn()  # a timing-only variant: its weights are wrong by design
+                            else:
+                                assert_matmul(fn(), x, wd)
                             fns.append((f"base w{warps} s{split} kw{kwarps} pf{pf}", cfg, fn))
                 if not args.no_bnb:
                     fns.append(("bnb", None, partial(bnb.matmul_4bit, x, bq.t(), quant_state=bstate)))

@@ -3,7 +3,7 @@ bnb.matmul_4bit at M = 17..256.
 
     python ci/linear4bit_wgmma_probe.py [--shapes KxN,...] [--ms 32,64,128,256] [--dtypes bf16]
                                         [--check-only] [--skip-check] [--json FILE] [--rep MS]
-                                        [--baseline FILE] [--async-only]
+                                        [--baseline FILE [--baseline-unchecked]] [--async-only]
 
 The configs are the tuner's (tritonbits_harness.tune.wgmma_candidates), run through the op's own launches
 (linear_4bit.forward_2d with the config: x's copy in the kernel's K order, the kernel, the split-K reduction).
@@ -11,7 +11,8 @@ Every timed config is first checked against the K-aware policy (tritonbits_harne
 checks cover nf4/fp4, nested or not, blocksizes 64-256, fp16/bf16, bias, x rows inside a wider buffer, M and N not
 multiples of the tile, and split K. Times are CUDA-graph medians (tritonbits_harness.timing.bench_graph), in us.
 --baseline FILE times another version of ops/linear_4bit_wgmma.py (a copy of the file, as committed before a change)
-at the same configs in the same process, its rows named "base ...": the op's launches with that module's kernels."""
+at the same configs in the same process, its rows named "base ...": the op's launches with that module's kernels;
+with --baseline-unchecked its outputs are not checked (a timing-only ablation whose weights are wrong by design)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,11 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--baseline", default=None, help="a copy of linear_4bit_wgmma.py to time beside this one")
+    ap.add_argument(
+        "--baseline-unchecked",
+        action="store_true",
+        help="time the baseline without checking its outputs (an ablation that is wrong by design)",
+    )
     ap.add_argument("--async-only", action="store_true", help="only the configs with asynchronous products")
     args = ap.parse_args()
     base = load_baseline(args.baseline) if args.baseline else None
@@ -161,7 +167,10 @@ def main() -> None:
                         if mod is not None:
                             run = partial(_with, mod, run)
                         try:
-                            assert_matmul(run(), x, wd)
+                            if mod is not None and args.baseline_unchecked:
+                                run()  # a timing-only variant: its weights are wrong by design
+                            else:
+                                assert_matmul(run(), x, wd)
                         except Exception as exc:  # a probe: log and go on
                             print(f"K={k} N={n} M={m} {prefix}{_name(cfg)}: {type(exc).__name__}: {str(exc)[:300]}",
                                   flush=True)  # fmt: skip
