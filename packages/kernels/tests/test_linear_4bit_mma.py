@@ -110,6 +110,10 @@ def test_table_and_decode_give_dequantize_4bits_weights(quant_type, bf16):
         planes = {5 + i: t[f"${i}"] for i in range(8)}
         want = [_to16(_mul_rn_ftz(_bits(c), _bits(absmax)), bf16) for c in code]
         words = [int(v) for v in rng.integers(0, 2**32, 64, dtype=np.uint64)] + [0, MASK, 0x01234567, 0xFEDCBA98]
+        # every pattern of the eight nibbles' bit 3 (which picks the plane half: the selector arithmetic), rest random
+        low = rng.integers(0, 2**32, 256, dtype=np.uint64)
+        words += [(int(v) & 0x77777777) | sum(((b >> i) & 1) << (4 * i + 3) for i in range(8))
+                  for b, v in enumerate(low)]  # fmt: skip
         for word in words:
             out = run_ptx(decode, {4: word, **planes})
             nib = []
