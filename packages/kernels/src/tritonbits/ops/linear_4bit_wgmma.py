@@ -397,8 +397,9 @@ if gl is not None:
         # at M = 128 and 0.98-1.06x at M = 32 / 64 (eight barriers a segment as compiled where the segment pipeline
         # has two), so the sub-tile pipeline runs from BM = 128 on. At M = 128 the bench records (20261125T004858Z /
         # 005032Z, H200 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096, 4096 x 4096 and
-        # 4096 x 6144; at BM = 128 with two warpgroups the segment pipeline may be the better one there (not changed:
-        # no GPU time left; patch docs/gpu-runs/logs/20261125T0100Z-wgmma-subtile-rule.patch).
+        # 4096 x 6144. The segment pipeline at BM = 128 with two warpgroups (patch docs/gpu-runs/logs/20261125T0100Z-
+        # wgmma-subtile-rule.patch) was 7% faster at 14336 x 4096 with four splits and 0.7-2% slower at the N = 28672
+        # shapes in the 0015Z probe: each shape's best time within 2% either way, so not taken (session 25).
         if BM >= 128:
             acc = _subtiles(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2,
                             seg_lo, seg_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, TABLE, L, AL, ACC, XS, BF16, ASYNC, BM, BN,
