@@ -11,12 +11,13 @@ mma.sync m16n8k16 A fragment (lane 4 g + q: rows g, g + 8 of its warp's 16; colu
 quantization block's (64 q .. 64 q + 63: the block's table is in its registers). The warpgroup's B operand, x's
 [64, BM] sub-tile, is read by every warp of the program from shared memory: x is copied once per call into that K
 order (`x_perm`, `_x_perm_kernel`) and goes into shared memory by cp.async, by one of two pipelines:
-- the segment pipeline (BM <= 64, `_segments`): two buffers of a whole segment's four sub-tiles (1 KB a batch row), one
-  segment ahead, one barrier a segment, every product done at the segment's end;
-- the sub-tile pipeline (BM >= 128, `_subtiles`): four buffers of one sub-tile each (512 bytes a batch row: 128 KB at
-  BM = 256, which the segment pipeline could not hold), two sub-tiles ahead, a barrier a sub-tile (two as compiled:
-  Triton adds one after each cp.async wait), one product left in flight across sub-tiles and segments, the absmax
-  loaded two segments ahead (`_am_raw`, `_am_gather`, `_am_final`) so that its code2 gather does not wait on the
+- the segment pipeline (BM <= 64 a warpgroup: BM <= 64, or 128 with two warpgroups; `_segments`): two buffers of a whole
+  segment's four sub-tiles (1 KB a batch row), one segment ahead, one barrier a segment, every product done at the
+  segment's end;
+- the sub-tile pipeline (BM > 64 a warpgroup, `_subtiles`): four buffers of one sub-tile each (512 bytes a batch row:
+  128 KB at BM = 256, which the segment pipeline could not hold), two sub-tiles ahead, a barrier a sub-tile (two as
+  compiled: Triton adds one after each cp.async wait), one product left in flight across sub-tiles and segments, the
+  absmax loaded two segments ahead (`_am_raw`, `_am_gather`, `_am_final`) so that its code2 gather does not wait on the
   quantized absmax's load. At BM = 256 (M = 256 in one program) each weight is decoded once.
 
 Logical column l of a segment's sub-tile s (l = 32 i2 + 16 j0 + 8 h + 2 q + e) holds physical column
@@ -266,8 +267,8 @@ if gl is not None:
                   NESTED: gl.constexpr, TABLE: gl.constexpr, L: gl.constexpr, AL: gl.constexpr, ACC: gl.constexpr,
                   XS: gl.constexpr, BF16: gl.constexpr, ASYNC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   WARPS: gl.constexpr):  # fmt: skip
-        """The segment pipeline (BM <= 64): two buffers of a whole segment's four x sub-tiles, one segment ahead, one
-        barrier a segment, every product done at the segment's end. Returns the accumulator."""
+        """The segment pipeline (BM <= 64 a warpgroup): two buffers of a whole segment's four x sub-tiles, one segment
+        ahead, one barrier a segment, every product done at the segment's end. Returns the accumulator."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         x_ptrs, x_ok = _seg_x_tiles(xp_ptr, K, M, pid_m, BM, WARPS)
         xs_a = gl.allocate_shared_memory(DT, [4 * BM, 64], XS)
@@ -293,9 +294,9 @@ if gl is not None:
                   NESTED: gl.constexpr, TABLE: gl.constexpr, L: gl.constexpr, AL: gl.constexpr, ACC: gl.constexpr,
                   XS: gl.constexpr, BF16: gl.constexpr, ASYNC: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   WARPS: gl.constexpr):  # fmt: skip
-        """The sub-tile pipeline (BM >= 128): four buffers of one x sub-tile each, two sub-tiles ahead, a barrier a
-        sub-tile, one product left in flight across sub-tiles and segments; the absmax two segments ahead (_am_raw).
-        Returns the accumulator."""
+        """The sub-tile pipeline (BM > 64 a warpgroup): four buffers of one x sub-tile each, two sub-tiles ahead, a
+        barrier a sub-tile, one product left in flight across sub-tiles and segments; the absmax two segments ahead
+        (_am_raw). Returns the accumulator."""
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         PEND: gl.constexpr = 1 if ASYNC else 0  # products left in flight after each issue
         qcol = (64 * q2) // BLOCKSIZE  # [1, 4]: lane q's block within a segment
@@ -394,13 +395,14 @@ if gl is not None:
         # 20261125T0005Z-nvidia-h100-wgmma-subtile-probe.txt, 20261125T0015Z-nvidia-h100-wgmma-hybrid-probe.txt,
         # 20261125T0030Z-nvidia-h200-wgmma-hybrid-probe.txt): the sub-tile pipeline's best config took 0.73-0.98x the
         # segment pipeline's best time at M = 256 (BM = 256: 4096 x 14336 57.9 against 77.2 us on the H100), 0.98-1.04x
-        # at M = 128 and 0.98-1.06x at M = 32 / 64 (eight barriers a segment as compiled where the segment pipeline
-        # has two), so the sub-tile pipeline runs from BM = 128 on. At M = 128 the bench records (20261125T004858Z /
-        # 005032Z, H200 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096, 4096 x 4096 and
-        # 4096 x 6144. The segment pipeline at BM = 128 with two warpgroups (patch docs/gpu-runs/logs/20261125T0100Z-
-        # wgmma-subtile-rule.patch) was 7% faster at 14336 x 4096 with four splits and 0.7-2% slower at the N = 28672
-        # shapes in the 0015Z probe: each shape's best time within 2% either way, so not taken (session 25).
-        if BM >= 128:
+        # at M = 128 and 0.98-1.06x at M = 32 / 64 (eight barriers a segment as compiled where the segment pipeline has
+        # two), so the sub-tile pipeline runs above 64 batch rows a warpgroup. At M = 128 the bench records
+        # (20261125T004858Z / 005032Z, H200 003727Z / 003904Z) had it 0.92-0.98x session 23's records at 14336 x 4096,
+        # 4096 x 4096 and 4096 x 6144. So the segment pipeline also runs at BM = 128 with two warpgroups (its buffers
+        # fit there, 64 KB a warpgroup): in those probes it was faster at 31 of 36 such configs on the H100, at 14336 x
+        # 4096 with four splits by 7% on both GPUs (42.1 / 42.0 against 45.1 / 45.2 us), elsewhere within 2% either way
+        # (session 25).
+        if BM > 64 * WG:  # the sub-tile pipeline where the segment pipeline's buffers would pass 64 KB a warpgroup
             acc = _subtiles(xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, off, K, M, pid_m, w_off, qrow, q2,
                             seg_lo, seg_hi, BLOCKSIZE, BLOCKSIZE2, NESTED, TABLE, L, AL, ACC, XS, BF16, ASYNC, BM, BN,
                             WARPS)  # fmt: skip
