@@ -5,7 +5,9 @@ of programs and its last wave part-full; a persistent version launches SMs x P p
 blocks. Per case, CUDA-graph medians (do_bench_cudagraph, rep 20 ms, as the benchmark times) of: the public op
 (table config); the flat kernel with its stores streaming (`.cs`); persistent variants p<P>b<BLOCK>w<warps>;
 the static-shape torch.compile of the one-line expression. Rounds rotate the order; the figure is the median of
-the rounds' medians. Every variant's output is checked with torch.equal against the public op's first.
+the rounds' medians (log 20261125T0153Z was taken before return_mode="median": its rounds are means). The
+streaming-store and persistent variants run their own BLOCK / warps with a mask, not the op's table config. Every
+variant's output is checked with torch.equal against the public op's first.
 Usage: dequant_bias_persistent_probe.py [--rounds 3] [--cases M:N:acc,...] > log"""
 
 import argparse
@@ -100,7 +102,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                times[name].append(triton.testing.do_bench_cudagraph(fns[name], rep=20) * 1e3)
+                times[name].append(triton.testing.do_bench_cudagraph(fns[name], rep=20, return_mode="median") * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         cfg = db.config_for(dev, acc.dtype, m, n)
         cells = " ".join(f"{k}={v:.2f}" for k, v in med.items())

@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.baseline_unchecked and not args.baseline:
+        ap.error("--baseline-unchecked needs --baseline")
     base = load_baseline(args.baseline) if args.baseline else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} triton mma AVAILABLE={L.mma4.AVAILABLE}", flush=True)

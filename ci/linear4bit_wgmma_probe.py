@@ -133,6 +133,8 @@ def main() -> None:
     )
     ap.add_argument("--async-only", action="store_true", help="only the configs with asynchronous products")
     args = ap.parse_args()
+    if args.baseline_unchecked and not args.baseline:
+        ap.error("--baseline-unchecked needs --baseline")
     base = load_baseline(args.baseline) if args.baseline else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} triton {triton.__version__}", flush=True)
