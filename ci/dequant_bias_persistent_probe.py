@@ -30,28 +30,32 @@ VARIANTS = [(8, 1024, 4), (16, 1024, 4), (8, 2048, 4), (4, 4096, 8), (8, 4096, 8
 
 
 @triton.jit
-def _flat_cs(acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, TOTAL, N: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _block(acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, t, TOTAL, N: tl.constexpr, BLOCK: tl.constexpr,
+           CS: tl.constexpr):  # fmt: skip
+    """Block t of the flat stream, as the op's flat kernel computes it; CS: streaming stores."""
+    idx = t * BLOCK + tl.arange(0, BLOCK)
     mask = idx < TOTAL
     row, col = idx // N, idx % N
     acc = tl.load(acc_ptr + idx, mask=mask, other=0).to(tl.float32)
     sa = tl.load(sa_ptr + row, mask=mask, other=0.0, eviction_policy="evict_last")
     sb = tl.load(sb_ptr + col, mask=mask, other=0.0, eviction_policy="evict_last")
     bias = tl.load(bias_ptr + col, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    tl.store(out_ptr + idx, (acc * sa * sb + bias).to(out_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs")
+    out = (acc * sa * sb + bias).to(out_ptr.dtype.element_ty)
+    if CS:
+        tl.store(out_ptr + idx, out, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(out_ptr + idx, out, mask=mask)
+
+
+@triton.jit
+def _flat_cs(acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, TOTAL, N: tl.constexpr, BLOCK: tl.constexpr):
+    _block(acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, tl.program_id(0), TOTAL, N, BLOCK, True)
 
 
 @triton.jit
 def _persistent(acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, TOTAL, TILES, N: tl.constexpr, BLOCK: tl.constexpr):
     for t in range(tl.program_id(0), TILES, tl.num_programs(0)):
-        idx = t * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < TOTAL
-        row, col = idx // N, idx % N
-        acc = tl.load(acc_ptr + idx, mask=mask, other=0).to(tl.float32)
-        sa = tl.load(sa_ptr + row, mask=mask, other=0.0, eviction_policy="evict_last")
-        sb = tl.load(sb_ptr + col, mask=mask, other=0.0, eviction_policy="evict_last")
-        bias = tl.load(bias_ptr + col, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        tl.store(out_ptr + idx, (acc * sa * sb + bias).to(out_ptr.dtype.element_ty), mask=mask)
+        _block(acc_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, t, TOTAL, N, BLOCK, False)
 
 
 def main() -> None:
