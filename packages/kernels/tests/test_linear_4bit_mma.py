@@ -241,8 +241,17 @@ GPU_FORCED = [  # (M, blocksize, nested, warps, split, K warps, K, prefetch): M 
 MASKED_CASES = [c for c in GPU_FORCED if (c[5], c[6], c[4]) in {(4, 4096, 3), (8, 4096, 3), (2, 768, 2), (8, 256, 1)}]
 
 
+# the cases `nox -s sanitize-<gpu>` runs under compute-sanitizer (marker `sanitize`): x read directly (M <= 8) and
+# through its lane-order copy, splits, K warps with masked steps and with idle warps, prefetch on and off
+SANITIZE = {GPU_FORCED[i] for i in (0, 6, 12, 17, 18, 19, 26, 27)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", GPU_FORCED, ids=lambda c: "m{}-bs{}-nested{}-w{}-s{}-kw{}-k{}-pf{}".format(*c))
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.sanitize) if c in SANITIZE else c for c in GPU_FORCED],
+    ids=lambda c: "m{}-bs{}-nested{}-w{}-s{}-kw{}-k{}-pf{}".format(*c),
+)
 def test_forced_mma_configs_against_the_policy(device, dtype, case):
     """The mma kernel itself (forced configs, not the table's) on fresh random problems: N not a multiple of a
     program's rows, a bias, x rows inside a wider buffer; every result within the K-aware policy, out poisoned."""

@@ -198,9 +198,17 @@ GPU_FORCED = [  # (M, N, K, blocksize, nested, quant type, bm, wg, split, async,
 ]
 
 
+# the cases `nox -s sanitize-<gpu>` runs under compute-sanitizer (marker `sanitize`): each pipeline (segments: bm 64
+# or less a warpgroup; sub-tiles: bm 128 with one, 256 with one or two), synchronous and asynchronous,
+# splits that do not divide the segments, several segments a split (the buffers reused), two batch-row tiles
+SANITIZE = {GPU_FORCED[i] for i in (0, 1, 2, 4, 6, 10, 11, 12)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "case", GPU_FORCED, ids=lambda c: "m{}-n{}-k{}-bs{}-nested{}-{}-bm{}-wg{}-s{}-a{}-b{}".format(*c)
+    "case",
+    [pytest.param(c, marks=pytest.mark.sanitize) if c in SANITIZE else c for c in GPU_FORCED],
+    ids=lambda c: "m{}-n{}-k{}-bs{}-nested{}-{}-bm{}-wg{}-s{}-a{}-b{}".format(*c),
 )
 def test_forced_wgmma_configs_against_the_policy(device, dtype, case):
     """The wgmma kernel itself (forced configs) on fresh random problems: N and M not multiples of a program's

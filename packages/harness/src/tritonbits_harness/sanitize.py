@@ -31,7 +31,13 @@ TOOLS = {
     "initcheck": ["--tool", "initcheck"],
     "racecheck": ["--tool", "racecheck", "--racecheck-report", "all"],
 }
-TESTS = "packages/kernels/tests/test_reliability_gpu.py"
+# every op and variant on small shapes, and the Gluon kernels (linear_4bit's mma and wgmma: inline PTX, cp.async
+# pipelines, warpgroup products) under forced configs that reach each of their pipelines
+TESTS = (
+    "packages/kernels/tests/test_reliability_gpu.py",
+    "packages/kernels/tests/test_linear_4bit_mma.py",
+    "packages/kernels/tests/test_linear_4bit_wgmma.py",
+)
 
 
 def summary(log: str) -> tuple[int | None, dict[str, int]]:
@@ -91,7 +97,7 @@ def self_check(sanitizer: str) -> dict[str, dict]:
 def run_tool(tool: str, gpu: str, dtypes: str, record_dir: Path, sanitizer: str, extra: list[str],
              check: dict | None) -> bool:  # fmt: skip
     cmd = [sanitizer, *TOOLS[tool], "--error-exitcode", "1", "--print-limit", "100",
-           sys.executable, "-m", "pytest", TESTS, "-m", "sanitize", f"--gpu-profile={gpu}", f"--dtypes={dtypes}",
+           sys.executable, "-m", "pytest", *TESTS, "-m", "sanitize", f"--gpu-profile={gpu}", f"--dtypes={dtypes}",
            "-p", "no:cacheprovider", "-q", *extra]  # fmt: skip
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "PYTHONUNBUFFERED": "1"}
     print(f"sanitize: {' '.join(cmd)}", flush=True)
