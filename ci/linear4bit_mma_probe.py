@@ -228,6 +228,8 @@ def main() -> None:
     base = load_baseline(args.baseline) if args.baseline else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} triton mma AVAILABLE={L.mma4.AVAILABLE}", flush=True)
+    if args.baseline_unchecked:  # said in the log and in every "base" row of --json
+        print("--baseline-unchecked: the baseline's outputs are NOT checked; its rows are timings only", flush=True)
     if not args.skip_check:
         fails = check_cases(gen)
         print(f"checks: {fails} failures", flush=True)
@@ -274,7 +276,8 @@ def main() -> None:
                 for name, cfg, fn in fns:
                     t = timing.bench_graph(fn, rep=args.rep) * 1e3
                     res[name] = t
-                    rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": name, "config": cfg, "us": t})
+                    rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": name, "config": cfg, "us": t,
+                                 "checked": not (name.startswith("base") and args.baseline_unchecked)})  # fmt: skip
                 best = min((v, nm) for nm, v in res.items() if nm.startswith("mma"))
                 best_base = min(((v, nm) for nm, v in res.items() if nm.startswith("base")), default=None)
                 line = " ".join(f"{nm}={v:.2f}" for nm, v in res.items())

@@ -138,6 +138,8 @@ def main() -> None:
     base = load_baseline(args.baseline) if args.baseline else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} triton {triton.__version__}", flush=True)
+    if args.baseline_unchecked:  # said in the log and in every "base" row of --json
+        print("--baseline-unchecked: the baseline's outputs are NOT checked; its rows are timings only", flush=True)
     if not args.skip_check:
         fails = check_cases(gen)
         print(f"checks: {fails} failures", flush=True)
@@ -187,7 +189,8 @@ def main() -> None:
                     print(f"K={k:5d} N={n:5d} M={m:3d} {dname}: baseline best {bbest[1]} {bbest[0]:.2f} us, this "
                           f"version's best / baseline's {best[0] / bbest[0]:.3f}", flush=True)  # fmt: skip
                 for nm, v in res.items():
-                    rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": nm, "us": v})
+                    rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": nm, "us": v,
+                                 "checked": not (nm.startswith("base") and args.baseline_unchecked)})  # fmt: skip
                 print(
                     f"K={k:5d} N={n:5d} M={m:3d} {dname}: best {best[1]} {best[0]:.2f} us | op {res['op']:.2f} "
                     f"dense {res['dense']:.2f} bnb {res['bnb']:.2f} | x op {res['op'] / best[0]:.2f} x dense "
