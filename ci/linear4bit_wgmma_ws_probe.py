@@ -63,6 +63,7 @@ from tritonbits.ops import linear_4bit_wgmma as wg4
 try:  # Gluon and its Hopper ops (the GPU machine's Triton 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
@@ -77,7 +78,8 @@ except ImportError:  # pragma: no cover
 SHAPES = "4096x14336,14336x4096,4096x28672,8192x28672"  # K x N
 # name -> (WG, STAGES, split K, worker registers, ablation: 0 none; timing only, wrong by design: 1 the decode
 # partition stores zero tiles (no words, no decode: the consumers and the x TMA alone), 2 the consumers issue no
-# product (the decode partition and the x TMA alone))
+# product (the decode partition and the x TMA alone); a sixth item "cp": x by cp.async from x_perm's copy, no TMA
+# descriptor)
 # NOTE: worker registers (offline, sm90, Triton 3.6): ptxas holds the decode partition to its setmaxnreg; at WG = 2 it
 # spills below 152 (128: 104 B of stack, 50 STL/LDL), and 152 leaves the default partition 176 (the formula in
 # Triton's AllocateWarpGroups: maxnreg 168 + (168 - 152) x 128 / 256, rounded down to 8); WG = 1 fits in 128.
@@ -94,26 +96,43 @@ CONFIGS = {
     "wg2s4k1-nomma": (2, 4, 1, 152, 2),
     "wg2s4k4-nodecode": (2, 4, 4, 152, 1),
     "wg2s4k4-nomma": (2, 4, 4, 152, 2),
+    "wg2s4k1-cp": (2, 4, 1, 152, 0, "cp"),  # x by cp.async (XCOPY) instead of TMA
+    "wg2s3k1-cp": (2, 3, 1, 152, 0, "cp"),
+    "wg2s4k4-cp": (2, 4, 4, 152, 0, "cp"),
+    "wg2s4k1-cp168": (2, 4, 1, 168, 0, "cp"),
+    "wg2s4k1-cp160": (2, 4, 1, 160, 0, "cp"),
 }
 DEFAULT_CONFIGS = "wg2s4k1,wg2s3k1,wg2s4k2,wg2s4k4,wg1s4k1"
 BM_ = 256  # batch rows a program
 
 if gl is not None:
     _SEG = gl.constexpr(wg4.SEGMENT)
+    _XLA = gl.constexpr(2)  # XCOPY: x's cp.async this many ring steps ahead (< STAGES)
 
     @gluon.jit
-    def _produce(i, unit, wa0, wb0, tab0, wa1, wb1, tab1, a_bufs, x_bufs, full, empty, x_desc, m0,
-                 AL: gl.constexpr, BF16: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
-                 XBYTES: gl.constexpr, ABLATE: gl.constexpr):  # fmt: skip
+    def _produce(i, unit, wa0, wb0, tab0, wa1, wb1, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, xp_ptr, M, K,
+                 total, AL: gl.constexpr, BF16: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
+                 XBYTES: gl.constexpr, ABLATE: gl.constexpr, XCOPY: gl.constexpr):  # fmt: skip
         """Ring step i (x sub-tile `unit` of the row): once the stage is free, x's sub-tile by TMA (expect-tx on the
         stage's "full" barrier) and the A tile (words wa*, wb* of each lane's block: rows 0..63 from half 0, 64..127
-        from half 1 at WG = 2) into the stage; then the fence and the partition's one arrival."""
+        from half 1 at WG = 2) into the stage; then the fence and the partition's one arrival.
+        XCOPY: x by cp.async instead, from a plain pointer (no TMA descriptor), XLA steps ahead: step i + XLA's stage
+        waited for and its x copy issued (masked off past the last step), the A tile stored, then step i's copy group
+        waited for (cp.async.wait_group XLA) and fenced by the copying threads themselves before the arrival."""
         stage = i % STAGES
-        phase = (i // STAGES) & 1
-        mbarrier.wait(empty.index(stage), phase ^ 1)  # the consumer's product of step i - STAGES is done
         bar = full.index(stage)
-        mbarrier.expect(bar, XBYTES)
-        tma.async_copy_global_to_shared(x_desc, [m0, unit * 64], bar, x_bufs.index(stage))
+        if XCOPY:
+            j = i + _XLA
+            mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)  # product j - STAGES done
+            xp_tile, x_ok = _x_tile(xp_ptr, m0, M, K, x_bufs.shape[1])  # (recomputed: no live pointer registers)
+            async_copy.async_copy_global_to_shared(x_bufs.index(j % STAGES), xp_tile + (unit + _XLA) * 64,
+                                                   mask=x_ok & (j < total))  # fmt: skip
+            async_copy.commit_group()
+        else:
+            phase = (i // STAGES) & 1
+            mbarrier.wait(empty.index(stage), phase ^ 1)  # the consumer's product of step i - STAGES is done
+            mbarrier.expect(bar, XBYTES)
+            tma.async_copy_global_to_shared(x_desc, [m0, unit * 64], bar, x_bufs.index(stage))
         a_s = a_bufs.index(stage)
         if ABLATE == 1:  # timing only: no decode
             a_s.store(gl.zeros([64 * WG, 64], a_s.dtype, gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])))
@@ -121,8 +140,19 @@ if gl is not None:
             a_s.slice(0, 64, dim=0).store(wg4._a_tile(wa0, wb0, tab0, AL, BF16))
             if WG == 2:
                 a_s.slice(64, 64, dim=0).store(wg4._a_tile(wa1, wb1, tab1, AL, BF16))
-        fence_async_shared()  # this thread's generic-proxy stores, before wgmma's async-proxy reads
+        if XCOPY:
+            async_copy.wait_group(_XLA)  # step i's x copies (issued XLA steps ago) landed
+        fence_async_shared()  # this thread's generic-proxy stores (and copies), before wgmma's async-proxy reads
         mbarrier.arrive(bar, count=1)  # (lowered: the partition's threads synchronize, then one arrives)
+
+    @gluon.jit
+    def _x_tile(xp_ptr, m0, M, K, BM: gl.constexpr):
+        """XCOPY: pointers [BM, 64] to x_perm's copy at batch rows m0 .., columns 0 .. 63 (16-byte runs; sub-tile u is
+        64 u further) and their mask (rows past M: zero-filled by cp.async, never read)."""
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        xr = gl.expand_dims(gl.arange(0, BM, gl.SliceLayout(1, XL)), 1) + m0
+        xc = gl.expand_dims(gl.arange(0, 64, gl.SliceLayout(0, XL)), 0)
+        return xp_ptr + gl.minimum(xr, M - 1).to(gl.int64) * K + xc, (xr < M) & (xc >= 0)
 
     @gluon.jit
     def _half_setup(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, w_off, qrow, qcol, seg_lo, last,
@@ -152,7 +182,7 @@ if gl is not None:
                           empty, N, K_WORDS, BLOCKS_PER_ROW, pid_n, m0, seg_lo, seg_hi, BLOCKSIZE: gl.constexpr,
                           BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, TABLE: gl.constexpr, BF16: gl.constexpr,
                           BM: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr,
-                          ABLATE: gl.constexpr):  # fmt: skip
+                          ABLATE: gl.constexpr, xp_ptr, M, K, XCOPY: gl.constexpr):  # fmt: skip
         """4 warps: W rows pid_n BN .. + BN - 1 (BN = 64 WG: WG halves of 64) over the segments [seg_lo, seg_hi),
         with the wgmma kernel's decode and its WG = 1 layouts for each half (thread (warp w, lane 4 g + q): rows
         16 w + g and + 8 of the half, block q's 8 words), and x's sub-tiles by TMA."""
@@ -188,6 +218,13 @@ if gl is not None:
         if NESTED:
             off = gl.load(offset_ptr)
         last = seg_hi - 1
+        total = 4 * (seg_hi - seg_lo)
+        if XCOPY:  # the first XLA steps' x (fresh stages)
+            xp_tile, x_ok = _x_tile(xp_ptr, m0, M, K, BM)
+            for la in gl.static_range(_XLA):
+                async_copy.async_copy_global_to_shared(x_bufs.index(la), xp_tile + (4 * seg_lo + la) * 64,
+                                                       mask=x_ok & (la < total))  # fmt: skip
+                async_copy.commit_group()
         words0, c2_0, a2_0, q_n0, a2_n0 = _half_setup(words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, w_off0, qrow0,
                                                       qcol, seg_lo, last, BLOCKSIZE, BLOCKSIZE2, NESTED)  # fmt: skip
         if WG == 2:
@@ -213,17 +250,14 @@ if gl is not None:
                 v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
             i = 4 * (seg - seg_lo)
             u = 4 * seg
-            _produce(i, u, w0, w1, tab0, v0, v1, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, AL, BF16, WG,
-                     STAGES, XBYTES, ABLATE)  # fmt: skip
-            _produce(i + 1, u + 1, w2, w3, tab0, v2, v3, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, AL, BF16,
-                     WG,
-                     STAGES, XBYTES, ABLATE)  # fmt: skip
-            _produce(i + 2, u + 2, w4, w5, tab0, v4, v5, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, AL, BF16,
-                     WG,
-                     STAGES, XBYTES, ABLATE)  # fmt: skip
-            _produce(i + 3, u + 3, w6, w7, tab0, v6, v7, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, AL, BF16,
-                     WG,
-                     STAGES, XBYTES, ABLATE)  # fmt: skip
+            _produce(i, u, w0, w1, tab0, v0, v1, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, xp_ptr,
+                     M, K, total, AL, BF16, WG, STAGES, XBYTES, ABLATE, XCOPY)  # fmt: skip
+            _produce(i + 1, u + 1, w2, w3, tab0, v2, v3, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, xp_ptr,
+                     M, K, total, AL, BF16, WG, STAGES, XBYTES, ABLATE, XCOPY)  # fmt: skip
+            _produce(i + 2, u + 2, w4, w5, tab0, v4, v5, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, xp_ptr,
+                     M, K, total, AL, BF16, WG, STAGES, XBYTES, ABLATE, XCOPY)  # fmt: skip
+            _produce(i + 3, u + 3, w6, w7, tab0, v6, v7, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, xp_ptr,
+                     M, K, total, AL, BF16, WG, STAGES, XBYTES, ABLATE, XCOPY)  # fmt: skip
             words0 = nwords0
             c2_0 = nc2_0
             a2_0 = na2_0
@@ -255,11 +289,11 @@ if gl is not None:
 
     @gluon.jit
     def linear_4bit_wgmma_ws_kernel(
-        x_desc, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
+        x_desc, xp_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
         M, N, K, K_WORDS, BLOCKS_PER_ROW, stride_om, segs_per_split,
         BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
         SPLIT: gl.constexpr, BM: gl.constexpr, WG: gl.constexpr, STAGES: gl.constexpr, TABLE: gl.constexpr,
-        BF16: gl.constexpr, WORKER_REGS: gl.constexpr, ABLATE: gl.constexpr,
+        BF16: gl.constexpr, WORKER_REGS: gl.constexpr, ABLATE: gl.constexpr, XCOPY: gl.constexpr,
     ):  # fmt: skip
         """out[m, rows] (+ bias), or the split's fp32 partial into the workspace [S, M, N], for program (pid_n: BN =
         64 WG W rows, pid_m: BM batch rows, pid_s: segs_per_split segments of K). x_desc: TMA descriptor of x_perm's
@@ -274,7 +308,10 @@ if gl is not None:
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
-            mbarrier.init(full.index(s), count=2)  # the decode partition's arrival and its x TMA's expect
+            if XCOPY:
+                mbarrier.init(full.index(s), count=1)  # the decode partition's arrival (its copies waited before)
+            else:
+                mbarrier.init(full.index(s), count=2)  # the decode partition's arrival and its x TMA's expect
             mbarrier.init(empty.index(s), count=1)  # the consumer partition
         fence_async_shared()  # the inits, before the TMA (async proxy) completes bytes on them
         pid_n = gl.program_id(0)
@@ -288,7 +325,8 @@ if gl is not None:
             [(_mma_partition, (a_bufs, x_bufs, full, empty, units, BM, BN, STAGES, WARPS, ABLATE)),
              (_decode_partition, (x_desc, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, a_bufs, x_bufs,
                                   full, empty, N, K_WORDS, BLOCKS_PER_ROW, pid_n, m0, seg_lo, seg_hi, BLOCKSIZE,
-                                  BLOCKSIZE2, NESTED, TABLE, BF16, BM, WG, STAGES, ABLATE))],
+                                  BLOCKSIZE2, NESTED, TABLE, BF16, BM, WG, STAGES, ABLATE, xp_ptr, M, K,
+                                  XCOPY))],
             [4], [WORKER_REGS])  # fmt: skip
         acc = res[0]
         OL: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, WARPS], [0, 1])  # rows along the lanes: coalesced
@@ -319,7 +357,8 @@ def x_layout(dtype: torch.dtype):
 def plan(x2: torch.Tensor, w, bias, out: torch.Tensor, name: str, xp: torch.Tensor | None = None):
     """The prototype's launches for x2 [M, K] and the prepared weight w: (x_perm launch, kernel launch, reduce launch
     or None, the workspace or None). Every tensor of the call is made here (CUDA graphs replay them)."""
-    wg, stages, split_k, regs, ablate = CONFIGS[name]
+    wg, stages, split_k, regs, ablate = CONFIGS[name][:5]
+    xcopy = len(CONFIGS[name]) > 5 and CONFIGS[name][5] == "cp"
     m, k = x2.shape
     state = w.state
     n, bs = state.shape[0], state.blocksize
@@ -334,13 +373,13 @@ def plan(x2: torch.Tensor, w, bias, out: torch.Tensor, name: str, xp: torch.Tens
     desc = TensorDescriptor.from_tensor(xp, [BM_, 64], x_layout(x2.dtype))
     dummy = w.absmax
     bf16 = state.dtype == torch.bfloat16
-    args = (desc, L.words_of(w), w.absmax, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
+    args = (desc, xp, L.words_of(w), w.absmax, w.code2 if nested else dummy, w.absmax2 if nested else dummy,
             w.offset if nested else dummy, bias if bias is not None else dummy, ws if ws is not None else out,
             m, n, k, k // 8, k // bs, out.stride(0), per_split)  # fmt: skip
     constexprs = {"BLOCKSIZE": bs, "BLOCKSIZE2": w.blocksize2 if nested else 1, "NESTED": nested,
                   "HAS_BIAS": bias is not None, "SPLIT": ws is not None, "BM": BM_, "WG": wg, "STAGES": stages,
                   "TABLE": mma4.table_asm(L.formats.code_values(state.quant_type).tolist(), bf16), "BF16": bf16,
-                  "WORKER_REGS": regs, "ABLATE": ablate}  # fmt: skip
+                  "WORKER_REGS": regs, "ABLATE": ablate, "XCOPY": xcopy}  # fmt: skip
     options = {"num_warps": 4 * wg, "maxnreg": _maxnreg(wg)}
     units = m * k // 2
     perm = (wg4._x_perm_kernel, (triton.cdiv(units, wg4.X_PERM_BLOCK),), (x2, xp, m, x2.stride(0), k),
@@ -487,7 +526,7 @@ def compile_only(names: list[str], dump: Path | None, shape: tuple[int, int]) ->
     print(f"triton {triton.__version__}, sm90, bf16 nf4 nested bs64, W {n} x {k}, M = {BM_}", flush=True)
     fails = 0
     for name in names:
-        wg, stages, split_k, regs, _ablate = CONFIGS[name]
+        wg, stages, split_k, regs, _ablate = CONFIGS[name][:5]
         try:
             kernel, la = _compile(name, n, k, BM_)
         except Exception as exc:  # one config failing must not hide the others
