@@ -103,7 +103,7 @@ CONFIGS = {
     "wg2s4k1-cp160": (2, 4, 1, 160, 0, "cp"),
 }
 DEFAULT_CONFIGS = "wg2s4k1,wg2s3k1,wg2s4k2,wg2s4k4,wg1s4k1"
-BM_ = 256  # batch rows a program
+BM_ = 256  # batch rows a program (--bm: 128 or 256)
 
 if gl is not None:
     _SEG = gl.constexpr(wg4.SEGMENT)
@@ -691,12 +691,15 @@ def main() -> None:
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"of {', '.join(CONFIGS)}")
     ap.add_argument("--shapes", default=SHAPES, help="KxN,KxN,...")
     ap.add_argument("--m", type=int, default=256)
+    ap.add_argument("--bm", type=int, default=256, choices=(128, 256), help="batch rows a program")
     ap.add_argument("--rep", type=int, default=20, help="do_bench_cudagraph's rep (ms) a round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    global BM_
+    BM_ = args.bm
     names = [s for s in args.configs.split(",") if s]
     for nm in names:
         if nm not in CONFIGS:
