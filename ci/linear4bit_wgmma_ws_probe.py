@@ -415,20 +415,7 @@ def _loops(sass: str) -> list[dict]:
 
     import sass_count as sc
 
-    instrs, labels, pending = [], {}, []
-    for line in sass.splitlines():
-        mt = sc.LABEL.match(line.strip())
-        if mt:
-            pending.append(mt.group(1))
-            continue
-        mt = sc.INSTR.match(line)
-        if not mt:
-            continue
-        addr, op, rest = int(mt.group(1), 16), mt.group(3), mt.group(4)
-        for lab in pending:
-            labels[lab] = addr
-        pending = []
-        instrs.append((addr, op, rest))
+    instrs, labels = sc.parse(sass)
     last_exit = max((a for a, op, _ in instrs if op == "EXIT"), default=-1)
     loops = []
     for a, op, rest in instrs:

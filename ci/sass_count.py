@@ -331,9 +331,9 @@ def disassemble(cubin: bytes) -> tuple[str, dict[str, int]]:
     return sass, usage
 
 
-def count(sass: str) -> dict:
-    """Instruction counts of one kernel's disassembly (see the module doc for what is counted)."""
-    instrs: list[tuple[int, str, str]] = []  # (address, opcode, operands)
+def parse(sass: str) -> tuple[list[tuple[int, str, str]], dict[str, int]]:
+    """One kernel's disassembly as its instructions (address, opcode, operands) and its labels' addresses."""
+    instrs: list[tuple[int, str, str]] = []
     labels: dict[str, int] = {}
     pending: list[str] = []
     for line in sass.splitlines():
@@ -349,6 +349,12 @@ def count(sass: str) -> dict:
             labels[lab] = addr
         pending = []
         instrs.append((addr, op, rest))
+    return instrs, labels
+
+
+def count(sass: str) -> dict:
+    """Instruction counts of one kernel's disassembly (see the module doc for what is counted)."""
+    instrs, labels = parse(sass)
     last_exit = max((a for a, op, _ in instrs if op == "EXIT"), default=-1)
     body = [(a, op, rest) for a, op, rest in instrs if op != "NOP"]
     # the trailing self-branch after the last EXIT is padding, not code
