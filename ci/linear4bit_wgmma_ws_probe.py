@@ -3,11 +3,12 @@ wgmma, against the op (its current register-A wgmma kernel) and dense F.linear a
 
     # offline, no GPU (the GPU machine's Triton 3.6 unpacked at /tmp/t36site):
     PYTHONPATH=/tmp/t36site:packages/kernels/src:packages/reference/src:packages/harness/src \\
-        python ci/linear4bit_wgmma_ws_probe.py --compile-only [--dump DIR] [--configs ...]
+        python ci/linear4bit_wgmma_ws_probe.py --compile-only [--dump DIR] [--configs ...] [--bm 128|256]
+                                               [--compile-shape KxN]
     # on an H100 / H200 (the wheels in /tmp/site as docs/gpu-sessions.md installs them):
     PYTHONPATH=/tmp/site:packages/kernels/src:packages/reference/src:packages/harness/src \\
-        python3 ci/linear4bit_wgmma_ws_probe.py [--shapes KxN,...] [--m 256] [--configs wg2s4k1,...] [--rep MS]
-                                               [--rounds R] [--skip-check] [--check-only] [--json FILE]
+        python3 ci/linear4bit_wgmma_ws_probe.py [--shapes KxN,...] [--m 256] [--bm 128|256] [--configs wg2s4k1,...]
+                                               [--rep MS] [--rounds R] [--skip-check | --check-only] [--json FILE]
 
 Why: at M = 256 the op's wgmma kernel (ops/linear_4bit_wgmma.py, BM = 256, two warpgroups) keeps the tensor pipe busy
 only ~55% of cycles (Nsight Compute: 255 registers a thread, 0.42 eligible warps a scheduler): each warpgroup decodes
@@ -28,17 +29,20 @@ moves to other warps (`gl.warp_specialize`, one program per BN = 64 WG W rows x 
   partition-wide named barrier, then one thread's arrive); after the region, the epilogue (bias, bf16/fp16 out) or,
   with split K, the fp32 partial into the workspace for the op's `_splitk_reduce_kernel`.
 
-A stage is (A [BN, 64], x [BM, 64]): 48 KB at WG = 2 (4 stages: 192 KB). The product is x @ dequant(W).T as the op's
-wgmma kernel computes it (same K order, same decoded values, fp32 accumulation; steps in K order).
+A stage is (A [BN, 64], x [BM, 64]): 48 KB at WG = 2 and BM = 256 (4 stages: 192 KB), 32 KB at BM = 128 (`--bm`).
+The product is x @ dequant(W).T as the op's wgmma kernel computes it (same K order, same decoded values, fp32
+accumulation; steps in K order).
 
 --compile-only compiles the kernel offline for sm90 (ci/sass_count.py's binder and tools; Gluon needs the GPU
 machine's Triton 3.6 on PYTHONPATH) and prints registers (the kernel's and each partition's setmaxnreg), shared
 memory, spills and SASS instruction counts, whole kernel and per loop (the decode loop has the PRMTs, the consumer
 loop the HGMMAs). On a GPU: every config is checked against the exact dequantized product
-(tritonbits_harness.tolerance.assert_matmul) on small problems (bias, M < BM, N not a multiple of BN, split K) and
-at each timed shape, then the prototype, the op (tritonbits.linear_4bit) and dense F.linear(x, wd) are timed with
-do_bench_cudagraph (median of each round, rounds interleaved, the median of the rounds reported), bf16 nf4 nested
-blocksize 64 at M = 256. Times include the prototype's x_perm copy and split-K reduction (as the op's do).
+(tritonbits_harness.tolerance.assert_matmul) on small problems (bias, M below BM, one and two batch-row tiles, N not a
+multiple of BN, split K where a config of --configs splits) and at each timed shape (not the timing-only ablations,
+`-nodecode` / `-nomma`; `--skip-check` checks nothing; each --json row says `checked`), then the prototype, the op
+(tritonbits.linear_4bit) and dense F.linear(x, wd) are timed with do_bench_cudagraph (median of each round, rounds
+interleaved, the median of the rounds reported), bf16 nf4 nested blocksize 64 at M = 256 (`--m`). Times include the
+prototype's x_perm copy and split-K reduction (as the op's do).
 """
 
 from __future__ import annotations
@@ -97,17 +101,20 @@ CONFIGS = {
     "wg2s4k4-nodecode": (2, 4, 4, 152, 1),
     "wg2s4k4-nomma": (2, 4, 4, 152, 2),
     "wg2s4k1-cp": (2, 4, 1, 152, 0, "cp"),  # x by cp.async (XCOPY) instead of TMA
-    "wg2s3k1-cp": (2, 3, 1, 152, 0, "cp"),
     "wg2s4k4-cp": (2, 4, 4, 152, 0, "cp"),
     "wg2s4k1-cp168": (2, 4, 1, 168, 0, "cp"),
     "wg2s4k1-cp160": (2, 4, 1, 160, 0, "cp"),
 }
 DEFAULT_CONFIGS = "wg2s4k1,wg2s3k1,wg2s4k2,wg2s4k4,wg1s4k1"
 BM_ = 256  # batch rows a program (--bm: 128 or 256)
+XLA = 2  # the cp.async configs (-cp): x copied this many ring steps ahead (NOTE at _XLA)
 
 if gl is not None:
     _SEG = gl.constexpr(wg4.SEGMENT)
-    _XLA = gl.constexpr(2)  # XCOPY: x's cp.async this many ring steps ahead (< STAGES)
+    # XCOPY: x's cp.async this many ring steps ahead. Step i waits for the release of step i + XLA - STAGES, which the
+    # consumers give in their step i + XLA - STAGES + 1 after waiting for "full" of that step: so STAGES >= XLA + 2,
+    # else step i waits on its own arrival (a hang; `plan` refuses it)
+    _XLA = gl.constexpr(XLA)
 
     @gluon.jit
     def _produce(i, unit, wa0, wb0, tab0, wa1, wb1, tab1, a_bufs, x_bufs, full, empty, x_desc, m0, xp_ptr, M, K,
@@ -143,6 +150,8 @@ if gl is not None:
         if XCOPY:
             async_copy.wait_group(_XLA)  # step i's x copies (issued XLA steps ago) landed
         fence_async_shared()  # this thread's generic-proxy stores (and copies), before wgmma's async-proxy reads
+        if XCOPY:  # every thread's fence before the one arrival (the TMA path's arrive is lowered after a bar.sync
+            gl.thread_barrier()  # that follows the fence; with the cp.async wait Triton puts its bar.sync before it)
         mbarrier.arrive(bar, count=1)  # (lowered: the partition's threads synchronize, then one arrives)
 
     @gluon.jit
@@ -265,6 +274,8 @@ if gl is not None:
                 words1 = nwords1
                 c2_1 = nc2_1
                 a2_1 = na2_1
+        if XCOPY:  # the masked-off copies past the last step (they write zeros) land before the epilogue reuses
+            async_copy.wait_group(0)  # the shared memory
 
     @gluon.jit
     def _mma_partition(a_bufs, x_bufs, full, empty, units, BM: gl.constexpr, BN: gl.constexpr,
@@ -359,6 +370,8 @@ def plan(x2: torch.Tensor, w, bias, out: torch.Tensor, name: str, xp: torch.Tens
     or None, the workspace or None). Every tensor of the call is made here (CUDA graphs replay them)."""
     wg, stages, split_k, regs, ablate = CONFIGS[name][:5]
     xcopy = len(CONFIGS[name]) > 5 and CONFIGS[name][5] == "cp"
+    if xcopy and stages < XLA + 2:
+        raise ValueError(f"{name}: x by cp.async {XLA} steps ahead needs at least {XLA + 2} stages (else it hangs)")
     m, k = x2.shape
     state = w.state
     n, bs = state.shape[0], state.blocksize
@@ -650,12 +663,13 @@ def bench(names: list[str], shapes: list[tuple[int, int]], m: int, rep: int, rou
                 assert_matmul(tritonbits.linear_4bit(x, packed, qs), x, wd)
             except Exception as exc:
                 print(f"K={k} N={n} M={m} op: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                fails += 1
         times: dict[str, list[float]] = {nm: [] for nm in fns}
         for _ in range(rounds):  # interleaved rounds: drift hits every variant alike
             for nm, fn in fns.items():
                 times[nm].append(_graph_ms(fn, rep) * 1e3)
         med = {nm: statistics.median(v) for nm, v in times.items()}
-        ws_names = [nm for nm in med if nm.startswith("ws ")]
+        ws_names = [nm for nm in med if nm.startswith("ws ") and not CONFIGS[nm[3:]][4]]  # (not the ablations)
         best = min(ws_names, key=med.get) if ws_names else None
         print(f"K={k:5d} N={n:5d} M={m}: op {med['op']:.2f} us, dense {med['dense']:.2f} us"
               + (f", best prototype {best[3:]} {med[best]:.2f} us: op / best {med['op'] / med[best]:.3f}, "
@@ -663,9 +677,13 @@ def bench(names: list[str], shapes: list[tuple[int, int]], m: int, rep: int, rou
                  if best else ""), flush=True)  # fmt: skip
         print(f"  {'variant':<14} {'median us':>10} {'x op':>7} {'x dense':>8}   rounds", flush=True)
         for nm, v in med.items():
+            ablation = nm.startswith("ws ") and bool(CONFIGS[nm[3:]][4])
             print(f"  {nm:<14} {v:>10.2f} {med['op'] / v:>7.3f} {med['dense'] / v:>8.3f}   "
-                  + " ".join(f"{t:.1f}" for t in times[nm]), flush=True)  # fmt: skip
-            rows.append({"k": k, "n": n, "m": m, "name": nm, "us": v, "rounds": times[nm]})
+                  + " ".join(f"{t:.1f}" for t in times[nm]) + ("   (timing only)" if ablation else ""),
+                  flush=True)  # fmt: skip
+            rows.append({"k": k, "n": n, "m": m, "bm": BM_, "dtype": "bf16", "name": nm, "us": v,
+                         "rounds": times[nm], "checked": nm.startswith("ws ") and not ablation and not skip_check,
+                         "timing_only": ablation})  # fmt: skip
         del packed, qs, w, wd
     return rows, fails
 
@@ -685,6 +703,8 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.check_only and args.skip_check:
+        ap.error("--check-only and --skip-check exclude each other")
     global BM_
     BM_ = args.bm
     names = [s for s in args.configs.split(",") if s]
@@ -706,7 +726,8 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
     t0 = time.time()
     rows, bfails = bench(names, shapes, args.m, args.rep, args.rounds, args.skip_check, gen)
-    print(f"[{time.time() - t0:.0f} s] checks at the timed shapes: {bfails} failures", flush=True)
+    what = "launch failures (--skip-check: nothing checked)" if args.skip_check else "failures (checks and launches)"
+    print(f"[{time.time() - t0:.0f} s] at the timed shapes: {bfails} {what}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
