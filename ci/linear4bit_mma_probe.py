@@ -196,7 +196,14 @@ def eager(x, packed, qs, fns, res, rows, k, n, m, dname) -> None:
     line = " | ".join(f"{label}: {mn:.2f} us (median {md:.2f})" for label, (mn, md) in timed.items())
     print(f"    eager K={k} N={n} M={m} {dname}: {line}", flush=True)
     for label, (mn, md) in timed.items():
-        rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": label, "eager_us_min": mn, "eager_us_median": md})
+        rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": label, "eager_us_min": mn, "eager_us_median": md,
+                     "checked": False})  # fmt: skip
+
+
+def checked_row(name: str, args) -> bool:
+    """A --json row's `checked`: whether its variant's output was checked against the policy in this run (the mma
+    configs and the baseline's, unless --baseline-unchecked; not the op's or bnb's, which this probe only times)."""
+    return name.startswith("mma") or (name.startswith("base") and not args.baseline_unchecked)
 
 
 def main() -> None:
@@ -277,7 +284,7 @@ def main() -> None:
                     t = timing.bench_graph(fn, rep=args.rep) * 1e3
                     res[name] = t
                     rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": name, "config": cfg, "us": t,
-                                 "checked": not (name.startswith("base") and args.baseline_unchecked)})  # fmt: skip
+                                 "checked": checked_row(name, args)})  # fmt: skip
                 best = min((v, nm) for nm, v in res.items() if nm.startswith("mma"))
                 best_base = min(((v, nm) for nm, v in res.items() if nm.startswith("base")), default=None)
                 line = " ".join(f"{nm}={v:.2f}" for nm, v in res.items())
@@ -293,7 +300,7 @@ def main() -> None:
                     print(f"    parts of {best[1]}: lane-order copy {copy:.2f} us, kernel {kern:.2f} us, reduction "
                           f"{red:.2f} us", flush=True)  # fmt: skip
                     rows.append({"k": k, "n": n, "m": m, "dtype": dname, "name": f"parts {best[1]}", "config": cfg,
-                                 "copy_us": copy, "kernel_us": kern, "reduce_us": red})  # fmt: skip
+                                 "copy_us": copy, "kernel_us": kern, "reduce_us": red, "checked": True})  # fmt: skip
             del w, wd, pw, packed
             print(f"[{time.time() - t_start:.0f} s]", flush=True)
     if args.json:
