@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 
-from tritonbits import formats
+from tritonbits import _runtime, formats
 from tritonbits.ops import linear_4bit as L
 from tritonbits.ops import linear_4bit_mma as mma4
 from tritonbits.quant_state import prepare
@@ -243,7 +243,22 @@ MASKED_CASES = [c for c in GPU_FORCED if (c[5], c[6], c[4]) in {(4, 4096, 3), (8
 
 # the cases `nox -s sanitize-<gpu>` runs under compute-sanitizer (marker `sanitize`): x read directly (M <= 8) and
 # through its lane-order copy, splits, K warps with masked steps and with idle warps, prefetch on and off
+# (test_sanitize_cases_reach_what_they_claim checks this list)
 SANITIZE = {GPU_FORCED[i] for i in (0, 6, 12, 17, 18, 19, 26, 27)}
+
+
+def test_sanitize_cases_reach_what_they_claim():
+    """The sanitizer's mma cases cover what SANITIZE's comment says (so that a change to GPU_FORCED cannot quietly
+    take a path out of the sanitizer's reach)."""
+    cases = sorted(SANITIZE)
+    assert len(cases) == 8 and SANITIZE.issubset(GPU_FORCED)
+    m, split, kwarps, k, prefetch = (np.array([c[i] for c in cases]) for i in (0, 4, 5, 6, 7))
+    assert (m <= mma4.DIRECT_MAX_M).any() and (m > mma4.DIRECT_MAX_M).any()  # x direct and through its copy
+    assert (split > 1).any()
+    assert any(c in MASKED_CASES for c in cases)  # K warps with masked steps
+    per_split = np.array([L.mma_splits({"split_k": int(s)}, int(kk))[1] for s, kk in zip(split, k, strict=True)])
+    assert (kwarps > per_split).any()  # K warps with no segment at all
+    assert set(prefetch.tolist()) == {False, True}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -255,8 +270,8 @@ SANITIZE = {GPU_FORCED[i] for i in (0, 6, 12, 17, 18, 19, 26, 27)}
 def test_forced_mma_configs_against_the_policy(device, dtype, case):
     """The mma kernel itself (forced configs, not the table's) on fresh random problems: N not a multiple of a
     program's rows, a bias, x rows inside a wider buffer; every result within the K-aware policy, out poisoned."""
-    if device.type != "cuda" or not mma4.AVAILABLE:
-        pytest.skip("needs a CUDA device with the Triton the Gluon kernel ran on (runs in the GPU sessions)")
+    if device.type != "cuda" or not mma4.AVAILABLE or not _runtime.native_bf16_conversion(device):
+        pytest.skip("needs an sm80+ CUDA device with the Triton the Gluon kernel ran on (runs in the GPU sessions)")
     import tritonbits
     from tritonbits_harness.tolerance import assert_matmul
 

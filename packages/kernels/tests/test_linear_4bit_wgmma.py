@@ -199,9 +199,26 @@ GPU_FORCED = [  # (M, N, K, blocksize, nested, quant type, bm, wg, split, async,
 
 
 # the cases `nox -s sanitize-<gpu>` runs under compute-sanitizer (marker `sanitize`): each pipeline (segments: bm 64
-# or less a warpgroup; sub-tiles: bm 128 with one, 256 with one or two), synchronous and asynchronous,
-# splits that do not divide the segments, several segments a split (the buffers reused), two batch-row tiles
-SANITIZE = {GPU_FORCED[i] for i in (0, 1, 2, 4, 6, 10, 11, 12)}
+# or less a warpgroup; sub-tiles: bm 128 with one, 256 with one or two), synchronous and asynchronous, in each
+# pipeline a split that does not divide the segments and several segments a split (the buffers reused), two batch-row
+# tiles (test_sanitize_cases_reach_what_they_claim checks this list)
+SANITIZE = {GPU_FORCED[i] for i in (0, 1, 2, 4, 6, 10, 11, 12, 14)}
+
+
+def test_sanitize_cases_reach_what_they_claim():
+    """The sanitizer's wgmma cases cover what SANITIZE's comment says (so that a change to GPU_FORCED cannot quietly
+    take a pipeline out of the sanitizer's reach)."""
+    cases = sorted(SANITIZE)
+    assert len(cases) == 9 and SANITIZE.issubset(GPU_FORCED)
+    for subtiles in (False, True):
+        mine = [c for c in cases if (c[6] > 64 * c[7]) is subtiles]  # BM > 64 WG: the sub-tile pipeline
+        splits = [L.mma_splits({"split_k": c[8]}, c[2]) for c in mine]
+        # a short last split
+        assert any(s * per != c[2] // 256 for c, (s, per) in zip(mine, splits, strict=True)), subtiles
+        assert any(per >= 3 for _s, per in splits), subtiles  # buffers reused within a split
+        assert {c[9] for c in mine} == {False, True}, subtiles  # synchronous and asynchronous products
+        assert any(c[0] > c[6] for c in mine), subtiles  # two batch-row tiles
+    assert {c[6] for c in cases} == {32, 64, 128, 256} and {c[7] for c in cases} == {1, 2}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
