@@ -129,7 +129,8 @@ def _gpu_sanitize_session(gpu: str):
         session.run(python(session), "-m", "tritonbits_harness.sanitize", f"--gpu={gpu}", f"--record-dir={RECORDS}",
                     *session.posargs, env=env)  # fmt: skip
 
-    session_fn.__doc__ = (f"The `sanitize` GPU tests (every op, small shapes) under compute-sanitizer memcheck, "
+    session_fn.__doc__ = (f"The `sanitize` GPU tests (every op, small shapes; the Gluon kernels' forced configs) under "
+                          f"compute-sanitizer memcheck, "
                           f"initcheck and racecheck on a {gpu}; a record and a log per tool "
                           "(`-- --tools memcheck` for one tool, `-- --dtypes fp16` for another dtype).")  # fmt: skip
     return session_fn

@@ -1,5 +1,7 @@
-"""Run the GPU tests marked `sanitize` (every op and variant on small shapes) under NVIDIA compute-sanitizer,
-one process per tool, and write a JSON record and the full log per tool under the record directory.
+"""Run the GPU tests marked `sanitize` under NVIDIA compute-sanitizer, one process per tool (a record and a log each).
+
+The tests (`TESTS`): every op and variant on small shapes, and linear_4bit's Gluon kernels under forced configs that
+reach each of their pipelines. A JSON record and the full log per tool go under the record directory.
 
     python -m tritonbits_harness.sanitize --gpu h100 --record-dir docs/gpu-runs [--tools memcheck,initcheck]
         [--dtypes bf16] [-- extra pytest args]
