@@ -464,35 +464,12 @@ KEY_OPS = (
 )
 
 
-def _planned(n: int, k: int, dtype: torch.dtype, qt: str, nested: bool, bs: int):
-    """A prepared weight [n, k] of CPU tensors (planned only, never read): ci/sass_count.py's, any format."""
-    from tritonbits import _runtime, formats
-    from tritonbits.quant_state import NestedState, QuantState, prepare
-
-    cpu = torch.device("cpu")
-    blocks = n * k // bs
-    state2 = None
-    if nested:
-        state2 = NestedState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32),
-                             code=formats.code_table("dynamic", cpu))  # fmt: skip
-    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32),
-                       shape=torch.Size((n, k)), dtype=dtype, blocksize=bs, quant_type=qt,
-                       offset=torch.zeros(()) if nested else None, state2=state2,
-                       code=formats.code_table(qt, cpu))  # fmt: skip
-    check_device = _runtime.check_device
-    _runtime.check_device = lambda name, t, *_: t.device  # type: ignore[assignment]  # CPU tensors, planned only
-    try:
-        return prepare(torch.empty(n * k // 2, 1, dtype=torch.uint8), state)
-    finally:
-        _runtime.check_device = check_device  # type: ignore[assignment]
-
-
 def _compile(name: str, n: int, k: int, m: int, dtype=torch.bfloat16, qt="nf4", nested=True, bs=64, bias=False):
     """Offline sm90 compile of the prototype's kernel as `plan` would launch it; (kernel, launch)."""
     import sass_count as sc
     from triton.backends.compiler import GPUTarget
 
-    w = _planned(n, k, dtype, qt, nested, bs)
+    w = sc._planned_weight(n, k, dtype, qt, nested, bs)
     x2 = torch.empty(m, k, dtype=dtype)
     out = torch.empty(m, n, dtype=dtype)
     b = torch.empty(n, dtype=dtype) if bias else None

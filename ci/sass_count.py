@@ -273,17 +273,20 @@ def _problem(m: int, n_rows: int, k: int, fallback):
     return torch.empty(m, k, dtype=torch.bfloat16), torch.empty(m, n_rows, dtype=torch.bfloat16), cfg
 
 
-def _planned_weight(n_rows: int, k: int):
-    """A prepared nf4 nested bs64 bf16 weight [n_rows, k] of CPU tensors (planned only, never read)."""
+def _planned_weight(n_rows: int, k: int, dtype=torch.bfloat16, qt: str = "nf4", nested: bool = True, bs: int = 64):
+    """A prepared weight [n_rows, k] of CPU tensors (planned only, never read): nf4 nested bs64 bf16 by default."""
     from tritonbits.quant_state import NestedState, QuantState, prepare
 
     cpu = torch.device("cpu")
-    blocks = n_rows * k // 64
-    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=torch.Size((n_rows, k)),
-                       dtype=torch.bfloat16, blocksize=64, quant_type="nf4", offset=torch.zeros(()),
-                       state2=NestedState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32),
-                                          code=formats.code_table("dynamic", cpu)),
-                       code=formats.code_table("nf4", cpu))  # fmt: skip
+    blocks = n_rows * k // bs
+    state2 = None
+    if nested:
+        state2 = NestedState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32),
+                             code=formats.code_table("dynamic", cpu))  # fmt: skip
+    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32),
+                       shape=torch.Size((n_rows, k)), dtype=dtype, blocksize=bs, quant_type=qt,
+                       offset=torch.zeros(()) if nested else None, state2=state2,
+                       code=formats.code_table(qt, cpu))  # fmt: skip
     check_device = _runtime.check_device
     _runtime.check_device = lambda name, t, *_: t.device  # type: ignore[assignment]  # CPU tensors, planned only
     try:
