@@ -181,3 +181,33 @@ def test_time_generates_back_to_back():
                           [("enter", n), *[("generate", n, 5)] * 4, ("exit", n)]]  # fmt: skip
     assert set(warm) == {"a", "b"} and all(len(v) == 2 for v in warm.values())
     assert set(out) == {"a", "b"}
+
+
+def test_device_time_counts_each_gpu_event_once():
+    """A CUDA-graph replay's CPU row repeats its kernels' device time: only the device-side events are summed."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    events = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=900.0),  # the graph call
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=700.0),  # its kernels
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=200.0),
+              SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0)]  # fmt: skip
+    assert e2e.device_time_us(events) == 900.0
+
+
+def test_device_bound_and_its_report_line():
+    ms = {"bnb": 1.2, "tritonbits": 1.0, "bf16": 1.1}
+    bound = e2e.device_bound(ms)
+    assert bound == {"device_speedup_vs_bnb": 1.2, "device_speedup_vs_bf16": 1.1}
+    assert e2e.device_bound({"bnb": 1.2}) == {}
+    rec = {"environment": {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "bitsandbytes": "0.50.2",
+                           "git_sha": "abc", "date": "2026-11-25T05:00:00Z"},
+           "config": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 8,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
+           "versions": {}, "results": {"decode_compiled": {"batch1": {
+               "bnb_tok_s": 300.0, "tritonbits_tok_s": 320.0, "tokens_equal": False, "first_divergence": [5],
+               "device_ms_per_step": ms, **bound}}},
+           "targets": e2e.judge({}), "errors": {}, "profiles": {}}  # fmt: skip
+    text = "\n".join(e2e.markdown_section(rec))
+    assert "bnb 1.200, tritonbits 1.000, bf16 1.100 ms; with no host time: 1.20× bnb, 1.10× bf16" in text

@@ -214,6 +214,14 @@ def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[:, ids.shape[1] :]
 
 
+def device_bound(ms_per_step: dict) -> dict:
+    """What the enabled model's decode step would gain with no host time at all: the ratios of the models' GPU
+    time a compiled decode step (``generate()``'s loop around the replayed graph is host time the ratio leaves
+    out), the ceiling of what the kernels can give the measured tokens/s."""
+    tb = ms_per_step.get("tritonbits")
+    return {f"device_speedup_vs_{m}": ms_per_step[m] / tb for m in ("bnb", "bf16") if m in ms_per_step and tb}
+
+
 def _alternating(runs: dict, round_: int) -> list:
     """runs' items in order on even rounds, reversed on odd ones: no run always goes first."""
     items = list(runs.items())
@@ -385,7 +393,17 @@ def profile_table(fn, device, rows: int = 15) -> dict:
         top.append({"name": evt.key, "count": evt.count,
                     "self_device_us": float(getattr(evt, "self_device_time_total", 0.0) or 0.0),
                     "self_cpu_us": float(evt.self_cpu_time_total)})  # fmt: skip
-    return {"sort": key, "table": table, "top": top}
+    return {"sort": key, "table": table, "top": top, "device_us_total": device_time_us(averages)}
+
+
+def device_time_us(averages) -> float:
+    """The GPU's busy time in a profile: the self device time of its device-side events (kernels, copies), each
+    counted once. The CPU-side ops' device columns are left out: they repeat the time of what they launched (a
+    CUDA-graph replay's row carries every kernel of the graph, which the profile also lists one by one)."""
+    from torch.autograd import DeviceType
+
+    return sum(float(getattr(e, "self_device_time_total", 0.0) or 0.0) for e in averages
+               if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU)  # fmt: skip
 
 
 # --- the benchmark ------------------------------------------------------------------------------------------
@@ -540,11 +558,15 @@ class Run:
                 _compare(row, timed["bnb"][1], timed["tritonbits"][1])
                 out[f"batch{batch}"] = row
                 if a.profile and batch == 1:  # where a compiled step's time goes (16 tokens, the same cache)
-                    for mode in ("bnb", "tritonbits"):
+                    row["device_ms_per_step"] = {}
+                    for mode in runs:
                         with _mode(mode, self.devices):
-                            self.profiles[f"decode_compiled_b1_{mode}"] = profile_table(
-                                lambda run=runs[mode][0], ids=ids: generate(run, ids, 16), self.device
-                            )
+                            prof = profile_table(lambda run=runs[mode][0], ids=ids: generate(run, ids, 16), self.device)
+                            self.profiles[f"decode_compiled_b1_{mode}"] = prof
+                            # the prefill and the first token alone, to take out of the 16 tokens' GPU time
+                            first = profile_table(lambda run=runs[mode][0], ids=ids: generate(run, ids, 1), self.device)
+                        row["device_ms_per_step"][mode] = (prof["device_us_total"] - first["device_us_total"]) / 15e3
+                    row |= device_bound(row["device_ms_per_step"])
         finally:
             torch._logging.set_logs()  # the defaults (a TORCH_LOGS setting is not put back)
             setattr(torch._dynamo.config, limit, old_limit)
@@ -704,6 +726,8 @@ def summary(record: dict, console) -> None:
                           f"{row['tritonbits_tok_s']:.1f}, bf16 {row.get('bf16_tok_s', float('nan')):.1f} tok/s; "
                           f"tokens equal: {row['tokens_equal']} (first divergence per row: "
                           f"{row['first_divergence']})")  # fmt: skip
+            if "device_ms_per_step" in row:
+                console.print(f"  {_device_line(row)}")
     if "qlora" in r:
         q = r["qlora"]
         console.print(f"qlora: bnb {q['bnb']['step_s_median'] * 1e3:.1f} ms, tritonbits "
@@ -714,6 +738,13 @@ def summary(record: dict, console) -> None:
         console.print(prof["table"], markup=False, highlight=False)
     for phase, err in record["errors"].items():
         console.print(f"[red]{phase} failed[/red]:\n{err}", markup=False)
+
+
+def _device_line(row: dict) -> str:
+    ms = ", ".join(f"{m} {v:.3f}" for m, v in row["device_ms_per_step"].items())
+    bound = ", ".join(f"{_x(row[k])} {k.rsplit('_', 1)[1]}" for k in ("device_speedup_vs_bnb", "device_speedup_vs_bf16")
+                      if k in row)  # fmt: skip
+    return f"GPU time a compiled decode step (profiled, the prefill taken out): {ms} ms; with no host time: {bound}"
 
 
 def _gib(b) -> str:
@@ -762,6 +793,8 @@ def markdown_section(record: dict) -> list[str]:
                        f"{row['bnb_tok_s']:.1f}, tritonbits {row['tritonbits_tok_s']:.1f}{bf16} tok/s; generated "
                        f"tokens equal: {row['tokens_equal']} (first divergence per row: "
                        f"{row['first_divergence']})")  # fmt: skip
+            if "device_ms_per_step" in row:
+                out.append(f"  - {_device_line(row)}")
     if "qlora" in r:
         q = r["qlora"]
         bnb, tb = q["bnb"], q["tritonbits"]
