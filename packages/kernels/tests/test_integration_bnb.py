@@ -523,6 +523,94 @@ def test_auto_one_row_in_graph_capture(served, calls, op, warm, device, gen):
     assert calls.n["linear_4bit"] == (1 if linear else 0)
 
 
+class _Views:
+    """Records the (shape, strides) of the weight and x each served op hands tritonbits."""
+
+    def __init__(self, monkeypatch):
+        self.weights: set = set()
+        self.xs: set = set()
+        for name in ("dequantize_4bit", "linear_4bit"):
+            fn = getattr(tritonbits, name, None)
+            if fn is not None:
+                monkeypatch.setattr(tritonbits, name, self._spy(name, fn))
+
+    def _spy(self, name, fn):
+        def spy(A, *args, **kwargs):
+            if name == "linear_4bit":
+                self.xs.add((tuple(A.shape), A.stride()))
+                w = args[0]
+            else:
+                w = A
+            self.weights.add((w.dim(), w.shape[-1], w.stride()))
+            return fn(A, *args, **kwargs)
+
+        return spy
+
+
+def test_every_served_op_hands_one_weight_view(served, device, gen, monkeypatch):
+    """tritonbits keeps one validated entry per quant state, keyed on the weight's shape and strides too, and
+    linear_4bit's plans live in it: the dequantize path (a prefill above AUTO_LINEAR_MAX_M rows, the op,
+    its .out) and linear_4bit must get the same view of the packed weight, or each call replaces the entry and
+    its plans (a capture then finds linear_4bit not ready: e2e-h100 record 20261125T064005Z)."""
+    views = _Views(monkeypatch)
+    x = weight(gen, device, torch.bfloat16, (64, 128))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    args, kwargs = gemm_args(q, s)
+    tb_bnb.enable(served, decode="tritonbits")
+    torch.ops.bitsandbytes.gemm_4bit(torch.randn(1, 2, 128, generator=gen).to(torch.bfloat16).to(device), *args,
+                                     **kwargs)  # fmt: skip
+    rows = 3 if device.type == "cpu" else tb_bnb.AUTO_LINEAR_MAX_M + 1  # CPU: the dequantize path at any M
+    torch.ops.bitsandbytes.gemm_4bit(torch.randn(rows, 128, generator=gen).to(torch.bfloat16).to(device), *args,
+                                     **kwargs)  # fmt: skip
+    out = torch.empty(64, 128, dtype=torch.bfloat16, device=device)
+    ops = torch.ops.bitsandbytes
+    q1, s1 = F.quantize_4bit(x, quant_type="nf4")  # the ops take per-block float scales
+    ops.dequantize_4bit(q1, s1.absmax, s1.blocksize, s1.quant_type, list(s1.shape), torch.bfloat16)
+    if device.type == "cuda":  # bnb 0.50 has no CPU kernel for the .out overloads
+        ops.dequantize_4bit.out(q1, s1.absmax, s1.blocksize, s1.quant_type, list(s1.shape), torch.bfloat16, out=out)
+    assert views.weights == {(2, 1, (1, 1))}
+    if device.type == "cuda":  # linear_4bit served the first product, its x as [M, K] rows
+        assert views.xs == {((2, 128), (128, 1))}
+
+
+@needs_linear_4bit
+@pytest.mark.gpu
+def test_capture_finds_linear_4bit_ready_after_a_prefill_and_other_strides(served, calls, device, gen):
+    """The calls a compiled generate() makes: eager one-row and 8-row products ("auto": bnb's kernel with
+    linear_4bit warmed beside it; linear_4bit), a prefill above AUTO_LINEAR_MAX_M rows (the dequantize path), then
+    a capture whose x have other strides in their size-1 dims (Inductor's [1, 1, K] with strides (K, 16, 1)):
+    linear_4bit serves both captured products (e2e-h100 record 20261125T064005Z: bnb's kernel ran every one-row
+    product of the compiled decode, the plans gone with the prefill's dequantize or keyed on the other strides).
+    The replay on fresh input gives the bits of the same kernel's eager call."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs")
+    x = weight(gen, device, torch.bfloat16, (512, 256))
+    q, s = F.quantize_4bit(x, quant_type="nf4", compress_statistics=True)
+    args, kwargs = gemm_args(q, s)
+    op = torch.ops.bitsandbytes.gemm_4bit
+
+    def fresh(*shape):
+        return torch.randn(shape, generator=gen).to(torch.bfloat16).to(device)
+
+    tb_bnb.enable(served, decode="auto")
+    for rows in (1, 8, tb_bnb.AUTO_LINEAR_MAX_M + 1):
+        op(fresh(rows, 1, 256), *args, **kwargs)
+    odd = [fresh(rows * 256).as_strided((rows, 1, 256), (256, 16, 1)) for rows in (1, 8)]
+    calls.n["linear_4bit"] = 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = [op(a, *args, **kwargs) for a in odd]
+    assert calls.n["linear_4bit"] == 2
+    for a, g in zip(odd, got, strict=True):
+        a.copy_(fresh(*a.shape))
+        g.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    tb_bnb.enable(served, decode="tritonbits")
+    for a, g in zip(odd, got, strict=True):
+        assert_exact(g, op(a, *args, **kwargs))
+
+
 @needs_linear_4bit
 @pytest.mark.gpu
 def test_auto_warm_refused_keeps_bnbs_result(served, device, gen, monkeypatch):

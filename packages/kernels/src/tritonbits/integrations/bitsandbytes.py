@@ -199,16 +199,39 @@ def _sig(t) -> tuple | None:
 
 
 def _packed_ok(A: torch.Tensor) -> bool:
-    """Packed storage tritonbits reads as flat bytes. Passed flat (A.reshape(-1)), so that tritonbits' [1, n]
-    transpose shim (bnb's, in its Python function, not in its ops) never applies: a single byte goes to bnb."""
+    """Packed storage tritonbits reads as flat bytes, passed as `_packed(A)`: a single byte goes to bnb."""
     return A.dtype in formats.PACKED_DTYPES and A.is_contiguous() and A.numel() > 1
+
+
+def _packed(A: torch.Tensor) -> torch.Tensor:
+    """The packed weight as every served op hands it to tritonbits: [n, 1] (bnb's own layout; more than one
+    byte, so tritonbits' [1, n] transpose shim, bnb's in its Python function, never applies).
+    NOTE: one view for every op, because tritonbits keeps one validated entry per quant state, keyed on the
+    weight's shape and strides too (quant_state.prepare), and linear_4bit's plans live in that entry: a
+    dequantize given the flat view (a prefill above AUTO_LINEAR_MAX_M rows did) replaced it, the plans went with
+    it, and a CUDA-graph capture after that found linear_4bit not ready and ran bnb's kernel (e2e-h100 record
+    20261125T064005Z: every one-row product of the compiled decode on bnb's kernel)."""
+    return A.reshape(-1, 1)
+
+
+def _rows(A: torch.Tensor) -> torch.Tensor:
+    """A contiguous x as [M, K] with the standard strides; any other x as it is. linear_4bit keys its plans on
+    x's shape and strides, and a one-row x from a compiled graph may be [1, 1, K] with strides (K, 128, 1) where
+    the eager call's were (K, K, 1): the same rows, but a capture would find no plan for them."""
+    return A.view(-1, A.shape[-1]) if A.is_contiguous() else A
+
+
+def _linear(A: torch.Tensor, B: torch.Tensor, state: QuantState, bias=None) -> torch.Tensor:
+    """tritonbits.linear_4bit on (_rows(A), _packed(B)), shaped as A's rows."""
+    out = tritonbits.linear_4bit(_rows(A), _packed(_frozen(B)), state, bias)  # type: ignore[attr-defined]
+    return out.view(*A.shape[:-1], out.shape[-1])
 
 
 def _op_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
     e = _require_active()
     if not (_packed_ok(A) and absmax.dtype == torch.float32 and absmax.is_contiguous()):
         return e.original("dequantize_4bit", A.device)(A, absmax, blocksize, quant_type, shape, dtype)
-    return tritonbits.dequantize_4bit(A.reshape(-1), e.state(absmax, shape, dtype, blocksize, quant_type))
+    return tritonbits.dequantize_4bit(_packed(A), e.state(absmax, shape, dtype, blocksize, quant_type))
 
 
 def _op_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
@@ -218,7 +241,7 @@ def _op_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out)
         e.original("dequantize_4bit.out", A.device)(A, absmax, blocksize, quant_type, shape, dtype, out)
         return
     state = e.state(absmax, shape, dtype, blocksize, quant_type)
-    tritonbits.dequantize_4bit(A.reshape(-1), state, out=out)
+    tritonbits.dequantize_4bit(_packed(A), state, out=out)
 
 
 def _op_quantize_4bit(A, blocksize, quant_type, quant_storage):
@@ -346,7 +369,7 @@ def _ready(A: torch.Tensor, B: torch.Tensor, state: QuantState, bias) -> bool:
         return True
     from ..ops.linear_4bit import launches_ready
 
-    return launches_ready(A, _frozen(B).reshape(-1, 1), state, bias)
+    return launches_ready(_rows(A), _packed(_frozen(B)), state, bias)
 
 
 # NOTE: ...and so that a capture finds linear_4bit ready at one row, "auto"'s eager one-row calls (bnb's kernel)
@@ -368,7 +391,7 @@ def _warm(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, absmax
     _WARMED[ident] = None
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
     with contextlib.suppress(TypeError, ValueError):  # an argument linear_4bit refuses: bnb's kernel serves anyway
-        tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+        _linear(A, B, state, bias)
 
 
 def _bnb_fused(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code, absmax_offset):
@@ -436,12 +459,12 @@ def _gemm_4bit(e: _Enabled, A, B, shapeB, absmax, blocksize, quant_type, bias, a
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type, absmax_8bit, absmax_code, absmax_offset)
     if linear and _linear_serves(e, A):
         if _ready(A, B, state, bias):
-            return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state, bias)  # type: ignore[attr-defined]
+            return _linear(A, B, state, bias)
         if _bnb_takes_fused_cuda(A, shapeB, blocksize):  # captured, linear_4bit not ready: as an eager call
             return _bnb_fused(A, B, shapeB, absmax, blocksize, quant_type, bias, absmax_8bit, absmax_code,
                               absmax_offset)  # fmt: skip
     # bnb's own fallback (dequantize, then F.linear), with the nested dequantize in one launch: equal results
-    return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(B.reshape(-1), state), bias)
+    return torch.nn.functional.linear(A, tritonbits.dequantize_4bit(_packed(B), state), bias)
 
 
 def _servable(A, B, shapeB, absmax, absmax_8bit, absmax_code, absmax_offset) -> bool:
@@ -464,7 +487,7 @@ def _op_gemv_4bit(A, B, shapeB, absmax, code, blocksize):
     state = e.state(absmax, shapeB, A.dtype, blocksize, quant_type)
     if not _ready(A, B, state, None):  # captured, linear_4bit not ready: bnb's kernel (a one-row gemv)
         return e.original("gemv_4bit", A.device)(A, B, shapeB, absmax, code, blocksize)
-    return tritonbits.linear_4bit(A, _frozen(B).reshape(-1, 1), state)  # type: ignore[attr-defined]
+    return _linear(A, B, state)
 
 
 def _frozen(B: torch.Tensor) -> torch.Tensor:
