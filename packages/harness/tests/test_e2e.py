@@ -211,3 +211,15 @@ def test_device_bound_and_its_report_line():
            "targets": e2e.judge({}), "errors": {}, "profiles": {}}  # fmt: skip
     text = "\n".join(e2e.markdown_section(rec))
     assert "bnb 1.200, tritonbits 1.000, bf16 1.100 ms; with no host time: 1.20× bnb, 1.10× bf16" in text
+
+
+def test_qlora_device_line_in_the_report():
+    res = results()
+    res["qlora"] |= {"device_ms": {"bnb": 50.0, "tritonbits": 40.0}, "device_speedup": 1.25}
+    rec = {"environment": {"device": "NVIDIA H100", "torch": "2.11", "triton": "3.6", "bitsandbytes": "0.50.2",
+                           "git_sha": "abc", "date": "2026-11-25T05:00:00Z"},
+           "config": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 8,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
+           "versions": {}, "results": res, "targets": e2e.judge(res), "errors": {}, "profiles": {}}  # fmt: skip
+    text = "\n".join(e2e.markdown_section(rec))
+    assert "forward + backward: bnb 50.0, tritonbits 40.0 ms; with no host time: 1.25× bnb" in text
