@@ -854,8 +854,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qlora-steps", type=int, default=8)
     p.add_argument("--qlora-warmup", type=int, default=2)
     p.add_argument("--no-profile", dest="profile", action="store_false")
-    p.add_argument("--profile-bnb", action="store_true",
-                   help="also keep bnb's QLoRA step table (its GPU time is measured either way)")
+    p.add_argument(
+        "--profile-bnb",
+        action="store_true",
+        help="also keep bnb's QLoRA step table (its GPU time is measured either way)",
+    )
     args = p.parse_args(argv)
     console = Console()
     import os
