@@ -192,8 +192,11 @@ def test_device_time_counts_each_gpu_event_once():
     events = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=900.0),  # the graph call
               SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=700.0),  # its kernels
               SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=200.0),
-              SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0)]  # fmt: skip
-    assert e2e.device_time_us(events) == 900.0
+              SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0),
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=50.0),  # no CPU row: a copy
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=950.0,
+                              is_user_annotation=True)]  # a range over the others  # fmt: skip
+    assert e2e.device_time_us(events) == 950.0
 
 
 def test_device_bound_and_its_report_line():
@@ -222,4 +225,4 @@ def test_qlora_device_line_in_the_report():
                       "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
            "versions": {}, "results": res, "targets": e2e.judge(res), "errors": {}, "profiles": {}}  # fmt: skip
     text = "\n".join(e2e.markdown_section(rec))
-    assert "forward + backward: bnb 50.0, tritonbits 40.0 ms; with no host time: 1.25× bnb" in text
+    assert "forward + backward: bnb 50.0, tritonbits 40.0 ms; with no host time: 1.25× bnb (the optimizer" in text

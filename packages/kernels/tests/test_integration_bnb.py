@@ -568,8 +568,14 @@ def test_every_served_op_hands_one_weight_view(served, device, gen, monkeypatch)
     ops.dequantize_4bit(q1, s1.absmax, s1.blocksize, s1.quant_type, list(s1.shape), torch.bfloat16)
     if device.type == "cuda":  # bnb 0.50 has no CPU kernel for the .out overloads
         ops.dequantize_4bit.out(q1, s1.absmax, s1.blocksize, s1.quant_type, list(s1.shape), torch.bfloat16, out=out)
+    # a transposed [1, n] view of the same bytes (what bnb's B.t() gives): the same view again
+    torch.ops.bitsandbytes.dequantize_4bit(q1.t(), s1.absmax, s1.blocksize, s1.quant_type, list(s1.shape),
+                                           torch.bfloat16)  # fmt: skip
+    if device.type == "cuda":  # gemv_4bit (linear_4bit at 2 rows under auto), x with leading dims
+        ops.gemv_4bit(torch.randn(2, 1, 128, generator=gen).to(torch.bfloat16).to(device), q1, list(s1.shape),
+                      s1.absmax, s1.code, 64)  # fmt: skip
     assert views.weights == {(2, 1, (1, 1))}
-    if device.type == "cuda":  # linear_4bit served the first product (auto), its x as [M, K] rows
+    if device.type == "cuda":  # linear_4bit served the 2-row products (auto), their x as [M, K] rows
         assert views.xs == {((2, 128), (128, 1))}
 
 

@@ -211,7 +211,7 @@ def _packed(A: torch.Tensor) -> torch.Tensor:
     dequantize given the flat view (a prefill above AUTO_LINEAR_MAX_M rows did) replaced it, the plans went with
     it, and a CUDA-graph capture after that found linear_4bit not ready and ran bnb's kernel (e2e-h100 record
     20261125T064005Z: every one-row product of the compiled decode on bnb's kernel)."""
-    return A.reshape(-1, 1)
+    return A.reshape(-1).view(-1, 1)  # strides (1, 1) whatever A's (a transposed [1, n] keeps (1, n) otherwise)
 
 
 def _rows(A: torch.Tensor) -> torch.Tensor:
