@@ -563,14 +563,14 @@ class Run:
                 row["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
                 _compare(row, timed["bnb"][1], timed["tritonbits"][1])
                 out[f"batch{batch}"] = row
-                if a.profile and batch == 1:  # where a compiled step's time goes (16 tokens, the same cache)
+                if a.profile and batch == 1:  # where a compiled step's time goes (PROFILED_TOKENS, the same cache)
                     row["device_ms_per_step"] = {}
                     for mode in runs:
                         with _mode(mode, self.devices):
                             prof = profile_table(lambda run=runs[mode][0], ids=ids: generate(run, ids, PROFILED_TOKENS),
                                                  self.device)  # fmt: skip
                             self.profiles[f"decode_compiled_b1_{mode}"] = prof
-                            # the prefill and the first token alone, to take out of the 16 tokens' GPU time
+                            # the prefill and the first token alone, taken out of the profiled tokens' GPU time
                             first = profile_table(lambda run=runs[mode][0], ids=ids: generate(run, ids, 1), self.device)
                         steps = PROFILED_TOKENS - 1  # the compiled decode steps of the profiled generate()
                         row["device_ms_per_step"][mode] = (prof["device_us_total"] - first["device_us_total"]) / (
